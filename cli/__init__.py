@@ -1,0 +1,1 @@
+"""kvctl, the operator's command line (installed as `kvmem.cli`)."""

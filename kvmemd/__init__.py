@@ -1,0 +1,1 @@
+"""kvmemd: the per-GPU daemon that owns physical pages and lends them to engine processes."""
