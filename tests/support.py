@@ -1,0 +1,58 @@
+"""Shared test support. Importing it builds the fake CUDA driver and loads it into this process.
+
+cuda-bindings resolves ``libcuda.so.1`` on its first driver call and takes a library with that
+SONAME if one is already loaded, so loading the fake here (RTLD_GLOBAL), before anything calls the
+driver, makes every `CudaDevice` in the test process run on it. Child processes find it through
+LD_LIBRARY_PATH, set here for them. Tests that need a real GPU are marked `gpu` and run their GPU
+work in child processes whose environment leaves the fake out (`real_driver_env`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests import fakecuda
+
+# Read by the fake at cuInit: a small device so out-of-memory is cheap to reach.
+FAKE_CAPACITY = 512 << 20
+os.environ["FAKECUDA_CAPACITY_BYTES"] = str(FAKE_CAPACITY)
+FAKE = fakecuda.load()
+_ENV_WITHOUT_FAKE = {k: v for k, v in os.environ.items() if not k.startswith("FAKECUDA_")}
+os.environ["LD_LIBRARY_PATH"] = fakecuda.child_env()["LD_LIBRARY_PATH"]
+
+REPO = Path(__file__).resolve().parent.parent
+HOST_CAPACITY = 512 << 20
+LIVE_GAUGES = ("live.reservations", "live.handles", "live.allocations", "live.mappings", "live.charged_bytes")
+
+
+def real_driver_env() -> dict[str, str]:
+    """The environment this process had before the fake was put on LD_LIBRARY_PATH."""
+    return dict(_ENV_WITHOUT_FAKE)
+
+
+def real_driver_loads() -> bool:
+    """Whether a real ``libcuda.so.1`` loads here (checked in a child without the fake)."""
+    probe = "import ctypes; ctypes.CDLL('libcuda.so.1')"
+    result = subprocess.run([sys.executable, "-c", probe], env=real_driver_env(), capture_output=True)
+    return result.returncode == 0
+
+
+def live_objects() -> dict[str, int]:
+    """The fake driver's gauges of live reservations, handles, allocations, mappings, bytes."""
+    return {name: FAKE.counter(name) for name in LIVE_GAUGES}
+
+
+def run_python(code: str, *args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter (the fake on LD_LIBRARY_PATH unless `env` says otherwise)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=os.environ.copy() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        **kwargs,
+    )

@@ -1,0 +1,54 @@
+"""On a real GPU: the device layer's lifecycle and cross-process sharing through the real driver.
+
+Skipped where no real ``libcuda.so.1`` loads. The work runs in child processes whose environment
+leaves the fake driver out, so the real one is used.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO, real_driver_env, run_python
+
+pytestmark = pytest.mark.gpu
+
+
+def test_lifecycle_and_out_of_range_checks_on_a_real_gpu():
+    code = """
+from kvmem.device import Access, IllegalAddressError, open_device
+dev = open_device("cuda")
+g = dev.granularity
+r = dev.reserve(4 * g)
+pages = [dev.create_page() for _ in range(3)]
+maps = [dev.map(r, i * g, p) for i, p in enumerate(pages)]
+dev.set_access(r, 0, 3 * g)
+dev.copy_host_to_device(maps[1].address, b"kvmem" * 100)
+dev.copy_device_to_device(maps[2].address, maps[1].address, 500)
+assert dev.read(maps[2].address, 500) == b"kvmem" * 100
+try:
+    dev.memset(r.address + 3 * g, 0, 1)
+    raise SystemExit("unmapped memset was not refused")
+except IllegalAddressError:
+    pass
+dev.synchronize()
+dev.close()
+print("ok")
+"""
+    result = run_python(code, env=real_driver_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_pages_shared_between_processes_on_a_real_gpu():
+    result = subprocess.run(
+        [sys.executable, REPO / "examples" / "device_roundtrip.py", "--device", "cuda"],
+        env=real_driver_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok: 4 pages shared between two processes on the cuda device" in result.stdout
