@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import faulthandler
 import os
+import signal
 
 import pytest
 
@@ -57,3 +60,20 @@ def test_host_device_options_are_validated():
         with pytest.raises(OutOfMemoryError, match="host device capacity exhausted"):
             dev.create_page()
         assert len(pages) == 128
+
+
+def test_host_mappings_are_not_inherited_by_a_forked_child():
+    with HostDevice(capacity=64 << 20) as dev, dev.reserve(dev.granularity) as reservation:
+        page = dev.create_page()
+        mapping = dev.map(reservation, 0, page)
+        dev.set_access(reservation, 0, dev.granularity)
+        dev.memset(mapping.address, 0x61, 16)
+        pid = os.fork()
+        if pid == 0:  # the child touches the parent's page: it must fault, not read 0x61
+            faulthandler.disable()  # a quiet death: the fault is the expected outcome
+            value = ctypes.c_ubyte.from_address(mapping.address).value
+            os._exit(value == 0x61)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+        assert dev.read(mapping.address, 1) == b"a"
+        page.close()

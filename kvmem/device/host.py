@@ -7,7 +7,8 @@
 - map = ``mmap(MAP_SHARED | MAP_FIXED)`` of the memfd over the reservation, still ``PROT_NONE``,
 - set access = ``mprotect``,
 - unmap = the ``PROT_NONE`` anonymous reservation mapped back over the range,
-- export / import = ``dup`` of the memfd, so another process maps the very same memory.
+- export / import = ``dup`` of the memfd, so another process maps the very same memory,
+- mappings are ``MADV_DONTFORK``: a forked child does not inherit them.
 
 A capacity (default: the machine's RAM) plays the part of device memory: pages are charged
 against it at creation and uncharged when the page is released *and* unmapped, as with
@@ -41,6 +42,10 @@ _mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, 
 _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_madvise = _libc.madvise
+_madvise.restype = ctypes.c_int
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_DONTFORK = 10
 _mprotect = _libc.mprotect
 _mprotect.restype = ctypes.c_int
 _mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -162,6 +167,13 @@ class HostDevice(Device):
         got = _mmap(address, size, _PROT_NONE, _MAP_SHARED | _MAP_FIXED, handle.memfd, 0)
         if got != address:
             raise _os_error("mmap(map)")
+        # A forked child must not keep the page mapped: once the page goes back to the pool it
+        # may be scrubbed and lent to another tenant. (CUDA mappings are not inherited usefully
+        # across fork either.)
+        if _madvise(address, size, _MADV_DONTFORK) != 0:
+            error = _os_error("madvise(MADV_DONTFORK)")
+            _mmap(address, size, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE, -1, 0)
+            raise error
         handle.refs += 1
 
     def _backend_unmap(self, address: int, size: int, handle: _HostAllocation) -> None:
