@@ -1,13 +1,177 @@
-"""The `kvmemd` command line. `start`/`stop` arrive with the daemon; for now: help and version."""
+"""The `kvmemd` command line: `kvmemd start` and `kvmemd stop`.
+
+Exit codes: 0 success; 1 the daemon could not start or stop (the reason on stderr); 2 bad usage.
+"""
 
 from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
 
 import click
 
 from kvmem import __version__
+from kvmem.device import DEVICE_KINDS
+from kvmem.runtime import RUNTIME_DIR_ENV, DaemonPaths
+from kvmemd.launcher import StartError, StartOptions, read_lock_pid, run_daemon
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="kvmemd")
 def main() -> None:
     """kvmemd: owns one GPU's KV-cache memory as physical pages and lends them to engines."""
+
+
+def gpu_option(f):
+    return click.option(
+        "--gpu", type=click.IntRange(0), default=0, show_default=True, envvar="KVMEM_GPU", show_envvar=True,
+        help="GPU ordinal this daemon serves.",
+    )(f)  # fmt: skip
+
+
+def runtime_dir_option(f):
+    return click.option(
+        "--runtime-dir", type=click.Path(file_okay=False), envvar=RUNTIME_DIR_ENV, show_envvar=True,
+        help="Directory for the socket and lock file. Default: /run/kvmem for root, else "
+        "$XDG_RUNTIME_DIR/kvmem, else /tmp/kvmem-<uid>.",
+    )(f)  # fmt: skip
+
+
+@main.command()
+@gpu_option
+@click.option(
+    "--device", type=click.Choice(DEVICE_KINDS), default="auto", show_default=True, envvar="KVMEM_DEVICE",
+    show_envvar=True, help="cuda, host memory, or auto (cuda when the driver loads and supports VMM).",
+)  # fmt: skip
+@click.option(
+    "--budget", envvar="KVMEM_BUDGET", show_envvar=True,
+    help="Most memory the daemon hands out: a size (70GB, 64GiB) or a percentage of device memory (80%). "
+    "Default: 90% of the memory free at start.",
+)  # fmt: skip
+@click.option(
+    "--page-size", envvar="KVMEM_PAGE_SIZE", show_envvar=True,
+    help="Bytes per page, a multiple of the allocation granularity. Default: the granularity (2 MiB on GPUs).",
+)  # fmt: skip
+@runtime_dir_option
+@click.option(
+    "--group", envvar="KVMEM_GROUP", show_envvar=True,
+    help="Group whose members may attach besides the owner (socket 0660, status 0640).",
+)  # fmt: skip
+@click.option(
+    "--reserve", "reserve", nargs=2, type=click.IntRange(0), default=(8, 32), show_default=True,
+    envvar="KVMEM_RESERVE", show_envvar=True,
+    help="Low and high watermarks of the warm reserve of free pages.",
+)  # fmt: skip
+@click.option(
+    "--release-after", type=click.FloatRange(0), default=10.0, show_default=True, envvar="KVMEM_RELEASE_AFTER",
+    show_envvar=True, help="Seconds free pages must stay above the high watermark before the surplus is released.",
+)  # fmt: skip
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
+    envvar="KVMEM_LOG_LEVEL", show_envvar=True,
+)  # fmt: skip
+@click.option("--detach", is_flag=True, help="Run in the background; return once the daemon serves.")
+def start(
+    gpu: int,
+    device: str,
+    budget: str | None,
+    page_size: str | None,
+    runtime_dir: str | None,
+    group: str | None,
+    reserve: tuple[int, int],
+    release_after: float,
+    log_level: str,
+    detach: bool,
+) -> None:
+    """Start the daemon for one GPU (in the foreground unless --detach)."""
+    low, high = reserve
+    if low > high:
+        raise click.UsageError(f"--reserve {low} {high}: the low watermark must not exceed the high one")
+    options = StartOptions(
+        gpu=gpu,
+        device=device,
+        budget=budget,
+        page_size=page_size,
+        runtime_dir=runtime_dir,
+        group=group,
+        reserve_low=low,
+        reserve_high=high,
+        release_after=release_after,
+    )
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s kvmemd[%(process)d] %(levelname)s %(message)s", stream=sys.stderr
+    )
+    if detach:
+        _start_detached(options)
+        return
+    try:
+        run_daemon(options)
+    except StartError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _start_detached(options: StartOptions) -> None:
+    """Double-fork; the grandchild serves and reports through a pipe once it is ready (or failed)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        log_path = DaemonPaths.resolve(options.runtime_dir, options.gpu).runtime_dir / f"gpu{options.gpu}.log"
+        code = 0
+        try:
+            log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(log_fd, 2)
+            run_daemon(options, ready=lambda pid: os.write(write_end, f"ok {pid}\n".encode()))
+        except StartError as exc:
+            os.write(write_end, f"error {exc}\n".encode())
+            code = 1
+        except OSError as exc:
+            os.write(write_end, f"error {exc}\n".encode())
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as reader:
+        line = reader.readline().strip()
+    if line.startswith("ok "):
+        click.echo(f"kvmemd started for GPU {options.gpu} (pid {line[3:]})", err=True)
+        return
+    raise click.ClickException(line[6:] if line.startswith("error ") else "kvmemd exited during start-up")
+
+
+@main.command()
+@gpu_option
+@runtime_dir_option
+@click.option("--timeout", type=click.FloatRange(0), default=30.0, show_default=True, help="Seconds to wait.")
+def stop(gpu: int, runtime_dir: str | None, timeout: float) -> None:
+    """Stop the daemon for one GPU (SIGTERM: clients are told, socket and status are removed)."""
+    paths = DaemonPaths.resolve(runtime_dir, gpu)
+    pid = read_lock_pid(paths)
+    if pid is None:
+        raise click.ClickException(f"no kvmemd is running for GPU {gpu} in {paths.runtime_dir}")
+    if pid <= 0:
+        raise click.ClickException(f"the lock file {paths.lock} holds no pid; stop the daemon by hand")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise click.ClickException(f"not permitted to stop kvmemd pid {pid} (it runs as another user)") from None
+    except ProcessLookupError:
+        pass  # it exited in the meantime
+    deadline = time.monotonic() + timeout
+    while read_lock_pid(paths) is not None:
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"kvmemd pid {pid} did not stop within {timeout:g} s")
+        time.sleep(0.05)
+    click.echo(f"kvmemd for GPU {gpu} stopped (pid {pid})", err=True)

@@ -265,12 +265,15 @@ class Device(ABC):
         granularity: The allocation granularity in bytes. Page sizes, reservation sizes and
             mapping offsets are multiples of it.
         name: A human-readable device name.
+        zeroes_new_pages: Whether `create_page` returns memory that reads as zeros.
     """
 
     kind: str
     ordinal: int
     granularity: int
     name: str
+    # Whether a new page is guaranteed to read as zeros. cuMemCreate makes no such promise.
+    zeroes_new_pages: bool = False
 
     def __init__(self) -> None:
         self._lock = threading.RLock()

@@ -85,6 +85,7 @@ class HostDevice(Device):
     """
 
     kind = "host"
+    zeroes_new_pages = True  # a memfd's pages are zero-filled by the kernel
 
     def __init__(self, capacity: int | None = None, granularity: int = DEFAULT_GRANULARITY):
         super().__init__()

@@ -1,0 +1,412 @@
+"""An engine's connection to kvmemd: pages granted as imported `PhysicalPage` objects.
+
+`DaemonClient` is the low layer under the elastic KV cache: it asks for pages, imports the file
+descriptors the daemon sends, gives pages back, reports usage, and hands the daemon's requests
+(reclaim, policy, sleep, wake) to callbacks. Mapping pages is the caller's business: a page must
+be unmapped (after synchronizing the work that used it) before `return_pages`.
+
+A reader thread receives every message. Callbacks run on that thread: keep them short and never
+call `grow` from one (it would wait for the thread that runs it).
+
+When the daemon goes away, the client keeps its pages (they stay mapped and usable) and, if
+`reconnect` is on, connects again as soon as a daemon answers, sends its pages back as
+descriptors (ADOPT) and learns their new ids; `ClientPage.id` is updated in place and
+`on_reconnect` is called.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmem import protocol
+from kvmem.device import Device, PhysicalPage, open_device
+from kvmem.protocol import ConnectionClosed, MsgType, ProtocolError
+from kvmem.runtime import DaemonPaths
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WAIT_S = 5.0
+RECONNECT_BACKOFF_S = (0.05, 1.0)
+
+
+class DaemonUnavailableError(ConnectionError):
+    """No kvmemd answers at the socket for this GPU and runtime directory."""
+
+
+class DaemonRefusedError(ConnectionError):
+    """The daemon refused the connection (the reason is in the message)."""
+
+
+@dataclass
+class ClientPage:
+    """A page granted to this process. `id` is the daemon's id for it (updated after a restart)."""
+
+    id: int
+    physical: PhysicalPage
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the daemon currently asks of this model, in pages (-1: none)."""
+
+    limit_pages: int = -1
+    min_pages: int = 0
+    priority: int = 0
+    target_pages: int = -1
+
+
+@dataclass
+class GrowResult:
+    """The outcome of `grow`: the pages granted and, if fewer than asked, why."""
+
+    pages: list[ClientPage]
+    denied: str | None = None  # "limit", "budget", "asleep", "shutdown", "disconnected"
+    detail: str = ""
+
+
+@dataclass
+class _Waiter:
+    pages: list[ClientPage] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    denied: str | None = None
+    detail: str = ""
+
+
+def _connect(paths: DaemonPaths) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(paths.socket))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise DaemonUnavailableError(
+            f"no kvmemd answers at {paths.socket}: start one with `kvmemd start --gpu {paths.gpu}`"
+        ) from None
+    except PermissionError:
+        sock.close()
+        raise DaemonUnavailableError(f"no permission to connect to {paths.socket}") from None
+    return sock
+
+
+def _expect(sock: socket.socket, msg_type: MsgType) -> protocol.Message:
+    msg = protocol.receive_message(sock)
+    if msg.type == MsgType.ERROR:
+        raise DaemonRefusedError(f"kvmemd refused: {msg['message']}")
+    if msg.type != msg_type:
+        protocol.close_fds(msg.fds)
+        raise ProtocolError(f"expected {msg_type.name} from kvmemd, got {msg.type.name}")
+    return msg
+
+
+class DaemonClient:
+    """An engine process's session with the daemon of one GPU.
+
+    Args:
+        model: The model's name (one engine per model per daemon).
+        gpu: GPU ordinal, selecting the daemon.
+        runtime_dir: The daemon's runtime directory (default: `kvmem.runtime.default_runtime_dir`).
+        geometry: The KV geometry, for the daemon's status (flat dict of scalars).
+        device: The device to import pages on (default: the kind the daemon reports).
+        reconnect: Reconnect and re-register pages when the daemon restarts.
+        on_reclaim: ``f(pages, reason)``: the daemon asks for that many free pages back.
+        on_policy: ``f(Policy)``: limit, minimum, priority or target changed.
+        on_sleep / on_wake: the operator put the model to sleep / woke it.
+        on_reconnect: ``f()``: reconnected after a daemon restart; page ids are updated.
+
+    Raises:
+        DaemonUnavailableError: No daemon answers.
+        DaemonRefusedError: The daemon refused (e.g. the model is already attached).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        gpu: int = 0,
+        runtime_dir: str | os.PathLike | None = None,
+        geometry: dict[str, Any] | None = None,
+        device: Device | None = None,
+        reconnect: bool = True,
+        on_reclaim: Callable[[int, str], None] | None = None,
+        on_policy: Callable[[Policy], None] | None = None,
+        on_sleep: Callable[[], None] | None = None,
+        on_wake: Callable[[], None] | None = None,
+        on_reconnect: Callable[[], None] | None = None,
+    ):
+        self.model = model
+        self.paths = DaemonPaths.resolve(runtime_dir, gpu)
+        self.geometry = geometry
+        self.reconnect = reconnect
+        self.on_reclaim = on_reclaim
+        self.on_policy = on_policy
+        self.on_sleep = on_sleep
+        self.on_wake = on_wake
+        self.on_reconnect = on_reconnect
+        self.policy = Policy()
+        self.pages: dict[int, ClientPage] = {}  # by the daemon's current page id
+        self.connected = threading.Event()
+        self._lock = threading.RLock()  # guards pages, waiters and sending
+        self._waiters: dict[int, _Waiter] = {}
+        self._req_ids = itertools.count(1)
+        self._closing = False
+        self._sock = _connect(self.paths)
+        try:
+            welcome = self._handshake(self._sock, adopt=0)
+        except BaseException:
+            self._sock.close()
+            raise
+        self.page_size: int = welcome["page_size"]
+        self.client_id: int = welcome["client_id"]
+        self.slot: int = welcome["slot"]
+        self.device = device if device is not None else open_device(welcome["device_kind"], welcome["device_ordinal"])
+        self._owns_device = device is None
+        if self.device.kind != welcome["device_kind"]:
+            raise DaemonRefusedError(f"daemon serves a {welcome['device_kind']} device, not {self.device.kind}")
+        self.connected.set()
+        self._reader = threading.Thread(target=self._read_loop, name=f"kvmem-client-{model}", daemon=True)
+        self._reader.start()
+
+    # ---- requests ----
+
+    def grow(self, pages: int, wait: float = DEFAULT_WAIT_S) -> GrowResult:
+        """Ask for `pages` pages, waiting up to `wait` seconds for the daemon to find them.
+
+        Returns every page granted; `denied` says why the result is short. Out of memory is an
+        outcome, not an exception.
+        """
+        if pages < 1:
+            raise ValueError(f"grow({pages}): ask for at least one page")
+        if not self.connected.is_set():
+            return GrowResult([], "disconnected", "kvmemd is not connected")
+        req = next(self._req_ids)
+        waiter = _Waiter()
+        with self._lock:
+            self._waiters[req] = waiter
+            try:
+                self._send(MsgType.GROW, {"req": req, "pages": pages, "wait_ms": int(wait * 1000)})
+            except OSError as exc:
+                del self._waiters[req]
+                return GrowResult([], "disconnected", f"kvmemd is not connected: {exc}")
+        # The daemon answers by its deadline; the margin covers a daemon that died meanwhile.
+        waiter.done.wait(wait + 10.0)
+        with self._lock:
+            self._waiters.pop(req, None)
+        if not waiter.done.is_set():
+            return GrowResult(waiter.pages, "disconnected", "no answer from kvmemd")
+        return GrowResult(waiter.pages, waiter.denied, waiter.detail)
+
+    def return_pages(self, pages: list[ClientPage]) -> None:
+        """Give pages back. They must be unmapped, and no device work may touch them any more."""
+        with self._lock:
+            for page in pages:
+                if self.pages.get(page.id) is not page:
+                    raise ValueError(f"page {page.id} is not held by this client")
+            for page in pages:
+                del self.pages[page.id]
+                page.physical.close()
+            ids = [p.id for p in pages]
+            if self.connected.is_set():
+                try:
+                    for i in range(0, len(ids), protocol.MAX_RETURN_IDS):
+                        self._send(MsgType.RETURN, {"pages": ids[i : i + protocol.MAX_RETURN_IDS]})
+                except OSError:
+                    pass  # the daemon is gone: it cannot account for them; nothing is lost here
+
+    def report_usage(self, used_pages: int) -> None:
+        """Tell the daemon how many held pages hold live data (for reclaim choices and status)."""
+        self._send_if_connected(MsgType.USAGE, {"used_pages": max(0, used_pages)})
+
+    def slept(self) -> None:
+        """Tell the daemon the engine has drained and returned its pages after a sleep request."""
+        self._send_if_connected(MsgType.SLEPT, {})
+
+    def close(self) -> None:
+        """End the session. Pages still held are released here; their memory stays alive while mapped.
+
+        The daemon takes them back once this process has exited (a live process may still map
+        them). Return pages first for them to go back at once. Idempotent.
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            for page in self.pages.values():
+                page.physical.close()
+            self.pages.clear()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already disconnected
+        self._reader.join(timeout=10)
+        self._sock.close()
+        if self._owns_device:
+            self.device.close()
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals ----
+
+    def _send(self, msg_type: MsgType, body: dict[str, Any], fds: list[int] | None = None) -> None:
+        with self._lock:
+            protocol.send_message(self._sock, msg_type, body, fds or [])
+
+    def _send_if_connected(self, msg_type: MsgType, body: dict[str, Any]) -> None:
+        if self.connected.is_set():
+            try:
+                self._send(msg_type, body)
+            except OSError:
+                pass  # disconnected meanwhile: the reader thread reconnects
+
+    def _handshake(self, sock: socket.socket, adopt: int) -> protocol.Message:
+        protocol.send_message(
+            sock,
+            MsgType.HELLO,
+            {
+                "version": protocol.PROTOCOL_VERSION,
+                "role": "engine",
+                "model": self.model,
+                "geometry": self.geometry,
+                "adopt": adopt,
+                "page_size": getattr(self, "page_size", 0),
+            },
+        )
+        return _expect(sock, MsgType.WELCOME)
+
+    def _read_loop(self) -> None:
+        while not self._closing:
+            try:
+                msg = protocol.receive_message(self._sock)
+            except (ConnectionClosed, OSError, ProtocolError) as exc:
+                if self._closing:
+                    return
+                logger.warning("kvmemd connection lost: %s", exc)
+                self._disconnected()
+                if not self.reconnect or not self._reconnect():
+                    return
+                continue
+            try:
+                self._dispatch(msg)
+            except Exception:
+                logger.exception("kvmem client: handling %s failed", msg.type.name)
+            finally:
+                protocol.close_fds(msg.fds)
+
+    def _dispatch(self, msg: protocol.Message) -> None:
+        if msg.type == MsgType.GRANT:
+            self._granted(msg)
+        elif msg.type == MsgType.DENY:
+            with self._lock:
+                waiter = self._waiters.get(msg["req"])
+            if waiter is not None:
+                waiter.denied, waiter.detail = msg["reason"], msg["detail"]
+                waiter.done.set()
+        elif msg.type == MsgType.RECLAIM:
+            if self.on_reclaim:
+                self.on_reclaim(msg["pages"], msg["reason"])
+        elif msg.type == MsgType.POLICY:
+            self.policy = Policy(**msg.body)
+            if self.on_policy:
+                self.on_policy(self.policy)
+        elif msg.type == MsgType.SLEEP:
+            if self.on_sleep:
+                self.on_sleep()
+        elif msg.type == MsgType.WAKE:
+            if self.on_wake:
+                self.on_wake()
+        elif msg.type == MsgType.GOODBYE:
+            logger.info("kvmemd says goodbye: %s", msg["reason"])
+        elif msg.type == MsgType.ERROR:
+            logger.error("kvmemd reports an error: %s", msg["message"])
+        else:
+            logger.warning("unexpected %s from kvmemd", msg.type.name)
+
+    def _granted(self, msg: protocol.Message) -> None:
+        imported = []
+        for page_id, fd in zip(msg["pages"], msg.fds, strict=True):
+            imported.append(ClientPage(page_id, self.device.import_page(fd, self.page_size)))
+        with self._lock:
+            for page in imported:
+                self.pages[page.id] = page
+            waiter = self._waiters.get(msg["req"])
+        if waiter is None:  # the request gave up waiting: keep the pages, the caller can return them
+            logger.warning("pages granted for an abandoned request %d are kept", msg["req"])
+            return
+        waiter.pages.extend(imported)
+        if msg["done"]:
+            waiter.done.set()
+
+    def _disconnected(self) -> None:
+        self.connected.clear()
+        with self._lock:
+            for waiter in self._waiters.values():
+                waiter.denied, waiter.detail = "disconnected", "the connection to kvmemd was lost"
+                waiter.done.set()
+
+    def _reconnect(self) -> bool:
+        """Connect again and re-register every held page; False if the client is closing."""
+        backoff = RECONNECT_BACKOFF_S[0]
+        while not self._closing:
+            try:
+                sock = _connect(self.paths)
+            except DaemonUnavailableError:
+                time.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
+                continue
+            try:
+                self._adopt_pages(sock)
+            except (ConnectionError, OSError, ProtocolError) as exc:
+                logger.warning("re-registering with kvmemd failed: %s", exc)
+                sock.close()
+                time.sleep(backoff)
+                continue
+            with self._lock:
+                old, self._sock = self._sock, sock
+            old.close()
+            self.connected.set()
+            logger.info("reconnected to kvmemd with %d pages", len(self.pages))
+            if self.on_reconnect:
+                self.on_reconnect()
+            return True
+        return False
+
+    def _adopt_pages(self, sock: socket.socket) -> None:
+        with self._lock:
+            held = list(self.pages.values())
+        welcome = self._handshake(sock, adopt=len(held))
+        if held and welcome["page_size"] != self.page_size:
+            raise DaemonRefusedError(f"daemon's pages are {welcome['page_size']} bytes, ours {self.page_size}")
+        self.client_id, self.slot = welcome["client_id"], welcome["slot"]
+        by_old_id = {p.id: p for p in held}
+        new_ids: dict[int, int] = {}
+        for i in range(0, len(held), protocol.MAX_FDS_PER_MESSAGE):
+            batch = held[i : i + protocol.MAX_FDS_PER_MESSAGE]
+            exported = [p.physical.export() for p in batch]
+            try:
+                protocol.send_message(sock, MsgType.ADOPT, {"pages": [p.id for p in batch]}, [e.fd for e in exported])
+            finally:
+                for e in exported:
+                    e.close()
+            while True:  # POLICY (and perhaps SLEEP) may come before the answer
+                reply = protocol.receive_message(sock)
+                if reply.type == MsgType.ADOPTED:
+                    break
+                if reply.type == MsgType.ERROR:
+                    raise DaemonRefusedError(f"kvmemd refused the pages: {reply['message']}")
+                self._dispatch(reply)
+            new_ids.update(dict(reply["mapping"]))
+        with self._lock:
+            self.pages = {}
+            for old_id, page in by_old_id.items():
+                page.id = new_ids[old_id]
+                self.pages[page.id] = page

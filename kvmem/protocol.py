@@ -1,0 +1,364 @@
+"""The wire protocol between kvmemd and its clients (engines and kvctl). Spec: docs/protocol.md.
+
+Transport: a Unix ``SOCK_SEQPACKET`` socket, so every message is one datagram and the kernel keeps
+the boundaries; page file descriptors travel with a message as SCM_RIGHTS ancillary data.
+
+Frame: a 12-byte header (magic ``KVMM``, protocol version, message type, zero, body length; network
+byte order) and a UTF-8 JSON object as body, at most `MAX_FRAME` bytes in all. Nothing is ever
+unpickled. Each message type has a schema: the body must have exactly the listed fields with the
+listed types and bounds (a bool is not an int), and only the types listed in `FDS_ALLOWED` may
+carry descriptors, one per page id. Anything else is a `ProtocolError`, which costs the sender its
+connection and nothing more.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import json
+import os
+import re
+import socket
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAGIC = b"KVMM"
+HEADER = struct.Struct("!4sBBHI")
+MAX_FRAME = 64 * 1024
+# Linux accepts at most SCM_MAX_FD (253) descriptors in one SCM_RIGHTS message (include/net/scm.h).
+MAX_FDS_PER_MESSAGE = 253
+MAX_PAGES_PER_REQUEST = 1 << 20
+MAX_RETURN_IDS = 4096  # page ids per RETURN message; fits a frame with room to spare
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$")
+_FD_SIZE = array.array("i").itemsize
+
+
+class ProtocolError(Exception):
+    """A frame or message that breaks the protocol."""
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection."""
+
+
+class MsgType(enum.IntEnum):
+    # client -> daemon
+    HELLO = 1
+    GROW = 2
+    RETURN = 3
+    USAGE = 4
+    ADOPT = 5
+    CONTROL = 6
+    SLEPT = 7
+    # daemon -> client
+    WELCOME = 20
+    GRANT = 21
+    DENY = 22
+    RECLAIM = 23
+    POLICY = 24
+    SLEEP = 25
+    WAKE = 26
+    ADOPTED = 27
+    REPLY = 28
+    ERROR = 29
+    GOODBYE = 30
+
+
+# ---- schemas ----
+
+
+@dataclass(frozen=True)
+class Int:
+    lo: int
+    hi: int
+
+    def check(self, name: str, value: Any) -> None:
+        if type(value) is not int or not self.lo <= value <= self.hi:
+            raise ProtocolError(f"field {name!r} must be an integer in [{self.lo}, {self.hi}]")
+
+
+@dataclass(frozen=True)
+class Str:
+    max_len: int
+    pattern: re.Pattern | None = None
+    choices: tuple[str, ...] | None = None
+
+    def check(self, name: str, value: Any) -> None:
+        if type(value) is not str or len(value) > self.max_len:
+            raise ProtocolError(f"field {name!r} must be a string of at most {self.max_len} characters")
+        if self.pattern is not None and not self.pattern.match(value):
+            raise ProtocolError(f"field {name!r} has an invalid value {value[:64]!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ProtocolError(f"field {name!r} must be one of {', '.join(self.choices)}")
+
+
+@dataclass(frozen=True)
+class Bool:
+    def check(self, name: str, value: Any) -> None:
+        if type(value) is not bool:
+            raise ProtocolError(f"field {name!r} must be a boolean")
+
+
+@dataclass(frozen=True)
+class IntList:
+    max_len: int
+    lo: int = 0
+    hi: int = 2**31 - 1
+
+    def check(self, name: str, value: Any) -> None:
+        if type(value) is not list or len(value) > self.max_len:
+            raise ProtocolError(f"field {name!r} must be a list of at most {self.max_len} integers")
+        for item in value:
+            if type(item) is not int or not self.lo <= item <= self.hi:
+                raise ProtocolError(f"field {name!r} holds {item!r}, not an integer in [{self.lo}, {self.hi}]")
+
+
+@dataclass(frozen=True)
+class Object:
+    """A flat JSON object of scalar values (e.g. a KV geometry), bounded in size."""
+
+    max_keys: int = 32
+
+    def check(self, name: str, value: Any) -> None:
+        if type(value) is not dict or len(value) > self.max_keys:
+            raise ProtocolError(f"field {name!r} must be an object of at most {self.max_keys} fields")
+        for key, item in value.items():
+            if not _KEY.match(key):
+                raise ProtocolError(f"field {name!r} has an invalid key {key[:32]!r}")
+            if type(item) is str and len(item) > 128:
+                raise ProtocolError(f"field {name}.{key} is longer than 128 characters")
+            if type(item) not in (int, str, bool, float) and item is not None:
+                raise ProtocolError(f"field {name}.{key} must be a scalar")
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A list of [int, int] pairs."""
+
+    max_len: int
+
+    def check(self, name: str, value: Any) -> None:
+        if type(value) is not list or len(value) > self.max_len:
+            raise ProtocolError(f"field {name!r} must be a list of at most {self.max_len} pairs")
+        for pair in value:
+            if type(pair) is not list or len(pair) != 2 or any(type(x) is not int or x < 0 for x in pair):
+                raise ProtocolError(f"field {name!r} must hold [int, int] pairs of non-negative integers")
+
+
+@dataclass(frozen=True)
+class Json:
+    """Any JSON value nested at most `max_depth` deep (the frame bound limits its size)."""
+
+    max_depth: int = 6
+
+    def check(self, name: str, value: Any, depth: int = 0) -> None:
+        if depth > self.max_depth:
+            raise ProtocolError(f"field {name!r} is nested deeper than {self.max_depth}")
+        if isinstance(value, dict):
+            for item in value.values():
+                self.check(name, item, depth + 1)
+        elif isinstance(value, list):
+            for item in value:
+                self.check(name, item, depth + 1)
+        elif value is not None and type(value) not in (int, float, str, bool):
+            raise ProtocolError(f"field {name!r} holds a {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Optional:
+    inner: Any
+
+    def check(self, name: str, value: Any) -> None:
+        if value is not None:
+            self.inner.check(name, value)
+
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+_TEXT = Str(1024)
+_REQ = Int(1, 2**31 - 1)
+_COUNT = Int(0, 2**40)
+_MODEL = Str(64, MODEL_NAME)
+_PAGE_IDS = IntList(MAX_FDS_PER_MESSAGE)
+
+CONTROL_OPS = ("set_limit", "set_min", "set_priority", "sleep", "wake", "status")
+DENY_REASONS = ("limit", "budget", "asleep", "shutdown")
+
+SCHEMAS: dict[MsgType, dict[str, Any]] = {
+    MsgType.HELLO: {
+        "version": Int(0, 255),
+        "role": Str(16, choices=("engine", "control")),
+        "model": Optional(_MODEL),
+        "geometry": Optional(Object()),
+        "adopt": Int(0, MAX_PAGES_PER_REQUEST),
+        "page_size": Int(0, 2**40),
+    },
+    MsgType.GROW: {"req": _REQ, "pages": Int(1, MAX_PAGES_PER_REQUEST), "wait_ms": Int(0, 600_000)},
+    MsgType.RETURN: {"pages": IntList(MAX_RETURN_IDS)},
+    MsgType.USAGE: {"used_pages": _COUNT},
+    MsgType.ADOPT: {"pages": _PAGE_IDS},
+    MsgType.CONTROL: {
+        "req": _REQ,
+        "op": Str(16, choices=CONTROL_OPS),
+        "model": Optional(_MODEL),
+        "value": Optional(Int(-1, 2**62)),
+    },
+    MsgType.SLEPT: {},
+    MsgType.WELCOME: {
+        "version": Int(0, 255),
+        "client_id": _COUNT,
+        "slot": Int(-1, 4096),
+        "page_size": Int(1, 2**40),
+        "device_kind": Str(16),
+        "device_ordinal": Int(0, 1024),
+        "budget_pages": _COUNT,
+    },
+    MsgType.GRANT: {"req": _REQ, "pages": _PAGE_IDS, "done": Bool()},
+    MsgType.DENY: {"req": _REQ, "reason": Str(16, choices=DENY_REASONS), "detail": _TEXT, "granted": _COUNT},
+    MsgType.RECLAIM: {"pages": _COUNT, "deadline_ms": Int(0, 600_000), "reason": Str(16)},
+    MsgType.POLICY: {
+        "limit_pages": Int(-1, 2**40),
+        "min_pages": _COUNT,
+        "priority": Int(-(2**31), 2**31 - 1),
+        "target_pages": Int(-1, 2**40),
+    },
+    MsgType.SLEEP: {},
+    MsgType.WAKE: {},
+    MsgType.ADOPTED: {"mapping": Pairs(MAX_FDS_PER_MESSAGE), "done": Bool()},
+    MsgType.REPLY: {"req": _REQ, "ok": Bool(), "error": Optional(_TEXT), "data": Json()},
+    MsgType.ERROR: {"message": _TEXT},
+    MsgType.GOODBYE: {"reason": _TEXT},
+}
+
+# The only messages that carry descriptors: one per page id, in order.
+FDS_ALLOWED = {MsgType.GRANT, MsgType.ADOPT}
+
+
+@dataclass
+class Message:
+    type: MsgType
+    body: dict[str, Any]
+    fds: list[int] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.body[key]
+
+
+def validate(msg_type: MsgType, body: Mapping[str, Any], num_fds: int) -> None:
+    """Check `body` against the schema of `msg_type`; raise ProtocolError naming the problem."""
+    schema = SCHEMAS[msg_type]
+    missing = schema.keys() - body.keys()
+    extra = body.keys() - schema.keys()
+    if missing or extra:
+        problem = f"missing {sorted(missing)}" if missing else f"unknown {sorted(extra)}"
+        raise ProtocolError(f"{msg_type.name} message has {problem} fields")
+    for name, checker in schema.items():
+        checker.check(name, body[name])
+    expected_fds = len(body["pages"]) if msg_type in FDS_ALLOWED else 0
+    if num_fds != expected_fds:
+        raise ProtocolError(f"{msg_type.name} message carries {num_fds} descriptors, expected {expected_fds}")
+
+
+def encode(msg_type: MsgType, body: Mapping[str, Any]) -> bytes:
+    """One frame: header + JSON body. Validates the body first (never send what we would refuse)."""
+    validate(msg_type, body, len(body["pages"]) if msg_type in FDS_ALLOWED else 0)
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    if HEADER.size + len(payload) > MAX_FRAME:
+        raise ProtocolError(f"{msg_type.name} message of {len(payload)} bytes exceeds the {MAX_FRAME}-byte frame")
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, msg_type, 0, len(payload)) + payload
+
+
+def decode(frame: bytes, fds: Sequence[int]) -> Message:
+    """Parse and validate one received frame. The caller closes `fds` if this raises."""
+    if len(frame) < HEADER.size:
+        raise ProtocolError(f"frame of {len(frame)} bytes is shorter than the {HEADER.size}-byte header")
+    magic, version, raw_type, zero, length = HEADER.unpack_from(frame)
+    if magic != MAGIC:
+        raise ProtocolError("frame does not start with the kvmem magic")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if zero != 0 or length != len(frame) - HEADER.size:
+        raise ProtocolError("frame length does not match its header")
+    try:
+        msg_type = MsgType(raw_type)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {raw_type}") from None
+    try:
+        body = json.loads(frame[HEADER.size :].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"{msg_type.name} body is not valid JSON: {exc}") from None
+    if type(body) is not dict:
+        raise ProtocolError(f"{msg_type.name} body is not a JSON object")
+    validate(msg_type, body, len(fds))
+    return Message(msg_type, body, list(fds))
+
+
+# ---- socket helpers ----
+
+
+def ancillary_for(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def send_message(sock: socket.socket, msg_type: MsgType, body: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+    """Send one message (blocking). The caller keeps ownership of `fds`."""
+    sock.sendmsg([encode(msg_type, body)], ancillary_for(fds))
+
+
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
+
+
+def receive_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """Receive one datagram and its descriptors.
+
+    Raises:
+        ConnectionClosed: The peer closed the connection.
+        ProtocolError: The datagram or its descriptors were truncated (oversized); descriptors
+            that did arrive are closed.
+    """
+    data, ancdata, flags, _ = sock.recvmsg(MAX_FRAME + 1, _CMSG_SPACE)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    if not data and not fds:
+        raise ConnectionClosed("peer closed the connection")
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_FRAME:
+        close_fds(fds)
+        raise ProtocolError(f"message larger than {MAX_FRAME} bytes or with too many descriptors")
+    return data, fds
+
+
+def receive_message(sock: socket.socket) -> Message:
+    """Receive and validate one message (blocking)."""
+    data, fds = receive_frame(sock)
+    try:
+        return decode(data, fds)
+    except ProtocolError:
+        close_fds(fds)
+        raise
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # already closed: nothing left to release
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from SO_PEERCRED (set by the kernel)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def batched(items: Sequence[int], size: int = MAX_FDS_PER_MESSAGE) -> list[Sequence[int]]:
+    """`items` in consecutive chunks of at most `size` (descriptor batches)."""
+    return [items[i : i + size] for i in range(0, len(items), size)] or [items[:0]]

@@ -1,0 +1,812 @@
+"""kvmemd's event loop: connections, grants, arbitration, liveness, status publishing.
+
+Design note
+-----------
+One thread runs a `selectors` loop over the listening socket, every client socket, a wake pipe
+(written by the page pool's worker and by signals) and a pidfd per engine process. All
+accounting lives on this thread; the pool's worker only creates, zeroes and releases pages.
+
+Engines and kvctl connect to one ``SOCK_SEQPACKET`` socket and speak `kvmem.protocol`. Who is
+calling comes from ``SO_PEERCRED`` (pid, uid), never from the message.
+
+Grants. A GROW request becomes a `GrowRequest`. On every pass the loop serves waiting requests in
+order: models below their guaranteed minimum first, then higher priority, then arrival. A model's
+limit caps what it may hold; pages come from the pool (the model's own dirty pages, then clean
+ones). What is still missing becomes demand for the pool's worker (zero dirty pages, create new
+ones under the budget); when the budget is spent, the loop asks other models above their minimum
+to give free pages back (RECLAIM; lowest priority first, then the most idle pages). A request
+that is still short at its deadline gets a DENY saying why (limit, budget, asleep).
+
+Liveness. A socket that closes, or an engine process whose pidfd becomes readable, ends the
+client. Its pages go back to the pool (dirty, so they are zeroed before another model gets them)
+only once its process is gone: a process that closed its socket but still runs may still map
+them, so they stay quarantined until its pidfd says it exited.
+
+Restarts. Clients keep their pages when the daemon dies. When a daemon starts, engines reconnect,
+send their pages back as descriptors (ADOPT) and get new page ids; the pages count as created and
+granted from then on.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmem import protocol
+from kvmem.device import Device, DeviceError
+from kvmem.protocol import Message, MsgType, ProtocolError
+from kvmem.status import MAX_SLOTS, DaemonStatus, ModelState, ModelStatus, StatusWriter
+from kvmemd.pool import Page, PagePool
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5
+RECLAIM_DEADLINE_MS = 2_000
+
+
+@dataclass
+class ModelRecord:
+    """What the daemon knows of a model: its policy, its engine connection, its counters."""
+
+    name: str
+    owner_uid: int
+    slot: int
+    limit_pages: int = -1
+    min_pages: int = 0
+    priority: int = 0
+    state: ModelState = ModelState.DETACHED
+    client: Connection | None = None
+    geometry: dict[str, Any] | None = None
+    grants: int = 0
+    denies: int = 0
+    reclaims: int = 0
+    pages_granted_total: int = 0
+    pages_returned_total: int = 0
+    last_grant_us: int = 0
+
+    @property
+    def held(self) -> int:
+        return len(self.client.held) if self.client else 0
+
+    @property
+    def target_pages(self) -> int:
+        if self.state in (ModelState.DRAINING, ModelState.ASLEEP):
+            return 0
+        return self.limit_pages if 0 <= self.limit_pages < self.held else -1
+
+
+@dataclass
+class Connection:
+    sock: socket.socket
+    pid: int
+    uid: int
+    gid: int
+    client_id: int
+    role: str = "new"  # "new" until HELLO, then "engine" or "control"
+    model: ModelRecord | None = None
+    pidfd: int | None = None
+    held: set[int] = field(default_factory=set)
+    used_pages: int = 0
+    adopt_expected: int = 0
+    outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
+    closed: bool = False
+
+
+@dataclass
+class GrowRequest:
+    conn: Connection
+    req: int
+    remaining: int
+    deadline: float
+    seq: int
+    started: float
+    granted: int = 0
+    reclaim_asked: int = 0
+
+
+@dataclass
+class DaemonConfig:
+    """Settings of one daemon (see `kvmemd start --help`)."""
+
+    gpu: int
+    budget_pages: int
+    page_size: int
+    reserve_low: int = 8
+    reserve_high: int = 32
+    release_after: float = 10.0
+    socket_mode: int = 0o600
+    gid: int | None = None
+
+
+class Daemon:
+    """The event loop over an open device, a bound listening socket and a status segment.
+
+    The caller (kvmemd.cli) owns the lock file, the runtime directory and the device.
+    """
+
+    def __init__(self, config: DaemonConfig, device: Device, listener: socket.socket, status: StatusWriter):
+        self.config = config
+        self.device = device
+        self.listener = listener
+        self.status = status
+        self.started_unix = time.time()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pool = PagePool(
+            device,
+            config.page_size,
+            config.budget_pages,
+            config.reserve_low,
+            config.reserve_high,
+            config.release_after,
+            notify=self._wake,
+        )
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(listener, selectors.EVENT_READ, ("listen", None))
+        self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self.models: dict[str, ModelRecord] = {}
+        self.connections: dict[int, Connection] = {}  # by client id
+        self.pending: list[GrowRequest] = []
+        self.quarantine: dict[int, tuple[str, list[int]]] = {}  # pidfd -> (model, page ids)
+        self._client_ids = itertools.count(1)
+        self._seq = itertools.count()
+        self._stopping = False
+        self._status_dirty = True
+        self._last_publish = 0.0
+        self.totals = {"grants": 0, "denies": 0, "reclaims": 0}
+
+    # ---- lifecycle ----
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler)."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is going to wake anyway
+
+    def run(self) -> None:
+        """Serve until `request_stop()` (or SIGTERM/SIGINT when installed by the caller)."""
+        self._publish(force=True)
+        while not self._stopping:
+            for key, mask in self.selector.select(self._timeout()):
+                kind, obj = key.data
+                if kind == "listen":
+                    self._accept()
+                elif kind == "wake":
+                    self._drain_wake()
+                elif kind == "conn":
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(obj)
+                    if mask & selectors.EVENT_READ and not obj.closed:
+                        self._read(obj)
+                elif kind == "pidfd":
+                    self._process_exited(key.fd, obj)
+            self._serve_pending()
+            self._publish()
+        self._shutdown()
+
+    def _timeout(self) -> float:
+        timeout = HEARTBEAT_S
+        if self.pending:
+            soonest = min(r.deadline for r in self.pending)
+            timeout = min(timeout, max(0.0, soonest - time.monotonic()))
+        return timeout
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass  # drained
+
+    def _shutdown(self) -> None:
+        logger.info("stopping: telling %d clients", len(self.connections))
+        for conn in list(self.connections.values()):
+            if conn.role != "new":
+                self._send(conn, MsgType.GOODBYE, {"reason": "kvmemd is stopping"})
+            self._drop(conn, reason="daemon stopping", keep_pages=True)
+        for pidfd in list(self.quarantine):
+            self.selector.unregister(pidfd)
+            os.close(pidfd)
+        self.quarantine.clear()
+        self.selector.close()
+        self.pool.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---- connections ----
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    logger.error("cannot accept a client: %s", exc)
+                    return
+                raise
+            sock.setblocking(False)
+            pid, uid, gid = protocol.peer_credentials(sock)
+            conn = Connection(sock, pid, uid, gid, next(self._client_ids))
+            self.connections[conn.client_id] = conn
+            self.selector.register(sock, selectors.EVENT_READ, ("conn", conn))
+            logger.debug("client %d connected: pid %d uid %d", conn.client_id, pid, uid)
+
+    def _read(self, conn: Connection) -> None:
+        for _ in range(64):  # bounded, so one chatty client cannot starve the others
+            try:
+                frame, fds = protocol.receive_frame(conn.sock)
+            except BlockingIOError:
+                return
+            except protocol.ConnectionClosed:
+                self._drop(conn, reason="closed the connection")
+                return
+            except ProtocolError as exc:
+                self._fatal(conn, str(exc))
+                return
+            except OSError as exc:
+                self._drop(conn, reason=f"socket error: {exc}")
+                return
+            try:
+                msg = protocol.decode(frame, fds)
+            except ProtocolError as exc:
+                protocol.close_fds(fds)
+                self._fatal(conn, str(exc))
+                return
+            try:
+                self._handle(conn, msg)
+            except ProtocolError as exc:
+                self._fatal(conn, str(exc))
+                return
+            finally:
+                # Handlers never keep received descriptors (importing a page dups it).
+                protocol.close_fds(msg.fds)
+            if conn.closed:
+                return
+
+    def _fatal(self, conn: Connection, message: str) -> None:
+        """A protocol violation: tell the client why, then drop only this connection."""
+        logger.warning("client %d (pid %d): %s", conn.client_id, conn.pid, message)
+        self._send(conn, MsgType.ERROR, {"message": message})
+        self._drop(conn, reason=f"protocol error: {message}")
+
+    def _send(self, conn: Connection, msg_type: MsgType, body: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Queue one message; `fds` are ours and are closed once sent (or the connection drops)."""
+        fds = fds or []
+        if conn.closed:
+            protocol.close_fds(fds)
+            return
+        conn.outbox.append((protocol.encode(msg_type, body), fds))
+        if len(conn.outbox) == 1:
+            self._flush(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        while conn.outbox and not conn.closed:
+            frame, fds = conn.outbox[0]
+            try:
+                conn.sock.sendmsg([frame], protocol.ancillary_for(fds))
+            except BlockingIOError:
+                self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, ("conn", conn))
+                return
+            except OSError as exc:
+                self._drop(conn, reason=f"send failed: {exc}")
+                return
+            conn.outbox.popleft()
+            protocol.close_fds(fds)
+        if not conn.closed:
+            self.selector.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
+
+    def _drop(self, conn: Connection, reason: str, keep_pages: bool = False) -> None:
+        """End a client. Its pages return to the pool once its process is gone."""
+        if conn.closed:
+            return
+        conn.closed = True
+        logger.info("client %d (pid %d, %s) ends: %s", conn.client_id, conn.pid, conn.role, reason)
+        self.selector.unregister(conn.sock)
+        conn.sock.close()
+        for _, fds in conn.outbox:
+            protocol.close_fds(fds)
+        conn.outbox.clear()
+        del self.connections[conn.client_id]
+        self.pending = [r for r in self.pending if r.conn is not conn]
+        if conn.pidfd is not None:
+            self.selector.unregister(conn.pidfd)
+        record = conn.model
+        if record is not None and record.client is conn:
+            record.client = None
+            if record.state != ModelState.ASLEEP:
+                record.state = ModelState.DETACHED
+        self._status_dirty = True
+        held = sorted(conn.held)
+        conn.held.clear()
+        if keep_pages or not held:
+            if conn.pidfd is not None:
+                os.close(conn.pidfd)
+            return
+        model_name = record.name if record else ""
+        if conn.pidfd is None or _has_exited(conn.pidfd):
+            if conn.pidfd is not None:
+                os.close(conn.pidfd)
+            self._pages_back(model_name, held)
+        else:
+            # The process still runs and may still map these pages: hold them until it exits.
+            logger.warning("pid %d closed its socket holding %d pages: quarantined until it exits", conn.pid, len(held))
+            self.quarantine[conn.pidfd] = (model_name, held)
+            self.selector.register(conn.pidfd, selectors.EVENT_READ, ("pidfd", None))
+
+    def _process_exited(self, pidfd: int, conn: Connection | None) -> None:
+        if conn is not None:  # an engine process died with its socket still open somewhere
+            self._drop(conn, reason="process exited")
+            return
+        model_name, held = self.quarantine.pop(pidfd)
+        self.selector.unregister(pidfd)
+        os.close(pidfd)
+        self._pages_back(model_name, held)
+
+    def _pages_back(self, model_name: str, page_ids: list[int]) -> None:
+        self.pool.give_back(page_ids, model_name)
+        record = self.models.get(model_name)
+        if record is not None:
+            record.pages_returned_total += len(page_ids)
+        self._status_dirty = True
+        logger.info("%d pages of %s back in the pool", len(page_ids), model_name or "an unknown model")
+
+    # ---- messages ----
+
+    def _handle(self, conn: Connection, msg: Message) -> None:
+        if conn.role == "new":
+            if msg.type != MsgType.HELLO:
+                raise ProtocolError(f"expected HELLO, got {msg.type.name}")
+            self._hello(conn, msg)
+            return
+        handlers = {
+            "engine": {
+                MsgType.GROW: self._grow,
+                MsgType.RETURN: self._return,
+                MsgType.USAGE: self._usage,
+                MsgType.ADOPT: self._adopt,
+                MsgType.SLEPT: self._slept,
+            },
+            "control": {MsgType.CONTROL: self._control},
+        }[conn.role]
+        handler = handlers.get(msg.type)
+        if handler is None:
+            raise ProtocolError(f"{msg.type.name} is not a message a {conn.role} client may send")
+        handler(conn, msg)
+
+    def _hello(self, conn: Connection, msg: Message) -> None:
+        if msg["version"] != protocol.PROTOCOL_VERSION:
+            raise ProtocolError(f"client speaks protocol {msg['version']}, this daemon {protocol.PROTOCOL_VERSION}")
+        if msg["role"] == "control":
+            conn.role = "control"
+            self._welcome(conn, slot=-1)
+            return
+        name = msg["model"]
+        if name is None:
+            raise ProtocolError("an engine's HELLO must name its model")
+        if msg["adopt"] and msg["page_size"] != self.config.page_size:
+            raise ProtocolError(
+                f"client holds pages of {msg['page_size']} bytes; this daemon's pages are {self.config.page_size}"
+            )
+        record = self.models.get(name)
+        if record is not None and record.client is not None:
+            raise ProtocolError(f"model {name!r} is already attached by pid {record.client.pid}")
+        if record is not None and not self._may_manage(conn.uid, record):
+            raise ProtocolError(f"model {name!r} belongs to uid {record.owner_uid}; uid {conn.uid} may not attach")
+        if record is None:
+            record = self._new_record(name, conn.uid)
+            if record is None:
+                raise ProtocolError(f"the daemon already tracks {MAX_SLOTS} models; detach one first")
+        conn.role = "engine"
+        conn.model = record
+        conn.adopt_expected = msg["adopt"]
+        record.client = conn
+        record.geometry = msg["geometry"]
+        if record.state != ModelState.ASLEEP:
+            record.state = ModelState.AWAKE
+        try:
+            conn.pidfd = os.pidfd_open(conn.pid)
+            self.selector.register(conn.pidfd, selectors.EVENT_READ, ("pidfd", conn))
+        except OSError:
+            conn.pidfd = None  # already gone: EOF will follow
+        self._welcome(conn, slot=record.slot)
+        self._send_policy(record)
+        if record.state == ModelState.ASLEEP:
+            self._send(conn, MsgType.SLEEP, {})
+        self._status_dirty = True
+        logger.info("model %s attached: pid %d uid %d", name, conn.pid, conn.uid)
+
+    def _welcome(self, conn: Connection, slot: int) -> None:
+        self._send(
+            conn,
+            MsgType.WELCOME,
+            {
+                "version": protocol.PROTOCOL_VERSION,
+                "client_id": conn.client_id,
+                "slot": slot,
+                "page_size": self.config.page_size,
+                "device_kind": self.device.kind,
+                "device_ordinal": self.device.ordinal,
+                "budget_pages": self.config.budget_pages,
+            },
+        )
+
+    def _new_record(self, name: str, uid: int) -> ModelRecord | None:
+        used = {r.slot for r in self.models.values()}
+        free = next((s for s in range(MAX_SLOTS) if s not in used), None)
+        if free is None:
+            self._forget_idle_records()
+            used = {r.slot for r in self.models.values()}
+            free = next((s for s in range(MAX_SLOTS) if s not in used), None)
+            if free is None:
+                return None
+        record = ModelRecord(name=name, owner_uid=uid, slot=free)
+        self.models[name] = record
+        return record
+
+    def _forget_idle_records(self) -> None:
+        """Drop detached models that hold nothing and have no policy, to free their slots."""
+        for name, r in list(self.models.items()):
+            if r.client is None and r.limit_pages < 0 and r.min_pages == 0 and r.priority == 0:
+                del self.models[name]
+
+    def _may_manage(self, uid: int, record: ModelRecord) -> bool:
+        """Root, the model's owner, or the daemon's own user may attach to or change a model."""
+        return uid in (0, record.owner_uid, os.geteuid())
+
+    def _send_policy(self, record: ModelRecord) -> None:
+        if record.client is None:
+            return
+        self._send(
+            record.client,
+            MsgType.POLICY,
+            {
+                "limit_pages": record.limit_pages,
+                "min_pages": record.min_pages,
+                "priority": record.priority,
+                "target_pages": record.target_pages,
+            },
+        )
+
+    def _grow(self, conn: Connection, msg: Message) -> None:
+        now = time.monotonic()
+        request = GrowRequest(
+            conn=conn,
+            req=msg["req"],
+            remaining=msg["pages"],
+            deadline=now + msg["wait_ms"] / 1000,
+            seq=next(self._seq),
+            started=now,
+        )
+        self.pending.append(request)
+
+    def _return(self, conn: Connection, msg: Message) -> None:
+        page_ids = msg["pages"]
+        unknown = [p for p in page_ids if p not in conn.held]
+        if unknown or len(set(page_ids)) != len(page_ids):
+            raise ProtocolError(f"RETURN names pages this client does not hold: {unknown[:8] or 'duplicates'}")
+        conn.held.difference_update(page_ids)
+        conn.used_pages = min(conn.used_pages, len(conn.held))
+        self._pages_back(conn.model.name, page_ids)
+
+    def _usage(self, conn: Connection, msg: Message) -> None:
+        conn.used_pages = min(msg["used_pages"], len(conn.held))
+        self._status_dirty = True
+
+    def _slept(self, conn: Connection, msg: Message) -> None:
+        record = conn.model
+        if record.state == ModelState.DRAINING:
+            record.state = ModelState.ASLEEP
+            self._status_dirty = True
+
+    def _adopt(self, conn: Connection, msg: Message) -> None:
+        """Pages a client held across a daemon restart: import them and give them new ids."""
+        old_ids = msg["pages"]
+        if len(old_ids) > conn.adopt_expected:
+            raise ProtocolError(f"ADOPT of {len(old_ids)} pages, but HELLO announced {conn.adopt_expected} more")
+        mapping = []
+        for old_id, fd in zip(old_ids, msg.fds, strict=True):
+            try:
+                physical = self.device.import_page(fd, self.config.page_size)
+            except DeviceError as exc:
+                raise ProtocolError(f"page {old_id} cannot be adopted: {exc}") from exc
+            try:
+                page = self.pool.adopt(physical, conn.model.name, conn.client_id)
+            except (DeviceError, RuntimeError) as exc:
+                physical.close()
+                raise ProtocolError(f"page {old_id} cannot be adopted: {exc}") from exc
+            conn.held.add(page.id)
+            mapping.append([old_id, page.id])
+        conn.adopt_expected -= len(old_ids)
+        self._send(conn, MsgType.ADOPTED, {"mapping": mapping, "done": conn.adopt_expected == 0})
+        self._status_dirty = True
+        logger.info("model %s: adopted %d pages", conn.model.name, len(mapping))
+
+    # ---- control ----
+
+    def _control(self, conn: Connection, msg: Message) -> None:
+        op, name, value = msg["op"], msg["model"], msg["value"]
+        try:
+            data = self._control_op(conn, op, name, value)
+        except ControlError as exc:
+            self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": False, "error": str(exc), "data": None})
+            return
+        self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": True, "error": None, "data": data})
+        self._status_dirty = True
+
+    def _control_op(self, conn: Connection, op: str, name: str | None, value: int | None) -> Any:
+        if op == "status":
+            return self.status_dict()
+        if name is None:
+            raise ControlError(f"{op} needs a model name")
+        record = self.models.get(name)
+        if op in ("set_limit", "set_min", "set_priority"):
+            if value is None:
+                raise ControlError(f"{op} needs a value")
+            if record is None:
+                record = self._new_record(name, conn.uid)
+                if record is None:
+                    raise ControlError(f"the daemon already tracks {MAX_SLOTS} models")
+        if record is None:
+            raise ControlError(f"no model named {name!r} is known to this daemon")
+        if not self._may_manage(conn.uid, record):
+            raise ControlError(
+                f"not permitted: model {name!r} belongs to uid {record.owner_uid}, you are uid {conn.uid}"
+            )
+        page = self.config.page_size
+        if op == "set_limit":
+            record.limit_pages = -1 if value < 0 else value // page
+            self._send_policy(record)
+            if 0 <= record.limit_pages < record.held:
+                self._ask_back(record, record.held - record.limit_pages, reason="limit")
+        elif op == "set_min":
+            pages = -(-max(value, 0) // page)
+            others = sum(r.min_pages for r in self.models.values() if r is not record)
+            if others + pages > self.config.budget_pages:
+                raise ControlError(
+                    f"minimums would total {others + pages} pages, more than the budget's {self.config.budget_pages}"
+                )
+            record.min_pages = pages
+            self._send_policy(record)
+        elif op == "set_priority":
+            if not -(2**31) <= value < 2**31:
+                raise ControlError("priority must fit in 32 bits")
+            record.priority = value
+            self._send_policy(record)
+        elif op == "sleep":
+            if record.client is None:
+                raise ControlError(f"model {name!r} has no engine attached")
+            if record.state in (ModelState.AWAKE, ModelState.WAKING):
+                record.state = ModelState.DRAINING
+                self._send(record.client, MsgType.SLEEP, {})
+        elif op == "wake" and record.state in (ModelState.DRAINING, ModelState.ASLEEP):
+            record.state = ModelState.AWAKE if record.client else ModelState.DETACHED
+            if record.client:
+                self._send(record.client, MsgType.WAKE, {})
+        return {"model": name, "state": record.state.name.lower()}
+
+    # ---- arbitration ----
+
+    def _serve_pending(self) -> None:
+        if not self.pending:
+            self.pool.set_demand(0)
+            return
+        now = time.monotonic()
+
+        def order(r: GrowRequest) -> tuple:
+            record = r.conn.model
+            return (record.held >= record.min_pages, -record.priority, r.seq)
+
+        demand = 0
+        still_waiting: list[GrowRequest] = []
+        for r in sorted(self.pending, key=order):
+            record = r.conn.model
+            if record.state in (ModelState.DRAINING, ModelState.ASLEEP):
+                self._deny(r, "asleep", f"model {record.name} is {record.state.name.lower()}")
+                continue
+            room = r.remaining if record.limit_pages < 0 else min(r.remaining, record.limit_pages - record.held)
+            if room <= 0:
+                self._deny(r, "limit", f"model {record.name} holds {record.held} pages, its limit")
+                continue
+            pages = self.pool.take(record.name, r.conn.client_id, room)
+            if pages:
+                self._grant(r, pages)
+                room -= len(pages)
+            if r.remaining == 0:
+                continue
+            if room <= 0:
+                self._deny(r, "limit", f"model {record.name} reached its limit of {record.limit_pages} pages")
+                continue
+            if now >= r.deadline:
+                self._deny(r, "budget", f"no free page within the wait: {self._budget_detail()}")
+                continue
+            still_waiting.append(r)
+            demand += room
+            shortfall = room - self.pool.can_create() - self.pool.dirty_of_others(record.name)
+            if shortfall > r.reclaim_asked:
+                r.reclaim_asked += self._reclaim_for(record, shortfall - r.reclaim_asked)
+        self.pending = still_waiting
+        self.pool.set_demand(demand)
+
+    def _budget_detail(self) -> str:
+        stats = self.pool.stats()
+        return f"{stats.created} of {stats.budget_pages} pages exist, {stats.granted} granted"
+
+    def _reclaim_for(self, requester: ModelRecord, pages: int) -> int:
+        """Ask other models above their minimum for `pages` free pages; return how many were asked."""
+        candidates = [
+            r
+            for r in self.models.values()
+            if r is not requester and r.client is not None and r.state == ModelState.AWAKE and r.held > r.min_pages
+        ]
+        candidates.sort(key=lambda r: (r.priority, -(r.held - r.client.used_pages)))
+        asked = 0
+        for record in candidates:  # first pass: pages the engines report idle
+            idle = min(record.held - record.client.used_pages, record.held - record.min_pages)
+            if idle > 0 and asked < pages:
+                take = min(idle, pages - asked)
+                self._ask_back(record, take, reason="pressure")
+                asked += take
+        for record in candidates:  # then pages that an engine could free by evicting cached blocks
+            spare = record.held - record.min_pages
+            if asked < pages and spare > 0:
+                take = min(spare, pages - asked)
+                self._ask_back(record, take, reason="pressure")
+                asked += take
+        return asked
+
+    def _ask_back(self, record: ModelRecord, pages: int, reason: str) -> None:
+        record.reclaims += 1
+        self.totals["reclaims"] += 1
+        self._send(
+            record.client, MsgType.RECLAIM, {"pages": pages, "deadline_ms": RECLAIM_DEADLINE_MS, "reason": reason}
+        )
+        self._status_dirty = True
+
+    def _grant(self, r: GrowRequest, pages: list[Page]) -> None:
+        conn, record = r.conn, r.conn.model
+        r.remaining -= len(pages)
+        r.granted += len(pages)
+        conn.held.update(p.id for p in pages)
+        record.pages_granted_total += len(pages)
+        batches = protocol.batched(pages)
+        for i, batch in enumerate(batches):
+            fds = [p.physical.export().detach() for p in batch]
+            done = r.remaining == 0 and i == len(batches) - 1
+            self._send(conn, MsgType.GRANT, {"req": r.req, "pages": [p.id for p in batch], "done": done}, fds)
+        if r.remaining == 0:
+            record.grants += 1
+            self.totals["grants"] += 1
+            record.last_grant_us = int((time.monotonic() - r.started) * 1e6)
+        self._status_dirty = True
+
+    def _deny(self, r: GrowRequest, reason: str, detail: str) -> None:
+        record = r.conn.model
+        record.denies += 1
+        self.totals["denies"] += 1
+        self._send(r.conn, MsgType.DENY, {"req": r.req, "reason": reason, "detail": detail, "granted": r.granted})
+        self._status_dirty = True
+
+    # ---- status ----
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (force or self._status_dirty or now - self._last_publish >= HEARTBEAT_S):
+            return
+        stats = self.pool.stats()
+        daemon = DaemonStatus(
+            daemon_pid=os.getpid(),
+            gpu=self.config.gpu,
+            page_size=self.config.page_size,
+            budget_pages=self.config.budget_pages,
+            pages_created=stats.created,
+            pages_free=stats.free_clean + stats.free_dirty,
+            pages_free_clean=stats.free_clean,
+            pages_granted=stats.granted,
+            pages_quarantined=sum(len(ids) for _, ids in self.quarantine.values()),
+            heartbeat_ns=time.monotonic_ns(),
+            started_unix=self.started_unix,
+            grants=self.totals["grants"],
+            denies=self.totals["denies"],
+            reclaims=self.totals["reclaims"],
+            num_models=len(self.models),
+            device_kind=self.device.kind,
+            device_name=self.device.name,
+        )
+        slots: list[ModelStatus | None] = [None] * MAX_SLOTS
+        for record in self.models.values():
+            client = record.client
+            slots[record.slot] = ModelStatus(
+                model=record.name,
+                state=record.state,
+                pid=client.pid if client else 0,
+                uid=record.owner_uid,
+                client_id=client.client_id if client else 0,
+                limit_pages=record.limit_pages,
+                min_pages=record.min_pages,
+                priority=record.priority,
+                mapped_pages=record.held,
+                used_pages=client.used_pages if client else 0,
+                target_pages=record.target_pages,
+                grants=record.grants,
+                denies=record.denies,
+                reclaims=record.reclaims,
+                pages_granted_total=record.pages_granted_total,
+                pages_returned_total=record.pages_returned_total,
+                last_grant_us=record.last_grant_us,
+            )
+        self.status.publish(daemon, slots)
+        self._status_dirty = False
+        self._last_publish = now
+
+    def status_dict(self) -> dict[str, Any]:
+        stats = self.pool.stats()
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "gpu": self.config.gpu,
+                "device": self.device.kind,
+                "page_size": self.config.page_size,
+                "budget_pages": self.config.budget_pages,
+                "pages_created": stats.created,
+                "pages_free_clean": stats.free_clean,
+                "pages_free_dirty": stats.free_dirty,
+                "pages_granted": stats.granted,
+                "pages_created_total": stats.pages_created_total,
+                "pages_released_total": stats.pages_released_total,
+                "pages_scrubbed_total": stats.pages_scrubbed_total,
+            },
+            "models": [
+                {
+                    "model": r.name,
+                    "state": r.state.name.lower(),
+                    "pid": r.client.pid if r.client else 0,
+                    "mapped_pages": r.held,
+                    "limit_pages": r.limit_pages,
+                    "min_pages": r.min_pages,
+                    "priority": r.priority,
+                    "geometry": r.geometry,
+                }
+                for r in self.models.values()
+            ],
+        }
+
+
+class ControlError(Exception):
+    """A control request that cannot be carried out; the reply says why."""
+
+
+def _has_exited(pidfd: int) -> bool:
+    """Whether the process behind `pidfd` has terminated (a pidfd polls readable then)."""
+    poller = selectors.DefaultSelector()
+    try:
+        poller.register(pidfd, selectors.EVENT_READ)
+        return bool(poller.select(0))
+    finally:
+        poller.close()
+
+
+def install_signal_handlers(daemon: Daemon) -> None:
+    """SIGTERM and SIGINT stop the daemon cleanly; SIGPIPE is ignored (send errors are handled)."""
+
+    def stop(signum: int, frame: object) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
