@@ -44,6 +44,12 @@ class ConnectionClosed(Exception):
     """The peer closed the connection."""
 
 
+def _excerpt(value: Any, limit: int = 64) -> str:
+    """`repr(value)` cut to `limit` characters: errors quote the peer's data, but only so much of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class MsgType(enum.IntEnum):
     # client -> daemon
     HELLO = 1
@@ -113,7 +119,7 @@ class IntList:
             raise ProtocolError(f"field {name!r} must be a list of at most {self.max_len} integers")
         for item in value:
             if type(item) is not int or not self.lo <= item <= self.hi:
-                raise ProtocolError(f"field {name!r} holds {item!r}, not an integer in [{self.lo}, {self.hi}]")
+                raise ProtocolError(f"field {name!r} holds {_excerpt(item)}, not an integer in [{self.lo}, {self.hi}]")
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,7 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
         "req": _REQ,
         "op": Str(16, choices=CONTROL_OPS),
         "model": Optional(_MODEL),
-        "value": Optional(Int(-1, 2**62)),
+        "value": Optional(Int(-(2**62), 2**62)),
     },
     MsgType.SLEPT: {},
     MsgType.WELCOME: {
@@ -252,7 +258,7 @@ def validate(msg_type: MsgType, body: Mapping[str, Any], num_fds: int) -> None:
     missing = schema.keys() - body.keys()
     extra = body.keys() - schema.keys()
     if missing or extra:
-        problem = f"missing {sorted(missing)}" if missing else f"unknown {sorted(extra)}"
+        problem = f"missing {sorted(missing)}" if missing else f"unknown {_excerpt(sorted(extra))}"
         raise ProtocolError(f"{msg_type.name} message has {problem} fields")
     for name, checker in schema.items():
         checker.check(name, body[name])
@@ -263,7 +269,8 @@ def validate(msg_type: MsgType, body: Mapping[str, Any], num_fds: int) -> None:
 
 def encode(msg_type: MsgType, body: Mapping[str, Any]) -> bytes:
     """One frame: header + JSON body. Validates the body first (never send what we would refuse)."""
-    validate(msg_type, body, len(body["pages"]) if msg_type in FDS_ALLOWED else 0)
+    pages = body.get("pages") if msg_type in FDS_ALLOWED else None
+    validate(msg_type, body, len(pages) if type(pages) is list else 0)
     payload = json.dumps(body, separators=(",", ":")).encode()
     if HEADER.size + len(payload) > MAX_FRAME:
         raise ProtocolError(f"{msg_type.name} message of {len(payload)} bytes exceeds the {MAX_FRAME}-byte frame")
@@ -287,7 +294,8 @@ def decode(frame: bytes, fds: Sequence[int]) -> Message:
         raise ProtocolError(f"unknown message type {raw_type}") from None
     try:
         body = json.loads(frame[HEADER.size :].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer over Python's digit limit.
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"{msg_type.name} body is not valid JSON: {exc}") from None
     if type(body) is not dict:
         raise ProtocolError(f"{msg_type.name} body is not a JSON object")

@@ -8,6 +8,7 @@ in systemd and Docker. A percentage needs the total it is a share of.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {
     "": 1,
@@ -41,7 +42,7 @@ def parse_size(text: str, total: int | None = None) -> int:
     """
     percent = _PERCENT.match(text)
     if percent:
-        share = float(percent.group(1))
+        share = Fraction(percent.group(1))
         if total is None:
             raise ValueError(f"size {text!r} is a percentage, but there is no total to take it of here")
         if share > 100:
@@ -51,7 +52,7 @@ def parse_size(text: str, total: int | None = None) -> int:
     unit = match.group(2).upper() if match else None
     if not match or unit not in _UNITS:
         raise ValueError(f"size {text!r} is not understood: use e.g. 20GB, 20GiB, 512M, 1048576 or 25%")
-    return int(float(match.group(1)) * _UNITS[unit])
+    return int(Fraction(match.group(1)) * _UNITS[unit])  # exact: a float makes 2.01KB 2009 bytes
 
 
 def format_size(n: int) -> str:

@@ -118,6 +118,7 @@ class PagePool:
         self._free_ids: list[int] = []  # a heap: low ids first keeps the daemon's range compact
         self._next_id = 0
         self._creating = 0
+        self._scrubbing = 0
         self._demand = 0
         self._refilling = True
         self._surplus_since: float | None = None
@@ -181,18 +182,17 @@ class PagePool:
             self._granted.add(page_id)
             return page
 
-    def grantable(self, model: str) -> int:
-        with self._lock:
-            return len(self._clean) + len(self._dirty.get(model, ()))
+    def supply(self) -> tuple[int, dict[str, int]]:
+        """Pages that can become grantable without asking anyone: (to anyone, dirty by owner).
 
-    def can_create(self) -> int:
-        """How many more pages may still be created under the budget."""
+        The first number counts clean free pages, pages being created or zeroed, and pages the
+        budget still allows; the dict counts free dirty pages by the model whose data they hold
+        (grantable to that model at once, to others once zeroed).
+        """
         with self._lock:
-            return max(0, self.budget_pages - len(self.pages) - self._creating)
-
-    def dirty_of_others(self, model: str) -> int:
-        with self._lock:
-            return sum(len(ids) for owner, ids in self._dirty.items() if owner != model)
+            room = max(0, self.budget_pages - len(self.pages) - self._creating)
+            anyone = len(self._clean) + self._creating + self._scrubbing + room
+            return anyone, {owner: len(ids) for owner, ids in self._dirty.items()}
 
     def set_demand(self, pages: int) -> None:
         """Clean pages the waiting requests need beyond what is grantable now."""
@@ -305,6 +305,8 @@ class PagePool:
                     self._busy.add(page_id)
                 if action == "create":
                     self._creating += 1
+                elif action == "scrub":
+                    self._scrubbing += 1
             try:
                 if action == "create":
                     self._create()
@@ -365,6 +367,7 @@ class PagePool:
         self.device.synchronize()  # zeroed for real before anyone else can be granted the page
         with self._lock:
             self._busy.discard(page_id)
+            self._scrubbing -= 1
             page.owner = None
             self._clean.append(page_id)
             self._counters["scrubbed"] += 1
@@ -384,6 +387,8 @@ class PagePool:
 
     def _recover(self, action: str, page_id: int | None) -> None:
         with self._lock:
+            if action == "scrub":
+                self._scrubbing -= 1
             if page_id is None:
                 return
             self._busy.discard(page_id)

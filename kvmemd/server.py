@@ -72,6 +72,16 @@ class ModelRecord:
     pages_granted_total: int = 0
     pages_returned_total: int = 0
     last_grant_us: int = 0
+    # Pages asked back and not yet returned (until `asked_until`): never ask below the minimum.
+    asked: int = 0
+    asked_until: float = 0.0
+
+    @property
+    def askable(self) -> int:
+        """Pages that may still be asked back without going below the minimum."""
+        if self.asked and time.monotonic() > self.asked_until:
+            self.asked = 0  # the engine had its chance; the request may be repeated
+        return max(0, self.held - self.min_pages - self.asked)
 
     @property
     def held(self) -> int:
@@ -501,6 +511,7 @@ class Daemon:
             raise ProtocolError(f"RETURN names pages this client does not hold: {unknown[:8] or 'duplicates'}")
         conn.held.difference_update(page_ids)
         conn.used_pages = min(conn.used_pages, len(conn.held))
+        conn.model.asked = max(0, conn.model.asked - len(page_ids))
         self._pages_back(conn.model.name, page_ids)
 
     def _usage(self, conn: Connection, msg: Message) -> None:
@@ -613,7 +624,11 @@ class Daemon:
 
         demand = 0
         still_waiting: list[GrowRequest] = []
+        # What the pool can still provide without reclaiming, shared out in serving order.
+        supply_anyone, dirty_by_owner = self.pool.supply()
         for r in sorted(self.pending, key=order):
+            if r.conn.closed:  # dropped during this pass (a failed send): _drop handled its pages
+                continue
             record = r.conn.model
             if record.state in (ModelState.DRAINING, ModelState.ASLEEP):
                 self._deny(r, "asleep", f"model {record.name} is {record.state.name.lower()}")
@@ -626,7 +641,7 @@ class Daemon:
             if pages:
                 self._grant(r, pages)
                 room -= len(pages)
-            if r.remaining == 0:
+            if r.remaining == 0 or r.conn.closed:
                 continue
             if room <= 0:
                 self._deny(r, "limit", f"model {record.name} reached its limit of {record.limit_pages} pages")
@@ -636,11 +651,26 @@ class Daemon:
                 continue
             still_waiting.append(r)
             demand += room
-            shortfall = room - self.pool.can_create() - self.pool.dirty_of_others(record.name)
+            dirty_others = sum(n for owner, n in dirty_by_owner.items() if owner != record.name)
+            covered = min(room, supply_anyone + dirty_others)
+            from_anyone = min(covered, supply_anyone)
+            supply_anyone -= from_anyone
+            self._consume_dirty(dirty_by_owner, record.name, covered - from_anyone)
+            shortfall = room - covered
             if shortfall > r.reclaim_asked:
                 r.reclaim_asked += self._reclaim_for(record, shortfall - r.reclaim_asked)
         self.pending = still_waiting
         self.pool.set_demand(demand)
+
+    @staticmethod
+    def _consume_dirty(dirty_by_owner: dict[str, int], requester: str, pages: int) -> None:
+        for owner in dirty_by_owner:
+            if pages <= 0:
+                return
+            if owner != requester:
+                used = min(pages, dirty_by_owner[owner])
+                dirty_by_owner[owner] -= used
+                pages -= used
 
     def _budget_detail(self) -> str:
         stats = self.pool.stats()
@@ -651,26 +681,32 @@ class Daemon:
         candidates = [
             r
             for r in self.models.values()
-            if r is not requester and r.client is not None and r.state == ModelState.AWAKE and r.held > r.min_pages
+            if r is not requester and r.client is not None and r.state == ModelState.AWAKE and r.askable > 0
         ]
         candidates.sort(key=lambda r: (r.priority, -(r.held - r.client.used_pages)))
         asked = 0
         for record in candidates:  # first pass: pages the engines report idle
-            idle = min(record.held - record.client.used_pages, record.held - record.min_pages)
+            if record.client is None:  # dropped by a failed send during this pass
+                continue
+            idle = min(record.held - record.client.used_pages - record.asked, record.askable)
             if idle > 0 and asked < pages:
                 take = min(idle, pages - asked)
                 self._ask_back(record, take, reason="pressure")
                 asked += take
         for record in candidates:  # then pages that an engine could free by evicting cached blocks
-            spare = record.held - record.min_pages
-            if asked < pages and spare > 0:
+            spare = record.askable
+            if asked < pages and spare > 0 and record.client is not None:
                 take = min(spare, pages - asked)
                 self._ask_back(record, take, reason="pressure")
                 asked += take
         return asked
 
     def _ask_back(self, record: ModelRecord, pages: int, reason: str) -> None:
+        if record.client is None:
+            return
         record.reclaims += 1
+        record.asked += pages
+        record.asked_until = time.monotonic() + RECLAIM_DEADLINE_MS / 1000
         self.totals["reclaims"] += 1
         self._send(
             record.client, MsgType.RECLAIM, {"pages": pages, "deadline_ms": RECLAIM_DEADLINE_MS, "reason": reason}

@@ -1,0 +1,201 @@
+"""Real kvmemd processes and real engine processes for the daemon tests.
+
+`DaemonProcess` runs ``kvmemd start`` as a child in a private runtime directory and stops it
+(checking that it cleaned up). `EngineProcess` runs ``tests/engine_child.py``, a real client
+process driven line by line over its stdin/stdout with JSON replies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import posix_ipc
+
+from kvmem.runtime import DaemonPaths
+from kvmem.status import StatusReader, StatusSnapshot
+from tests import fakecuda
+from tests.support import REPO
+
+ENGINE_CHILD = str(REPO / "tests" / "engine_child.py")
+KVMEMD = str(Path(sys.executable).parent / "kvmemd")
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; return that value or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class DaemonProcess:
+    """A ``kvmemd start`` child process. Use as a context manager or call `stop()`."""
+
+    def __init__(self, runtime_dir: Path, device: str, budget: str = "64MiB", *extra: str, env=None):
+        self.runtime_dir = runtime_dir
+        self.device = device
+        self.paths = DaemonPaths.resolve(runtime_dir, 0)
+        self.counters_file = runtime_dir.parent / f"{runtime_dir.name}.fakecuda-counters"
+        self.log_path = runtime_dir.parent / f"{runtime_dir.name}.kvmemd.log"
+        self.args = [
+            KVMEMD, "start", "--device", device, "--budget", budget, "--runtime-dir", str(runtime_dir),
+            "--log-level", "debug", *extra,
+        ]  # fmt: skip
+        self.env = env if env is not None else fakecuda.child_env(FAKECUDA_COUNTERS_FILE=str(self.counters_file))
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=self._log)
+        wait_for(self._serving, timeout=30, what=f"kvmemd to serve (log: {self.log_path})")
+
+    def _serving(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"kvmemd exited with {self.proc.returncode}:\n{self.log()}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(str(self.paths.socket))
+        except OSError:
+            return False
+        finally:
+            sock.close()
+        try:
+            StatusReader(self.paths.shm_name).close()
+        except Exception:
+            return False
+        return True
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> StatusSnapshot:
+        with StatusReader(self.paths.shm_name) as reader:
+            return reader.snapshot()
+
+    def counters(self) -> dict[str, int]:
+        return fakecuda.read_counters_from(self.counters_file)
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies without cleaning up (stale socket, lock, status segment)."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._log.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop cleanly and check that nothing is left behind."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
+        self._log.close()
+        assert code == 0, f"kvmemd exited with {code}:\n{self.log()}"
+        assert not self.paths.socket.exists(), "socket left behind"
+        assert not self.paths.lock.exists(), "lock file left behind"
+        assert not shm_exists(self.paths.shm_name), "status segment left behind"
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        cleanup_shm(self.paths.shm_name)
+
+
+def shm_exists(name: str) -> bool:
+    try:
+        posix_ipc.SharedMemory(name).close_fd()
+    except posix_ipc.ExistentialError:
+        return False
+    return True
+
+
+def cleanup_shm(name: str) -> None:
+    """Unlink a segment a killed daemon left (tests unlink what they cause to exist)."""
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass  # nothing left: the daemon cleaned up
+
+
+class EngineProcess:
+    """A real client process (tests/engine_child.py) driven by commands; see that file."""
+
+    def __init__(self, runtime_dir: Path, model: str, *flags: str, env=None):
+        self.model = model
+        self.proc = subprocess.Popen(
+            [sys.executable, ENGINE_CHILD, "--runtime-dir", str(runtime_dir), "--model", model, *flags],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env if env is not None else os.environ.copy(),
+        )
+        self.hello = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=30)
+            raise AssertionError(f"engine {self.model} exited ({self.proc.returncode}): {self.proc.stderr.read()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise AssertionError(f"engine {self.model}: {reply['error']}")
+        return reply
+
+    def send(self, *words: object) -> None:
+        self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
+        self.proc.stdin.flush()
+
+    def call(self, *words: object) -> dict[str, Any]:
+        self.send(*words)
+        return self._reply()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._close_pipes()
+
+    def exit(self) -> int:
+        if self.proc.poll() is None:
+            self.send("exit")
+            self.proc.wait(timeout=30)
+        self._close_pipes()
+        return self.proc.returncode
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass  # the child is gone: nothing to flush
+
+    def __enter__(self) -> EngineProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._close_pipes()

@@ -1,0 +1,450 @@
+"""kvmemd end to end: a real daemon process, real engine processes, real fds, real shared memory.
+
+Every test runs on the host device and on the fake CUDA driver.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from kvmem.control import ControlClient, ControlError
+from kvmem.status import ModelState
+from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm, shm_exists, wait_for
+
+MiB = 1 << 20
+PAGE = 2 * MiB
+
+
+@pytest.fixture(params=["host", "cuda"])
+def device_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path) -> Path:
+    return tmp_path / "rt"
+
+
+def model_status(daemon: DaemonProcess, name: str):
+    return daemon.status().model(name)
+
+
+def test_grant_and_return(device_kind: str, runtime_dir: Path):
+    with DaemonProcess(runtime_dir, device_kind, "64MiB") as daemon, EngineProcess(runtime_dir, "llama") as engine:
+        got = engine.call("grow", 5)
+        assert got["granted"] == 5 and got["denied"] is None
+        assert len(set(got["ids"])) == 5
+        assert engine.call("map") == {"mapped": 5}
+        status = wait_for(lambda: (s := model_status(daemon, "llama")) and s.mapped_pages == 5 and s, what="status")
+        assert status.state == ModelState.AWAKE and status.pid == engine.pid
+        assert daemon.status().daemon.pages_granted == 5
+        returned = engine.call("return", 3)["returned"]
+        assert len(returned) == 3 and set(returned) <= set(got["ids"])
+        wait_for(lambda: model_status(daemon, "llama").mapped_pages == 2, what="2 pages held")
+        header = daemon.status().daemon
+        assert header.pages_granted == 2
+        assert header.pages_created <= header.budget_pages == 32
+        assert engine.exit() == 0
+        wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="pages back after exit")
+
+
+def test_limit_denies_and_lowering_it_asks_pages_back(device_kind: str, runtime_dir: Path):
+    with DaemonProcess(runtime_dir, device_kind, "64MiB") as daemon, EngineProcess(runtime_dir, "qwen") as engine:
+        with ControlClient(runtime_dir=runtime_dir) as control:
+            control.set_limit("qwen", 8 * MiB)  # 4 pages
+            got = engine.call("grow", 6)
+            assert got["granted"] == 4 and got["denied"] == "limit"
+            assert engine.call("grow", 1, 0)["denied"] == "limit"
+            control.set_limit("qwen", 2 * MiB)
+            events = wait_for(lambda: [e for e in engine.call("events")["events"] if e[0] == "reclaim"], what="reclaim")
+            assert events == [["reclaim", 3, "limit"]]
+            status = wait_for(lambda: (s := model_status(daemon, "qwen")).limit_pages == 1 and s, what="status")
+            assert status.target_pages == 1 and status.mapped_pages == 4
+            engine.call("return", 3)
+            wait_for(lambda: model_status(daemon, "qwen").mapped_pages == 1, what="settled at the limit")
+            assert model_status(daemon, "qwen").target_pages == -1
+            control.set_limit("qwen", None)
+            assert engine.call("grow", 3)["granted"] == 3
+
+
+def test_budget_and_limits_hold_under_16_concurrent_clients(device_kind: str, runtime_dir: Path):
+    """16 engine processes grow and return at random; a watcher checks every status snapshot."""
+    budget_pages = 24
+    with DaemonProcess(runtime_dir, device_kind, f"{budget_pages * 2}MiB", "--reserve", "2", "6") as daemon:
+        limits = {f"m{i}": (3 if i % 2 else None) for i in range(16)}
+        with ControlClient(runtime_dir=runtime_dir) as control:
+            for name, limit in limits.items():
+                if limit is not None:
+                    control.set_limit(name, limit * PAGE)
+        violations: list[str] = []
+        stop = threading.Event()
+        snapshots = 0
+
+        def watch() -> None:
+            nonlocal snapshots
+            while not stop.is_set():
+                status = daemon.status()
+                snapshots += 1
+                head = status.daemon
+                if head.pages_created > budget_pages:
+                    violations.append(f"{head.pages_created} pages created, budget {budget_pages}")
+                if sum(m.mapped_pages for m in status.models) != head.pages_granted:
+                    violations.append("per-model pages do not add up to the pages granted")
+                for m in status.models:
+                    if limits.get(m.model) is not None and m.mapped_pages > limits[m.model]:
+                        violations.append(f"{m.model} holds {m.mapped_pages} > limit {limits[m.model]}")
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        engines = [EngineProcess(runtime_dir, name) for name in limits]
+        try:
+            for i, engine in enumerate(engines):
+                engine.send("hammer", 40, i)
+            results = [engine._reply() for engine in engines]
+        finally:
+            stop.set()
+            watcher.join()
+            codes = [engine.exit() for engine in engines]
+        assert codes == [0] * 16
+        assert violations == []
+        assert snapshots > 10
+        assert sum(r["granted"] for r in results) > budget_pages  # pages really went round
+        wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="all pages back")
+        head = daemon.status().daemon
+        assert head.pages_free == head.pages_created <= budget_pages
+
+
+def test_client_killed_mid_grant_gives_every_page_back(device_kind: str, runtime_dir: Path):
+    with DaemonProcess(runtime_dir, device_kind, "256MiB", "--reserve", "0", "0") as daemon:
+        victim = EngineProcess(runtime_dir, "victim")
+        assert victim.call("grow", 10)["granted"] == 10
+        victim.send("grow", 100, 30)  # the pool creates pages as it goes: the grant takes a while
+        wait_for(lambda: model_status(daemon, "victim").mapped_pages > 10, what="grant under way")
+        victim.kill()
+        wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="pages back after SIGKILL")
+        assert model_status(daemon, "victim").state == ModelState.DETACHED
+        with EngineProcess(runtime_dir, "survivor") as survivor:  # the daemon still serves
+            assert survivor.call("grow", 100)["granted"] == 100
+            assert survivor.exit() == 0
+        wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="the survivor's pages back")
+        head = daemon.status().daemon
+        assert head.pages_free == head.pages_created <= head.budget_pages  # no page lost
+
+
+def test_pages_are_zeroed_before_they_change_tenant(device_kind: str, runtime_dir: Path):
+    # A budget of 4 pages: whatever B gets was A's, and held A's bytes.
+    with DaemonProcess(runtime_dir, device_kind, "8MiB", "--reserve", "0", "0") as daemon:
+        with EngineProcess(runtime_dir, "tenant-a") as a, EngineProcess(runtime_dir, "tenant-b") as b:
+            got_a = a.call("grow", 4)
+            assert got_a["granted"] == 4
+            a.call("map")
+            a.call("write", 0xAB)
+            a.call("return", "all")
+            got_b = b.call("grow", 4)
+            assert sorted(got_b["ids"]) == sorted(got_a["ids"])  # the very same pages
+            b.call("map")
+            pages = b.call("read")["pages"]
+            assert sorted(pages.values()) == [[0, True]] * 4
+            b.call("write", 0x5C)
+            b.call("return", 2)
+            # A page coming back to the model that wrote it need not be zeroed: 0x5C may stay.
+            regrown = b.call("grow", 2)
+            assert regrown["granted"] == 2
+            b.call("map")
+            assert sorted(b.call("read")["pages"].values()) == [[0x5C, True]] * 4
+            assert daemon.status().daemon.pages_created == 4
+
+
+def test_daemon_killed_and_restarted_while_clients_hold_pages(device_kind: str, runtime_dir: Path):
+    daemon = DaemonProcess(runtime_dir, device_kind, "64MiB")
+    try:
+        with EngineProcess(runtime_dir, "steady") as engine:
+            assert engine.call("grow", 6)["granted"] == 6
+            engine.call("map")
+            engine.call("write", 0x42)
+            daemon.kill()
+            assert shm_exists(daemon.paths.shm_name)  # a crash leaves the segment behind
+            assert sorted(engine.call("read")["pages"].values()) == [[0x42, True]] * 6
+            wait_for(lambda: not engine.call("ids")["connected"], what="the client to notice")
+            daemon.start()  # same runtime dir: stale lock, socket and segment are replaced
+            assert engine.call("wait-connected")["connected"]
+            status = wait_for(lambda: (s := model_status(daemon, "steady")) and s.mapped_pages == 6 and s)
+            assert status.state == ModelState.AWAKE
+            head = daemon.status().daemon
+            assert head.pages_granted == 6 and head.pages_created >= 6
+            assert sorted(engine.call("read")["pages"].values()) == [[0x42, True]] * 6
+            assert ["reconnect"] in engine.call("events")["events"]
+            new_ids = engine.call("ids")["ids"]
+            assert len(engine.call("return", 6)["returned"]) == 6
+            wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="adopted pages returned")
+            assert len(new_ids) == 6
+            assert engine.exit() == 0
+        daemon.stop()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+        cleanup_shm(daemon.paths.shm_name)
+
+
+def test_pressure_reclaims_idle_pages_but_never_below_a_minimum(device_kind: str, runtime_dir: Path):
+    with DaemonProcess(runtime_dir, device_kind, "16MiB", "--reserve", "0", "0") as daemon:  # 8 pages
+        with (
+            EngineProcess(runtime_dir, "idle", "--auto-return") as idle,
+            EngineProcess(runtime_dir, "busy", "--auto-return") as busy,
+            ControlClient(runtime_dir=runtime_dir) as control,
+        ):
+            control.set_min("idle", 3 * PAGE)
+            assert idle.call("grow", 8)["granted"] == 8
+            idle.call("map")
+            got = busy.call("grow", 4, 5)
+            assert got["granted"] == 4 and got["denied"] is None
+            assert ["reclaim", 4, "pressure"] in idle.call("events")["events"]
+            assert len(idle.call("ids")["ids"]) == 4
+            short = busy.call("grow", 4, 1)  # only 1 more may be taken: idle keeps its minimum of 3
+            assert short["granted"] == 1 and short["denied"] == "budget"
+            assert len(idle.call("ids")["ids"]) == 3
+            assert model_status(daemon, "idle").reclaims >= 2
+
+
+def test_reclaim_prefers_the_lowest_priority(device_kind: str, runtime_dir: Path):
+    with DaemonProcess(runtime_dir, device_kind, "16MiB", "--reserve", "0", "0"):
+        with (
+            EngineProcess(runtime_dir, "important", "--auto-return") as high,
+            EngineProcess(runtime_dir, "batch", "--auto-return") as low,
+            EngineProcess(runtime_dir, "newcomer") as newcomer,
+            ControlClient(runtime_dir=runtime_dir) as control,
+        ):
+            control.set_priority("important", 10)
+            control.set_priority("batch", -5)
+            assert high.call("grow", 4)["granted"] == 4
+            assert low.call("grow", 4)["granted"] == 4
+            assert newcomer.call("grow", 2, 5)["granted"] == 2
+            assert len(low.call("ids")["ids"]) == 2
+            assert len(high.call("ids")["ids"]) == 4
+            assert not [e for e in high.call("events")["events"] if e[0] == "reclaim"]
+
+
+def test_sleep_returns_pages_and_wake_serves_again(device_kind: str, runtime_dir: Path):
+    with DaemonProcess(runtime_dir, device_kind, "64MiB") as daemon:
+        with (
+            EngineProcess(runtime_dir, "dozy", "--sleep-returns") as engine,
+            ControlClient(runtime_dir=runtime_dir) as c,
+        ):
+            assert engine.call("grow", 4)["granted"] == 4
+            assert c.sleep("dozy")["state"] == "draining"
+            status = wait_for(lambda: (s := model_status(daemon, "dozy")).state == ModelState.ASLEEP and s)
+            assert status.mapped_pages == 0 and daemon.status().daemon.pages_granted == 0
+            assert engine.call("grow", 1, 0)["denied"] == "asleep"
+            assert c.wake("dozy")["state"] == "awake"
+            wait_for(lambda: ["wake"] in engine.call("events")["events"], what="wake callback")
+            assert engine.call("grow", 2)["granted"] == 2
+
+
+def test_control_errors_are_clear(device_kind: str, runtime_dir: Path):
+    with DaemonProcess(runtime_dir, device_kind, "16MiB"), ControlClient(runtime_dir=runtime_dir) as control:
+        with pytest.raises(ControlError, match="no model named 'ghost' is known to this daemon"):
+            control.sleep("ghost")
+        with pytest.raises(ControlError, match="minimums would total 9 pages, more than the budget's 8"):
+            control.set_min("greedy", 18 * MiB)
+        control.set_min("modest", 4 * MiB)
+        with pytest.raises(ControlError, match="has no engine attached"):
+            control.sleep("modest")
+        status = control.status()
+        assert status["daemon"]["budget_pages"] == 8
+        assert [m["model"] for m in status["models"]] == ["greedy", "modest"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_another_uid_cannot_change_a_model_it_does_not_own(device_kind: str):
+    base = Path(tempfile.mkdtemp(prefix="kvmem-uid-test-"))  # pytest's own tmp dir is private to root
+    base.chmod(0o755)
+    runtime_dir = base / "rt"
+    try:
+        with (
+            DaemonProcess(runtime_dir, device_kind, "16MiB", "--group", "65534"),
+            EngineProcess(runtime_dir, "roots-model") as engine,
+        ):
+            engine.call("grow", 1)
+            assert as_nobody(lambda: ControlClient(runtime_dir=runtime_dir).set_limit("roots-model", 0)) == (
+                "ControlError: not permitted: model 'roots-model' belongs to uid 0, you are uid 65534"
+            )
+            assert as_nobody(lambda: ControlClient(runtime_dir=runtime_dir).set_limit("nobodys-model", PAGE)) == "ok"
+            with ControlClient(runtime_dir=runtime_dir) as root:  # root may change anyone's model
+                root.set_limit("nobodys-model", 2 * PAGE)
+    finally:
+        shutil.rmtree(base)
+
+
+def as_nobody(action) -> str:
+    """Run `action` in a forked child that dropped to uid/gid 65534; return "ok" or its error."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            action()
+            outcome = "ok"
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, outcome.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        outcome = reader.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "kvmemd stop"])
+def test_shutdown_removes_socket_lock_and_shared_memory(how: str, runtime_dir: Path):
+    daemon = DaemonProcess(runtime_dir, "host", "16MiB")
+    with EngineProcess(runtime_dir, "m") as engine:
+        engine.call("grow", 2)
+        if how == "kvmemd stop":
+            result = subprocess.run([KVMEMD, "stop", "--runtime-dir", str(runtime_dir)], capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+            assert result.stderr.strip() == f"kvmemd for GPU 0 stopped (pid {daemon.pid})"
+            daemon.proc.wait(timeout=30)
+        else:
+            daemon.stop(getattr(signal, how))
+        assert not daemon.paths.socket.exists() and not daemon.paths.lock.exists()
+        assert not shm_exists(daemon.paths.shm_name)
+        wait_for(lambda: not engine.call("ids")["connected"], what="the client to be told")
+        assert len(engine.call("ids")["ids"]) == 2  # it keeps its pages
+
+
+def test_a_second_daemon_for_the_same_gpu_is_refused(runtime_dir: Path):
+    with DaemonProcess(runtime_dir, "host", "16MiB") as daemon:
+        result = subprocess.run(
+            [KVMEMD, "start", "--device", "host", "--budget", "16MiB", "--runtime-dir", str(runtime_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"Error: kvmemd is already running for GPU 0 in {runtime_dir} (pid {daemon.pid}); "
+            "stop it with `kvmemd stop` or use another --runtime-dir"
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "lots"], "Error: --budget: size 'lots' is not understood"),
+        (["--budget", "1KiB"], "Error: --budget 1.0 KiB is less than one 2.0 MiB page"),
+        (["--budget", "16MiB", "--page-size", "3MiB"], "Error: --page-size 3MiB is not a multiple of"),
+        (["--group", "no-such-group-kvmem"], "Error: --group 'no-such-group-kvmem' is not a group"),
+    ],
+)
+def test_bad_start_options_give_one_line_and_exit_1(args: list[str], message: str, runtime_dir: Path):
+    result = subprocess.run(
+        [KVMEMD, "start", "--device", "host", "--runtime-dir", str(runtime_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert not (runtime_dir / "gpu0.lock").exists() and not (runtime_dir / "gpu0.sock").exists()
+
+
+def test_stop_without_a_daemon_says_so(runtime_dir: Path):
+    result = subprocess.run([KVMEMD, "stop", "--runtime-dir", str(runtime_dir)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: no kvmemd is running for GPU 0 in {runtime_dir}"
+
+
+def test_detached_daemon_starts_and_stops(runtime_dir: Path):
+    start = subprocess.run(
+        [KVMEMD, "start", "--detach", "--device", "host", "--budget", "16MiB", "--runtime-dir", str(runtime_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert start.returncode == 0, start.stderr
+    pid = int(start.stderr.strip().rsplit("pid ", 1)[1].rstrip(")"))
+    try:
+        with EngineProcess(runtime_dir, "bg") as engine:
+            assert engine.call("grow", 1)["granted"] == 1
+    finally:
+        stop = subprocess.run([KVMEMD, "stop", "--runtime-dir", str(runtime_dir)], capture_output=True, text=True)
+    assert stop.returncode == 0, stop.stderr
+    wait_for(lambda: not _alive(pid), what="the detached daemon to exit")
+    assert not (runtime_dir / "gpu0.sock").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_warm_reserve_refills_and_surplus_is_released(runtime_dir: Path):
+    args = ("--reserve", "2", "4", "--release-after", "0.3")
+    with DaemonProcess(runtime_dir, "cuda", "64MiB", *args) as daemon, EngineProcess(runtime_dir, "m") as engine:
+        wait_for(lambda: daemon.status().daemon.pages_free_clean == 4, what="the reserve to fill")
+        assert daemon.counters()["cuMemCreate"] == 4
+        assert engine.call("grow", 4)["granted"] == 4
+        # The reserve refills in the background; the grant itself created nothing.
+        wait_for(lambda: daemon.status().daemon.pages_free == 4, what="the refill")
+        assert engine.call("grow", 2)["granted"] == 2
+        creates = daemon.counters()["cuMemCreate"]
+        engine.call("return", "all")
+        wait_for(lambda: daemon.status().daemon.pages_created == 4, what="surplus pages to be released")
+        counters = daemon.counters()
+        assert counters["cuMemRelease"] == counters["cuMemCreate"] - 4 >= creates - 4
+        assert counters["live.charged_bytes"] == 4 * PAGE
+
+
+def test_status_is_readable_without_the_socket(runtime_dir: Path):
+    with DaemonProcess(runtime_dir, "host", "16MiB") as daemon, EngineProcess(runtime_dir, "reader-test") as engine:
+        engine.call("grow", 3)
+        engine.call("use", 2)
+        status = wait_for(lambda: (s := model_status(daemon, "reader-test")) and s.used_pages == 2 and s)
+        assert status.mapped_pages == 3 and status.grants == 1 and status.last_grant_us > 0
+        head = daemon.status().daemon
+        assert head.daemon_pid == daemon.pid and head.device_kind == "host" and head.page_size == PAGE
+        assert 0 <= daemon.status().heartbeat_age() < 5
+        beat = head.heartbeat_ns
+        wait_for(lambda: daemon.status().daemon.heartbeat_ns > beat, what="a heartbeat")
+
+
+def test_random_grow_return_sequences_keep_accounting_exact(runtime_dir: Path):
+    rng = random.Random(7)
+    with DaemonProcess(runtime_dir, "host", "32MiB", "--reserve", "1", "3") as daemon:
+        engines = [EngineProcess(runtime_dir, f"r{i}") for i in range(3)]
+        try:
+            held = [0, 0, 0]
+            for _ in range(60):
+                i = rng.randrange(3)
+                if held[i] and rng.random() < 0.5:
+                    k = rng.randint(1, held[i])
+                    engines[i].call("return", k)
+                    held[i] -= k
+                else:
+                    held[i] += engines[i].call("grow", rng.randint(1, 5), 0.2)["granted"]
+                status = wait_for(
+                    lambda: (s := daemon.status()) and [s.model(f"r{j}").mapped_pages for j in range(3)] == held and s,
+                    what="status to match",
+                )
+                assert status.daemon.pages_granted == sum(held) <= 16
+        finally:
+            for engine in engines:
+                engine.exit()
+        wait_for(lambda: daemon.status().daemon.pages_granted == 0)
