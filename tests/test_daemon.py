@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -59,22 +58,25 @@ def test_grant_and_return(device_kind: str, runtime_dir: Path):
 
 
 def test_limit_denies_and_lowering_it_asks_pages_back(device_kind: str, runtime_dir: Path):
-    with DaemonProcess(runtime_dir, device_kind, "64MiB") as daemon, EngineProcess(runtime_dir, "qwen") as engine:
-        with ControlClient(runtime_dir=runtime_dir) as control:
-            control.set_limit("qwen", 8 * MiB)  # 4 pages
-            got = engine.call("grow", 6)
-            assert got["granted"] == 4 and got["denied"] == "limit"
-            assert engine.call("grow", 1, 0)["denied"] == "limit"
-            control.set_limit("qwen", 2 * MiB)
-            events = wait_for(lambda: [e for e in engine.call("events")["events"] if e[0] == "reclaim"], what="reclaim")
-            assert events == [["reclaim", 3, "limit"]]
-            status = wait_for(lambda: (s := model_status(daemon, "qwen")).limit_pages == 1 and s, what="status")
-            assert status.target_pages == 1 and status.mapped_pages == 4
-            engine.call("return", 3)
-            wait_for(lambda: model_status(daemon, "qwen").mapped_pages == 1, what="settled at the limit")
-            assert model_status(daemon, "qwen").target_pages == -1
-            control.set_limit("qwen", None)
-            assert engine.call("grow", 3)["granted"] == 3
+    with (
+        DaemonProcess(runtime_dir, device_kind, "64MiB") as daemon,
+        EngineProcess(runtime_dir, "qwen") as engine,
+        ControlClient(runtime_dir=runtime_dir) as control,
+    ):
+        control.set_limit("qwen", 8 * MiB)  # 4 pages
+        got = engine.call("grow", 6)
+        assert got["granted"] == 4 and got["denied"] == "limit"
+        assert engine.call("grow", 1, 0)["denied"] == "limit"
+        control.set_limit("qwen", 2 * MiB)
+        events = wait_for(lambda: [e for e in engine.call("events")["events"] if e[0] == "reclaim"], what="reclaim")
+        assert events == [["reclaim", 3, "limit"]]
+        status = wait_for(lambda: (s := model_status(daemon, "qwen")).limit_pages == 1 and s, what="status")
+        assert status.target_pages == 1 and status.mapped_pages == 4
+        engine.call("return", 3)
+        wait_for(lambda: model_status(daemon, "qwen").mapped_pages == 1, what="settled at the limit")
+        assert model_status(daemon, "qwen").target_pages == -1
+        control.set_limit("qwen", None)
+        assert engine.call("grow", 3)["granted"] == 3
 
 
 def test_budget_and_limits_hold_under_16_concurrent_clients(device_kind: str, runtime_dir: Path):
@@ -143,26 +145,29 @@ def test_client_killed_mid_grant_gives_every_page_back(device_kind: str, runtime
 
 def test_pages_are_zeroed_before_they_change_tenant(device_kind: str, runtime_dir: Path):
     # A budget of 4 pages: whatever B gets was A's, and held A's bytes.
-    with DaemonProcess(runtime_dir, device_kind, "8MiB", "--reserve", "0", "0") as daemon:
-        with EngineProcess(runtime_dir, "tenant-a") as a, EngineProcess(runtime_dir, "tenant-b") as b:
-            got_a = a.call("grow", 4)
-            assert got_a["granted"] == 4
-            a.call("map")
-            a.call("write", 0xAB)
-            a.call("return", "all")
-            got_b = b.call("grow", 4)
-            assert sorted(got_b["ids"]) == sorted(got_a["ids"])  # the very same pages
-            b.call("map")
-            pages = b.call("read")["pages"]
-            assert sorted(pages.values()) == [[0, True]] * 4
-            b.call("write", 0x5C)
-            b.call("return", 2)
-            # A page coming back to the model that wrote it need not be zeroed: 0x5C may stay.
-            regrown = b.call("grow", 2)
-            assert regrown["granted"] == 2
-            b.call("map")
-            assert sorted(b.call("read")["pages"].values()) == [[0x5C, True]] * 4
-            assert daemon.status().daemon.pages_created == 4
+    with (
+        DaemonProcess(runtime_dir, device_kind, "8MiB", "--reserve", "0", "0") as daemon,
+        EngineProcess(runtime_dir, "tenant-a") as a,
+        EngineProcess(runtime_dir, "tenant-b") as b,
+    ):
+        got_a = a.call("grow", 4)
+        assert got_a["granted"] == 4
+        a.call("map")
+        a.call("write", 0xAB)
+        a.call("return", "all")
+        got_b = b.call("grow", 4)
+        assert sorted(got_b["ids"]) == sorted(got_a["ids"])  # the very same pages
+        b.call("map")
+        pages = b.call("read")["pages"]
+        assert sorted(pages.values()) == [[0, True]] * 4
+        b.call("write", 0x5C)
+        b.call("return", 2)
+        # A page coming back to the model that wrote it need not be zeroed: 0x5C may stay.
+        regrown = b.call("grow", 2)
+        assert regrown["granted"] == 2
+        b.call("map")
+        assert sorted(b.call("read")["pages"].values()) == [[0x5C, True]] * 4
+        assert daemon.status().daemon.pages_created == 4
 
 
 def test_daemon_killed_and_restarted_while_clients_hold_pages(device_kind: str, runtime_dir: Path):
@@ -197,57 +202,57 @@ def test_daemon_killed_and_restarted_while_clients_hold_pages(device_kind: str, 
 
 
 def test_pressure_reclaims_idle_pages_but_never_below_a_minimum(device_kind: str, runtime_dir: Path):
-    with DaemonProcess(runtime_dir, device_kind, "16MiB", "--reserve", "0", "0") as daemon:  # 8 pages
-        with (
-            EngineProcess(runtime_dir, "idle", "--auto-return") as idle,
-            EngineProcess(runtime_dir, "busy", "--auto-return") as busy,
-            ControlClient(runtime_dir=runtime_dir) as control,
-        ):
-            control.set_min("idle", 3 * PAGE)
-            assert idle.call("grow", 8)["granted"] == 8
-            idle.call("map")
-            got = busy.call("grow", 4, 5)
-            assert got["granted"] == 4 and got["denied"] is None
-            assert ["reclaim", 4, "pressure"] in idle.call("events")["events"]
-            assert len(idle.call("ids")["ids"]) == 4
-            short = busy.call("grow", 4, 1)  # only 1 more may be taken: idle keeps its minimum of 3
-            assert short["granted"] == 1 and short["denied"] == "budget"
-            assert len(idle.call("ids")["ids"]) == 3
-            assert model_status(daemon, "idle").reclaims >= 2
+    with (
+        DaemonProcess(runtime_dir, device_kind, "16MiB", "--reserve", "0", "0") as daemon,  # 8 pages
+        EngineProcess(runtime_dir, "idle", "--auto-return") as idle,
+        EngineProcess(runtime_dir, "busy", "--auto-return") as busy,
+        ControlClient(runtime_dir=runtime_dir) as control,
+    ):
+        control.set_min("idle", 3 * PAGE)
+        assert idle.call("grow", 8)["granted"] == 8
+        idle.call("map")
+        got = busy.call("grow", 4, 5)
+        assert got["granted"] == 4 and got["denied"] is None
+        assert ["reclaim", 4, "pressure"] in idle.call("events")["events"]
+        assert len(idle.call("ids")["ids"]) == 4
+        short = busy.call("grow", 4, 1)  # only 1 more may be taken: idle keeps its minimum of 3
+        assert short["granted"] == 1 and short["denied"] == "budget"
+        assert len(idle.call("ids")["ids"]) == 3
+        assert model_status(daemon, "idle").reclaims >= 2
 
 
 def test_reclaim_prefers_the_lowest_priority(device_kind: str, runtime_dir: Path):
-    with DaemonProcess(runtime_dir, device_kind, "16MiB", "--reserve", "0", "0"):
-        with (
-            EngineProcess(runtime_dir, "important", "--auto-return") as high,
-            EngineProcess(runtime_dir, "batch", "--auto-return") as low,
-            EngineProcess(runtime_dir, "newcomer") as newcomer,
-            ControlClient(runtime_dir=runtime_dir) as control,
-        ):
-            control.set_priority("important", 10)
-            control.set_priority("batch", -5)
-            assert high.call("grow", 4)["granted"] == 4
-            assert low.call("grow", 4)["granted"] == 4
-            assert newcomer.call("grow", 2, 5)["granted"] == 2
-            assert len(low.call("ids")["ids"]) == 2
-            assert len(high.call("ids")["ids"]) == 4
-            assert not [e for e in high.call("events")["events"] if e[0] == "reclaim"]
+    with (
+        DaemonProcess(runtime_dir, device_kind, "16MiB", "--reserve", "0", "0"),
+        EngineProcess(runtime_dir, "important", "--auto-return") as high,
+        EngineProcess(runtime_dir, "batch", "--auto-return") as low,
+        EngineProcess(runtime_dir, "newcomer") as newcomer,
+        ControlClient(runtime_dir=runtime_dir) as control,
+    ):
+        control.set_priority("important", 10)
+        control.set_priority("batch", -5)
+        assert high.call("grow", 4)["granted"] == 4
+        assert low.call("grow", 4)["granted"] == 4
+        assert newcomer.call("grow", 2, 5)["granted"] == 2
+        assert len(low.call("ids")["ids"]) == 2
+        assert len(high.call("ids")["ids"]) == 4
+        assert not [e for e in high.call("events")["events"] if e[0] == "reclaim"]
 
 
 def test_sleep_returns_pages_and_wake_serves_again(device_kind: str, runtime_dir: Path):
-    with DaemonProcess(runtime_dir, device_kind, "64MiB") as daemon:
-        with (
-            EngineProcess(runtime_dir, "dozy", "--sleep-returns") as engine,
-            ControlClient(runtime_dir=runtime_dir) as c,
-        ):
-            assert engine.call("grow", 4)["granted"] == 4
-            assert c.sleep("dozy")["state"] == "draining"
-            status = wait_for(lambda: (s := model_status(daemon, "dozy")).state == ModelState.ASLEEP and s)
-            assert status.mapped_pages == 0 and daemon.status().daemon.pages_granted == 0
-            assert engine.call("grow", 1, 0)["denied"] == "asleep"
-            assert c.wake("dozy")["state"] == "awake"
-            wait_for(lambda: ["wake"] in engine.call("events")["events"], what="wake callback")
-            assert engine.call("grow", 2)["granted"] == 2
+    with (
+        DaemonProcess(runtime_dir, device_kind, "64MiB") as daemon,
+        EngineProcess(runtime_dir, "dozy", "--sleep-returns") as engine,
+        ControlClient(runtime_dir=runtime_dir) as c,
+    ):
+        assert engine.call("grow", 4)["granted"] == 4
+        assert c.sleep("dozy")["state"] == "draining"
+        status = wait_for(lambda: (s := model_status(daemon, "dozy")).state == ModelState.ASLEEP and s)
+        assert status.mapped_pages == 0 and daemon.status().daemon.pages_granted == 0
+        assert engine.call("grow", 1, 0)["denied"] == "asleep"
+        assert c.wake("dozy")["state"] == "awake"
+        wait_for(lambda: ["wake"] in engine.call("events")["events"], what="wake callback")
+        assert engine.call("grow", 2)["granted"] == 2
 
 
 def test_control_errors_are_clear(device_kind: str, runtime_dir: Path):
