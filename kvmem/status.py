@@ -179,6 +179,9 @@ class StatusWriter:
         shm.close_fd()
         self._seq = 0
         self._closed = False
+        # A reader may open the segment before the daemon's first real publish: give it a
+        # valid image at once (the daemon's pid, nothing else yet).
+        self.publish(DaemonStatus(daemon_pid=os.getpid()), [])
 
     def publish(self, daemon: DaemonStatus, models: list[ModelStatus | None]) -> None:
         """Write one consistent image. `models` has at most MAX_SLOTS entries (None = empty slot)."""

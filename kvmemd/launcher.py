@@ -13,9 +13,10 @@ import fcntl
 import grp
 import logging
 import os
+import resource
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +164,25 @@ def _page_size(device: Device, text: str | None) -> int:
     return size
 
 
+def _raise_fd_limit(budget_pages: int) -> bool:
+    """Raise the soft fd limit to the hard one; True if one kept descriptor per page fits.
+
+    The pool keeps each page's exported descriptor so grants need no export call; with a budget
+    too large for the limit it exports per grant instead.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have
+    fits = soft == resource.RLIM_INFINITY or budget_pages + 4096 <= soft
+    if not fits:
+        logger.info("fd limit %d is too low to keep one descriptor per page: exporting per grant", soft)
+    return fits
+
+
 def _group_id(group: str | None) -> int | None:
     if group is None:
         return None
@@ -172,7 +192,7 @@ def _group_id(group: str | None) -> int | None:
         raise StartError(f"--group {group!r} is not a group on this machine") from None
 
 
-def run_daemon(options: StartOptions, ready: callable | None = None) -> None:
+def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = None) -> None:
     """Start, serve until SIGTERM/SIGINT, and clean up. Calls `ready(pid)` once serving.
 
     Raises:
@@ -194,6 +214,7 @@ def run_daemon(options: StartOptions, ready: callable | None = None) -> None:
         status = StatusWriter(paths.shm_name, mode=mode & 0o640, gid=gid)
         stack.callback(status.close)
         listener = stack.enter_context(_listener(paths, mode, gid))
+        cache_exports = _raise_fd_limit(budget_pages)
         config = DaemonConfig(
             gpu=options.gpu,
             budget_pages=budget_pages,
@@ -203,6 +224,7 @@ def run_daemon(options: StartOptions, ready: callable | None = None) -> None:
             release_after=options.release_after,
             socket_mode=mode,
             gid=gid,
+            cache_exports=cache_exports,
         )
         try:
             daemon = Daemon(config, device, listener, status)

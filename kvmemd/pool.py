@@ -10,12 +10,21 @@ on the grant path.
 A page is FREE (in the warm reserve) or GRANTED (lent to a client). A free page is *clean*
 (zeroed, or fresh from a driver that zeroes) or *dirty*: it holds the data of `owner`, the model
 that last held it. A dirty page may go back to its owner as it is; it is zeroed before it goes to
-anyone else, so one tenant's KV data never reaches another.
+any other model, so one tenant's KV data never reaches another.
+
+Zeroing is not enough between users, though. A client that received a page's descriptor can keep
+a duplicate of it (or keep its imported CUDA handle) after returning the page, and map it again
+later: no one can revoke that. So a page is *tainted* by the uid of the first client that held
+it, and is only ever lent to that uid again (a uid can read its own processes' memory anyway).
+When a request of another uid needs room and only tainted pages are free, the worker releases
+them to the driver and creates fresh pages: a kept reference then pins only the old memory, which
+nobody else receives.
 
 Slow device work (creating, zeroing, releasing pages) runs on one worker thread, never on the
 event loop:
-- demand: the event loop declares how many pages waiting requests need (`set_demand`); the worker
-  zeroes dirty pages, then creates pages (never beyond the budget) to meet it;
+- demand: the event loop declares, per uid, how many pages waiting requests still need
+  (`set_demand`); the worker zeroes that uid's dirty pages, creates pages under the budget, or
+  releases pages tainted by other uids to make room;
 - refill: when the free pages fall below `reserve_low`, it creates pages up to `reserve_high`,
   and keeps at least `reserve_low` of them clean by zeroing dirty ones;
 - trim: when the free pages stay above `reserve_high` for `release_after` seconds, it releases
@@ -23,15 +32,19 @@ event loop:
   back to the rest of the GPU.
 After any page becomes grantable the worker calls `notify()` so the event loop serves waiters.
 
-Invariant (under `_lock`): every page id is in exactly one of `_clean`, `_dirty[owner]`,
-`_granted`, or `_busy` (being created, zeroed or released by the worker); `len(pages)` plus the
-pages being created never exceeds the budget, except for pages adopted after a restart.
+Each page's descriptor is exported once and kept (`export_fd`) when the fd limit allows, so a
+grant costs no export call; the kernel duplicates the descriptor into the receiving process.
+
+Invariant (under `_lock`): every page id is in exactly one of `_clean[uid]`, `_dirty[owner]`,
+`_granted`, or `_busy` (being zeroed or released by the worker); `len(pages)` plus the pages being
+created never exceeds the budget, except for pages adopted after a restart.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 # After the driver reports out-of-memory below our budget (other GPU users hold memory), or a
 # device call fails, the worker waits this long before trying again.
-OOM_BACKOFF_S = 1.0
+BACKOFF_S = 1.0
 
 
 @dataclass
@@ -51,8 +64,10 @@ class Page:
     id: int
     physical: PhysicalPage
     mapping: Mapping
+    uid: int | None = None  # the uid this page may be lent to (None: never lent yet)
     owner: str | None = None  # model whose data the page may hold; None once zeroed
     holder: int | None = None  # client id while granted
+    export_fd: int | None = None  # the page's descriptor, exported once and kept
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,7 @@ class PagePool:
         notify: Called (from the worker thread) when pages became grantable.
         max_pages: Size of the daemon's virtual reservation in pages (budget plus room for
             pages adopted after a restart).
+        cache_exports: Keep one exported descriptor per page (needs an fd per page).
     """
 
     def __init__(
@@ -94,6 +110,7 @@ class PagePool:
         release_after: float,
         notify: Callable[[], None],
         max_pages: int | None = None,
+        cache_exports: bool = True,
     ):
         if budget_pages < 1:
             raise ValueError(f"budget of {budget_pages} pages: it must allow at least one page")
@@ -106,23 +123,24 @@ class PagePool:
         self.reserve_high = min(reserve_high, budget_pages)
         self.release_after = release_after
         self.max_pages = max_pages or 2 * budget_pages + 1024
+        self.cache_exports = cache_exports
         self._notify = notify
         self.reservation = device.reserve(self.max_pages * page_size)
 
         self._lock = threading.Condition()
         self.pages: dict[int, Page] = {}
-        self._clean: list[int] = []  # a stack: the most recently zeroed page goes first
-        self._dirty: dict[str, list[int]] = {}
+        self._clean: dict[int | None, list[int]] = {}  # by taint uid; stacks: last zeroed first
+        self._dirty: dict[str, list[int]] = {}  # by owner model; oldest first
         self._granted: set[int] = set()
         self._busy: set[int] = set()
         self._free_ids: list[int] = []  # a heap: low ids first keeps the daemon's range compact
         self._next_id = 0
         self._creating = 0
         self._scrubbing = 0
-        self._demand = 0
+        self._demand: dict[int, int] = {}
         self._refilling = True
         self._surplus_since: float | None = None
-        self._oom_until = 0.0
+        self._backoff_until = 0.0
         self._stop = False
         self._counters = {"created": 0, "released": 0, "scrubbed": 0, "oom": 0}
         self._worker = threading.Thread(target=self._run, name="kvmemd-pool", daemon=True)
@@ -130,26 +148,43 @@ class PagePool:
 
     # ---- event-loop side ----
 
-    def take(self, model: str, client_id: int, n: int) -> list[Page]:
-        """Up to `n` pages grantable to `model` now: its own dirty pages first, then clean ones."""
+    def take(self, model: str, client_id: int, uid: int, n: int) -> list[Page]:
+        """Up to `n` pages grantable now to `model` (run by `uid`).
+
+        Order: the model's own dirty pages (no zeroing needed), then clean pages tainted by
+        `uid`, then fresh clean pages. Pages tainted by another uid are never taken.
+        """
         with self._lock:
             taken: list[int] = []
-            own = self._dirty.get(model)
+            own = self._dirty.get(model, [])
+            keep = []
             while own and len(taken) < n:
-                taken.append(own.pop())
-            if own is not None and not own:
-                del self._dirty[model]
-            while self._clean and len(taken) < n:
-                taken.append(self._clean.pop())
+                page_id = own.pop()
+                (taken if self.pages[page_id].uid == uid else keep).append(page_id)
+            own.extend(reversed(keep))
+            if not own:
+                self._dirty.pop(model, None)
+            for key in (uid, None):
+                stack = self._clean.get(key)
+                while stack and len(taken) < n:
+                    taken.append(stack.pop())
             pages = []
             for page_id in taken:
                 page = self.pages[page_id]
-                page.owner, page.holder = model, client_id
+                page.uid, page.owner, page.holder = uid, model, client_id
                 self._granted.add(page_id)
                 pages.append(page)
             if taken:
-                self._lock.notify()  # the reserve may need a refill
+                self._notify_worker_if_needed()
             return pages
+
+    def export_fd(self, page: Page) -> tuple[int, bool]:
+        """A descriptor of `page` to send: (fd, whether the caller must close it after sending)."""
+        if not self.cache_exports:
+            return page.physical.export().detach(), True
+        if page.export_fd is None:
+            page.export_fd = page.physical.export().detach()
+        return page.export_fd, False
 
     def give_back(self, page_ids: list[int], model: str) -> None:
         """Pages a client returned (or a dead client held): free, dirty with `model`'s data."""
@@ -159,9 +194,25 @@ class PagePool:
                 page = self.pages[page_id]
                 page.owner, page.holder = model, None
                 self._dirty.setdefault(model, []).append(page_id)
+            self._notify_worker_if_needed()
+
+    def _notify_worker_if_needed(self) -> None:
+        """Wake the worker only when it has work (called with the lock held).
+
+        Waking it on every grant and return would make the two threads trade the GIL on the
+        grant path for nothing (measured: a third of a one-page grant's latency).
+        """
+        free = self._free_count()
+        clean = sum(len(ids) for ids in self._clean.values())
+        if (
+            self._demand
+            or free + self._creating < self.reserve_low
+            or (clean < self.reserve_low and len(self._dirty) > 0)
+            or (free > self.reserve_high and self._surplus_since is None)
+        ):
             self._lock.notify()
 
-    def adopt(self, physical: PhysicalPage, model: str, client_id: int) -> Page:
+    def adopt(self, physical: PhysicalPage, model: str, client_id: int, uid: int) -> Page:
         """Take over a page a client held across a daemon restart; it counts as created and granted.
 
         Raises:
@@ -177,28 +228,27 @@ class PagePool:
                 heapq.heappush(self._free_ids, page_id)
             raise
         with self._lock:
-            page = Page(page_id, physical, mapping, owner=model, holder=client_id)
+            page = Page(page_id, physical, mapping, uid=uid, owner=model, holder=client_id)
             self.pages[page_id] = page
             self._granted.add(page_id)
             return page
 
-    def supply(self) -> tuple[int, dict[str, int]]:
-        """Pages that can become grantable without asking anyone: (to anyone, dirty by owner).
+    def supply(self) -> int:
+        """Pages that can be granted without asking any client for pages back.
 
-        The first number counts clean free pages, pages being created or zeroed, and pages the
-        budget still allows; the dict counts free dirty pages by the model whose data they hold
-        (grantable to that model at once, to others once zeroed).
+        Counts every free page (a dirty or foreign-tainted one can be zeroed, or released and
+        made anew), pages being created or zeroed, and pages the budget still allows.
         """
         with self._lock:
             room = max(0, self.budget_pages - len(self.pages) - self._creating)
-            anyone = len(self._clean) + self._creating + self._scrubbing + room
-            return anyone, {owner: len(ids) for owner, ids in self._dirty.items()}
+            return self._free_count() + self._creating + self._scrubbing + room
 
-    def set_demand(self, pages: int) -> None:
-        """Clean pages the waiting requests need beyond what is grantable now."""
+    def set_demand(self, pages_by_uid: dict[int, int]) -> None:
+        """Pages the waiting requests still need, by the uid asking."""
         with self._lock:
-            if pages != self._demand:
-                self._demand = pages
+            demand = {uid: n for uid, n in pages_by_uid.items() if n > 0}
+            if demand != self._demand:
+                self._demand = demand
                 self._lock.notify()
 
     def stats(self) -> PoolStats:
@@ -206,7 +256,7 @@ class PagePool:
             return PoolStats(
                 budget_pages=self.budget_pages,
                 created=len(self.pages),
-                free_clean=len(self._clean),
+                free_clean=sum(len(ids) for ids in self._clean.values()),
                 free_dirty=sum(len(ids) for ids in self._dirty.values()),
                 granted=len(self._granted),
                 busy=len(self._busy) + self._creating,
@@ -229,8 +279,7 @@ class PagePool:
         self._worker.join()
         self.device.synchronize()  # no zeroing may still run on pages about to be unmapped
         for page in list(self.pages.values()):
-            page.mapping.close()
-            page.physical.close()
+            self._destroy(page)
         self.pages.clear()
         self.reservation.close()
 
@@ -245,15 +294,31 @@ class PagePool:
         return self._next_id - 1
 
     def _free_count(self) -> int:
-        return len(self._clean) + sum(len(ids) for ids in self._dirty.values())
+        return sum(len(ids) for ids in self._clean.values()) + sum(len(ids) for ids in self._dirty.values())
 
-    def _pop_dirty(self) -> int | None:
-        for owner in list(self._dirty):
-            ids = self._dirty[owner]
-            page_id = ids.pop(0)  # the oldest: its owner is least likely to want it back
-            if not ids:
-                del self._dirty[owner]
-            return page_id
+    def _pop_dirty(self, uid: int | None = None, other_than: int | None = None) -> int | None:
+        """The oldest dirty page (of `uid`, or not of `other_than`, if given)."""
+        for owner, ids in list(self._dirty.items()):
+            for i, page_id in enumerate(ids):
+                page_uid = self.pages[page_id].uid
+                if (uid is None or page_uid == uid) and (other_than is None or page_uid != other_than):
+                    del ids[i]
+                    if not ids:
+                        del self._dirty[owner]
+                    return page_id
+        return None
+
+    def _pop_clean(self, other_than: int | None = None) -> int | None:
+        """The coldest clean page, tainted ones first (not of `other_than` nor fresh, if given)."""
+        for key in sorted(self._clean, key=lambda k: (k is None, k or 0)):  # tainted pages first
+            if other_than is not None and key in (other_than, None):
+                continue
+            stack = self._clean[key]
+            if stack:
+                page_id = stack.pop(0)
+                if not stack:
+                    del self._clean[key]
+                return page_id
         return None
 
     def _next_action(self) -> tuple[str, int | None]:
@@ -261,21 +326,31 @@ class PagePool:
         now = time.monotonic()
         free = self._free_count()
         room = self.budget_pages - len(self.pages) - self._creating
-        can_create = room > 0 and now >= self._oom_until
-        if self._demand > len(self._clean):
-            page_id = self._pop_dirty()
+        can_act = now >= self._backoff_until
+        fresh = len(self._clean.get(None, ()))
+        for uid, want in self._demand.items():
+            ready = fresh + len(self._clean.get(uid, ())) + self._creating + self._scrubbing
+            if want <= ready or not can_act:
+                continue
+            page_id = self._pop_dirty(uid=uid)
             if page_id is not None:
                 return "scrub", page_id
-            if can_create and self._demand > len(self._clean) + self._creating:
+            if room > 0:
                 return "create", None
+            page_id = self._pop_dirty(other_than=uid)
+            if page_id is None:
+                page_id = self._pop_clean(other_than=uid)
+            if page_id is not None:
+                return "release", page_id  # tainted by another uid: make room for a fresh page
         if free + self._creating < self.reserve_low:
             self._refilling = True
         if self._refilling:
             if free + self._creating >= self.reserve_high or room <= 0:
                 self._refilling = False
-            elif can_create:
+            elif can_act:
                 return "create", None
-        if len(self._clean) < self.reserve_low:
+        clean = sum(len(ids) for ids in self._clean.values())
+        if clean < self.reserve_low:
             page_id = self._pop_dirty()
             if page_id is not None:
                 return "scrub", page_id
@@ -284,8 +359,8 @@ class PagePool:
                 self._surplus_since = now
             if now - self._surplus_since >= self.release_after:
                 page_id = self._pop_dirty()
-                if page_id is None and self._clean:
-                    page_id = self._clean.pop(0)  # the coldest clean page
+                if page_id is None:
+                    page_id = self._pop_clean()
                 if page_id is not None:
                     return "release", page_id
         else:
@@ -300,6 +375,8 @@ class PagePool:
                     self._lock.wait(timeout=self._wait_timeout())
                     action, page_id = self._next_action()
                 if self._stop:
+                    if page_id is not None:  # put it back: close() destroys every page
+                        self._put_back(page_id)
                     return
                 if page_id is not None:
                     self._busy.add(page_id)
@@ -316,16 +393,29 @@ class PagePool:
                     self._release(page_id)
             except Exception:
                 # A device failure here must not kill the worker: log it, put the page back
-                # where it was, pause, and carry on; the event loop keeps serving what exists.
+                # where it was, and pause before trying anything again.
                 logger.exception("page pool: %s failed", action)
-                self._recover(action, page_id)
-                time.sleep(OOM_BACKOFF_S)
+                with self._lock:
+                    if action == "scrub":
+                        self._scrubbing -= 1
+                    if page_id is not None:
+                        self._busy.discard(page_id)
+                        self._put_back(page_id)
+                    self._backoff_until = time.monotonic() + BACKOFF_S
+
+    def _put_back(self, page_id: int) -> None:
+        page = self.pages[page_id]
+        if page.owner is not None:
+            self._dirty.setdefault(page.owner, []).append(page_id)
+        else:
+            self._clean.setdefault(page.uid, []).append(page_id)
 
     def _wait_timeout(self) -> float:
+        now = time.monotonic()
+        if self._backoff_until > now:
+            return self._backoff_until - now
         if self._surplus_since is not None:
-            return max(0.01, self.release_after - (time.monotonic() - self._surplus_since))
-        if self._oom_until > time.monotonic():
-            return self._oom_until - time.monotonic()
+            return max(0.01, self.release_after - (now - self._surplus_since))
         return 1.0
 
     def _create(self) -> None:
@@ -335,7 +425,7 @@ class PagePool:
             with self._lock:
                 self._creating -= 1
                 self._counters["oom"] += 1
-                self._oom_until = time.monotonic() + OOM_BACKOFF_S
+                self._backoff_until = time.monotonic() + BACKOFF_S
             logger.warning("device out of memory below the budget: %d pages exist", len(self.pages))
             return
         with self._lock:
@@ -357,7 +447,7 @@ class PagePool:
         with self._lock:
             self._creating -= 1
             self.pages[page_id] = Page(page_id, physical, mapping)
-            self._clean.append(page_id)
+            self._clean.setdefault(None, []).append(page_id)
             self._counters["created"] += 1
         self._notify()
 
@@ -369,7 +459,7 @@ class PagePool:
             self._busy.discard(page_id)
             self._scrubbing -= 1
             page.owner = None
-            self._clean.append(page_id)
+            self._clean.setdefault(page.uid, []).append(page_id)
             self._counters["scrubbed"] += 1
         self._notify()
 
@@ -377,25 +467,17 @@ class PagePool:
         page = self.pages[page_id]
         # Synchronize before unmapping: a memset issued by this worker may still be running.
         self.device.synchronize()
-        page.mapping.close()
-        page.physical.close()
+        self._destroy(page)
         with self._lock:
             self._busy.discard(page_id)
             del self.pages[page_id]
             heapq.heappush(self._free_ids, page_id)
             self._counters["released"] += 1
+        self._notify()  # room was made: waiting requests may now get fresh pages
 
-    def _recover(self, action: str, page_id: int | None) -> None:
-        with self._lock:
-            if action == "scrub":
-                self._scrubbing -= 1
-            if page_id is None:
-                return
-            self._busy.discard(page_id)
-            page = self.pages.get(page_id)
-            if page is None:
-                return
-            if page.owner is not None:
-                self._dirty.setdefault(page.owner, []).append(page_id)
-            else:
-                self._clean.append(page_id)
+    def _destroy(self, page: Page) -> None:
+        page.mapping.close()
+        page.physical.close()
+        if page.export_fd is not None:
+            os.close(page.export_fd)
+            page.export_fd = None

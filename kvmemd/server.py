@@ -50,6 +50,9 @@ from kvmemd.pool import Page, PagePool
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
+# Changes are published at most this often (a publish packs every slot); readers see a change
+# within this delay, well inside the 100 ms promised to `kvctl` and engines.
+STATUS_MIN_INTERVAL_S = 0.005
 RECLAIM_DEADLINE_MS = 2_000
 
 
@@ -107,7 +110,8 @@ class Connection:
     held: set[int] = field(default_factory=set)
     used_pages: int = 0
     adopt_expected: int = 0
-    outbox: deque[tuple[bytes, list[int]]] = field(default_factory=deque)
+    # Frames waiting to be sent, with their descriptors and whether to close them once sent.
+    outbox: deque[tuple[bytes, list[int], bool]] = field(default_factory=deque)
     closed: bool = False
 
 
@@ -135,6 +139,7 @@ class DaemonConfig:
     release_after: float = 10.0
     socket_mode: int = 0o600
     gid: int | None = None
+    cache_exports: bool = True
 
 
 class Daemon:
@@ -158,6 +163,7 @@ class Daemon:
             config.reserve_high,
             config.release_after,
             notify=self._wake,
+            cache_exports=config.cache_exports,
         )
         self.selector = selectors.DefaultSelector()
         self.selector.register(listener, selectors.EVENT_READ, ("listen", None))
@@ -209,6 +215,8 @@ class Daemon:
 
     def _timeout(self) -> float:
         timeout = HEARTBEAT_S
+        if self._status_dirty:
+            timeout = max(0.0, self._last_publish + STATUS_MIN_INTERVAL_S - time.monotonic())
         if self.pending:
             soonest = min(r.deadline for r in self.pending)
             timeout = min(timeout, max(0.0, soonest - time.monotonic()))
@@ -294,19 +302,27 @@ class Daemon:
         self._send(conn, MsgType.ERROR, {"message": message})
         self._drop(conn, reason=f"protocol error: {message}")
 
-    def _send(self, conn: Connection, msg_type: MsgType, body: dict[str, Any], fds: list[int] | None = None) -> None:
-        """Queue one message; `fds` are ours and are closed once sent (or the connection drops)."""
+    def _send(
+        self,
+        conn: Connection,
+        msg_type: MsgType,
+        body: dict[str, Any],
+        fds: list[int] | None = None,
+        close_fds: bool = True,
+    ) -> None:
+        """Queue one message. With `close_fds`, `fds` are closed once sent (or the connection drops)."""
         fds = fds or []
         if conn.closed:
-            protocol.close_fds(fds)
+            if close_fds:
+                protocol.close_fds(fds)
             return
-        conn.outbox.append((protocol.encode(msg_type, body), fds))
+        conn.outbox.append((protocol.encode(msg_type, body), fds, close_fds))
         if len(conn.outbox) == 1:
             self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:
         while conn.outbox and not conn.closed:
-            frame, fds = conn.outbox[0]
+            frame, fds, close_fds = conn.outbox[0]
             try:
                 conn.sock.sendmsg([frame], protocol.ancillary_for(fds))
             except BlockingIOError:
@@ -316,7 +332,8 @@ class Daemon:
                 self._drop(conn, reason=f"send failed: {exc}")
                 return
             conn.outbox.popleft()
-            protocol.close_fds(fds)
+            if close_fds:
+                protocol.close_fds(fds)
         if not conn.closed:
             self.selector.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
 
@@ -328,8 +345,9 @@ class Daemon:
         logger.info("client %d (pid %d, %s) ends: %s", conn.client_id, conn.pid, conn.role, reason)
         self.selector.unregister(conn.sock)
         conn.sock.close()
-        for _, fds in conn.outbox:
-            protocol.close_fds(fds)
+        for _, fds, close_fds in conn.outbox:
+            if close_fds:
+                protocol.close_fds(fds)
         conn.outbox.clear()
         del self.connections[conn.client_id]
         self.pending = [r for r in self.pending if r.conn is not conn]
@@ -536,7 +554,7 @@ class Daemon:
             except DeviceError as exc:
                 raise ProtocolError(f"page {old_id} cannot be adopted: {exc}") from exc
             try:
-                page = self.pool.adopt(physical, conn.model.name, conn.client_id)
+                page = self.pool.adopt(physical, conn.model.name, conn.client_id, conn.uid)
             except (DeviceError, RuntimeError) as exc:
                 physical.close()
                 raise ProtocolError(f"page {old_id} cannot be adopted: {exc}") from exc
@@ -614,7 +632,7 @@ class Daemon:
 
     def _serve_pending(self) -> None:
         if not self.pending:
-            self.pool.set_demand(0)
+            self.pool.set_demand({})
             return
         now = time.monotonic()
 
@@ -622,10 +640,10 @@ class Daemon:
             record = r.conn.model
             return (record.held >= record.min_pages, -record.priority, r.seq)
 
-        demand = 0
+        demand: dict[int, int] = {}
         still_waiting: list[GrowRequest] = []
         # What the pool can still provide without reclaiming, shared out in serving order.
-        supply_anyone, dirty_by_owner = self.pool.supply()
+        supply = self.pool.supply()
         for r in sorted(self.pending, key=order):
             if r.conn.closed:  # dropped during this pass (a failed send): _drop handled its pages
                 continue
@@ -637,7 +655,7 @@ class Daemon:
             if room <= 0:
                 self._deny(r, "limit", f"model {record.name} holds {record.held} pages, its limit")
                 continue
-            pages = self.pool.take(record.name, r.conn.client_id, room)
+            pages = self.pool.take(record.name, r.conn.client_id, r.conn.uid, room)
             if pages:
                 self._grant(r, pages)
                 room -= len(pages)
@@ -650,27 +668,14 @@ class Daemon:
                 self._deny(r, "budget", f"no free page within the wait: {self._budget_detail()}")
                 continue
             still_waiting.append(r)
-            demand += room
-            dirty_others = sum(n for owner, n in dirty_by_owner.items() if owner != record.name)
-            covered = min(room, supply_anyone + dirty_others)
-            from_anyone = min(covered, supply_anyone)
-            supply_anyone -= from_anyone
-            self._consume_dirty(dirty_by_owner, record.name, covered - from_anyone)
+            demand[r.conn.uid] = demand.get(r.conn.uid, 0) + room
+            covered = min(room, supply)
+            supply -= covered
             shortfall = room - covered
             if shortfall > r.reclaim_asked:
                 r.reclaim_asked += self._reclaim_for(record, shortfall - r.reclaim_asked)
         self.pending = still_waiting
         self.pool.set_demand(demand)
-
-    @staticmethod
-    def _consume_dirty(dirty_by_owner: dict[str, int], requester: str, pages: int) -> None:
-        for owner in dirty_by_owner:
-            if pages <= 0:
-                return
-            if owner != requester:
-                used = min(pages, dirty_by_owner[owner])
-                dirty_by_owner[owner] -= used
-                pages -= used
 
     def _budget_detail(self) -> str:
         stats = self.pool.stats()
@@ -721,9 +726,12 @@ class Daemon:
         record.pages_granted_total += len(pages)
         batches = protocol.batched(pages)
         for i, batch in enumerate(batches):
-            fds = [p.physical.export().detach() for p in batch]
+            exported = [self.pool.export_fd(p) for p in batch]
+            fds = [fd for fd, _ in exported]
+            close_fds = any(must_close for _, must_close in exported)
             done = r.remaining == 0 and i == len(batches) - 1
-            self._send(conn, MsgType.GRANT, {"req": r.req, "pages": [p.id for p in batch], "done": done}, fds)
+            body = {"req": r.req, "pages": [p.id for p in batch], "done": done}
+            self._send(conn, MsgType.GRANT, body, fds, close_fds=close_fds)
         if r.remaining == 0:
             record.grants += 1
             self.totals["grants"] += 1
@@ -741,7 +749,8 @@ class Daemon:
 
     def _publish(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not (force or self._status_dirty or now - self._last_publish >= HEARTBEAT_S):
+        since = now - self._last_publish
+        if not (force or (self._status_dirty and since >= STATUS_MIN_INTERVAL_S) or since >= HEARTBEAT_S):
             return
         stats = self.pool.stats()
         daemon = DaemonStatus(

@@ -20,9 +20,10 @@ from typing import Any
 import posix_ipc
 
 from kvmem.runtime import DaemonPaths
-from kvmem.status import StatusReader, StatusSnapshot
+from kvmem.status import StatusError, StatusReader, StatusSnapshot
 from tests import fakecuda
-from tests.support import REPO
+
+REPO = Path(__file__).resolve().parent.parent
 
 ENGINE_CHILD = str(REPO / "tests" / "engine_child.py")
 KVMEMD = str(Path(sys.executable).parent / "kvmemd")
@@ -73,10 +74,10 @@ class DaemonProcess:
         finally:
             sock.close()
         try:
-            StatusReader(self.paths.shm_name).close()
-        except Exception:
+            with StatusReader(self.paths.shm_name) as reader:
+                return reader.snapshot().daemon.heartbeat_ns > 0  # the daemon's own first publish
+        except StatusError:
             return False
-        return True
 
     @property
     def pid(self) -> int:

@@ -290,6 +290,45 @@ def test_another_uid_cannot_change_a_model_it_does_not_own(device_kind: str):
         shutil.rmtree(base)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_pages_another_uid_held_are_never_lent_to_another_uid():
+    """A client may keep a page's descriptor after returning it: such pages stay with its uid."""
+    base = Path(tempfile.mkdtemp(prefix="kvmem-uid-test-"))
+    base.chmod(0o755)
+    runtime_dir = base / "rt"
+    try:
+        args = ("--group", "65534", "--reserve", "0", "0")
+        with (
+            DaemonProcess(runtime_dir, "cuda", "8MiB", *args) as daemon,  # 4 pages
+            EngineProcess(runtime_dir, "roots-model") as engine,
+        ):
+            assert engine.call("grow", 4)["granted"] == 4
+            engine.call("map")
+            engine.call("write", 0x77)
+            engine.call("return", "all")
+            wait_for(lambda: daemon.status().daemon.pages_granted == 0)
+
+            def grow_map_read() -> None:
+                from kvmem.client import DaemonClient
+
+                with DaemonClient("nobodys-model", runtime_dir=runtime_dir) as client:
+                    pages = client.grow(4, wait=10).pages
+                    assert len(pages) == 4, len(pages)
+                    dev = client.device
+                    with dev.reserve(4 * client.page_size) as reservation:
+                        for i, page in enumerate(pages):
+                            dev.map(reservation, i * client.page_size, page.physical)
+                        dev.set_access(reservation, 0, 4 * client.page_size)
+                        assert dev.read(reservation.address, 4 * client.page_size) == bytes(4 * client.page_size)
+
+            assert as_nobody(grow_map_read) == "ok"
+            counters = daemon.counters()
+            # root's 4 pages were released to the driver and 4 fresh ones made for uid 65534.
+            assert counters["cuMemCreate"] == 8 and counters["cuMemRelease"] == 4
+    finally:
+        shutil.rmtree(base)
+
+
 def as_nobody(action) -> str:
     """Run `action` in a forked child that dropped to uid/gid 65534; return "ok" or its error."""
     read_end, write_end = os.pipe()

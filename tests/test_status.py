@@ -298,12 +298,17 @@ def test_unreadable_segments_are_status_errors(shm_name: str):
         StatusReader(shm_name)
     unlink_quietly(shm_name)
 
+    blank = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, size=SEGMENT_SIZE)  # all zeros: no image yet
+    blank.close_fd()
+    with StatusReader(shm_name) as reader, pytest.raises(StatusError, match="no kvmem magic"):
+        reader.snapshot()
+    unlink_quietly(shm_name)
+
     writer = StatusWriter(shm_name)
     try:
         with StatusReader(shm_name) as reader:
-            with pytest.raises(StatusError, match="no kvmem magic"):
-                reader.snapshot()
             writer.publish(DAEMON, [])
+            assert reader.snapshot().daemon == DAEMON
             writer._map[16:20] = (99).to_bytes(4, "little")  # the layout version field
             with pytest.raises(StatusError, match="layout version 99 is not the 1 this kvmem reads"):
                 reader.snapshot()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -58,6 +59,16 @@ _PROT_FOR_ACCESS = {
 
 MEMFD_NAME = "kvmem-page"
 DEFAULT_GRANULARITY = 2 << 20  # like a GPU's VMM granularity, and a transparent huge page
+
+
+@functools.cache
+def _memfd_device() -> int:
+    """The st_dev that every memfd of this kernel reports."""
+    fd = os.memfd_create("kvmem-probe", os.MFD_CLOEXEC)
+    try:
+        return os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
 
 
 def _os_error(call: str) -> DeviceError:
@@ -145,13 +156,15 @@ class HostDevice(Device):
         return _HostAllocation(memfd=fd, size=size, charged=True)
 
     def _backend_import(self, fd: int, size: int) -> _HostAllocation:
+        # Every memfd lives on the kernel's one internal shmem mount, so its st_dev tells a memfd
+        # from a file, a pipe or a /dev/shm segment with one fstat. (A memfd's name proves
+        # nothing: anyone may call theirs "kvmem-page".)
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
             st = os.fstat(fd)
         except OSError as exc:
             raise InvalidArgumentError(f"file descriptor {fd} cannot be imported: {exc.strerror}") from exc
-        if not target.startswith(f"/memfd:{MEMFD_NAME}") or not stat.S_ISREG(st.st_mode):
-            raise InvalidArgumentError(f"file descriptor {fd} is not a kvmem host page (it is {target})")
+        if not stat.S_ISREG(st.st_mode) or st.st_dev != _memfd_device():
+            raise InvalidArgumentError(f"file descriptor {fd} is not a kvmem host page (not a memfd)")
         if st.st_size != size:
             raise InvalidArgumentError(f"file descriptor {fd} holds {st.st_size} bytes, not the {size} expected")
         return _HostAllocation(memfd=os.dup(fd), size=size, charged=False)

@@ -1,0 +1,198 @@
+"""Grant round trip through kvmemd against mapping the same pages in-process, in one run.
+
+For 1, 16 and 256 pages, each sample times a full grant: the GROW request, the daemon taking
+pages from its warm reserve and sending their descriptors, the client importing them, mapping
+them into its reservation and setting access (one call for the run) so they are usable. The
+baseline maps the same number of pages the process already holds (warm pages, no IPC) and sets
+access the same way: what an in-process allocator that keeps its pages would do. Pages are
+unmapped and returned between samples (untimed).
+
+Also measured: page creations on the grant path while the reserve is warm (counted by the fake
+driver in the daemon, on the cuda device), and the daemon's CPU use while 8 client processes cycle
+grants and returns.
+
+    python benchmarks/bench_daemon.py [--device host,cuda] [--samples N] [--out FILE] [--update-readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_device import machine, percentile  # noqa: E402
+
+SIZES = (1, 16, 256)
+CYCLER = """
+import sys, time
+from kvmem.client import DaemonClient
+client = DaemonClient(sys.argv[2], runtime_dir=sys.argv[1])
+dev = client.device
+reservation = dev.reserve(64 * client.page_size)
+deadline = time.monotonic() + float(sys.argv[3])
+cycles = 0
+while time.monotonic() < deadline:
+    pages = client.grow(8, wait=1.0).pages
+    maps = [dev.map(reservation, i * client.page_size, p.physical) for i, p in enumerate(pages)]
+    if pages:
+        dev.set_access(reservation, 0, len(pages) * client.page_size)
+    dev.synchronize()
+    for m in maps:
+        m.close()
+    client.return_pages(pages)
+    cycles += 1
+print(cycles)
+client.close()
+"""
+
+
+def map_run(dev, reservation, physicals, page_size):
+    mappings = [dev.map(reservation, i * page_size, p) for i, p in enumerate(physicals)]
+    dev.set_access(reservation, 0, len(physicals) * page_size)
+    return mappings
+
+
+def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
+    from kvmem.client import DaemonClient
+    from tests.daemon_support import DaemonProcess, wait_for
+
+    out: dict = {"grant_round_trip": {}, "in_process_map": {}, "ratio_p50": {}}
+    with tempfile.TemporaryDirectory(prefix="kvmem-bench-") as tmp:
+        runtime_dir = Path(tmp) / "rt"
+        # A reserve filled once at start (600 pages) and never refilled during the run (low = 1):
+        # any page creation counted while timing would be a creation on the grant path.
+        reserve = ("--reserve", "1", "600", "--release-after", "600")
+        with DaemonProcess(runtime_dir, kind, "2GiB", *reserve) as daemon:
+            wait_for(lambda: daemon.status().daemon.pages_free_clean >= 600, timeout=120, what="a warm reserve")
+            client = DaemonClient("bench", runtime_dir=runtime_dir)
+            dev, page = client.device, client.page_size
+            reservation = dev.reserve(max(SIZES) * page)
+            held = client.grow(max(SIZES)).pages  # warm pages for the in-process baseline
+            creates_before = daemon.counters()["cuMemCreate"] if kind == "cuda" else None
+            for n in SIZES:
+                ipc, local = [], []
+                for _ in range(samples):
+                    t0 = time.perf_counter_ns()
+                    result = client.grow(n, wait=10)
+                    mappings = map_run(dev, reservation, [p.physical for p in result.pages], page)
+                    ipc.append((time.perf_counter_ns() - t0) / 1e3)
+                    assert len(result.pages) == n, result
+                    dev.synchronize()
+                    for m in mappings:
+                        m.close()
+                    client.return_pages(result.pages)
+
+                    t0 = time.perf_counter_ns()
+                    mappings = map_run(dev, reservation, [p.physical for p in held[:n]], page)
+                    local.append((time.perf_counter_ns() - t0) / 1e3)
+                    dev.synchronize()
+                    for m in mappings:
+                        m.close()
+                key = f"{n} pages"
+                out["grant_round_trip"][key] = {"p50_us": percentile(ipc, 0.5), "p99_us": percentile(ipc, 0.99)}
+                out["in_process_map"][key] = {"p50_us": percentile(local, 0.5), "p99_us": percentile(local, 0.99)}
+                out["ratio_p50"][key] = round(percentile(ipc, 0.5) / percentile(local, 0.5), 2)
+            if creates_before is not None:
+                out["page_creations_on_grant_path"] = daemon.counters()["cuMemCreate"] - creates_before
+            client.return_pages(list(client.pages.values()))
+            client.close()
+            reservation.close()
+
+            # 8 clients cycling grants and returns: the daemon's CPU time over the wall time.
+            proc = psutil.Process(daemon.pid)
+            cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+            cyclers = [
+                subprocess.Popen(
+                    [sys.executable, "-c", CYCLER, str(runtime_dir), f"cycler{i}", str(cycle_seconds)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for i in range(8)
+            ]
+            cycles = [int(c.communicate(timeout=cycle_seconds + 120)[0] or 0) for c in cyclers]
+            wall = time.monotonic() - t0
+            out["eight_clients"] = {
+                "daemon_cores": round((sum(proc.cpu_times()[:2]) - cpu0) / wall, 3),
+                "grants_per_s": round(sum(cycles) / wall, 1),
+                "seconds": round(wall, 2),
+            }
+    return out
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| device | pages | grant round trip p50 / p99 µs | in-process map p50 / p99 µs | ratio (p50) |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, data in result["devices"].items():
+        for key in data["grant_round_trip"]:
+            g, m = data["grant_round_trip"][key], data["in_process_map"][key]
+            lines.append(
+                f"| {kind} | {key.split()[0]} | {g['p50_us']:.0f} / {g['p99_us']:.0f} | "
+                f"{m['p50_us']:.0f} / {m['p99_us']:.0f} | {data['ratio_p50'][key]:.2f}x |"
+            )
+    lines.append("")
+    for kind, data in result["devices"].items():
+        e = data["eight_clients"]
+        line = (
+            f"- {kind}: 8 clients cycling 8-page grants: daemon at {e['daemon_cores']:.2f} cores, "
+            f"{e['grants_per_s']:.0f} grants/s"
+        )
+        if "page_creations_on_grant_path" in data:
+            line += f"; page creations on the grant path with a warm reserve: {data['page_creations_on_grant_path']}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="host,cuda")
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--cycle-seconds", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_daemon.json")
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    # The daemon and the clients find the fake driver through LD_LIBRARY_PATH (no GPU here).
+    from tests import fakecuda
+
+    fakecuda.build()
+    os.environ.update(fakecuda.child_env(FAKECUDA_CAPACITY_BYTES=str(4 << 30)))
+    if "LD_LIBRARY_PATH" not in os.environ.get("KVMEM_BENCH_REEXEC", ""):
+        # This process must itself load the fake at start: re-exec with the environment set.
+        os.environ["KVMEM_BENCH_REEXEC"] = "LD_LIBRARY_PATH"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+    result = {"benchmark": "bench_daemon", "samples": args.samples, "machine": machine(), "devices": {}}
+    for kind in args.device.split(","):
+        label = "cuda (fake driver)" if kind == "cuda" else kind
+        result["devices"][label] = bench_device_kind(kind, args.samples, args.cycle_seconds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"wrote {args.out}")
+    if args.update_readme:
+        m = result["machine"]
+        block = (
+            f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores), "
+            f"{args.samples} samples per size.\n\n{table(result)}\n"
+        )
+        readme = REPO / "benchmarks" / "README.md"
+        text = readme.read_text()
+        pattern = re.compile(r"(<!-- bench_daemon:begin -->\n).*?(<!-- bench_daemon:end -->)", re.S)
+        readme.write_text(pattern.sub(lambda mt: mt.group(1) + block + mt.group(2), text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
