@@ -32,7 +32,8 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_device.py
+	$(BIN)/python benchmarks/bench_device.py --update-readme
+	$(BIN)/python benchmarks/bench_daemon.py --update-readme
 
 clean:
 	rm -rf $(VENV) tests/fakecuda/build .pytest_cache .ruff_cache
