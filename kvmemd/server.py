@@ -299,7 +299,7 @@ class Daemon:
     def _fatal(self, conn: Connection, message: str) -> None:
         """A protocol violation: tell the client why, then drop only this connection."""
         logger.warning("client %d (pid %d): %s", conn.client_id, conn.pid, message)
-        self._send(conn, MsgType.ERROR, {"message": message})
+        self._send(conn, MsgType.ERROR, {"message": _clip(message)})
         self._drop(conn, reason=f"protocol error: {message}")
 
     def _send(
@@ -572,7 +572,7 @@ class Daemon:
         try:
             data = self._control_op(conn, op, name, value)
         except ControlError as exc:
-            self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": False, "error": str(exc), "data": None})
+            self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": False, "error": _clip(str(exc)), "data": None})
             return
         self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": True, "error": None, "data": data})
         self._status_dirty = True
@@ -742,7 +742,8 @@ class Daemon:
         record = r.conn.model
         record.denies += 1
         self.totals["denies"] += 1
-        self._send(r.conn, MsgType.DENY, {"req": r.req, "reason": reason, "detail": detail, "granted": r.granted})
+        body = {"req": r.req, "reason": reason, "detail": _clip(detail), "granted": r.granted}
+        self._send(r.conn, MsgType.DENY, body)
         self._status_dirty = True
 
     # ---- status ----
@@ -829,6 +830,11 @@ class Daemon:
                 for r in self.models.values()
             ],
         }
+
+
+def _clip(text: str, limit: int = 1024) -> str:
+    """Text cut to fit a protocol text field (messages may quote what a peer sent)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ControlError(Exception):
