@@ -158,17 +158,17 @@ class DaemonClient:
         self._closing = False
         self._sock = _connect(self.paths)
         try:
-            welcome = self._handshake(self._sock, adopt=0)
+            welcome = self._handshake(self._sock, adopt=0, page_size=0)
+            if device is not None and device.kind != welcome["device_kind"]:
+                raise DaemonRefusedError(f"daemon serves a {welcome['device_kind']} device, not {device.kind}")
+            self.device = device or open_device(welcome["device_kind"], welcome["device_ordinal"])
         except BaseException:
             self._sock.close()
             raise
+        self._owns_device = device is None
         self.page_size: int = welcome["page_size"]
         self.client_id: int = welcome["client_id"]
         self.slot: int = welcome["slot"]
-        self.device = device if device is not None else open_device(welcome["device_kind"], welcome["device_ordinal"])
-        self._owns_device = device is None
-        if self.device.kind != welcome["device_kind"]:
-            raise DaemonRefusedError(f"daemon serves a {welcome['device_kind']} device, not {self.device.kind}")
         self.connected.set()
         self._reader = threading.Thread(target=self._read_loop, name=f"kvmem-client-{model}", daemon=True)
         self._reader.start()
@@ -268,7 +268,7 @@ class DaemonClient:
             except OSError:
                 pass  # disconnected meanwhile: the reader thread reconnects
 
-    def _handshake(self, sock: socket.socket, adopt: int) -> protocol.Message:
+    def _handshake(self, sock: socket.socket, adopt: int, page_size: int) -> protocol.Message:
         protocol.send_message(
             sock,
             MsgType.HELLO,
@@ -278,7 +278,7 @@ class DaemonClient:
                 "model": self.model,
                 "geometry": self.geometry,
                 "adopt": adopt,
-                "page_size": getattr(self, "page_size", 0),
+                "page_size": page_size,
             },
         )
         return _expect(sock, MsgType.WELCOME)
@@ -383,7 +383,7 @@ class DaemonClient:
     def _adopt_pages(self, sock: socket.socket) -> None:
         with self._lock:
             held = list(self.pages.values())
-        welcome = self._handshake(sock, adopt=len(held))
+        welcome = self._handshake(sock, adopt=len(held), page_size=self.page_size)
         if held and welcome["page_size"] != self.page_size:
             raise DaemonRefusedError(f"daemon's pages are {welcome['page_size']} bytes, ours {self.page_size}")
         self.client_id, self.slot = welcome["client_id"], welcome["slot"]
