@@ -1,0 +1,464 @@
+"""An elastic KV cache: per-layer K and V tensors over one virtual reservation, backed page by page.
+
+Design note
+-----------
+Layout. The reservation is cut into ``2 * num_layers`` equal *ranges*, one per layer's K and one
+per layer's V, in the order K0, V0, K1, V1, ... Each range is one torch tensor shaped
+``[max_blocks, block_size, num_kv_heads, head_dim]`` (layout "NHD"; "HND" swaps the two middle
+axes), contiguous, so block ``b`` of a layer lives at ``b * block_bytes`` in that layer's range:
+the strides paged-attention kernels expect. (kvcached's block-major layout, where one block of
+every layer sits together, cost about 31% end-to-end throughput in its own benchmark.)
+
+Slots. Each range is cut into *slots* of `pages_per_slot` pages holding a whole number of blocks
+(one page when the page size is a multiple of the block size, else the least common multiple of
+the two). Growing by one slot maps `pages_per_slot` pages at the same slot of every range, so the
+same blocks become usable in every layer's K and V at once; access is then set with one call per
+contiguous run of new slots in each range, never per page.
+
+Allocation. `BlockAllocator` hands out blocks from the fullest mapped slots, so whole slots empty
+out and can be given back. `alloc` and `free` only take an in-process lock: no syscall, no driver
+call, no lock shared with another process, unless the cache must grow on the spot.
+
+Growth and shrink. A background thread keeps the mapped free blocks between the low and high
+watermarks by asking the page source ahead of demand; `alloc` grows on demand only when the
+free blocks run out. When the daemon asks pages back (reclaim, a lowered limit), or holds the
+cache to a target, the thread unmaps empty slots and returns their pages; a slot with a live
+block is never unmapped. Before unmapping, it synchronizes the device: work issued on the cache's
+tensors may still be reading the slot (cuMemUnmap does not wait).
+
+Running out is an outcome: `alloc` raises `KVCacheFull` (and allocates nothing) when the limit or
+budget leaves no room.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kvmem.block_allocator import BlockAllocator
+from kvmem.device import Access, Mapping
+from kvmem.page_source import PageSource
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("NHD", "HND")
+
+
+class KVCacheFull(Exception):
+    """`alloc(n)` cannot get `n` blocks: the model's limit or the budget leaves no room.
+
+    Attributes:
+        requested: Blocks asked for.
+        available: Blocks that could be had now (free plus what growth found).
+        reason: Why growth stopped ("limit", "budget", "asleep", "disconnected", "capacity").
+    """
+
+    def __init__(self, requested: int, available: int, reason: str, detail: str = ""):
+        super().__init__(
+            f"KV cache full: {requested} blocks requested, {available} available ({reason}{': ' if detail else ''}"
+            f"{detail})"
+        )
+        self.requested = requested
+        self.available = available
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    mapped_bytes: int
+    used_blocks: int
+    free_blocks: int
+    max_blocks: int
+    mapped_slots: int
+    pages_held: int
+    grows: int
+    shrinks: int
+    last_grow_s: float
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn", "float8_e5m2", "int8")
+
+
+def _resolve_dtype(dtype: Any):
+    torch = _torch()
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = getattr(torch, dtype)
+    if str(dtype).removeprefix("torch.") not in DTYPES:
+        raise ValueError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+    return dtype
+
+
+class _CudaMemory:
+    """A raw device range exposed through __cuda_array_interface__ (bytes, read/write)."""
+
+    def __init__(self, address: int, size: int):
+        self.__cuda_array_interface__ = {
+            "shape": (size,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "version": 3,
+            "strides": None,
+        }
+
+
+class ElasticKVCache:
+    """See the module docstring. Made by `Session.kv_cache`."""
+
+    def __init__(
+        self,
+        source: PageSource,
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: Any = "float16",
+        max_tokens: int | None = None,
+        layout: str = "NHD",
+        low_watermark: int | None = None,
+        high_watermark: int | None = None,
+        grow_wait: float = 5.0,
+        background: bool = True,
+    ):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: it must be a positive integer")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        torch = _torch()
+        self.source = source
+        self.device = source.device
+        self.dtype = _resolve_dtype(dtype)
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layout = layout
+        self.grow_wait = grow_wait
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.block_bytes = block_size * num_kv_heads * head_dim * itemsize
+        page = source.page_size
+        self.page_size = page
+        self.pages_per_slot = math.lcm(page, self.block_bytes) // page
+        self.slot_bytes = self.pages_per_slot * page
+        self.blocks_per_slot = self.slot_bytes // self.block_bytes
+        self.num_ranges = 2 * num_layers
+        if max_tokens is None:  # default: as many tokens as the device's memory could hold
+            max_tokens = self.device.memory_info().total // (self.num_ranges * self.block_bytes) * block_size
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens}: the cache must hold at least one token")
+        max_blocks = -(-max_tokens // block_size)
+        self.max_slots = -(-max_blocks // self.blocks_per_slot)
+        self.range_bytes = self.max_slots * self.slot_bytes
+        self.allocator = BlockAllocator(self.blocks_per_slot, self.max_slots)
+        self.max_blocks = self.allocator.max_blocks
+        self.pages_per_growth = self.num_ranges * self.pages_per_slot
+        default_low = self.blocks_per_slot // 2
+        self.low_watermark = default_low if low_watermark is None else low_watermark
+        self.high_watermark = max(
+            self.low_watermark, self.blocks_per_slot if high_watermark is None else high_watermark
+        )
+
+        self.reservation = self.device.reserve(self.num_ranges * self.range_bytes)
+        self._lock = threading.Lock()  # allocator state
+        self._grow_lock = threading.Lock()  # one grower or shrinker at a time
+        self._slots: dict[int, tuple[list, list[Mapping]]] = {}  # slot -> (pages, mappings)
+        self._target_pages = -1
+        self._reclaim_pages = 0
+        self._closed = False
+        self._stats = {"grows": 0, "shrinks": 0, "last_grow_s": 0.0}
+        self._wake = threading.Condition()
+        source.on_reclaim = self._on_reclaim
+        source.on_target = self._on_target
+        self.k, self.v = self._make_tensors()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="kvmem-cache-growth", daemon=True)
+            self._thread.start()
+
+    # ---- tensors ----
+
+    def _shape(self) -> tuple[int, ...]:
+        if self.layout == "NHD":
+            return (self.max_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return (self.max_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+
+    def range_address(self, layer: int, kind: str) -> int:
+        """Device address of layer `layer`'s K (``"k"``) or V (``"v"``) range."""
+        index = 2 * layer + (0 if kind == "k" else 1)
+        return self.reservation.address + index * self.range_bytes
+
+    def block_address(self, layer: int, kind: str, block: int) -> int:
+        """Device address of block `block` of layer `layer`'s K or V."""
+        return self.range_address(layer, kind) + block * self.block_bytes
+
+    def _make_tensors(self) -> tuple[list, list]:
+        torch = _torch()
+        import ctypes
+
+        def view(address: int):
+            if self.device.kind == "host":
+                raw = torch.frombuffer((ctypes.c_ubyte * self.range_bytes).from_address(address), dtype=torch.uint8)
+            elif torch.cuda.is_available():
+                raw = torch.as_tensor(_CudaMemory(address, self.range_bytes), device=f"cuda:{self.device.ordinal}")
+            else:
+                return None  # a CUDA device without CUDA torch (e.g. the fake driver): no tensors
+            return raw.view(self.dtype).view(self._shape())
+
+        keys = [view(self.range_address(layer, "k")) for layer in range(self.num_layers)]
+        values = [view(self.range_address(layer, "v")) for layer in range(self.num_layers)]
+        return keys, values
+
+    # ---- blocks ----
+
+    def get_num_free_blocks(self) -> int:
+        return self.allocator.get_num_free_blocks()
+
+    def get_num_used_blocks(self) -> int:
+        return self.allocator.get_num_used_blocks()
+
+    def alloc(self, n: int) -> list[int]:
+        """`n` block ids, growing on demand if the mapped free blocks do not suffice.
+
+        Raises:
+            KVCacheFull: Not `n` blocks to be had (limit, budget, capacity); nothing is allocated.
+        """
+        if n < 0:
+            raise ValueError(f"alloc({n}): n must be >= 0")
+        with self._lock:
+            if self.allocator.get_num_free_blocks() >= n:
+                ids = self.allocator.alloc(n)
+                self._maybe_wake_locked()
+                return ids
+        reason, detail = self._grow_for(n)
+        with self._lock:
+            free = self.allocator.get_num_free_blocks()
+            if free < n:
+                raise KVCacheFull(n, free, reason or "capacity", detail)
+            ids = self.allocator.alloc(n)
+            self._maybe_wake_locked()
+            return ids
+
+    def free(self, block_ids: list[int]) -> None:
+        """Give blocks back. Emptied slots are returned in the background when above target."""
+        with self._lock:
+            emptied = self.allocator.free(block_ids)
+        if emptied and (self._reclaim_pages > 0 or self._over_target()):
+            self._notify()
+
+    # ---- growth ----
+
+    def _maybe_wake_locked(self) -> None:
+        if self._thread is not None and self.allocator.get_num_free_blocks() < self.low_watermark:
+            self._notify()
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _grow_for(self, blocks: int) -> tuple[str | None, str]:
+        """Grow until `blocks` blocks are free, or growth is refused; return (reason, detail)."""
+        with self._grow_lock:
+            short = blocks - self.allocator.get_num_free_blocks()
+            if short <= 0:
+                return None, ""
+            return self._grow_slots(-(-short // self.blocks_per_slot), self.grow_wait)
+
+    def _grow_slots(self, slots: int, wait: float) -> tuple[str | None, str]:
+        """Map `slots` more slots (called with the grow lock held); return (why short, detail)."""
+        with self._lock:
+            targets = self.allocator.get_unmapped_slots(slots)
+        if not targets:
+            return "capacity", f"all {self.max_slots} slots of the virtual capacity are mapped"
+        per = self.pages_per_growth
+        t0 = time.perf_counter()
+        got = self.source.acquire(len(targets) * per, wait)
+        usable = len(got.pages) // per
+        if len(got.pages) % per:  # a partial growth unit is of no use: give it back
+            self.source.release(got.pages[usable * per :])
+        targets = targets[:usable]
+        mapped: list[tuple[int, list, list[Mapping]]] = []
+        try:
+            for i, slot in enumerate(targets):
+                pages = got.pages[i * per : (i + 1) * per]
+                mapped.append((slot, pages, self._map_slot(slot, pages)))
+            for start, count in _runs([slot for slot, _, _ in mapped]):
+                for r in range(self.num_ranges):
+                    offset = r * self.range_bytes + start * self.slot_bytes
+                    self.device.set_access(self.reservation, offset, count * self.slot_bytes, Access.READ_WRITE)
+        except BaseException:
+            for _, _, mappings in mapped:
+                for mapping in mappings:
+                    mapping.close()
+            self.source.release(got.pages[: usable * per])
+            raise
+        with self._lock:
+            for slot, pages, mappings in mapped:
+                self._slots[slot] = (pages, mappings)
+                self.allocator.add_slot(slot)
+        if mapped:
+            self._stats["grows"] += 1
+            self._stats["last_grow_s"] = time.perf_counter() - t0
+            self._report_usage()
+        if usable < slots:
+            return got.denied or "capacity", got.detail
+        return None, ""
+
+    def _map_slot(self, slot: int, pages: list) -> list[Mapping]:
+        mappings: list[Mapping] = []
+        try:
+            for r in range(self.num_ranges):
+                for j in range(self.pages_per_slot):
+                    offset = r * self.range_bytes + slot * self.slot_bytes + j * self.page_size
+                    mappings.append(
+                        self.device.map(self.reservation, offset, pages[r * self.pages_per_slot + j].physical)
+                    )
+        except BaseException:
+            for mapping in mappings:
+                mapping.close()
+            raise
+        return mappings
+
+    # ---- shrink ----
+
+    def _on_reclaim(self, pages: int, reason: str) -> None:
+        self._reclaim_pages += pages
+        self._notify()
+
+    def _on_target(self, target_pages: int) -> None:
+        self._target_pages = target_pages
+        self._notify()
+
+    def _over_target(self) -> bool:
+        held = len(self._slots) * self.pages_per_growth
+        return 0 <= self._target_pages < held
+
+    def shrink(self, max_slots: int | None = None) -> int:
+        """Unmap and return up to `max_slots` empty slots (all empty ones by default); how many."""
+        with self._grow_lock:
+            with self._lock:
+                empty = self.allocator.get_empty_slots()
+                chosen = empty if max_slots is None else empty[:max_slots]
+                for slot in chosen:
+                    self.allocator.remove_slot(slot)  # from here no alloc can hand out its blocks
+            if not chosen:
+                return 0
+            # Synchronize before unmapping: kernels issued on these blocks may still be running,
+            # and cuMemUnmap does not wait for them.
+            self.device.synchronize()
+            returned = []
+            for slot in chosen:
+                pages, mappings = self._slots.pop(slot)
+                for mapping in mappings:
+                    mapping.close()
+                returned.extend(pages)
+            self.source.release(returned)
+            self._stats["shrinks"] += 1
+            self._report_usage()
+            return len(chosen)
+
+    def _shrink_as_asked(self) -> None:
+        want_slots = 0
+        if self._reclaim_pages > 0:
+            want_slots = -(-self._reclaim_pages // self.pages_per_growth)
+        if self._over_target():
+            excess = len(self._slots) * self.pages_per_growth - self._target_pages
+            want_slots = max(want_slots, -(-excess // self.pages_per_growth))
+        if want_slots:
+            done = self.shrink(want_slots)
+            self._reclaim_pages = max(0, self._reclaim_pages - done * self.pages_per_growth)
+
+    def _report_usage(self) -> None:
+        with self._lock:
+            used_slots = self.allocator.get_num_mapped_slots() - len(self.allocator.get_empty_slots())
+        self.source.report_usage(used_slots * self.pages_per_growth)
+
+    # ---- background thread ----
+
+    def _run(self) -> None:
+        while not self._closed:
+            with self._wake:
+                self._wake.wait(timeout=0.05)
+            if self._closed:
+                return
+            try:
+                self._shrink_as_asked()
+                if self.allocator.get_num_free_blocks() < self.low_watermark and not self._over_target():
+                    with self._grow_lock:
+                        short = self.high_watermark - self.allocator.get_num_free_blocks()
+                        if short > 0:
+                            self._grow_slots(-(-short // self.blocks_per_slot), wait=0.0)
+            except Exception:
+                logger.exception("kvmem cache: background growth failed")
+                time.sleep(0.5)
+
+    # ---- lifecycle ----
+
+    def stats(self) -> KVCacheStats:
+        with self._lock:
+            slots = len(self._slots)
+            return KVCacheStats(
+                mapped_bytes=slots * self.pages_per_growth * self.page_size,
+                used_blocks=self.allocator.get_num_used_blocks(),
+                free_blocks=self.allocator.get_num_free_blocks(),
+                max_blocks=self.max_blocks,
+                mapped_slots=slots,
+                pages_held=slots * self.pages_per_growth,
+                grows=self._stats["grows"],
+                shrinks=self._stats["shrinks"],
+                last_grow_s=self._stats["last_grow_s"],
+            )
+
+    def close(self) -> None:
+        """Stop growing, unmap everything (after synchronizing) and return every page. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._notify()
+        if self._thread is not None:
+            self._thread.join()
+        with self._grow_lock:
+            self.k = self.v = None  # the tensors must not outlive the mappings
+            self.device.synchronize()
+            returned = []
+            for pages, mappings in self._slots.values():
+                for mapping in mappings:
+                    mapping.close()
+                returned.extend(pages)
+            self._slots.clear()
+            if returned:
+                self.source.release(returned)
+            self.reservation.close()
+
+    def __enter__(self) -> ElasticKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs of slot numbers as (start, length)."""
+    runs: list[tuple[int, int]] = []
+    for slot in sorted(slots):
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs

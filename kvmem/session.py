@@ -1,0 +1,103 @@
+"""Sessions: how an engine gets elastic KV caches, from the daemon or on its own.
+
+    session = kvmem.connect(model="llama-8b", gpu=0)      # pages from kvmemd
+    session = kvmem.local(device="auto", budget="8GiB")   # pages made in this process
+    cache = session.kv_cache(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128,
+                             dtype="float16", max_tokens=1_000_000)
+
+Closing a session closes its caches and returns every page; a process that exits without
+closing gets its pages taken back by the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from kvmem.client import DaemonClient
+from kvmem.device import open_device
+from kvmem.kv_cache import ElasticKVCache
+from kvmem.page_source import DaemonPageSource, LocalPageSource, PageSource
+from kvmem.sizes import parse_size
+
+
+class Session:
+    """A page source and the caches built on it. Made by `connect()` or `local()`."""
+
+    def __init__(self, source: PageSource):
+        self.source = source
+        self.device = source.device
+        self.caches: list[ElasticKVCache] = []
+        self._closed = False
+
+    def kv_cache(
+        self,
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: Any = "float16",
+        max_tokens: int | None = None,
+        layout: str = "NHD",
+        **options: Any,
+    ) -> ElasticKVCache:
+        """An elastic KV cache; see `ElasticKVCache` for `options` (watermarks, grow_wait, background).
+
+        Raises:
+            RuntimeError: The session already has a cache (one cache per model and session).
+        """
+        if self._closed:
+            raise RuntimeError("the session is closed")
+        if self.caches:
+            raise RuntimeError("this session already has a KV cache: open one session per model")
+        cache = ElasticKVCache(
+            self.source, num_layers, block_size, num_kv_heads, head_dim, dtype, max_tokens, layout, **options
+        )
+        self.caches.append(cache)
+        return cache
+
+    def close(self) -> None:
+        """Close the caches (returning their pages), then the source. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for cache in self.caches:
+            cache.close()
+        self.source.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(model: str, gpu: int = 0, runtime_dir: str | os.PathLike | None = None, **client_options: Any) -> Session:
+    """A session whose pages come from the kvmemd serving GPU `gpu`.
+
+    Raises:
+        kvmem.client.DaemonUnavailableError: No daemon answers (start one with `kvmemd start`).
+    """
+    return Session(DaemonPageSource(DaemonClient(model, gpu=gpu, runtime_dir=runtime_dir, **client_options)))
+
+
+def local(device: str = "auto", budget: int | str | None = None, gpu: int = 0) -> Session:
+    """A session with no daemon: pages are made in this process, at most `budget` bytes of them.
+
+    Args:
+        device: ``"auto"``, ``"cuda"`` or ``"host"``.
+        budget: Bytes (an int or a size such as ``"8GiB"`` or ``"50%"``); default: 90% of free memory.
+    """
+    dev = open_device(device, gpu)
+    try:
+        info = dev.memory_info()
+        if budget is None:
+            budget_bytes = int(info.free * 0.9)
+        elif isinstance(budget, str):
+            budget_bytes = parse_size(budget, total=info.total)
+        else:
+            budget_bytes = int(budget)
+        return Session(LocalPageSource(dev, budget_bytes // dev.granularity))
+    except BaseException:
+        dev.close()
+        raise
