@@ -181,6 +181,7 @@ class ElasticKVCache:
         self._slots: dict[int, tuple[list, list[Mapping]]] = {}  # slot -> (pages, mappings)
         self._target_pages = -1
         self._reclaim_pages = 0
+        self._reported_used_slots = 0
         self._closed = False
         self._stats = {"grows": 0, "shrinks": 0, "last_grow_s": 0.0}
         self._wake = threading.Condition()
@@ -385,9 +386,12 @@ class ElasticKVCache:
             self._reclaim_pages = max(0, self._reclaim_pages - done * self.pages_per_growth)
 
     def _report_usage(self) -> None:
+        """Tell the source how many pages hold live blocks, if that changed (not on the hot path)."""
         with self._lock:
             used_slots = self.allocator.get_num_mapped_slots() - len(self.allocator.get_empty_slots())
-        self.source.report_usage(used_slots * self.pages_per_growth)
+        if used_slots != self._reported_used_slots:
+            self._reported_used_slots = used_slots
+            self.source.report_usage(used_slots * self.pages_per_growth)
 
     # ---- background thread ----
 
@@ -398,6 +402,7 @@ class ElasticKVCache:
             if self._closed:
                 return
             try:
+                self._report_usage()
                 self._shrink_as_asked()
                 if self.allocator.get_num_free_blocks() < self.low_watermark and not self._over_target():
                     with self._grow_lock:

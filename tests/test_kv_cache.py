@@ -1,0 +1,232 @@
+"""The elastic KV cache on HostDevice and on the fake CUDA driver, with and without the daemon."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvmem
+from kvmem import KVCacheFull
+from kvmem.control import ControlClient
+from kvmem.kv_cache import DTYPES, ElasticKVCache
+from tests.daemon_support import DaemonProcess, wait_for
+from tests.support import FAKE
+
+MiB = 1 << 20
+GEOMETRY = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64}  # 4 KiB blocks in fp16
+
+
+def host_view(cache: ElasticKVCache, layer: int, kind: str) -> torch.Tensor:
+    """A CPU byte view of one layer range. Valid on the host device and on the fake driver, whose
+    "device" memory is host memory; on a real GPU the tensors are `cache.k` / `cache.v`."""
+    address = cache.range_address(layer, kind)
+    return torch.frombuffer((ctypes.c_ubyte * cache.range_bytes).from_address(address), dtype=torch.uint8)
+
+
+def block_bytes(cache: ElasticKVCache, layer: int, kind: str, block: int) -> bytes:
+    return cache.device.read(cache.block_address(layer, kind, block), cache.block_bytes)
+
+
+@pytest.fixture(params=["host", "cuda"])
+def session(request: pytest.FixtureRequest):
+    with kvmem.local(device=request.param, budget="64MiB") as s:
+        yield s
+
+
+def test_geometry_and_layout(session):
+    cache = session.kv_cache(**GEOMETRY, max_tokens=10_000)
+    assert cache.block_bytes == 16 * 2 * 64 * 2
+    assert cache.blocks_per_slot == (2 * MiB) // cache.block_bytes == 512
+    assert cache.max_blocks == 1024  # 10,000 tokens = 625 blocks, rounded up to whole slots
+    assert cache.range_bytes == 2 * 2 * MiB
+    assert cache.range_address(1, "v") == cache.reservation.address + 3 * cache.range_bytes
+    if session.device.kind == "host":
+        assert [tuple(t.shape) for t in cache.k] == [(1024, 16, 2, 64)] * 2
+        assert cache.k[0].dtype == torch.float16 and cache.k[0].is_contiguous()
+        assert cache.k[1].data_ptr() == cache.range_address(1, "k")
+
+
+def test_a_block_size_that_does_not_divide_the_page_uses_multi_page_slots(session):
+    cache = session.kv_cache(num_layers=1, block_size=16, num_kv_heads=1, head_dim=80, max_tokens=5000)
+    # 2,560-byte blocks: the least common multiple with 2 MiB pages is 5 pages of 819 blocks.
+    assert (cache.block_bytes, cache.pages_per_slot, cache.blocks_per_slot) == (2560, 5, 4096)
+    ids = cache.alloc(4096)
+    assert cache.stats().pages_held == 10  # 5 pages in each of K and V
+    host_view(cache, 0, "v")[: 4096 * 2560] = 7  # the whole slot is mapped and writable
+    cache.free(ids)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tensor_views_alias_exactly_their_blocks(dtype: str, layout: str):
+    with kvmem.local(device="host", budget="64MiB") as s:
+        cache = s.kv_cache(**GEOMETRY, dtype=dtype, layout=layout, max_tokens=16384, background=False)
+        ids = cache.alloc(300)
+        generator = torch.Generator().manual_seed(0)
+        for layer in range(2):
+            for kind, tensors in (("k", cache.k), ("v", cache.v)):
+                block = ids[1 + layer * 7 + (kind == "v") * 3]
+                data = torch.randint(-100, 100, tuple(tensors[layer].shape[1:]), generator=generator)
+                tensors[layer][block] = data.to(tensors[layer].dtype)
+                expected = tensors[layer][block].contiguous().view(torch.uint8).flatten().numpy().tobytes()
+                assert block_bytes(cache, layer, kind, block) == expected
+                # Neighbours are untouched (the blocks were zero when mapped).
+                for other in (block - 1, block + 1):
+                    assert block_bytes(cache, layer, kind, other) == bytes(cache.block_bytes)
+        # And the other way round: bytes written at a block's address show in that block only.
+        cache.device.memset(cache.block_address(1, "v", ids[5]), 0x3C, cache.block_bytes)
+        raw = cache.v[1][ids[5]].contiguous().view(torch.uint8)
+        assert bool((raw == 0x3C).all())
+        assert bool((cache.v[1][ids[6]].contiguous().view(torch.uint8) == 0).all())
+        cache.free(ids)
+
+
+def test_growth_sets_access_once_per_range_per_contiguous_run():
+    with kvmem.local(device="cuda", budget="64MiB") as s:
+        cache = s.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, background=False)
+        FAKE.reset_call_counters()
+        ids = cache.alloc(3 * 512 - 20)  # three slots at once
+        assert FAKE.counter("cuMemMap") == 3 * 4
+        assert FAKE.counter("cuMemSetAccess") == 4  # one per range: K0, V0, K1, V1
+        assert cache.stats().mapped_slots == 3 and cache.stats().grows == 1
+        assert FAKE.counter("cuMemCreate") == 12
+        FAKE.reset_call_counters()
+        more = cache.alloc(10)  # free blocks exist: no driver call at all
+        assert sum(v for k, v in FAKE.counters().items() if not k.startswith("live.")) == 0
+        cache.free(ids + more)
+
+
+def test_alloc_fills_the_fewest_slots_and_never_uses_an_unmapped_one(session):
+    cache = session.kv_cache(**GEOMETRY, max_tokens=10 * 512 * 16, background=False)
+    first = cache.alloc(600)  # slot 0 full, 88 blocks of slot 1
+    assert first == list(range(600))
+    cache.free(list(range(100, 200)))  # a hole in slot 0
+    again = cache.alloc(50)
+    assert again == list(range(100, 150))  # the fullest slot (slot 0) is filled first
+    for block in first + again:
+        assert cache.allocator.is_mapped(block // cache.blocks_per_slot)
+    assert cache.stats().mapped_slots == 2
+
+
+def test_running_out_is_kv_cache_full_and_allocates_nothing():
+    with kvmem.local(device="host", budget="16MiB") as s:  # 8 pages = 2 slots of 4 ranges
+        cache = s.kv_cache(**GEOMETRY, max_tokens=100_000, background=False, grow_wait=0.1)
+        ids = cache.alloc(1000)
+        with pytest.raises(KVCacheFull) as info:
+            cache.alloc(100)
+        assert (info.value.requested, info.value.available, info.value.reason) == (100, 24, "budget")
+        assert cache.get_num_used_blocks() == 1000
+        assert cache.alloc(24) == list(range(1000, 1024))
+        cache.free(ids)
+
+
+def test_shrink_returns_only_empty_slots_after_synchronizing(session):
+    cache = session.kv_cache(**GEOMETRY, max_tokens=10 * 512 * 16, background=False)
+    ids = cache.alloc(3 * 512)
+    host_view(cache, 0, "k")[:16] = 9
+    cache.free(ids[1:512] + ids[512:1024])  # slot 0 keeps block 0; slot 1 empties; slot 2 stays full
+    synchronizes = FAKE.counter("cuCtxSynchronize")
+    assert cache.shrink() == 1
+    if session.device.kind == "cuda":
+        assert FAKE.counter("cuCtxSynchronize") > synchronizes
+    assert cache.stats().mapped_slots == 2 and not cache.allocator.is_mapped(1)
+    assert bytes(host_view(cache, 0, "k")[:16]) == b"\x09" * 16  # the live block's slot is intact
+    # Slot 0's free blocks first; slot 2 is full, so the last block comes from slot 1, mapped anew.
+    assert cache.alloc(512) == [*range(1, 512), 512]
+    cache.free([*range(513), *range(1024, 1536)])
+
+
+def test_background_thread_grows_ahead_of_demand(session):
+    cache = session.kv_cache(**GEOMETRY, max_tokens=10 * 512 * 16, low_watermark=256, high_watermark=700)
+    wait_for(lambda: cache.get_num_free_blocks() >= 700, what="growth to the high watermark")
+    assert cache.stats().mapped_slots == 2
+    grows = cache.stats().grows
+    ids = cache.alloc(800)  # 224 free left, below the low watermark: the thread grows again
+    wait_for(lambda: cache.get_num_free_blocks() >= 700, what="growth after demand")
+    assert cache.stats().grows > grows
+    cache.free(ids)
+
+
+def test_session_close_returns_every_page():
+    for kind in ("host", "cuda"):
+        s = kvmem.local(device=kind, budget="64MiB")
+        cache = s.kv_cache(**GEOMETRY, max_tokens=100_000)
+        cache.alloc(2000)
+        assert s.source._held
+        s.close()
+        s.close()
+        assert not s.source._held and cache.reservation.closed
+    assert FAKE.counter("live.handles") == 0 and FAKE.counter("live.mappings") == 0
+
+
+def test_bad_geometry_is_refused(session):
+    with pytest.raises(ValueError, match="head_dim=0: it must be a positive integer"):
+        session.kv_cache(num_layers=2, block_size=16, num_kv_heads=2, head_dim=0)
+    with pytest.raises(ValueError, match="dtype 'float64' is not one of"):
+        session.kv_cache(**GEOMETRY, dtype="float64")
+    with pytest.raises(ValueError, match="layout 'NCHW' is not one of NHD, HND"):
+        session.kv_cache(**GEOMETRY, layout="NCHW")
+
+
+# ---- with the daemon ----
+
+
+@pytest.fixture(params=["host", "cuda"])
+def daemon(request: pytest.FixtureRequest, tmp_path: Path):
+    with DaemonProcess(tmp_path / "rt", request.param, "64MiB", "--reserve", "0", "8") as d:
+        yield d
+
+
+def test_daemon_backed_cache_grows_and_the_daemon_sees_it(daemon: DaemonProcess):
+    with kvmem.connect("cache-test", runtime_dir=daemon.runtime_dir) as s:
+        cache = s.kv_cache(**GEOMETRY, max_tokens=20 * 512 * 16, low_watermark=0, high_watermark=0)
+        ids = cache.alloc(1500)  # 3 slots x 4 ranges = 12 pages
+        host_view(cache, 1, "v")[:4096] = 5
+        status = wait_for(lambda: (m := daemon.status().model("cache-test")) and m.mapped_pages == 12 and m)
+        assert cache.stats().pages_held == 12
+        wait_for(lambda: daemon.status().model("cache-test").used_pages == 12, what="usage reported")
+        cache.free(ids)
+        cache.shrink()
+        wait_for(lambda: daemon.status().model("cache-test").mapped_pages == 0, what="pages returned")
+        assert status.state.name == "AWAKE"
+    wait_for(lambda: daemon.status().daemon.pages_granted == 0)
+
+
+def test_a_lowered_limit_is_met_as_blocks_are_freed(daemon: DaemonProcess):
+    with (
+        kvmem.connect("limited", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as c,
+    ):
+        cache = s.kv_cache(**GEOMETRY, max_tokens=20 * 512 * 16, low_watermark=0, high_watermark=0)
+        ids = cache.alloc(3 * 512)
+        c.set_limit("limited", 4 * 2 * MiB)  # one slot's worth of pages
+        time.sleep(0.2)
+        assert cache.stats().mapped_slots == 3  # every slot holds live blocks: nothing is unmapped
+        cache.free(ids[512:])  # slots 1 and 2 empty out
+        wait_for(lambda: cache.stats().mapped_slots == 1, what="the cache to settle at the limit")
+        wait_for(lambda: daemon.status().model("limited").mapped_pages == 4)
+        with pytest.raises(KVCacheFull) as info:
+            cache.alloc(512 + 1)
+        assert info.value.reason == "limit"
+        cache.free(ids[:512])
+
+
+def test_daemon_pressure_takes_empty_slots_from_an_idle_cache(tmp_path: Path):
+    with (
+        DaemonProcess(tmp_path / "rt", "host", "32MiB", "--reserve", "0", "0") as daemon,  # 16 pages = 4 slots
+        kvmem.connect("idle", runtime_dir=tmp_path / "rt") as idle_session,
+        kvmem.connect("busy", runtime_dir=tmp_path / "rt") as busy_session,
+    ):
+        idle = idle_session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
+        busy = busy_session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
+        idle.free(idle.alloc(4 * 512))  # all 4 slots mapped, none in use
+        assert idle.stats().mapped_slots == 4
+        ids = busy.alloc(2 * 512)  # the daemon asks idle for 8 pages back
+        assert busy.stats().mapped_slots == 2
+        assert idle.stats().mapped_slots == 2
+        assert daemon.status().model("idle").reclaims >= 1
+        busy.free(ids)
