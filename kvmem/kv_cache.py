@@ -20,8 +20,9 @@ out and can be given back. `alloc` and `free` only take an in-process lock: no s
 call, no lock shared with another process, unless the cache must grow on the spot.
 
 Growth and shrink. A background thread keeps the mapped free blocks between the low and high
-watermarks by asking the page source ahead of demand; `alloc` grows on demand only when the
-free blocks run out. When the daemon asks pages back (reclaim, a lowered limit), or holds the
+watermarks by asking the page source ahead of demand (`alloc` grows on demand only when the free
+blocks run out), and gives whole empty slots back once the free blocks exceed the high watermark
+by two slots or more. When the daemon asks pages back (reclaim, a lowered limit), or holds the
 cache to a target, the thread unmaps empty slots and returns their pages; a slot with a live
 block is never unmapped. Before unmapping, it synchronizes the device: work issued on the cache's
 tensors may still be reading the slot (cuMemUnmap does not wait).
@@ -404,6 +405,11 @@ class ElasticKVCache:
             try:
                 self._report_usage()
                 self._shrink_as_asked()
+                surplus = self.allocator.get_num_free_blocks() - self.high_watermark
+                if surplus >= 2 * self.blocks_per_slot:
+                    # More than a slot beyond the high watermark: give whole empty slots back, so an
+                    # idle cache shrinks to its live blocks plus the watermark.
+                    self.shrink(surplus // self.blocks_per_slot - 1)
                 if self.allocator.get_num_free_blocks() < self.low_watermark and not self._over_target():
                     with self._grow_lock:
                         short = self.high_watermark - self.allocator.get_num_free_blocks()

@@ -221,7 +221,8 @@ def test_daemon_pressure_takes_empty_slots_from_an_idle_cache(tmp_path: Path):
         kvmem.connect("idle", runtime_dir=tmp_path / "rt") as idle_session,
         kvmem.connect("busy", runtime_dir=tmp_path / "rt") as busy_session,
     ):
-        idle = idle_session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
+        # A high watermark of 4 slots: the idle cache keeps its empty slots until asked for them.
+        idle = idle_session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=4 * 512)
         busy = busy_session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
         idle.free(idle.alloc(4 * 512))  # all 4 slots mapped, none in use
         assert idle.stats().mapped_slots == 4
@@ -230,3 +231,17 @@ def test_daemon_pressure_takes_empty_slots_from_an_idle_cache(tmp_path: Path):
         assert idle.stats().mapped_slots == 2
         assert daemon.status().model("idle").reclaims >= 1
         busy.free(ids)
+
+
+def test_an_idle_cache_shrinks_to_its_live_blocks_plus_the_watermark(session):
+    cache = session.kv_cache(**GEOMETRY, max_tokens=20 * 512 * 16, low_watermark=100, high_watermark=512)
+    ids = cache.alloc(7 * 512)
+    assert cache.stats().mapped_slots >= 7
+    cache.free(ids[: 6 * 512 + 500])  # 12 blocks live, all in the last slot
+    live_floor = 1
+    wait_for(
+        lambda: cache.stats().mapped_slots <= live_floor + 2 and cache.get_num_free_blocks() >= 512,
+        what="the idle cache to give its empty slots back",
+    )
+    assert cache.get_num_used_blocks() == 12
+    cache.free(ids[6 * 512 + 500 :])
