@@ -22,7 +22,7 @@ call, no lock shared with another process, unless the cache must grow on the spo
 Growth and shrink. A background thread keeps the mapped free blocks between the low and high
 watermarks by asking the page source ahead of demand (`alloc` grows on demand only when the free
 blocks run out), and gives whole empty slots back once the free blocks exceed the high watermark
-by two slots or more. When the daemon asks pages back (reclaim, a lowered limit), or holds the
+by a slot or more. When the daemon asks pages back (reclaim, a lowered limit), or holds the
 cache to a target, the thread unmaps empty slots and returns their pages; a slot with a live
 block is never unmapped. Before unmapping, it synchronizes the device: work issued on the cache's
 tensors may still be reading the slot (cuMemUnmap does not wait).
@@ -406,10 +406,11 @@ class ElasticKVCache:
                 self._report_usage()
                 self._shrink_as_asked()
                 surplus = self.allocator.get_num_free_blocks() - self.high_watermark
-                if surplus >= 2 * self.blocks_per_slot:
-                    # More than a slot beyond the high watermark: give whole empty slots back, so an
-                    # idle cache shrinks to its live blocks plus the watermark.
-                    self.shrink(surplus // self.blocks_per_slot - 1)
+                if surplus >= self.blocks_per_slot:
+                    # A whole slot or more beyond the high watermark: give empty slots back, so an
+                    # idle cache shrinks to its live blocks plus the watermark. (Growth stops at the
+                    # high watermark plus less than a slot, so the two never chase each other.)
+                    self.shrink(surplus // self.blocks_per_slot)
                 if self.allocator.get_num_free_blocks() < self.low_watermark and not self._over_target():
                     with self._grow_lock:
                         short = self.high_watermark - self.allocator.get_num_free_blocks()
