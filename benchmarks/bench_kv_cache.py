@@ -175,7 +175,8 @@ def main() -> int:
     print(f"wrote {args.out}")
     if args.update_readme:
         m = result["machine"]
-        block = f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores).\n\n{table(result)}\n"
+        head = f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores)."
+        block = f"{head}\n\n{table(result)}\n"
         readme = REPO / "benchmarks" / "README.md"
         text = readme.read_text()
         pattern = re.compile(r"(<!-- bench_kv_cache:begin -->\n).*?(<!-- bench_kv_cache:end -->)", re.S)
