@@ -22,7 +22,7 @@ call, no lock shared with another process, unless the cache must grow on the spo
 Growth and shrink. A background thread keeps the mapped free blocks between the low and high
 watermarks by asking the page source ahead of demand (`alloc` grows on demand only when the free
 blocks run out), and gives whole empty slots back once the free blocks exceed the high watermark
-by a slot or more. When the daemon asks pages back (reclaim, a lowered limit), or holds the
+by a slot or more. When the daemon asks pages back (reclaim, a lowered limit, sleep), or holds the
 cache to a target, the thread unmaps empty slots and returns their pages; a slot with a live
 block is never unmapped. Before unmapping, it synchronizes the device: work issued on the cache's
 tensors may still be reading the slot (cuMemUnmap does not wait).
@@ -188,6 +188,9 @@ class ElasticKVCache:
         self._wake = threading.Condition()
         source.on_reclaim = self._on_reclaim
         source.on_target = self._on_target
+        source.on_sleep = self._on_sleep
+        self._sleeping = False
+        self._slept_reported = False
         self.k, self.v = self._make_tensors()
         self._thread = None
         if background:
@@ -347,9 +350,18 @@ class ElasticKVCache:
         self._target_pages = target_pages
         self._notify()
 
+    def _on_sleep(self, sleeping: bool) -> None:
+        """Sleep: hold no page (empty slots go back as blocks are freed); then tell the daemon."""
+        self._sleeping = sleeping
+        self._slept_reported = False
+        self._notify()
+
+    def _effective_target(self) -> int:
+        return 0 if self._sleeping else self._target_pages
+
     def _over_target(self) -> bool:
         held = len(self._slots) * self.pages_per_growth
-        return 0 <= self._target_pages < held
+        return 0 <= self._effective_target() < held
 
     def shrink(self, max_slots: int | None = None) -> int:
         """Unmap and return up to `max_slots` empty slots (all empty ones by default); how many."""
@@ -380,7 +392,7 @@ class ElasticKVCache:
         if self._reclaim_pages > 0:
             want_slots = -(-self._reclaim_pages // self.pages_per_growth)
         if self._over_target():
-            excess = len(self._slots) * self.pages_per_growth - self._target_pages
+            excess = len(self._slots) * self.pages_per_growth - self._effective_target()
             want_slots = max(want_slots, -(-excess // self.pages_per_growth))
         if want_slots:
             done = self.shrink(want_slots)
@@ -405,6 +417,9 @@ class ElasticKVCache:
             try:
                 self._report_usage()
                 self._shrink_as_asked()
+                if self._sleeping and not self._slots and not self._slept_reported:
+                    self._slept_reported = True
+                    self.source.slept()  # drained: every page is back
                 surplus = self.allocator.get_num_free_blocks() - self.high_watermark
                 if surplus >= self.blocks_per_slot:
                     # A whole slot or more beyond the high watermark: give empty slots back, so an

@@ -35,15 +35,19 @@ class Acquired:
 class PageSource(Protocol):
     device: Device
     page_size: int
-    # Set by the cache: f(pages, reason) when pages are asked back; f(target_pages) on a new target.
+    # Set by the cache: f(pages, reason) when pages are asked back; f(target_pages) on a new target;
+    # f(sleeping) when the operator puts the model to sleep (True) or wakes it (False).
     on_reclaim: Callable[[int, str], None] | None
     on_target: Callable[[int], None] | None
+    on_sleep: Callable[[bool], None] | None
 
     def acquire(self, n: int, wait: float) -> Acquired: ...
 
     def release(self, pages: list) -> None: ...
 
     def report_usage(self, used_pages: int) -> None: ...
+
+    def slept(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -59,6 +63,7 @@ class LocalPageSource:
         self.budget_pages = budget_pages
         self.on_reclaim = None
         self.on_target = None
+        self.on_sleep = None  # no operator without a daemon
         self._owns_device = owns_device
         self._held: dict[int, LocalPage] = {}
         self._ids = itertools.count()
@@ -92,6 +97,9 @@ class LocalPageSource:
     def report_usage(self, used_pages: int) -> None:
         return None  # no one else to tell
 
+    def slept(self) -> None:
+        return None
+
     def close(self) -> None:
         with self._lock:
             for page in self._held.values():
@@ -110,8 +118,11 @@ class DaemonPageSource:
         self.page_size = client.page_size
         self.on_reclaim = None
         self.on_target = None
+        self.on_sleep = None
         client.on_reclaim = lambda pages, reason: self.on_reclaim and self.on_reclaim(pages, reason)
         client.on_policy = self._policy
+        client.on_sleep = lambda: self.on_sleep and self.on_sleep(True)
+        client.on_wake = lambda: self.on_sleep and self.on_sleep(False)
 
     def _policy(self, policy: Policy) -> None:
         if self.on_target is not None:
@@ -126,6 +137,9 @@ class DaemonPageSource:
 
     def report_usage(self, used_pages: int) -> None:
         self.client.report_usage(used_pages)
+
+    def slept(self) -> None:
+        self.client.slept()
 
     def close(self) -> None:
         self.client.close()

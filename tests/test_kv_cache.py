@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import random
 import time
 from pathlib import Path
 
@@ -245,3 +246,45 @@ def test_an_idle_cache_shrinks_to_its_live_blocks_plus_the_watermark(session):
     )
     assert cache.get_num_used_blocks() == 12
     cache.free(ids[6 * 512 + 500 :])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_after_a_random_trace_the_cache_rests_holding_no_empty_slot(seed: int):
+    """At rest (watermarks 0) every mapped slot holds a live block, and the page-aware allocator
+    keeps the live blocks packed: within a few slots of the floor. (Exactly the floor plus one
+    would need live blocks moved between slots, which only the engine can do.)"""
+    rng = random.Random(seed)
+    with kvmem.local(device="host", budget="256MiB") as s:
+        cache = s.kv_cache(**GEOMETRY, max_tokens=64 * 512 * 16, low_watermark=0, high_watermark=0)
+        live: list[list[int]] = []
+        for _ in range(400):
+            if live and rng.random() < 0.45:
+                cache.free(live.pop(rng.randrange(len(live))))
+            else:
+                live.append(cache.alloc(rng.randint(1, 300)))
+        live_slots = {block // cache.blocks_per_slot for ids in live for block in ids}
+        wait_for(lambda: cache.stats().mapped_slots == len(live_slots), what="the empty slots to go back")
+        floor = -(-cache.get_num_used_blocks() // cache.blocks_per_slot)
+        assert floor <= cache.stats().mapped_slots <= floor + 3
+
+
+def test_sleep_returns_every_page_as_blocks_drain_and_wake_serves_again(daemon: DaemonProcess):
+    with (
+        kvmem.connect("sleeper", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as c,
+    ):
+        cache = s.kv_cache(**GEOMETRY, max_tokens=20 * 512 * 16, low_watermark=0, high_watermark=0)
+        ids = cache.alloc(2 * 512)
+        c.sleep("sleeper")
+        time.sleep(0.2)
+        assert cache.stats().mapped_slots == 2  # live blocks: nothing is taken from under the engine
+        cache.free(ids)  # the engine drains
+        wait_for(lambda: daemon.status().model("sleeper").state.name == "ASLEEP", what="asleep")
+        assert cache.stats().mapped_slots == 0 and daemon.status().model("sleeper").mapped_pages == 0
+        with pytest.raises(KVCacheFull) as info:
+            cache.alloc(1)
+        assert info.value.reason == "asleep"
+        c.wake("sleeper")
+        wait_for(lambda: daemon.status().model("sleeper").state.name == "AWAKE")
+        wait_for(lambda: not cache._sleeping, what="the wake to reach the cache")
+        cache.free(cache.alloc(600))
