@@ -52,3 +52,24 @@ def test_pages_shared_between_processes_on_a_real_gpu():
     )
     assert result.returncode == 0, result.stderr
     assert "ok: 4 pages shared between two processes on the cuda device" in result.stdout
+
+
+def test_kv_cache_tensors_are_cuda_tensors_over_the_mapped_blocks():
+    code = """
+import torch, kvmem
+assert torch.cuda.is_available(), "CUDA torch is needed for this test"
+with kvmem.local(device="cuda", budget="1GiB") as s:
+    cache = s.kv_cache(num_layers=2, block_size=16, num_kv_heads=2, head_dim=64, max_tokens=100_000)
+    ids = cache.alloc(600)
+    k = cache.k[1]
+    assert k.is_cuda and k.data_ptr() == cache.range_address(1, "k")
+    k[ids[7]] = 3.0
+    torch.cuda.synchronize()
+    raw = cache.device.read(cache.block_address(1, "k", ids[7]), cache.block_bytes)
+    assert raw == torch.full((16, 2, 64), 3.0, dtype=torch.float16).view(torch.uint8).numpy().tobytes()
+    cache.free(ids)
+print("ok")
+"""
+    result = run_python(code, env=real_driver_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
