@@ -246,6 +246,8 @@ class ElasticKVCache:
         """
         if n < 0:
             raise ValueError(f"alloc({n}): n must be >= 0")
+        if self._closed:
+            raise RuntimeError("the KV cache is closed")
         with self._lock:
             if self.allocator.get_num_free_blocks() >= n:
                 ids = self.allocator.alloc(n)
@@ -453,7 +455,10 @@ class ElasticKVCache:
             )
 
     def close(self) -> None:
-        """Stop growing, unmap everything (after synchronizing) and return every page. Idempotent."""
+        """Stop growing, unmap everything (after synchronizing) and return every page. Idempotent.
+
+        The tensors `k` and `v` must not be used afterwards: their memory is unmapped.
+        """
         if self._closed:
             return
         self._closed = True
