@@ -21,7 +21,7 @@ from kvmemd.launcher import StartError, StartOptions, read_lock_pid, run_daemon
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(context_settings=CONTEXT, epilog="Exit codes: 0 success, 1 could not start or stop, 2 bad usage.")
 @click.version_option(__version__, prog_name="kvmemd")
 def main() -> None:
     """kvmemd: owns one GPU's KV-cache memory as physical pages and lends them to engines."""
@@ -73,7 +73,8 @@ def runtime_dir_option(f):
 )  # fmt: skip
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
-    envvar="KVMEM_LOG_LEVEL", show_envvar=True,
+    envvar="KVMEM_LOG_LEVEL", show_envvar=True, help="How much the daemon logs (to stderr; with --detach, to "
+    "<runtime dir>/gpu<N>.log).",
 )  # fmt: skip
 @click.option("--detach", is_flag=True, help="Run in the background; return once the daemon serves.")
 def start(
