@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_device.py --update-readme
 	$(BIN)/python benchmarks/bench_daemon.py --update-readme
 	$(BIN)/python benchmarks/bench_kv_cache.py --update-readme
+	$(BIN)/python benchmarks/bench_allocator.py --update-readme
 
 clean:
 	rm -rf $(VENV) tests/fakecuda/build .pytest_cache .ruff_cache

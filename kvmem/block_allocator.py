@@ -14,10 +14,29 @@ Invariants:
 - ``used[s] + len(free_in[s]) == blocks_per_slot`` for every mapped slot `s`;
 - slot `s` is in ``by_used[used[s]]`` iff it is mapped.
 
+Kept for speed, so that alloc and free do a few C-level list operations (slices, bisection, sort)
+per slot they touch rather than Python work per block:
+- ``free_in[s]`` is sorted ascending: the lowest free ids are a slice at its front, and a block on
+  a mapped slot is in use iff it is not in ``free_in[s]`` (no per-block in-use flags to keep);
+- ``by_used[u]`` for ``u < blocks_per_slot`` is a list sorted ascending: its first slot is the
+  lowest; ``by_used[blocks_per_slot]``, the full slots (never allocated from), is a view read off
+  ``used`` and ``mapped``, so nothing is kept up to date for it;
+- bit `u` of ``bucket_mask`` is set iff ``by_used[u]`` (``u < blocks_per_slot``) is not empty:
+  the fullest non-full slots are in ``by_used[bucket_mask.bit_length() - 1]``;
+- ``ids_of[s]`` lists every block id of slot `s` while it is mapped (empty otherwise): a batch
+  equal to a slice of it is a run of consecutive ids, checked with one bisection of ``free_in[s]``.
+
+The common case (a batch of consecutive ids on one slot, as alloc hands them out in a packed
+cache) costs a fixed amount of Python work whatever its size; a batch spread over many slots costs
+Python work per slot it touches.
+
 This class does no locking and no I/O: `ElasticKVCache` holds the lock around it.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Iterator
 
 
 class BlockAllocator:
@@ -36,10 +55,15 @@ class BlockAllocator:
         self.max_blocks = blocks_per_slot * max_slots
         self._mapped = [False] * max_slots
         self._used = [0] * max_slots
-        # Free block ids of each mapped slot, highest first, so pop() yields the lowest.
+        # Free block ids of each mapped slot, ascending.
         self._free_in: list[list[int]] = [[] for _ in range(max_slots)]
-        # Mapped slots by how many blocks they have in use (0 .. blocks_per_slot).
-        self._by_used: list[set[int]] = [set() for _ in range(blocks_per_slot + 1)]
+        # All block ids of each mapped slot, ascending (empty while the slot is not mapped).
+        self._ids_of: list[list[int]] = [[] for _ in range(max_slots)]
+        # Mapped slots by how many blocks they have in use: 0 .. blocks_per_slot - 1 in ascending
+        # lists; the full ones, never allocated from, in a view of `_used` (nothing to maintain).
+        self._by_used: list = [[] for _ in range(blocks_per_slot)] + [_FullSlots(self)]
+        # Bit u set iff _by_used[u] is not empty, for u < blocks_per_slot.
+        self._bucket_mask = 0
         self._num_free = 0
         self._num_mapped = 0
 
@@ -59,13 +83,15 @@ class BlockAllocator:
 
     def get_empty_slots(self) -> list[int]:
         """Mapped slots with no block in use, highest first (the best ones to give back)."""
-        return sorted(self._by_used[0], reverse=True)
+        return self._by_used[0][::-1]
 
     def get_unmapped_slots(self, n: int) -> list[int]:
         """The `n` lowest slots not mapped (where growth should map next), or fewer."""
-        out = []
-        for slot in range(self.max_slots):
-            if not self._mapped[slot]:
+        out: list[int] = []
+        if n <= 0:
+            return out
+        for slot, mapped in enumerate(self._mapped):
+            if not mapped:
                 out.append(slot)
                 if len(out) == n:
                     break
@@ -73,92 +99,312 @@ class BlockAllocator:
 
     # ---- slots ----
 
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} is out of range (0..{self.max_slots - 1})")
+
     def add_slot(self, slot: int) -> None:
         """Slot `slot` has just been mapped: its blocks become free."""
+        self._check_slot(slot)
         if self._mapped[slot]:
             raise ValueError(f"slot {slot} is already mapped")
         first = slot * self.blocks_per_slot
         self._mapped[slot] = True
         self._used[slot] = 0
-        self._free_in[slot] = list(range(first + self.blocks_per_slot - 1, first - 1, -1))
-        self._by_used[0].add(slot)
+        ids = list(range(first, first + self.blocks_per_slot))
+        self._ids_of[slot] = ids
+        self._free_in[slot] = ids.copy()
+        insort(self._by_used[0], slot)
+        self._bucket_mask |= 1
         self._num_free += self.blocks_per_slot
         self._num_mapped += 1
 
     def remove_slot(self, slot: int) -> None:
         """Slot `slot` is about to be unmapped; it must have no block in use."""
+        self._check_slot(slot)
         if not self._mapped[slot]:
             raise ValueError(f"slot {slot} is not mapped")
         if self._used[slot]:
             raise ValueError(f"slot {slot} still has {self._used[slot]} blocks in use")
-        self._by_used[0].discard(slot)
+        empty = self._by_used[0]
+        del empty[bisect_left(empty, slot)]
+        if not empty:
+            self._bucket_mask &= ~1
         self._mapped[slot] = False
         self._free_in[slot] = []
+        self._ids_of[slot] = []
         self._num_free -= self.blocks_per_slot
         self._num_mapped -= 1
 
     # ---- blocks ----
 
     def alloc(self, n: int) -> list[int]:
-        """Up to `n` free block ids (fewer if fewer are free), fullest slots first."""
-        if n <= 0:
+        """Up to `n` free block ids (fewer if fewer are free), fullest slots first.
+
+        The ids come slot by slot, ascending within each slot.
+        """
+        need = n if n < self._num_free else self._num_free
+        if need <= 0:
             return []
-        out: list[int] = []
-        need = min(n, self._num_free)
+        mask = self._bucket_mask
+        used = mask.bit_length() - 1  # the fullest non-full slots, lowest first
+        per = self.blocks_per_slot - used  # free blocks on each of them
+        if need > per:
+            return self._alloc_slots(need)
+        # All from the first of them (the common case).
+        by_used = self._by_used
+        bucket = by_used[used]
+        slot = bucket[0]
+        del bucket[0]
+        if not bucket:
+            mask ^= 1 << used
+        free = self._free_in[slot]
+        self._num_free -= need
+        if need == per:  # it is full now
+            self._free_in[slot] = []
+            self._used[slot] = self.blocks_per_slot
+            self._bucket_mask = mask
+            return free
+        taken = free[:need]  # the lowest `need`
+        del free[:need]
+        left = used + need
+        self._used[slot] = left
+        dest = by_used[left]
+        if dest:
+            insort(dest, slot)
+        else:
+            dest.append(slot)
+            mask |= 1 << left
+        self._bucket_mask = mask
+        return taken
+
+    def _alloc_slots(self, need: int) -> list[int]:
+        """`alloc` of `need` free blocks (no more than are free) over several slots."""
         bps = self.blocks_per_slot
-        # Fullest non-full slots first: used = bps-1 down to 0.
-        for used in range(bps - 1, -1, -1):
-            bucket = self._by_used[used]
-            while bucket and len(out) < need:
-                slot = min(bucket)
-                free = self._free_in[slot]
-                take = min(need - len(out), len(free))
-                out.extend(free[-1 : -take - 1 : -1])  # the lowest `take` ids, ascending
-                del free[-take:]
-                bucket.discard(slot)
-                self._used[slot] = used + take
-                self._by_used[used + take].add(slot)
-            if len(out) == need:
+        by_used, free_in, used_of = self._by_used, self._free_in, self._used
+        mask = self._bucket_mask
+        self._num_free -= need
+        out: list[int] = []
+        while True:
+            used = mask.bit_length() - 1  # the fullest non-full slots, lowest first
+            bucket = by_used[used]
+            per = bps - used  # free blocks on each of them
+            if need < per:
                 break
-        self._num_free -= len(out)
+            # Every free block of the lowest `need // per` of them: they are full now.
+            slots = bucket[: need // per]
+            del bucket[: len(slots)]
+            for slot in slots:
+                out += free_in[slot]
+                free_in[slot] = []
+                used_of[slot] = bps
+            need -= per * len(slots)
+            if not bucket:
+                mask ^= 1 << used
+            if not need:
+                self._bucket_mask = mask
+                return out
+        # The lowest `need` free blocks of the first slot, which stays partly free.
+        slot = bucket[0]
+        del bucket[0]
+        if not bucket:
+            mask ^= 1 << used
+        free = free_in[slot]
+        out += free[:need]
+        del free[:need]
+        left = used + need
+        used_of[slot] = left
+        dest = by_used[left]
+        if dest:
+            insort(dest, slot)
+        else:
+            dest.append(slot)
+            mask |= 1 << left
+        self._bucket_mask = mask
         return out
 
     def free(self, block_ids: list[int]) -> list[int]:
-        """Give blocks back; returns the slots that became empty.
+        """Give blocks back; returns the slots that became empty, lowest first.
 
         Raises:
-            ValueError: A block is out of range, on an unmapped slot, or not in use; nothing
-                is freed then.
+            ValueError: A block is out of range, on an unmapped slot, or not in use (or given twice);
+                nothing is freed then.
         """
+        if type(block_ids) is not list:  # a tuple, a numpy array...
+            block_ids = list(block_ids)
+        n = len(block_ids)
+        if not n:
+            return []
+        first, last = block_ids[0], block_ids[-1]
+        if last < first:  # perhaps a descending run (vLLM frees a request's blocks tail first)
+            first, last = last, first
         bps = self.blocks_per_slot
+        slot = first // bps
+        base = slot * bps
+        if first >= 0 and last < base + bps <= self.max_blocks:
+            run = self._ids_of[slot][first - base : last - base + 1]  # empty if the slot is not mapped
+            if run == block_ids or run[::-1] == block_ids:
+                # The common case: consecutive ids on one mapped slot, ascending or descending. They
+                # are in use iff no free id of the slot lies among them.
+                free = self._free_in[slot]
+                if free:
+                    k = bisect_left(free, first)
+                    if k < len(free) and free[k] <= last:
+                        raise self._free_error(block_ids)
+                    free[k:k] = run
+                else:
+                    self._free_in[slot] = run
+                used = self._used[slot]
+                left = used - n
+                self._used[slot] = left
+                by_used = self._by_used
+                if used < bps:
+                    bucket = by_used[used]
+                    del bucket[bisect_left(bucket, slot)]
+                    if not bucket:
+                        self._bucket_mask ^= 1 << used
+                dest = by_used[left]
+                if dest:
+                    insort(dest, slot)
+                else:
+                    dest.append(slot)
+                    self._bucket_mask |= 1 << left
+                self._num_free += n
+                return [] if left else [slot]
+        return self._free_slots(sorted(block_ids), block_ids)
+
+    def _free_slots(self, ids: list[int], block_ids: list[int]) -> list[int]:
+        """`free` in general: `ids` are `block_ids` sorted, on any number of slots.
+
+        Slot by slot, each run of blocks is checked and given back; if a run is refused, the runs
+        already given back are taken again (`_undo_free`) before raising.
+        """
+        n = len(ids)
+        first, last = ids[0], ids[-1]
+        if first < 0 or last >= self.max_blocks:
+            raise self._free_error(block_ids)
+        bps = self.blocks_per_slot
+        mapped, free_in, ids_of = self._mapped, self._free_in, self._ids_of
+        by_used, used_of = self._by_used, self._used
+        mask = self._bucket_mask
+        emptied = []
+        i = 0
+        while True:  # ids[i:j] are the blocks on `slot`
+            slot = first // bps
+            base = slot * bps
+            if last < base + bps:
+                j, top = n, last
+            else:
+                j = bisect_left(ids, base + bps, i)
+                top = ids[j - 1]
+            count = j - i
+            if not mapped[slot]:
+                break
+            # A block on a mapped slot is in use iff it is not among the slot's free ids.
+            free = free_in[slot]
+            k = bisect_left(free, first)
+            if count == 1:
+                if k < len(free) and free[k] == first:
+                    break
+                free.insert(k, first)
+            else:
+                run = ids[i:j]
+                consecutive = ids_of[slot][first - base : top - base + 1]
+                if consecutive == run:
+                    # No duplicate: in use iff no free id lies among them.
+                    if k < len(free) and free[k] <= top:
+                        break
+                    if free:
+                        free[k:k] = consecutive
+                    else:
+                        free_in[slot] = consecutive
+                else:
+                    unique = set(run)
+                    if len(unique) != count or not unique.isdisjoint(free):
+                        break
+                    free += run
+                    free.sort()
+            used = used_of[slot]
+            left = used - count
+            used_of[slot] = left
+            if used < bps:
+                bucket = by_used[used]
+                del bucket[bisect_left(bucket, slot)]
+                if not bucket:
+                    mask ^= 1 << used
+            dest = by_used[left]
+            if dest:
+                insort(dest, slot)
+            else:
+                dest.append(slot)
+                mask |= 1 << left
+            if not left:
+                emptied.append(slot)
+            if j == n:
+                self._bucket_mask = mask
+                self._num_free += n
+                return emptied
+            i, first = j, ids[j]
+        # The run on `slot` is refused: take back what was given back before it.
+        self._bucket_mask = mask
+        self._num_free += i
+        self._undo_free(ids[:i])
+        raise self._free_error(block_ids)
+
+    # ---- errors (off the hot path) ----
+
+    def _was_in_use(self, block: int) -> bool:
+        """From the slot state alone: on a mapped slot and not among its free ids."""
+        if not 0 <= block < self.max_blocks:
+            return False
+        slot = block // self.blocks_per_slot
+        return self._mapped[slot] and block not in self._free_in[slot]
+
+    def _undo_free(self, ids: list[int]) -> None:
+        """Take again sorted `ids`, just given back by a `free` that is being refused."""
+        bps = self.blocks_per_slot
+        i = 0
+        while i < len(ids):
+            slot = ids[i] // bps
+            j = bisect_left(ids, slot * bps + bps, i)
+            taken = set(ids[i:j])
+            self._free_in[slot] = [b for b in self._free_in[slot] if b not in taken]
+            used = self._used[slot]
+            self._used[slot] = used + j - i
+            bucket = self._by_used[used]
+            del bucket[bisect_left(bucket, slot)]
+            if used + j - i < bps:
+                insort(self._by_used[used + j - i], slot)
+            i = j
+        self._num_free -= len(ids)
+        self._bucket_mask = sum(1 << u for u, bucket in enumerate(self._by_used[:bps]) if bucket)
+
+    def _free_error(self, block_ids: list[int]) -> ValueError:
+        """The error for the first bad block of a refused batch."""
         seen: set[int] = set()
         for block in block_ids:
-            if not 0 <= block < self.max_blocks or not self._mapped[block // bps]:
-                raise ValueError(f"block {block} is not on a mapped slot")
-            if block in seen or block in self._free_in[block // bps]:
-                raise ValueError(f"block {block} is not in use (freed twice?)")
+            if not 0 <= block < self.max_blocks or not self._mapped[block // self.blocks_per_slot]:
+                return ValueError(f"block {block} is not on a mapped slot")
+            if block in seen or not self._was_in_use(block):
+                return ValueError(f"block {block} is not in use (freed twice?)")
             seen.add(block)
-        emptied = []
-        for block in block_ids:
-            slot = block // bps
-            used = self._used[slot]
-            self._by_used[used].discard(slot)
-            self._used[slot] = used - 1
-            self._by_used[used - 1].add(slot)
-            free = self._free_in[slot]
-            # Keep the stack ordered (highest first) so the next alloc yields the lowest id.
-            if not free or block < free[-1]:
-                free.append(block)
-            else:
-                lo, hi = 0, len(free)
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if free[mid] > block:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                free.insert(lo, block)
-            if used == 1:
-                emptied.append(slot)
-        self._num_free += len(block_ids)
-        return emptied
+        raise AssertionError(f"no bad block in {block_ids!r}")  # unreachable: the caller found one
+
+
+class _FullSlots:
+    """``by_used[blocks_per_slot]``: the mapped slots with every block in use, read off the state."""
+
+    __slots__ = ("_allocator",)
+
+    def __init__(self, allocator: BlockAllocator) -> None:
+        self._allocator = allocator
+
+    def __contains__(self, slot: int) -> bool:
+        a = self._allocator
+        return 0 <= slot < a.max_slots and a._mapped[slot] and a._used[slot] == a.blocks_per_slot
+
+    def __iter__(self) -> Iterator[int]:
+        return (slot for slot in range(self._allocator.max_slots) if slot in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
