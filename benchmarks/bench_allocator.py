@@ -34,7 +34,6 @@ import gc
 import importlib.util
 import json
 import random
-import re
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_device import machine  # noqa: E402
+from benchmarks.common import machine, replace_readme_section, run_header  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE_BYTES, BLOCK_TOKENS = 32, 8, 128, 2, 16
 PAGE_BYTES = 2 << 20
@@ -220,17 +219,8 @@ def table(result: dict) -> str:
 
 
 def update_readme(result: dict) -> None:
-    readme = REPO / "benchmarks" / "README.md"
-    m = result["machine"]
-    block = (
-        f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores), "
-        f"Python {m['python']}, median of {result['repeats']} repetitions.\n\n{table(result)}\n"
-    )
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- bench_allocator:begin -->\n).*?(<!-- bench_allocator:end -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit("benchmarks/README.md has no bench_allocator markers")
-    readme.write_text(pattern.sub(lambda mt: mt.group(1) + block + mt.group(2), text))
+    detail = f"Python {result['machine']['python']}, median of {result['repeats']} repetitions"
+    replace_readme_section("bench_allocator", f"{run_header(result['machine'], detail)}\n\n{table(result)}\n")
 
 
 def main() -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_device import machine, percentile  # noqa: E402
+from benchmarks.common import machine, percentile, replace_readme_section, run_header  # noqa: E402
 
 SIZES = (1, 16, 256)
 CYCLER = """
@@ -182,15 +181,8 @@ def main() -> int:
     print(table(result))
     print(f"wrote {args.out}")
     if args.update_readme:
-        m = result["machine"]
-        block = (
-            f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores), "
-            f"{args.samples} samples per size.\n\n{table(result)}\n"
-        )
-        readme = REPO / "benchmarks" / "README.md"
-        text = readme.read_text()
-        pattern = re.compile(r"(<!-- bench_daemon:begin -->\n).*?(<!-- bench_daemon:end -->)", re.S)
-        readme.write_text(pattern.sub(lambda mt: mt.group(1) + block + mt.group(2), text))
+        detail = f"{args.samples} samples per size"
+        replace_readme_section("bench_daemon", f"{run_header(result['machine'], detail)}\n\n{table(result)}\n")
     return 0
 
 

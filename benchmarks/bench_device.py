@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,13 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine, percentile, replace_readme_section, run_header  # noqa: E402
+
 RUN_OF_PAGES = 16
 COPY_BYTES = 2 << 20
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class Timer:
@@ -140,30 +134,6 @@ def bench_backend(dev, iterations: int, fake) -> dict:
     }
 
 
-def machine() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
 def table(result: dict) -> str:
     backends = list(result["backends"])
     names = list(next(iter(result["backends"].values()))["primitives"])
@@ -183,18 +153,12 @@ def table(result: dict) -> str:
 
 
 def update_readme(result: dict) -> None:
-    readme = REPO / "benchmarks" / "README.md"
-    m = result["machine"]
-    block = (
-        f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores), "
-        f"Python {m['python']}, {result['iterations']} iterations.\n\n" + table(result) + "\n\n"
-    )
+    detail = f"Python {result['machine']['python']}, {result['iterations']} iterations"
+    block = run_header(result["machine"], detail) + "\n\n" + table(result) + "\n\n"
     for name, ratio in result["ratios"].items():
         if name != "cuda_over_host":
             block += f"- `{name}`: {ratio}\n"
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- bench_device:begin -->\n).*?(<!-- bench_device:end -->)", re.S)
-    readme.write_text(pattern.sub(lambda mt: mt.group(1) + block + mt.group(2), text))
+    replace_readme_section("bench_device", block)
 
 
 def main() -> int:

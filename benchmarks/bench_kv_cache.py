@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_device import machine  # noqa: E402
+from benchmarks.common import machine, replace_readme_section, run_header  # noqa: E402
 
 GEOMETRY = {"num_layers": 32, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
 A100_US = {"cuMemCreate": 193.0, "cuMemMap": 1.45, "cuMemSetAccess": 36.0}
@@ -174,13 +173,8 @@ def main() -> int:
     print(table(result))
     print(f"wrote {args.out}")
     if args.update_readme:
-        m = result["machine"]
-        head = f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores)."
-        block = f"{head}\n\n{table(result)}\n"
-        readme = REPO / "benchmarks" / "README.md"
-        text = readme.read_text()
-        pattern = re.compile(r"(<!-- bench_kv_cache:begin -->\n).*?(<!-- bench_kv_cache:end -->)", re.S)
-        readme.write_text(pattern.sub(lambda mt: mt.group(1) + block + mt.group(2), text))
+        detail = f"{args.steps} trace steps"
+        replace_readme_section("bench_kv_cache", f"{run_header(result['machine'], detail)}\n\n{table(result)}\n")
     return 0
 
 

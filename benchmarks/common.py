@@ -1,0 +1,56 @@
+"""What every benchmark script shares: the machine it ran on, percentiles, its README table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "benchmarks" / "README.md"
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def machine() -> dict:
+    """CPU, cores, Python, commit and date of this run."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass  # no /proc/cpuinfo: keep what platform says
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def run_header(m: dict, detail: str) -> str:
+    return f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores), {detail}."
+
+
+def replace_readme_section(name: str, text: str) -> None:
+    """Put `text` between the ``<!-- name:begin -->`` and ``<!-- name:end -->`` markers of the README."""
+    readme = README.read_text()
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"benchmarks/README.md has no {name} markers")
+    README.write_text(pattern.sub(lambda mt: mt.group(1) + text + mt.group(2), readme))
