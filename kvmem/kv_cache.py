@@ -33,6 +33,7 @@ budget leaves no room.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import threading
@@ -215,7 +216,6 @@ class ElasticKVCache:
 
     def _make_tensors(self) -> tuple[list, list]:
         torch = _torch()
-        import ctypes
 
         def view(address: int):
             if self.device.kind == "host":
