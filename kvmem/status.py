@@ -2,7 +2,8 @@
 
 Layout (little-endian; version `LAYOUT_VERSION`): a `HEADER_SIZE`-byte header followed by
 `MAX_SLOTS` slots of `SLOT_SIZE` bytes, one per model the daemon knows (attached or with a policy
-set). Field offsets are in `_HEADER_FIELDS` / `_SLOT_FIELDS` and docs/protocol.md.
+set). The field order and struct codes are those of `DaemonStatus` / `ModelStatus`, also in
+docs/protocol.md.
 
 Concurrency: the daemon is the only writer. It publishes with a seqlock: the 64-bit sequence at
 offset 8 is made odd, the whole image is written, then the sequence is made even again. A reader
@@ -21,7 +22,8 @@ import mmap
 import os
 import struct
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import posix_ipc
 
@@ -46,91 +48,61 @@ class ModelState(enum.IntEnum):
     DETACHED = 5
 
 
+def _laid_out(code: str, default: object) -> Any:
+    """A status field, with its struct code in the segment layout (fields are laid out in order)."""
+    return field(default=default, metadata={"layout": code})
+
+
 @dataclass
 class DaemonStatus:
-    """The header: the daemon and its page pool."""
+    """The header: the daemon and its page pool (fields in layout order)."""
 
-    daemon_pid: int = 0
-    gpu: int = 0
-    page_size: int = 0
-    budget_pages: int = 0
-    pages_created: int = 0
-    pages_free: int = 0
-    pages_free_clean: int = 0
-    pages_granted: int = 0
-    pages_quarantined: int = 0
-    heartbeat_ns: int = 0  # time.monotonic_ns() of the last publish
-    started_unix: float = 0.0
-    grants: int = 0
-    denies: int = 0
-    reclaims: int = 0
-    num_models: int = 0
-    device_kind: str = ""
-    device_name: str = ""
+    daemon_pid: int = _laid_out("I", 0)
+    gpu: int = _laid_out("i", 0)
+    page_size: int = _laid_out("Q", 0)
+    budget_pages: int = _laid_out("Q", 0)
+    pages_created: int = _laid_out("Q", 0)
+    pages_free: int = _laid_out("Q", 0)
+    pages_free_clean: int = _laid_out("Q", 0)
+    pages_granted: int = _laid_out("Q", 0)
+    pages_quarantined: int = _laid_out("Q", 0)
+    heartbeat_ns: int = _laid_out("Q", 0)  # time.monotonic_ns() of the last publish
+    started_unix: float = _laid_out("d", 0.0)
+    grants: int = _laid_out("Q", 0)
+    denies: int = _laid_out("Q", 0)
+    reclaims: int = _laid_out("Q", 0)
+    num_models: int = _laid_out("I", 0)
+    device_kind: str = _laid_out("8s", "")  # strings: fixed-size, NUL-padded UTF-8
+    device_name: str = _laid_out("64s", "")
 
 
 @dataclass
 class ModelStatus:
-    """One slot: a model, its engine process and its pages."""
+    """One slot: a model, its engine process and its pages (fields in layout order)."""
 
-    model: str = ""
-    state: ModelState = ModelState.EMPTY
-    pid: int = 0
-    uid: int = 0
-    client_id: int = 0
-    limit_pages: int = -1  # -1: no limit
-    min_pages: int = 0
-    priority: int = 0
-    mapped_pages: int = 0  # pages granted to the engine
-    used_pages: int = 0  # pages holding live KV blocks, as the engine reports
-    target_pages: int = -1  # what the daemon wants the engine to shrink to; -1: none
-    grants: int = 0
-    denies: int = 0
-    reclaims: int = 0
-    pages_granted_total: int = 0
-    pages_returned_total: int = 0
-    last_grant_us: int = 0
+    # First in the slot: a reader skips EMPTY slots by it. (`_laid_out` is `field()`: RUF009 misreads it.)
+    state: ModelState = _laid_out("I", ModelState.EMPTY)  # noqa: RUF009
+    pid: int = _laid_out("I", 0)
+    uid: int = _laid_out("I", 0)
+    client_id: int = _laid_out("I", 0)
+    model: str = _laid_out("64s", "")
+    limit_pages: int = _laid_out("q", -1)  # -1: no limit
+    min_pages: int = _laid_out("Q", 0)
+    priority: int = _laid_out("i", 0)
+    mapped_pages: int = _laid_out("Q", 0)  # pages granted to the engine
+    used_pages: int = _laid_out("Q", 0)  # pages holding live KV blocks, as the engine reports
+    target_pages: int = _laid_out("q", -1)  # what the daemon wants the engine to shrink to; -1: none
+    grants: int = _laid_out("Q", 0)
+    denies: int = _laid_out("Q", 0)
+    reclaims: int = _laid_out("Q", 0)
+    pages_granted_total: int = _laid_out("Q", 0)
+    pages_returned_total: int = _laid_out("Q", 0)
+    last_grant_us: int = _laid_out("Q", 0)
 
 
-# (field, struct code) in layout order; strings are fixed-size, NUL-padded UTF-8.
-_HEADER_FIELDS = [
-    ("daemon_pid", "I"),
-    ("gpu", "i"),
-    ("page_size", "Q"),
-    ("budget_pages", "Q"),
-    ("pages_created", "Q"),
-    ("pages_free", "Q"),
-    ("pages_free_clean", "Q"),
-    ("pages_granted", "Q"),
-    ("pages_quarantined", "Q"),
-    ("heartbeat_ns", "Q"),
-    ("started_unix", "d"),
-    ("grants", "Q"),
-    ("denies", "Q"),
-    ("reclaims", "Q"),
-    ("num_models", "I"),
-    ("device_kind", "8s"),
-    ("device_name", "64s"),
-]
-_SLOT_FIELDS = [
-    ("state", "I"),
-    ("pid", "I"),
-    ("uid", "I"),
-    ("client_id", "I"),
-    ("model", "64s"),
-    ("limit_pages", "q"),
-    ("min_pages", "Q"),
-    ("priority", "i"),
-    ("mapped_pages", "Q"),
-    ("used_pages", "Q"),
-    ("target_pages", "q"),
-    ("grants", "Q"),
-    ("denies", "Q"),
-    ("reclaims", "Q"),
-    ("pages_granted_total", "Q"),
-    ("pages_returned_total", "Q"),
-    ("last_grant_us", "Q"),
-]
+# (field, struct code) in layout order, read off the dataclasses.
+_HEADER_FIELDS = [(f.name, f.metadata["layout"]) for f in fields(DaemonStatus)]
+_SLOT_FIELDS = [(f.name, f.metadata["layout"]) for f in fields(ModelStatus)]
 # Header: magic, seq, layout version, header size, slot size, max slots, then the fields.
 _HEADER = struct.Struct("<8sQIIII" + "".join(code for _, code in _HEADER_FIELDS))
 _SLOT = struct.Struct("<" + "".join(code for _, code in _SLOT_FIELDS))
