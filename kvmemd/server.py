@@ -316,7 +316,17 @@ class Daemon:
             if close_fds:
                 protocol.close_fds(fds)
             return
-        conn.outbox.append((protocol.encode(msg_type, body), fds, close_fds))
+        try:
+            frame = protocol.encode(msg_type, body)
+        except ProtocolError as exc:
+            # A message this daemon built breaks the protocol (a bug): it costs this connection,
+            # never the daemon.
+            logger.error("cannot send %s to client %d: %s", msg_type.name, conn.client_id, exc)
+            if close_fds:
+                protocol.close_fds(fds)
+            self._drop(conn, reason=f"internal error building {msg_type.name}")
+            return
+        conn.outbox.append((frame, fds, close_fds))
         if len(conn.outbox) == 1:
             self._flush(conn)
 
