@@ -222,8 +222,6 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
             reserve_low=options.reserve_low,
             reserve_high=options.reserve_high,
             release_after=options.release_after,
-            socket_mode=mode,
-            gid=gid,
             cache_exports=cache_exports,
         )
         try:

@@ -36,7 +36,7 @@ Each page's descriptor is exported once and kept (`export_fd`) when the fd limit
 grant costs no export call; the kernel duplicates the descriptor into the receiving process.
 
 Invariant (under `_lock`): every page id is in exactly one of `_clean[uid]`, `_dirty[owner]`,
-`_granted`, or `_busy` (being zeroed or released by the worker); `len(pages)` plus the pages being
+`_granted`, or is the one page the worker is zeroing or releasing; `len(pages)` plus the pages being
 created never exceeds the budget, except for pages adopted after a restart.
 """
 
@@ -77,7 +77,6 @@ class PoolStats:
     free_clean: int
     free_dirty: int
     granted: int
-    busy: int
     pages_created_total: int
     pages_released_total: int
     pages_scrubbed_total: int
@@ -132,7 +131,6 @@ class PagePool:
         self._clean: dict[int | None, list[int]] = {}  # by taint uid; stacks: last zeroed first
         self._dirty: dict[str, list[int]] = {}  # by owner model; oldest first
         self._granted: set[int] = set()
-        self._busy: set[int] = set()
         self._free_ids: list[int] = []  # a heap: low ids first keeps the daemon's range compact
         self._next_id = 0
         self._creating = 0
@@ -259,7 +257,6 @@ class PagePool:
                 free_clean=sum(len(ids) for ids in self._clean.values()),
                 free_dirty=sum(len(ids) for ids in self._dirty.values()),
                 granted=len(self._granted),
-                busy=len(self._busy) + self._creating,
                 pages_created_total=self._counters["created"],
                 pages_released_total=self._counters["released"],
                 pages_scrubbed_total=self._counters["scrubbed"],
@@ -378,8 +375,6 @@ class PagePool:
                     if page_id is not None:  # put it back: close() destroys every page
                         self._put_back(page_id)
                     return
-                if page_id is not None:
-                    self._busy.add(page_id)
                 if action == "create":
                     self._creating += 1
                 elif action == "scrub":
@@ -399,7 +394,6 @@ class PagePool:
                     if action == "scrub":
                         self._scrubbing -= 1
                     if page_id is not None:
-                        self._busy.discard(page_id)
                         self._put_back(page_id)
                     self._backoff_until = time.monotonic() + BACKOFF_S
 
@@ -456,7 +450,6 @@ class PagePool:
         self.device.memset(page.mapping.address, 0, self.page_size)
         self.device.synchronize()  # zeroed for real before anyone else can be granted the page
         with self._lock:
-            self._busy.discard(page_id)
             self._scrubbing -= 1
             page.owner = None
             self._clean.setdefault(page.uid, []).append(page_id)
@@ -469,7 +462,6 @@ class PagePool:
         self.device.synchronize()
         self._destroy(page)
         with self._lock:
-            self._busy.discard(page_id)
             del self.pages[page_id]
             heapq.heappush(self._free_ids, page_id)
             self._counters["released"] += 1

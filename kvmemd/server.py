@@ -137,8 +137,6 @@ class DaemonConfig:
     reserve_low: int = 8
     reserve_high: int = 32
     release_after: float = 10.0
-    socket_mode: int = 0o600
-    gid: int | None = None
     cache_exports: bool = True
 
 
@@ -825,6 +823,7 @@ class Daemon:
                 "pages_created_total": stats.pages_created_total,
                 "pages_released_total": stats.pages_released_total,
                 "pages_scrubbed_total": stats.pages_scrubbed_total,
+                "out_of_memory_total": stats.out_of_memory_total,
             },
             "models": [
                 {

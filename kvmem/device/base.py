@@ -219,11 +219,6 @@ class Reservation:
     def end(self) -> int:
         return self.address + self.size
 
-    def mappings(self) -> list[Mapping]:
-        """The live mappings, by offset."""
-        with self.device._lock:
-            return list(self._mappings)
-
     def mapping_at(self, offset: int) -> Mapping | None:
         """The mapping that covers `offset`, if any."""
         with self.device._lock:
