@@ -25,7 +25,7 @@ os.environ["LD_LIBRARY_PATH"] = fakecuda.child_env()["LD_LIBRARY_PATH"]
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_CAPACITY = 512 << 20
-LIVE_GAUGES = ("live.reservations", "live.handles", "live.allocations", "live.mappings", "live.charged_bytes")
+LIVE_GAUGES = fakecuda.LIVE_GAUGES
 
 
 def real_driver_env() -> dict[str, str]:
@@ -41,7 +41,7 @@ def real_driver_loads() -> bool:
 
 
 def live_objects() -> dict[str, int]:
-    """The fake driver's gauges of live reservations, handles, allocations, mappings, bytes."""
+    """The fake driver's gauges of live reservations, handles, allocations, mappings, bytes, host buffers."""
     return {name: FAKE.counter(name) for name in LIVE_GAUGES}
 
 

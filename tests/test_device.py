@@ -312,3 +312,33 @@ def test_import_refuses_a_descriptor_that_is_not_a_page(device: Device):
     os.close(closed_fd)
     with pytest.raises(InvalidArgumentError):
         device.import_page(closed_fd, g)
+
+
+def test_host_buffer_round_trip_through_a_page_and_idempotent_close(device: Device):
+    g = device.granularity
+    reservation = device.reserve(g)
+    page = device.create_page()
+    mapping = device.map(reservation, 0, page)
+    device.set_access(reservation, 0, g)
+    staging = device.allocate_host_buffer(2 * g)
+    data = os.urandom(g)
+    staging.view(g, g)[:] = memoryview(data)
+    device.copy_host_to_device(reservation.address, staging.view(g, g))
+    device.copy_device_to_host(staging.view(0, g), reservation.address)
+    assert staging.view(0, g).tobytes() == data
+    with pytest.raises(InvalidArgumentError, match="outside the"):
+        staging.view(g, g + 1)
+    with pytest.raises(InvalidArgumentError, match="positive integer"):
+        device.allocate_host_buffer(0)
+    if device.kind == "cuda":
+        assert FAKE.counter("live.host_allocations") == 1
+    staging.close()
+    staging.close()
+    with pytest.raises(ClosedError):
+        staging.view(0, 1)
+    leftover = device.allocate_host_buffer(g)  # freed by the device's own close
+    mapping.close()
+    page.close()
+    reservation.close()
+    device.close()
+    assert leftover.closed

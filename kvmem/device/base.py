@@ -32,6 +32,7 @@ work that could touch the range; see `Mapping.close`.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import enum
 import os
 import threading
@@ -241,6 +242,46 @@ class Reservation:
         return f"Reservation(address={self.address:#x}, size={self.size}, mappings={len(self._mappings)})"
 
 
+class HostBuffer:
+    """Host memory of `size` bytes to copy device data into and out of. Made by `Device.allocate_host_buffer`.
+
+    Page-locked (pinned) on CUDA, so device copies run at full bandwidth and need no staging;
+    ordinary anonymous memory on the host device. `array` is a flat uint8 view, valid until
+    `close()`, which frees the memory (idempotent; the device frees what is left when it closes).
+    """
+
+    def __init__(self, device: Device, address: int, size: int):
+        self.device = device
+        self.address = address
+        self.size = size
+        self._closed = False
+        self.array: np.ndarray | None = np.ctypeslib.as_array((ctypes.c_ubyte * size).from_address(address))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def view(self, offset: int, size: int) -> np.ndarray:
+        """Bytes `[offset, offset + size)` of the buffer, as a uint8 array (no copy)."""
+        if self._closed or self.array is None:
+            raise ClosedError("host buffer is closed")
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise InvalidArgumentError(f"range [{offset}, {offset + size}) is outside the {self.size}-byte buffer")
+        return self.array[offset : offset + size]
+
+    def close(self) -> None:
+        self.device._free_host_buffer(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"HostBuffer(address={self.address:#x}, size={self.size})"
+
+
 def _host_buffer(buffer: Any, writable: bool) -> np.ndarray:
     """A flat uint8 view of a contiguous host buffer (bytes, bytearray, numpy, memoryview)."""
     view = memoryview(buffer)
@@ -277,6 +318,7 @@ class Device(ABC):
         self._bases: list[int] = []
         self._reservations: dict[int, Reservation] = {}
         self._pages: dict[int, PhysicalPage] = {}  # id(page) -> page, the open ones
+        self._host_buffers: dict[int, HostBuffer] = {}  # by address, the open ones
 
     # ---- backend primitives (called with the lock held, arguments validated) ----
 
@@ -321,6 +363,12 @@ class Device(ABC):
 
     @abstractmethod
     def _backend_copy_dtoh(self, dst_host: int, src: int, size: int) -> None: ...
+
+    @abstractmethod
+    def _backend_host_alloc(self, size: int) -> int: ...
+
+    @abstractmethod
+    def _backend_host_free(self, address: int, size: int) -> None: ...
 
     @abstractmethod
     def _backend_synchronize(self) -> None: ...
@@ -470,6 +518,20 @@ class Device(ABC):
             if host.nbytes:
                 self._backend_copy_dtoh(host.ctypes.data, src, host.nbytes)
 
+    def allocate_host_buffer(self, size: int) -> HostBuffer:
+        """Host memory of `size` bytes for copies with this device (pinned on CUDA).
+
+        Raises:
+            OutOfMemoryError: The host has no memory left for it.
+        """
+        if not isinstance(size, int) or size <= 0:
+            raise InvalidArgumentError(f"host buffer size {size!r} must be a positive integer")
+        with self._lock:
+            self._check_open()
+            buffer = HostBuffer(self, self._backend_host_alloc(size), size)
+            self._host_buffers[buffer.address] = buffer
+            return buffer
+
     def read(self, address: int, size: int) -> bytes:
         """Return `size` bytes at device `address` (a convenience over `copy_device_to_host`)."""
         out = bytearray(size)
@@ -492,6 +554,8 @@ class Device(ABC):
                 self._free_reservation(self._reservations[address])
             for page in list(self._pages.values()):
                 self._release_page(page)
+            for buffer in list(self._host_buffers.values()):
+                self._free_host_buffer(buffer)
             self._backend_close()
             self._closed = True
 
@@ -529,6 +593,15 @@ class Device(ABC):
             del reservation._offsets[i]
             del reservation._mappings[i]
             mapping._closed = True
+
+    def _free_host_buffer(self, buffer: HostBuffer) -> None:
+        with self._lock:
+            if buffer._closed:
+                return
+            buffer.array = None  # views taken earlier must not be used after this
+            self._backend_host_free(buffer.address, buffer.size)
+            buffer._closed = True
+            del self._host_buffers[buffer.address]
 
     def _free_reservation(self, reservation: Reservation) -> None:
         with self._lock:

@@ -217,6 +217,16 @@ class CudaDevice(Device):
         self._make_current()
         check("cuMemcpyDtoH", cu.cuMemcpyDtoH(dst_host, src, size))
 
+    def _backend_host_alloc(self, size: int) -> int:
+        # Page-locked, so cuMemcpyDtoH/HtoD run as direct DMA at full PCIe bandwidth (pageable
+        # memory is staged through a driver buffer). Flags 0: portable to this context only.
+        self._make_current()
+        return int(check("cuMemHostAlloc", cu.cuMemHostAlloc(size, 0)))
+
+    def _backend_host_free(self, address: int, size: int) -> None:
+        self._make_current()
+        check("cuMemFreeHost", cu.cuMemFreeHost(address))
+
     def _backend_synchronize(self) -> None:
         self._make_current()
         check("cuCtxSynchronize", cu.cuCtxSynchronize())

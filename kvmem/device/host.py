@@ -217,6 +217,16 @@ class HostDevice(Device):
     def _backend_copy_dtoh(self, dst_host: int, src: int, size: int) -> None:
         ctypes.memmove(dst_host, src, size)
 
+    def _backend_host_alloc(self, size: int) -> int:
+        address = _mmap(None, size, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+        if address == _MAP_FAILED or address is None:
+            raise _os_error("mmap(host buffer)")  # OutOfMemoryError on ENOMEM
+        return address
+
+    def _backend_host_free(self, address: int, size: int) -> None:
+        if _munmap(address, size) != 0:
+            raise _os_error("munmap(host buffer)")
+
     def _backend_synchronize(self) -> None:
         # Host copies are synchronous: there is never outstanding work.
         return None

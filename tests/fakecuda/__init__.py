@@ -118,6 +118,16 @@ def child_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str
     return env
 
 
+# The fake's gauges of what is alive now (fakecuda.c, after the per-entry-point call counters).
+LIVE_GAUGES = (
+    "live.reservations",
+    "live.handles",
+    "live.allocations",
+    "live.mappings",
+    "live.charged_bytes",
+    "live.host_allocations",
+)
+
 # Counters file layout (FAKECUDA_COUNTERS_FILE): "FAKECUDA", u32 version, u32 count, then
 # `count` entries of {char name[56]; u64 value}.
 _HEADER = struct.Struct("=8sII")
@@ -129,7 +139,7 @@ def read_counters_from(path: str | os.PathLike | None, fake: FakeCuda | None = N
     if path is None:
         assert fake is not None
         names = [n for n, _ in fake.table()]
-        names += ["live.reservations", "live.handles", "live.allocations", "live.mappings", "live.charged_bytes"]
+        names += list(LIVE_GAUGES)
         return {n: fake.counter(n) for n in dict.fromkeys(names)}
     data = Path(path).read_bytes()
     magic, version, count = _HEADER.unpack_from(data, 0)

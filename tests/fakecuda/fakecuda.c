@@ -194,6 +194,7 @@ enum counter_id {
     C_LIVE_ALLOCATIONS,
     C_LIVE_MAPPINGS,
     C_CHARGED_BYTES,
+    C_LIVE_HOST_ALLOCATIONS,
     C_COUNT
 };
 static const char *const k_counter_names[C_COUNT] = {
@@ -201,6 +202,7 @@ static const char *const k_counter_names[C_COUNT] = {
 #include "fakecuda_entries.h"
 #undef ENTRY
     "live.reservations", "live.handles", "live.allocations", "live.mappings", "live.charged_bytes",
+    "live.host_allocations",
 };
 static struct counter_file *g_counters;
 
@@ -877,6 +879,58 @@ static CUresult fake_cuGetErrorString(CUresult error, const char **out) {
 
 CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cuda_version, unsigned long long flags, int *status);
 
+/* Page-locked host memory. The real driver pins it (and maps it for the device when asked); here it is
+ * ordinary memory, but the contract is kept: a context must be current, the flags must be known bits,
+ * and only a pointer cuMemHostAlloc returned may be freed, once. */
+#define FAKE_HOST_ALLOCS 4096
+#define CU_MEMHOSTALLOC_KNOWN_FLAGS 0x7u /* PORTABLE | DEVICEMAP | WRITECOMBINED */
+static struct {
+    void *ptr;
+    size_t size;
+} g_host_allocs[FAKE_HOST_ALLOCS];
+
+static CUresult fake_cuMemHostAlloc(void **pp, size_t n, unsigned int flags) {
+    count(C_cuMemHostAlloc);
+    CUresult rc = require_context();
+    if (rc) return rc;
+    if (!pp || n == 0 || (flags & ~CU_MEMHOSTALLOC_KNOWN_FLAGS)) return CUDA_ERROR_INVALID_VALUE;
+    void *mem = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    pthread_mutex_lock(&g_lock);
+    int slot = -1;
+    for (int i = 0; i < FAKE_HOST_ALLOCS && slot < 0; i++)
+        if (!g_host_allocs[i].ptr) slot = i;
+    if (slot >= 0) {
+        g_host_allocs[slot].ptr = mem;
+        g_host_allocs[slot].size = n;
+    }
+    pthread_mutex_unlock(&g_lock);
+    if (slot < 0) {
+        munmap(mem, n);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    gauge_add(C_LIVE_HOST_ALLOCATIONS, 1);
+    *pp = mem;
+    return CUDA_SUCCESS;
+}
+
+static CUresult fake_cuMemFreeHost(void *p) {
+    count(C_cuMemFreeHost);
+    CUresult rc = require_context();
+    if (rc) return rc;
+    pthread_mutex_lock(&g_lock);
+    int slot = -1;
+    for (int i = 0; i < FAKE_HOST_ALLOCS && slot < 0; i++)
+        if (p && g_host_allocs[i].ptr == p) slot = i;
+    size_t size = slot >= 0 ? g_host_allocs[slot].size : 0;
+    if (slot >= 0) g_host_allocs[slot].ptr = NULL;
+    pthread_mutex_unlock(&g_lock);
+    if (slot < 0) return CUDA_ERROR_INVALID_VALUE;
+    munmap(p, size);
+    gauge_add(C_LIVE_HOST_ALLOCATIONS, -1);
+    return CUDA_SUCCESS;
+}
+
 /* (name, the CUDA version that introduced this ABI variant, implementation). The names and
  * versions are those cuda-bindings 12.9 and 13.x request (recorded through this table's lookup
  * log; tests/test_fakecuda_abi.py keeps them in step). */
@@ -917,6 +971,8 @@ static const struct proc_entry k_procs[] = {
     {"cuMemcpyHtoD", 3020, (void *)fake_cuMemcpyHtoD_v2},
     {"cuMemcpyDtoH", 3020, (void *)fake_cuMemcpyDtoH_v2},
     {"cuMemcpyDtoD", 3020, (void *)fake_cuMemcpyDtoD_v2},
+    {"cuMemHostAlloc", 2020, (void *)fake_cuMemHostAlloc},
+    {"cuMemFreeHost", 2000, (void *)fake_cuMemFreeHost},
 };
 
 #define MAX_LOOKUPS 4096
