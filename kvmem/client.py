@@ -117,7 +117,12 @@ class DaemonClient:
         reconnect: Reconnect and re-register pages when the daemon restarts.
         on_reclaim: ``f(pages, reason)``: the daemon asks for that many free pages back.
         on_policy: ``f(Policy)``: limit, minimum, priority or target changed.
-        on_sleep / on_wake: the operator put the model to sleep / woke it.
+        on_sleep: ``f(offload)``: the operator put the model to sleep; with `offload` the pages
+            holding live blocks go back through `offload_pages` and come back on wake.
+        on_restore: ``f(pages, offsets)``: pages restored from the host tier on wake, each to be
+            mapped at the offset it was offloaded from (the pages are held already).
+        on_wake: ``f(restored)``: the operator woke the model; `restored` is False when an
+            offloaded cache was lost (the engine must then treat every block as gone).
         on_reconnect: ``f()``: reconnected after a daemon restart; page ids are updated.
 
     Raises:
@@ -136,8 +141,9 @@ class DaemonClient:
         reconnect: bool = True,
         on_reclaim: Callable[[int, str], None] | None = None,
         on_policy: Callable[[Policy], None] | None = None,
-        on_sleep: Callable[[], None] | None = None,
-        on_wake: Callable[[], None] | None = None,
+        on_sleep: Callable[[bool], None] | None = None,
+        on_restore: Callable[[list[ClientPage], list[int]], None] | None = None,
+        on_wake: Callable[[bool], None] | None = None,
         on_reconnect: Callable[[], None] | None = None,
     ):
         self.model = model
@@ -147,6 +153,7 @@ class DaemonClient:
         self.on_reclaim = on_reclaim
         self.on_policy = on_policy
         self.on_sleep = on_sleep
+        self.on_restore = on_restore
         self.on_wake = on_wake
         self.on_reconnect = on_reconnect
         self.policy = Policy()
@@ -204,6 +211,20 @@ class DaemonClient:
 
     def return_pages(self, pages: list[ClientPage]) -> None:
         """Give pages back. They must be unmapped, and no device work may touch them any more."""
+        self._give_back(pages, None)
+
+    def offload_pages(self, pages: list[ClientPage], offsets: list[int]) -> None:
+        """Give pages back during an offloading sleep; the daemon keeps their contents for `offsets`.
+
+        `offsets[i]` is where `pages[i]` was mapped (any integer the engine chooses, unique); on
+        wake the daemon restores each page's bytes into a page handed back with that offset.
+        The pages must be unmapped and no device work may touch them any more.
+        """
+        if len(offsets) != len(pages):
+            raise ValueError(f"{len(pages)} pages but {len(offsets)} offsets")
+        self._give_back(pages, offsets)
+
+    def _give_back(self, pages: list[ClientPage], offsets: list[int] | None) -> None:
         with self._lock:
             for page in pages:
                 if self.pages.get(page.id) is not page:
@@ -214,8 +235,13 @@ class DaemonClient:
             ids = [p.id for p in pages]
             if self.connected.is_set():
                 try:
-                    for i in range(0, len(ids), protocol.MAX_RETURN_IDS):
-                        self._send(MsgType.RETURN, {"pages": ids[i : i + protocol.MAX_RETURN_IDS]})
+                    if offsets is None:
+                        for i in range(0, len(ids), protocol.MAX_RETURN_IDS):
+                            self._send(MsgType.RETURN, {"pages": ids[i : i + protocol.MAX_RETURN_IDS]})
+                    else:
+                        for i in range(0, len(ids), protocol.MAX_OFFLOAD_IDS):
+                            end = i + protocol.MAX_OFFLOAD_IDS
+                            self._send(MsgType.OFFLOAD, {"pages": ids[i:end], "offsets": offsets[i:end]})
                 except OSError:
                     pass  # the daemon is gone: it cannot account for them; nothing is lost here
 
@@ -320,10 +346,16 @@ class DaemonClient:
                 self.on_policy(self.policy)
         elif msg.type == MsgType.SLEEP:
             if self.on_sleep:
-                self.on_sleep()
+                self.on_sleep(msg["offload"])
+            else:
+                self.slept()  # nothing here holds pages for a model the operator sleeps
+        elif msg.type == MsgType.RESTORE:
+            pages = self._import(msg)
+            if self.on_restore:
+                self.on_restore(pages, msg["offsets"])
         elif msg.type == MsgType.WAKE:
             if self.on_wake:
-                self.on_wake()
+                self.on_wake(msg["restored"])
         elif msg.type == MsgType.GOODBYE:
             logger.info("kvmemd says goodbye: %s", msg["reason"])
         elif msg.type == MsgType.ERROR:
@@ -331,13 +363,19 @@ class DaemonClient:
         else:
             logger.warning("unexpected %s from kvmemd", msg.type.name)
 
-    def _granted(self, msg: protocol.Message) -> None:
+    def _import(self, msg: protocol.Message) -> list[ClientPage]:
+        """Import the pages of a GRANT or RESTORE; they are held from here on."""
         imported = []
         for page_id, fd in zip(msg["pages"], msg.fds, strict=True):
             imported.append(ClientPage(page_id, self.device.import_page(fd, self.page_size)))
         with self._lock:
             for page in imported:
                 self.pages[page.id] = page
+        return imported
+
+    def _granted(self, msg: protocol.Message) -> None:
+        imported = self._import(msg)
+        with self._lock:
             waiter = self._waiters.get(msg["req"])
         if waiter is None:  # the request gave up waiting: keep the pages, the caller can return them
             logger.warning("pages granted for an abandoned request %d are kept", msg["req"])

@@ -80,8 +80,9 @@ class ControlClient:
     def set_priority(self, model: str, priority: int) -> Any:
         return self.request("set_priority", model, priority)
 
-    def sleep(self, model: str) -> Any:
-        return self.request("sleep", model)
+    def sleep(self, model: str, offload: bool = False) -> Any:
+        """Put `model` to sleep; with `offload` its KV cache is kept in the daemon's host tier."""
+        return self.request("sleep", model, 1 if offload else 0)
 
     def wake(self, model: str) -> Any:
         return self.request("wake", model)

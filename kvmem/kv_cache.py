@@ -27,6 +27,18 @@ cache to a target, the thread unmaps empty slots and returns their pages; a slot
 block is never unmapped. Before unmapping, it synchronizes the device: work issued on the cache's
 tensors may still be reading the slot (cuMemUnmap does not wait).
 
+Sleep. When the operator puts the model to sleep (`kvctl sleep`), the background thread first
+runs the engine's sleep hooks (`on_sleep`: stop admitting work, finish or preempt what runs). Then
+- discard: empty slots go back as the engine frees its blocks; once none is left, the cache says
+  slept. The engine is expected to free every block in its hook (the contents are discarded).
+- offload: after synchronizing, every mapped slot is unmapped; slots with live blocks go to the
+  daemon's host tier with the offset of each page, empty ones go back. The block allocator keeps
+  its state, so the engine's block ids (and its prefix cache) stay valid. On wake the daemon hands
+  pages back with those offsets; each is mapped where it was, and the cache reads bit-identical.
+While asleep, `alloc` raises `KVCacheFull` (reason "asleep") and the tensors must not be touched:
+their memory is unmapped. After wake the hooks `on_wake(restored)` run; `restored` is False when
+an offloaded cache was lost (then every block is freed and the engine must drop its block ids).
+
 Running out is an outcome: `alloc` raises `KVCacheFull` (and allocates nothing) when the limit or
 budget leaves no room.
 """
@@ -38,6 +50,8 @@ import logging
 import math
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +146,8 @@ class ElasticKVCache:
         high_watermark: int | None = None,
         grow_wait: float = 5.0,
         background: bool = True,
+        sleep_hooks: Iterable[Callable[[bool], None]] = (),
+        wake_hooks: Iterable[Callable[[bool], None]] = (),
     ):
         for name, value in (
             ("num_layers", num_layers),
@@ -187,11 +203,19 @@ class ElasticKVCache:
         self._closed = False
         self._stats = {"grows": 0, "shrinks": 0, "last_grow_s": 0.0}
         self._wake = threading.Condition()
+        # Sleep: requests from the client's reader thread, handled in order by the background thread.
+        self._sleep_events: deque[tuple] = deque()
+        self.sleep_hooks: list[Callable[[bool], None]] = list(sleep_hooks)
+        self.wake_hooks: list[Callable[[bool], None]] = list(wake_hooks)
+        self._asleep = False
+        self._discard_pending = False  # a discarding sleep waits for the slots to empty
+        self._offloaded_slots: set[int] = set()  # slots whose pages are in the host tier
+        self._restoring: dict[int, list] = {}  # slot -> [(page, mapping) or None] per page, during a wake
         source.on_reclaim = self._on_reclaim
         source.on_target = self._on_target
-        source.on_sleep = self._on_sleep
-        self._sleeping = False
-        self._slept_reported = False
+        source.on_sleep = lambda offload: self._queue_sleep_event("sleep", offload)
+        source.on_restore = lambda pages, offsets: self._queue_sleep_event("restore", pages, offsets)
+        source.on_wake = lambda restored: self._queue_sleep_event("wake", restored)
         self.k, self.v = self._make_tensors()
         self._thread = None
         if background:
@@ -248,6 +272,8 @@ class ElasticKVCache:
             raise ValueError(f"alloc({n}): n must be >= 0")
         if self._closed:
             raise RuntimeError("the KV cache is closed")
+        if self._asleep:
+            raise KVCacheFull(n, 0, "asleep", "the model is asleep: wait for kvctl wake")
         with self._lock:
             if self.allocator.get_num_free_blocks() >= n:
                 ids = self.allocator.alloc(n)
@@ -352,14 +378,115 @@ class ElasticKVCache:
         self._target_pages = target_pages
         self._notify()
 
-    def _on_sleep(self, sleeping: bool) -> None:
-        """Sleep: hold no page (empty slots go back as blocks are freed); then tell the daemon."""
-        self._sleeping = sleeping
-        self._slept_reported = False
+    # ---- sleep ----
+
+    @property
+    def asleep(self) -> bool:
+        """Whether the model sleeps (from the sleep request until its wake is complete)."""
+        return self._asleep
+
+    def _queue_sleep_event(self, *event: Any) -> None:
+        self._sleep_events.append(event)
         self._notify()
 
+    def _handle_sleep_events(self) -> None:
+        while self._sleep_events:
+            kind, *args = self._sleep_events.popleft()
+            if kind == "sleep":
+                self._go_to_sleep(*args)
+            elif kind == "restore":
+                self._map_restored(*args)
+            else:
+                self._wake_up(*args)
+
+    def _go_to_sleep(self, offload: bool) -> None:
+        self._asleep = True
+        self._run_hooks(self.sleep_hooks, offload)  # the engine stops admission, finishes or preempts work
+        if not offload:
+            self._discard_pending = True  # slots go back as they empty; see _run
+            return
+        with self._grow_lock:
+            with self._lock:
+                empty = set(self.allocator.get_empty_slots())
+                for slot in empty:
+                    self.allocator.remove_slot(slot)
+            # Synchronize before unmapping: kernels issued on these blocks may still be running,
+            # and cuMemUnmap does not wait for them.
+            self.device.synchronize()
+            returned, offloaded, offsets = [], [], []
+            for slot, (pages, mappings) in sorted(self._slots.items()):
+                for mapping in mappings:
+                    mapping.close()
+                if slot in empty:
+                    returned.extend(pages)
+                else:
+                    # Mappings were made in page order, so pages[i] sits at mappings[i].offset.
+                    offloaded.extend(pages)
+                    offsets.extend(m.offset for m in mappings)
+                    self._offloaded_slots.add(slot)
+            self._slots.clear()
+            if returned:
+                self.source.release(returned)
+            if offloaded:
+                self.source.offload(offloaded, offsets)
+            self._stats["shrinks"] += 1
+        self.source.slept()
+
+    def _map_restored(self, pages: list, offsets: list[int]) -> None:
+        """Map pages handed back on wake at the offsets they were offloaded from."""
+        for page, offset in zip(pages, offsets, strict=True):
+            range_index, within = divmod(offset, self.range_bytes)
+            slot, page_in_slot = divmod(within, self.slot_bytes)
+            index = range_index * self.pages_per_slot + page_in_slot // self.page_size
+            entries = self._restoring.setdefault(slot, [None] * self.pages_per_growth)
+            if slot not in self._offloaded_slots or entries[index] is not None:
+                logger.error("kvmem cache: a restored page for offset %d matches no offloaded page", offset)
+                self.source.release([page])
+                continue
+            entries[index] = (page, self.device.map(self.reservation, offset, page.physical))
+
+    def _wake_up(self, restored: bool) -> None:
+        complete = all(slot in self._restoring and None not in self._restoring[slot] for slot in self._offloaded_slots)
+        with self._grow_lock:
+            if restored and complete:
+                for start, count in _runs(sorted(self._offloaded_slots)):
+                    for r in range(self.num_ranges):
+                        offset = r * self.range_bytes + start * self.slot_bytes
+                        self.device.set_access(self.reservation, offset, count * self.slot_bytes, Access.READ_WRITE)
+                with self._lock:
+                    for slot in self._offloaded_slots:
+                        entries = self._restoring.pop(slot)
+                        self._slots[slot] = ([p for p, _ in entries], [m for _, m in entries])
+            elif self._offloaded_slots:
+                # The saved cache is lost (or came back incomplete): every block is gone.
+                restored = False
+                partial = []
+                for entries in self._restoring.values():
+                    for entry in entries:
+                        if entry is not None:
+                            entry[1].close()
+                            partial.append(entry[0])
+                if partial:
+                    self.source.release(partial)
+                with self._lock:
+                    self.allocator = BlockAllocator(self.blocks_per_slot, self.max_slots)
+            self._restoring.clear()
+            self._offloaded_slots.clear()
+            self._discard_pending = False
+            self._asleep = False
+        self._report_usage()
+        self._run_hooks(self.wake_hooks, restored)
+
+    @staticmethod
+    def _run_hooks(hooks: list[Callable[[bool], None]], value: bool) -> None:
+        for hook in hooks:
+            try:
+                hook(value)
+            except Exception:  # an engine's hook failing must not stop the sleep or wake itself
+                logger.exception("kvmem cache: hook %r failed", hook)
+
     def _effective_target(self) -> int:
-        return 0 if self._sleeping else self._target_pages
+        return 0 if self._asleep else self._target_pages
 
     def _over_target(self) -> bool:
         held = len(self._slots) * self.pages_per_growth
@@ -417,11 +544,14 @@ class ElasticKVCache:
             if self._closed:
                 return
             try:
+                self._handle_sleep_events()
                 self._report_usage()
                 self._shrink_as_asked()
-                if self._sleeping and not self._slots and not self._slept_reported:
-                    self._slept_reported = True
+                if self._discard_pending and not self._slots:
+                    self._discard_pending = False
                     self.source.slept()  # drained: every page is back
+                if self._asleep:
+                    continue
                 surplus = self.allocator.get_num_free_blocks() - self.high_watermark
                 if surplus >= self.blocks_per_slot:
                     # A whole slot or more beyond the high watermark: give empty slots back, so an
@@ -473,7 +603,13 @@ class ElasticKVCache:
                 for mapping in mappings:
                     mapping.close()
                 returned.extend(pages)
+            for entries in self._restoring.values():
+                for entry in entries:
+                    if entry is not None:
+                        entry[1].close()
+                        returned.append(entry[0])
             self._slots.clear()
+            self._restoring.clear()
             if returned:
                 self.source.release(returned)
             self.reservation.close()

@@ -36,14 +36,20 @@ class PageSource(Protocol):
     device: Device
     page_size: int
     # Set by the cache: f(pages, reason) when pages are asked back; f(target_pages) on a new target;
-    # f(sleeping) when the operator puts the model to sleep (True) or wakes it (False).
+    # f(offload) when the operator puts the model to sleep; f(pages, offsets) when offloaded pages
+    # come back; f(restored) when the operator wakes the model. (Called on the client's reader
+    # thread: they only queue work.)
     on_reclaim: Callable[[int, str], None] | None
     on_target: Callable[[int], None] | None
     on_sleep: Callable[[bool], None] | None
+    on_restore: Callable[[list, list[int]], None] | None
+    on_wake: Callable[[bool], None] | None
 
     def acquire(self, n: int, wait: float) -> Acquired: ...
 
     def release(self, pages: list) -> None: ...
+
+    def offload(self, pages: list, offsets: list[int]) -> None: ...
 
     def report_usage(self, used_pages: int) -> None: ...
 
@@ -63,7 +69,7 @@ class LocalPageSource:
         self.budget_pages = budget_pages
         self.on_reclaim = None
         self.on_target = None
-        self.on_sleep = None  # no operator without a daemon
+        self.on_sleep = self.on_restore = self.on_wake = None  # no operator without a daemon
         self._owns_device = owns_device
         self._held: dict[int, LocalPage] = {}
         self._ids = itertools.count()
@@ -94,6 +100,9 @@ class LocalPageSource:
                 del self._held[page.id]
                 page.physical.close()
 
+    def offload(self, pages: list, offsets: list[int]) -> None:
+        raise RuntimeError("a local page source has no host tier to offload to: connect to kvmemd")
+
     def report_usage(self, used_pages: int) -> None:
         return None  # no one else to tell
 
@@ -119,10 +128,19 @@ class DaemonPageSource:
         self.on_reclaim = None
         self.on_target = None
         self.on_sleep = None
+        self.on_restore = None
+        self.on_wake = None
         client.on_reclaim = lambda pages, reason: self.on_reclaim and self.on_reclaim(pages, reason)
         client.on_policy = self._policy
-        client.on_sleep = lambda: self.on_sleep and self.on_sleep(True)
-        client.on_wake = lambda: self.on_sleep and self.on_sleep(False)
+        client.on_sleep = self._sleep
+        client.on_restore = lambda pages, offsets: self.on_restore and self.on_restore(pages, offsets)
+        client.on_wake = lambda restored: self.on_wake and self.on_wake(restored)
+
+    def _sleep(self, offload: bool) -> None:
+        if self.on_sleep is None:
+            self.client.slept()  # no cache holds pages yet: asleep at once
+        else:
+            self.on_sleep(offload)
 
     def _policy(self, policy: Policy) -> None:
         if self.on_target is not None:
@@ -134,6 +152,9 @@ class DaemonPageSource:
 
     def release(self, pages: list) -> None:
         self.client.return_pages(pages)
+
+    def offload(self, pages: list, offsets: list[int]) -> None:
+        self.client.offload_pages(pages, offsets)
 
     def report_usage(self, used_pages: int) -> None:
         self.client.report_usage(used_pages)

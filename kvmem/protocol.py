@@ -32,6 +32,8 @@ MAX_FRAME = 64 * 1024
 MAX_FDS_PER_MESSAGE = 253
 MAX_PAGES_PER_REQUEST = 1 << 20
 MAX_RETURN_IDS = 4096  # page ids per RETURN message; fits a frame with room to spare
+MAX_OFFLOAD_IDS = 1024  # (page id, offset) pairs per OFFLOAD message; fits a frame with room to spare
+MAX_OFFSET = 2**52  # byte offsets of pages in an engine's reservation
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$")
 _FD_SIZE = array.array("i").itemsize
 
@@ -59,6 +61,7 @@ class MsgType(enum.IntEnum):
     ADOPT = 5
     CONTROL = 6
     SLEPT = 7
+    OFFLOAD = 8
     # daemon -> client
     WELCOME = 20
     GRANT = 21
@@ -71,6 +74,7 @@ class MsgType(enum.IntEnum):
     REPLY = 28
     ERROR = 29
     GOODBYE = 30
+    RESTORE = 31
 
 
 # ---- schemas ----
@@ -212,6 +216,9 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
         "value": Optional(Int(-(2**62), 2**62)),
     },
     MsgType.SLEPT: {},
+    # Give pages back and keep their contents in the host tier, each for the byte offset the
+    # engine mapped it at; RESTORE hands them back with the same offsets on wake.
+    MsgType.OFFLOAD: {"pages": IntList(MAX_OFFLOAD_IDS), "offsets": IntList(MAX_OFFLOAD_IDS, hi=MAX_OFFSET)},
     MsgType.WELCOME: {
         "version": Int(0, 255),
         "client_id": _COUNT,
@@ -230,16 +237,20 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
         "priority": Int(-(2**31), 2**31 - 1),
         "target_pages": Int(-1, 2**40),
     },
-    MsgType.SLEEP: {},
-    MsgType.WAKE: {},
+    MsgType.SLEEP: {"offload": Bool()},
+    MsgType.WAKE: {"restored": Bool()},
     MsgType.ADOPTED: {"mapping": Pairs(MAX_FDS_PER_MESSAGE), "done": Bool()},
     MsgType.REPLY: {"req": _REQ, "ok": Bool(), "error": Optional(_TEXT), "data": Json()},
     MsgType.ERROR: {"message": _TEXT},
     MsgType.GOODBYE: {"reason": _TEXT},
+    # Pages restored from the host tier, each to be mapped at its offset; WAKE follows the last.
+    MsgType.RESTORE: {"pages": _PAGE_IDS, "offsets": IntList(MAX_FDS_PER_MESSAGE, hi=MAX_OFFSET)},
 }
 
 # The only messages that carry descriptors: one per page id, in order.
-FDS_ALLOWED = {MsgType.GRANT, MsgType.ADOPT}
+FDS_ALLOWED = {MsgType.GRANT, MsgType.ADOPT, MsgType.RESTORE}
+# Messages whose "offsets" pair up with their "pages", one each.
+_PAIRED_OFFSETS = {MsgType.OFFLOAD, MsgType.RESTORE}
 
 
 @dataclass
@@ -262,6 +273,9 @@ def validate(msg_type: MsgType, body: Mapping[str, Any], num_fds: int) -> None:
         raise ProtocolError(f"{msg_type.name} message has {problem} fields")
     for name, checker in schema.items():
         checker.check(name, body[name])
+    if msg_type in _PAIRED_OFFSETS and len(body["offsets"]) != len(body["pages"]):
+        pages, offsets = len(body["pages"]), len(body["offsets"])
+        raise ProtocolError(f"{msg_type.name} message has {pages} pages but {offsets} offsets")
     expected_fds = len(body["pages"]) if msg_type in FDS_ALLOWED else 0
     if num_fds != expected_fds:
         raise ProtocolError(f"{msg_type.name} message carries {num_fds} descriptors, expected {expected_fds}")

@@ -12,6 +12,7 @@ closing gets its pages taken back by the daemon.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from kvmem.client import DaemonClient
@@ -28,7 +29,34 @@ class Session:
         self.source = source
         self.device = source.device
         self.caches: list[ElasticKVCache] = []
+        self._sleep_hooks: list[Callable[[bool], None]] = []
+        self._wake_hooks: list[Callable[[bool], None]] = []
         self._closed = False
+
+    def on_sleep(self, hook: Callable[[bool], None]) -> Callable[[bool], None]:
+        """Register `hook(offload)`, run when the operator puts this model to sleep (`kvctl sleep`).
+
+        The hook is the engine's drain: it must stop admitting requests and finish or preempt the
+        running ones before it returns. Without offload (`offload` False) it must also free every
+        block, whose contents are discarded; with offload the blocks may stay allocated (the cache
+        keeps their contents in the daemon's host tier). It runs on the cache's background thread.
+        Usable as a decorator.
+        """
+        self._sleep_hooks.append(hook)
+        for cache in self.caches:
+            cache.sleep_hooks.append(hook)
+        return hook
+
+    def on_wake(self, hook: Callable[[bool], None]) -> Callable[[bool], None]:
+        """Register `hook(restored)`, run once the model is awake again and its cache usable.
+
+        `restored` is False when an offloaded cache was lost: every block was freed and the engine
+        must forget its block ids (and its prefix cache). Usable as a decorator.
+        """
+        self._wake_hooks.append(hook)
+        for cache in self.caches:
+            cache.wake_hooks.append(hook)
+        return hook
 
     def kv_cache(
         self,
@@ -51,7 +79,17 @@ class Session:
         if self.caches:
             raise RuntimeError("this session already has a KV cache: open one session per model")
         cache = ElasticKVCache(
-            self.source, num_layers, block_size, num_kv_heads, head_dim, dtype, max_tokens, layout, **options
+            self.source,
+            num_layers,
+            block_size,
+            num_kv_heads,
+            head_dim,
+            dtype,
+            max_tokens,
+            layout,
+            sleep_hooks=self._sleep_hooks,
+            wake_hooks=self._wake_hooks,
+            **options,
         )
         self.caches.append(cache)
         return cache

@@ -28,7 +28,7 @@ from typing import Any
 import posix_ipc
 
 MAGIC = b"KVMEMST\0"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_SIZE = 256
 SLOT_SIZE = 256
 MAX_SLOTS = 64
@@ -74,6 +74,10 @@ class DaemonStatus:
     num_models: int = _laid_out("I", 0)
     device_kind: str = _laid_out("8s", "")  # strings: fixed-size, NUL-padded UTF-8
     device_name: str = _laid_out("64s", "")
+    host_tier_used_bytes: int = _laid_out("Q", 0)  # sleeping models' pages kept in host memory
+    host_tier_capacity_bytes: int = _laid_out("Q", 0)
+    sleeps: int = _laid_out("Q", 0)
+    wakes: int = _laid_out("Q", 0)
 
 
 @dataclass
@@ -98,6 +102,9 @@ class ModelStatus:
     pages_granted_total: int = _laid_out("Q", 0)
     pages_returned_total: int = _laid_out("Q", 0)
     last_grant_us: int = _laid_out("Q", 0)
+    saved_pages: int = _laid_out("Q", 0)  # pages of this model's cache in the host tier (offloaded sleep)
+    sleeps: int = _laid_out("Q", 0)
+    wakes: int = _laid_out("Q", 0)
 
 
 # (field, struct code) in layout order, read off the dataclasses.

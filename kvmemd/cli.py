@@ -76,6 +76,19 @@ def runtime_dir_option(f):
     envvar="KVMEM_LOG_LEVEL", show_envvar=True, help="How much the daemon logs (to stderr; with --detach, to "
     "<runtime dir>/gpu<N>.log).",
 )  # fmt: skip
+@click.option(
+    "--host-tier", envvar="KVMEM_HOST_TIER", show_envvar=True, default="50%", show_default=True,
+    help="Most host memory that sleeping models' caches (kvctl sleep --offload) may fill: a size (64GiB) or "
+    "a percentage of the machine's RAM.",
+)  # fmt: skip
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), envvar="KVMEM_METRICS_PORT", show_envvar=True,
+    help="Serve Prometheus metrics over HTTP on this port (0: any free port, logged). Default: no metrics.",
+)  # fmt: skip
+@click.option(
+    "--metrics-address", default="127.0.0.1", show_default=True, envvar="KVMEM_METRICS_ADDRESS", show_envvar=True,
+    help="Address the metrics server listens on.",
+)  # fmt: skip
 @click.option("--detach", is_flag=True, help="Run in the background; return once the daemon serves.")
 def start(
     gpu: int,
@@ -86,6 +99,9 @@ def start(
     group: str | None,
     reserve: tuple[int, int],
     release_after: float,
+    host_tier: str,
+    metrics_port: int | None,
+    metrics_address: str,
     log_level: str,
     detach: bool,
 ) -> None:
@@ -103,6 +119,9 @@ def start(
         reserve_low=low,
         reserve_high=high,
         release_after=release_after,
+        host_tier=host_tier,
+        metrics_port=metrics_port,
+        metrics_address=metrics_address,
     )
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s kvmemd[%(process)d] %(levelname)s %(message)s", stream=sys.stderr

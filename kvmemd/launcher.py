@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from kvmem.device import Device, DeviceError, open_device
 from kvmem.runtime import DaemonPaths
 from kvmem.sizes import format_size, parse_size
@@ -45,6 +47,9 @@ class StartOptions:
     reserve_high: int = 32
     release_after: float = 10.0
     host_capacity: int | None = None
+    host_tier: str = "50%"  # a size or a percentage of the machine's RAM
+    metrics_port: int | None = None  # None: no metrics server
+    metrics_address: str = "127.0.0.1"
 
 
 def read_lock_pid(paths: DaemonPaths) -> int | None:
@@ -152,6 +157,13 @@ def _budget_pages(device: Device, budget: str | None, page_size: int) -> int:
     return pages
 
 
+def _host_tier_bytes(text: str) -> int:
+    try:
+        return parse_size(text, total=psutil.virtual_memory().total)
+    except ValueError as exc:
+        raise StartError(f"--host-tier: {exc}") from None
+
+
 def _page_size(device: Device, text: str | None) -> int:
     if text is None:
         return device.granularity
@@ -211,6 +223,7 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
         stack.callback(device.close)
         page_size = _page_size(device, options.page_size)
         budget_pages = _budget_pages(device, options.budget, page_size)
+        host_tier_bytes = _host_tier_bytes(options.host_tier)
         status = StatusWriter(paths.shm_name, mode=mode & 0o640, gid=gid)
         stack.callback(status.close)
         listener = stack.enter_context(_listener(paths, mode, gid))
@@ -223,6 +236,7 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
             reserve_high=options.reserve_high,
             release_after=options.release_after,
             cache_exports=cache_exports,
+            host_tier_bytes=host_tier_bytes,
         )
         try:
             daemon = Daemon(config, device, listener, status)

@@ -184,6 +184,10 @@ class PagePool:
             page.export_fd = page.physical.export().detach()
         return page.export_fd, False
 
+    def address_of(self, page_id: int) -> int:
+        """Where page `page_id` is mapped in the daemon (read/write, for as long as it exists)."""
+        return self.reservation.address + page_id * self.page_size
+
     def give_back(self, page_ids: list[int], model: str) -> None:
         """Pages a client returned (or a dead client held): free, dirty with `model`'s data."""
         with self._lock:

@@ -22,6 +22,14 @@ client. Its pages go back to the pool (dirty, so they are zeroed before another 
 only once its process is gone: a process that closed its socket but still runs may still map
 them, so they stay quarantined until its pidfd says it exited.
 
+Sleep. `kvctl sleep` sends SLEEP; the engine drains (its integration's hook stops admission and
+finishes or preempts work), returns its pages and says SLEPT. With ``--offload`` it returns the
+pages that hold live blocks as OFFLOAD, with the offset each was mapped at, and the daemon copies
+them to its host tier (`kvmemd.host_tier`) before they go back to the pool. `kvctl wake` of an
+offloaded model is a restore request that waits in line with the GROWs: as pages are found they
+are filled from the tier and sent as RESTORE; WAKE follows the last. States: AWAKE -> DRAINING ->
+ASLEEP -> WAKING -> AWAKE.
+
 Restarts. Clients keep their pages when the daemon dies. When a daemon starts, engines reconnect,
 send their pages back as descriptors (ADOPT) and get new page ids; the pages count as created and
 granted from then on.
@@ -45,6 +53,7 @@ from kvmem import protocol
 from kvmem.device import Device, DeviceError
 from kvmem.protocol import Message, MsgType, ProtocolError
 from kvmem.status import MAX_SLOTS, DaemonStatus, ModelState, ModelStatus, StatusWriter
+from kvmemd.host_tier import HostTier, TierFullError
 from kvmemd.pool import Page, PagePool
 
 logger = logging.getLogger(__name__)
@@ -75,6 +84,15 @@ class ModelRecord:
     pages_granted_total: int = 0
     pages_returned_total: int = 0
     last_grant_us: int = 0
+    sleeps: int = 0
+    wakes: int = 0
+    # Sleep: whether this sleep offloads, whether the engine said SLEPT, copies still running,
+    # and whether any saved content was lost (then the wake says restored=False).
+    sleep_offload: bool = False
+    slept_reported: bool = False
+    copies_in_flight: int = 0
+    offload_lost: bool = False
+    waiting_for: str = ""  # why a wake (restore) is still waiting, for status
     # Pages asked back and not yet returned (until `asked_until`): never ask below the minimum.
     asked: int = 0
     asked_until: float = 0.0
@@ -125,6 +143,7 @@ class GrowRequest:
     started: float
     granted: int = 0
     reclaim_asked: int = 0
+    restore: bool = False  # a wake's restore from the host tier, not an engine's GROW
 
 
 @dataclass
@@ -138,6 +157,7 @@ class DaemonConfig:
     reserve_high: int = 32
     release_after: float = 10.0
     cache_exports: bool = True
+    host_tier_bytes: int = 0  # the most bytes sleeping models may keep in host memory
 
 
 class Daemon:
@@ -163,6 +183,7 @@ class Daemon:
             notify=self._wake,
             cache_exports=config.cache_exports,
         )
+        self.tier = HostTier(device, config.page_size, config.host_tier_bytes, notify=self._wake)
         self.selector = selectors.DefaultSelector()
         self.selector.register(listener, selectors.EVENT_READ, ("listen", None))
         self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
@@ -175,7 +196,7 @@ class Daemon:
         self._stopping = False
         self._status_dirty = True
         self._last_publish = 0.0
-        self.totals = {"grants": 0, "denies": 0, "reclaims": 0}
+        self.totals = {"grants": 0, "denies": 0, "reclaims": 0, "sleeps": 0, "wakes": 0}
 
     # ---- lifecycle ----
 
@@ -207,6 +228,7 @@ class Daemon:
                         self._read(obj)
                 elif kind == "pidfd":
                     self._process_exited(key.fd, obj)
+            self.tier.run_completions()
             self._serve_pending()
             self._publish()
         self._shutdown()
@@ -238,6 +260,7 @@ class Daemon:
             os.close(pidfd)
         self.quarantine.clear()
         self.selector.close()
+        self.tier.close()  # finishes copies (their pages go back to the pool) before the pool goes
         self.pool.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -366,6 +389,9 @@ class Daemon:
             record.client = None
             if record.state != ModelState.ASLEEP:
                 record.state = ModelState.DETACHED
+            # The saved cache is only of use to the engine that saved it.
+            if self.tier.discard(record.name):
+                record.offload_lost = True
         self._status_dirty = True
         held = sorted(conn.held)
         conn.held.clear()
@@ -416,6 +442,7 @@ class Daemon:
                 MsgType.USAGE: self._usage,
                 MsgType.ADOPT: self._adopt,
                 MsgType.SLEPT: self._slept,
+                MsgType.OFFLOAD: self._offload,
             },
             "control": {MsgType.CONTROL: self._control},
         }[conn.role]
@@ -462,7 +489,7 @@ class Daemon:
         self._welcome(conn, slot=record.slot)
         self._send_policy(record)
         if record.state == ModelState.ASLEEP:
-            self._send(conn, MsgType.SLEEP, {})
+            self._send(conn, MsgType.SLEEP, {"offload": False})
         self._status_dirty = True
         logger.info("model %s attached: pid %d uid %d", name, conn.pid, conn.uid)
 
@@ -497,7 +524,8 @@ class Daemon:
     def _forget_idle_records(self) -> None:
         """Drop detached models that hold nothing and have no policy, to free their slots."""
         for name, r in list(self.models.items()):
-            if r.client is None and r.limit_pages < 0 and r.min_pages == 0 and r.priority == 0:
+            idle = r.client is None and r.copies_in_flight == 0 and not self.tier.saved_pages(name)
+            if idle and r.limit_pages < 0 and r.min_pages == 0 and r.priority == 0:
                 del self.models[name]
 
     def _may_manage(self, uid: int, record: ModelRecord) -> bool:
@@ -545,10 +573,46 @@ class Daemon:
         self._status_dirty = True
 
     def _slept(self, conn: Connection, msg: Message) -> None:
-        record = conn.model
-        if record.state == ModelState.DRAINING:
+        conn.model.slept_reported = True
+        self._maybe_asleep(conn.model)
+
+    def _maybe_asleep(self, record: ModelRecord) -> None:
+        """DRAINING becomes ASLEEP once the engine said SLEPT and every offload copy is done."""
+        if record.state == ModelState.DRAINING and record.slept_reported and record.copies_in_flight == 0:
             record.state = ModelState.ASLEEP
             self._status_dirty = True
+
+    def _offload(self, conn: Connection, msg: Message) -> None:
+        """Pages given back during an offloading sleep: save their contents, then recycle them."""
+        record = conn.model
+        if record.state != ModelState.DRAINING or not record.sleep_offload:
+            raise ProtocolError(f"OFFLOAD while model {record.name} is not draining for an offloading sleep")
+        page_ids = msg["pages"]
+        unknown = [p for p in page_ids if p not in conn.held]
+        if unknown or len(set(page_ids)) != len(page_ids):
+            raise ProtocolError(f"OFFLOAD names pages this client does not hold: {unknown[:8] or 'duplicates'}")
+        if len(set(msg["offsets"])) != len(page_ids):
+            raise ProtocolError("OFFLOAD names the same offset twice")
+        conn.held.difference_update(page_ids)
+        conn.used_pages = min(conn.used_pages, len(conn.held))
+        # From here the copy job owns the pages: they go back to the pool when it is done.
+        record.copies_in_flight += 1
+
+        def saved(error: Exception | None) -> None:
+            record.copies_in_flight -= 1
+            self._pages_back(record.name, page_ids)
+            if error is not None:
+                record.offload_lost = True
+                logger.error("model %s: saving %d pages failed: %s", record.name, len(page_ids), error)
+            if record.client is not conn or record.state != ModelState.DRAINING:
+                self.tier.discard(record.name)  # the engine left meanwhile: nobody will restore
+            self._maybe_asleep(record)
+
+        try:
+            self.tier.save(record.name, [self.pool.address_of(p) for p in page_ids], msg["offsets"], saved)
+        except (TierFullError, DeviceError) as exc:
+            logger.error("model %s: cannot save %d pages, their contents are lost: %s", record.name, len(page_ids), exc)
+            saved(exc)
 
     def _adopt(self, conn: Connection, msg: Message) -> None:
         """Pages a client held across a daemon restart: import them and give them new ids."""
@@ -625,16 +689,85 @@ class Daemon:
             record.priority = value
             self._send_policy(record)
         elif op == "sleep":
-            if record.client is None:
-                raise ControlError(f"model {name!r} has no engine attached")
-            if record.state in (ModelState.AWAKE, ModelState.WAKING):
-                record.state = ModelState.DRAINING
-                self._send(record.client, MsgType.SLEEP, {})
-        elif op == "wake" and record.state in (ModelState.DRAINING, ModelState.ASLEEP):
-            record.state = ModelState.AWAKE if record.client else ModelState.DETACHED
-            if record.client:
-                self._send(record.client, MsgType.WAKE, {})
-        return {"model": name, "state": record.state.name.lower()}
+            self._sleep(record, offload=bool(value))
+        elif op == "wake":
+            self._wake_model(record)
+        return {"model": name, "state": record.state.name.lower(), "waiting_for": record.waiting_for}
+
+    def _sleep(self, record: ModelRecord, offload: bool) -> None:
+        if record.client is None:
+            raise ControlError(f"model {record.name!r} has no engine attached")
+        if record.state == ModelState.WAKING:
+            raise ControlError(f"model {record.name!r} is waking; put it to sleep once it is awake")
+        if record.state != ModelState.AWAKE:
+            return  # draining or asleep already
+        if offload and record.held > self.tier.room_pages():
+            raise ControlError(
+                f"the host tier has room for {self.tier.room_pages()} pages, model {record.name!r} holds "
+                f"{record.held}: sleep without --offload, or start kvmemd with a larger --host-tier"
+            )
+        record.state = ModelState.DRAINING
+        record.sleep_offload = offload
+        record.slept_reported = False
+        record.offload_lost = False
+        record.sleeps += 1
+        self.totals["sleeps"] += 1
+        self._send(record.client, MsgType.SLEEP, {"offload": offload})
+
+    def _wake_model(self, record: ModelRecord) -> None:
+        if record.state == ModelState.DRAINING and record.sleep_offload:
+            raise ControlError(
+                f"model {record.name!r} is still saving its cache to the host tier; wake it once it is asleep"
+            )
+        if record.state not in (ModelState.DRAINING, ModelState.ASLEEP):
+            return  # awake or waking already
+        record.wakes += 1
+        self.totals["wakes"] += 1
+        saved = self.tier.saved_pages(record.name)
+        if record.client is None:
+            self.tier.discard(record.name)
+            record.state = ModelState.DETACHED
+            return
+        if not saved:
+            record.state = ModelState.AWAKE
+            self._send(record.client, MsgType.WAKE, {"restored": not record.offload_lost})
+            self._send_policy(record)
+            return
+        if 0 <= record.limit_pages < saved:
+            raise ControlError(
+                f"model {record.name!r} saved {saved} pages, over its limit of {record.limit_pages}: raise the limit"
+            )
+        record.state = ModelState.WAKING
+        now = time.monotonic()
+        record.waiting_for = f"{saved} pages"
+        self.pending.append(GrowRequest(record.client, 0, saved, float("inf"), next(self._seq), now, restore=True))
+
+    def _restored(self, r: GrowRequest, page_ids: list[int], offsets: list[int], error: Exception | None) -> None:
+        """A batch of a wake's pages is filled from the tier: send it, and WAKE after the last."""
+        conn, record = r.conn, r.conn.model
+        record.copies_in_flight -= 1
+        if conn.closed or error is not None:
+            self._pages_back(record.name, page_ids)
+            if error is not None:
+                record.offload_lost = True
+                logger.error("model %s: restoring %d pages failed: %s", record.name, len(page_ids), error)
+        else:
+            conn.held.update(page_ids)
+            for start in range(0, len(page_ids), protocol.MAX_FDS_PER_MESSAGE):
+                batch = page_ids[start : start + protocol.MAX_FDS_PER_MESSAGE]
+                exported = [self.pool.export_fd(self.pool.pages[p]) for p in batch]
+                body = {"pages": batch, "offsets": offsets[start : start + len(batch)]}
+                self._send(
+                    conn, MsgType.RESTORE, body, [fd for fd, _ in exported], close_fds=any(c for _, c in exported)
+                )
+        if r.remaining == 0 and record.copies_in_flight == 0 and not conn.closed:
+            record.state = ModelState.AWAKE
+            record.waiting_for = ""
+            if record.offload_lost:  # some of the cache is gone: the engine must not trust any of it
+                self.tier.discard(record.name)
+            self._send(conn, MsgType.WAKE, {"restored": not record.offload_lost})
+            self._send_policy(record)
+        self._status_dirty = True
 
     # ---- arbitration ----
 
@@ -656,10 +789,14 @@ class Daemon:
             if r.conn.closed:  # dropped during this pass (a failed send): _drop handled its pages
                 continue
             record = r.conn.model
-            if record.state in (ModelState.DRAINING, ModelState.ASLEEP):
+            if not r.restore and record.state in (ModelState.DRAINING, ModelState.ASLEEP, ModelState.WAKING):
                 self._deny(r, "asleep", f"model {record.name} is {record.state.name.lower()}")
                 continue
             room = r.remaining if record.limit_pages < 0 else min(r.remaining, record.limit_pages - record.held)
+            if room <= 0 and r.restore:  # the limit was lowered during the wake: wait for it to rise
+                record.waiting_for = f"{r.remaining} pages: the limit of {record.limit_pages} pages leaves no room"
+                still_waiting.append(r)
+                continue
             if room <= 0:
                 self._deny(r, "limit", f"model {record.name} holds {record.held} pages, its limit")
                 continue
@@ -669,6 +806,8 @@ class Daemon:
                 room -= len(pages)
             if r.remaining == 0 or r.conn.closed:
                 continue
+            if r.restore:
+                record.waiting_for = f"{r.remaining} more pages: {self._budget_detail()}"
             if room <= 0:
                 self._deny(r, "limit", f"model {record.name} reached its limit of {record.limit_pages} pages")
                 continue
@@ -730,6 +869,17 @@ class Daemon:
         conn, record = r.conn, r.conn.model
         r.remaining -= len(pages)
         r.granted += len(pages)
+        if r.restore:
+            # The copy job owns the pages until they are filled; `_restored` sends them.
+            page_ids = [p.id for p in pages]
+            record.copies_in_flight += 1
+            record.pages_granted_total += len(pages)
+            self.tier.restore(
+                record.name,
+                [self.pool.address_of(p) for p in page_ids],
+                lambda offsets, error: self._restored(r, page_ids, offsets, error),
+            )
+            return
         conn.held.update(p.id for p in pages)
         record.pages_granted_total += len(pages)
         batches = protocol.batched(pages)
@@ -780,6 +930,10 @@ class Daemon:
             num_models=len(self.models),
             device_kind=self.device.kind,
             device_name=self.device.name,
+            host_tier_used_bytes=self.tier.used_bytes,
+            host_tier_capacity_bytes=self.tier.capacity,
+            sleeps=self.totals["sleeps"],
+            wakes=self.totals["wakes"],
         )
         slots: list[ModelStatus | None] = [None] * MAX_SLOTS
         for record in self.models.values():
@@ -802,6 +956,9 @@ class Daemon:
                 pages_granted_total=record.pages_granted_total,
                 pages_returned_total=record.pages_returned_total,
                 last_grant_us=record.last_grant_us,
+                saved_pages=self.tier.saved_pages(record.name),
+                sleeps=record.sleeps,
+                wakes=record.wakes,
             )
         self.status.publish(daemon, slots)
         self._status_dirty = False
@@ -824,6 +981,8 @@ class Daemon:
                 "pages_released_total": stats.pages_released_total,
                 "pages_scrubbed_total": stats.pages_scrubbed_total,
                 "out_of_memory_total": stats.out_of_memory_total,
+                "host_tier_used_bytes": self.tier.used_bytes,
+                "host_tier_capacity_bytes": self.tier.capacity,
             },
             "models": [
                 {
@@ -834,6 +993,8 @@ class Daemon:
                     "limit_pages": r.limit_pages,
                     "min_pages": r.min_pages,
                     "priority": r.priority,
+                    "saved_pages": self.tier.saved_pages(r.name),
+                    "waiting_for": r.waiting_for,
                     "geometry": r.geometry,
                 }
                 for r in self.models.values()

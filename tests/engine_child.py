@@ -45,7 +45,7 @@ class Engine:
             on_reclaim=self.on_reclaim,
             on_policy=lambda p: self.events.append(["policy", p.limit_pages, p.target_pages]),
             on_sleep=self.on_sleep,
-            on_wake=lambda: self.events.append(["wake"]),
+            on_wake=lambda restored: self.events.append(["wake", restored]),
             on_reconnect=lambda: self.events.append(["reconnect"]),
         )
         self.dev = self.client.device
@@ -58,8 +58,8 @@ class Engine:
         if self.auto_return:
             self.return_pages(pages)
 
-    def on_sleep(self) -> None:
-        self.events.append(["sleep"])
+    def on_sleep(self, offload: bool) -> None:
+        self.events.append(["sleep", offload])
         if self.sleep_returns:
             self.return_pages(None)
             self.client.slept()

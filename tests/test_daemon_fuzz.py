@@ -53,6 +53,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.ADOPT: {"pages": [0]},
     MsgType.CONTROL: {"req": 1, "op": "status", "model": None, "value": None},
     MsgType.SLEPT: {},
+    MsgType.OFFLOAD: {"pages": [0], "offsets": [0]},
     MsgType.WELCOME: {
         "version": 1,
         "client_id": 1,
@@ -66,12 +67,13 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.DENY: {"req": 1, "reason": "budget", "detail": "", "granted": 0},
     MsgType.RECLAIM: {"pages": 1, "deadline_ms": 100, "reason": "pressure"},
     MsgType.POLICY: {"limit_pages": -1, "min_pages": 0, "priority": 0, "target_pages": -1},
-    MsgType.SLEEP: {},
-    MsgType.WAKE: {},
+    MsgType.SLEEP: {"offload": False},
+    MsgType.WAKE: {"restored": True},
     MsgType.ADOPTED: {"mapping": [[0, 1]], "done": True},
     MsgType.REPLY: {"req": 1, "ok": True, "error": None, "data": None},
     MsgType.ERROR: {"message": "no"},
     MsgType.GOODBYE: {"reason": "bye"},
+    MsgType.RESTORE: {"pages": [0], "offsets": [0]},
 }
 
 

@@ -287,5 +287,5 @@ def test_sleep_returns_every_page_as_blocks_drain_and_wake_serves_again(daemon: 
         assert info.value.reason == "asleep"
         c.wake("sleeper")
         wait_for(lambda: daemon.status().model("sleeper").state.name == "AWAKE")
-        wait_for(lambda: not cache._sleeping, what="the wake to reach the cache")
+        wait_for(lambda: not cache.asleep, what="the wake to reach the cache")
         cache.free(cache.alloc(600))

@@ -48,6 +48,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.ADOPT: {"pages": [11, 12, 13]},
     MsgType.CONTROL: {"req": 2**31 - 1, "op": "set_limit", "model": "qwen2:7b", "value": 2**62},
     MsgType.SLEPT: {},
+    MsgType.OFFLOAD: {"pages": [3, 9], "offsets": [0, 2 << 20]},
     MsgType.WELCOME: {
         "version": 1,
         "client_id": 77,
@@ -61,12 +62,13 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.DENY: {"req": 6, "reason": "budget", "detail": "no free page — budget spent", "granted": 2},
     MsgType.RECLAIM: {"pages": 12, "deadline_ms": 2000, "reason": "pressure"},
     MsgType.POLICY: {"limit_pages": -1, "min_pages": 4, "priority": -(2**31), "target_pages": 17},
-    MsgType.SLEEP: {},
-    MsgType.WAKE: {},
+    MsgType.SLEEP: {"offload": True},
+    MsgType.WAKE: {"restored": True},
     MsgType.ADOPTED: {"mapping": [[11, 0], [12, 1]], "done": False},
     MsgType.REPLY: {"req": 9, "ok": True, "error": None, "data": {"models": [{"a": [1, 2.5, "x", None, True]}]}},
     MsgType.ERROR: {"message": "ünïcode is fine"},
     MsgType.GOODBYE: {"reason": "kvmemd is stopping"},
+    MsgType.RESTORE: {"pages": [4], "offsets": [6 << 20]},
 }
 
 
@@ -299,9 +301,9 @@ GOOD_PAYLOAD = GOOD[HEADER.size :]
         (GOOD + b" ", "length does not match"),
         (HEADER.pack(MAGIC, 1, MsgType.USAGE, 1, len(GOOD_PAYLOAD)) + GOOD_PAYLOAD, "length does not match"),
         (frame(0, b"{}"), "unknown message type 0"),
-        (frame(8, b"{}"), "unknown message type 8"),
         (frame(19, b"{}"), "unknown message type 19"),
-        (frame(31, b"{}"), "unknown message type 31"),
+        (frame(19, b"{}"), "unknown message type 19"),
+        (frame(32, b"{}"), "unknown message type 32"),
         (frame(255, b"{}"), "unknown message type 255"),
         (frame(MsgType.USAGE, b""), "USAGE body is not valid JSON"),
         (frame(MsgType.USAGE, b"{used_pages: 3}"), "USAGE body is not valid JSON"),
@@ -509,7 +511,7 @@ def test_peer_credentials_of_a_socketpair_are_our_own(pair):
 def test_peer_closing_is_connection_closed(pair):
     """Once the peer closes, receiving raises ConnectionClosed (after any datagrams still queued)."""
     a, b = pair
-    protocol.send_message(a, MsgType.WAKE, {})
+    protocol.send_message(a, MsgType.WAKE, {"restored": False})
     a.close()
     assert protocol.receive_message(b).type is MsgType.WAKE
     with pytest.raises(ConnectionClosed):
@@ -568,3 +570,10 @@ def test_a_real_child_process_is_identified_and_its_descriptor_usable(tmp_path: 
         if child.stdout:
             child.stdout.close()
         listener.close()
+
+
+@pytest.mark.parametrize("msg_type", [MsgType.OFFLOAD, MsgType.RESTORE], ids=lambda t: t.name)
+def test_offsets_must_pair_with_pages(msg_type: MsgType):
+    body = {"pages": [1, 2], "offsets": [0]}
+    with pytest.raises(ProtocolError, match=f"{msg_type.name} message has 2 pages but 1 offsets"):
+        protocol.validate(msg_type, body, 2 if msg_type in FDS_ALLOWED else 0)

@@ -16,6 +16,7 @@ import posix_ipc
 import pytest
 
 from kvmem.status import (
+    LAYOUT_VERSION,
     MAX_SLOTS,
     SEGMENT_SIZE,
     DaemonStatus,
@@ -69,6 +70,10 @@ DAEMON = DaemonStatus(
     num_models=3,
     device_kind="cuda",
     device_name="NVIDIA H100 80GB HBM3 — Ünïcode",
+    host_tier_used_bytes=2**40 + 3,
+    host_tier_capacity_bytes=2**41 + 5,
+    sleeps=1008,
+    wakes=1009,
 )
 # 32 two-byte characters: exactly the 64 bytes of the slot's name field, with no NUL terminator.
 LONGEST_NAME = "é" * 32
@@ -91,6 +96,9 @@ MODELS = {
         pages_granted_total=2**64 - 2,
         pages_returned_total=17,
         last_grant_us=18,
+        saved_pages=19,
+        sleeps=20,
+        wakes=2**64 - 3,
     ),
     5: ModelStatus(
         model=LONGEST_NAME,
@@ -110,6 +118,9 @@ MODELS = {
         pages_granted_total=31,
         pages_returned_total=32,
         last_grant_us=33,
+        saved_pages=34,
+        sleeps=35,
+        wakes=36,
     ),
     MAX_SLOTS - 1: ModelStatus(model="last-slot", state=ModelState.DETACHED, mapped_pages=99),
 }
@@ -310,7 +321,7 @@ def test_unreadable_segments_are_status_errors(shm_name: str):
             writer.publish(DAEMON, [])
             assert reader.snapshot().daemon == DAEMON
             writer._map[16:20] = (99).to_bytes(4, "little")  # the layout version field
-            with pytest.raises(StatusError, match="layout version 99 is not the 1 this kvmem reads"):
+            with pytest.raises(StatusError, match=f"layout version 99 is not the {LAYOUT_VERSION} this kvmem reads"):
                 reader.snapshot()
     finally:
         writer.close()
@@ -362,12 +373,12 @@ def consistent_k(snap) -> int:
     d = snap.daemon
     k = d.daemon_pid
     header_ints = [getattr(d, f.name) for f in dataclasses.fields(d) if f.type in ("int", int)]
-    assert len(header_ints) == 14 and header_ints == [k] * 14, f"torn header: {header_ints}"
+    assert len(header_ints) == 18 and header_ints == [k] * 18, f"torn header: {header_ints}"
     assert (d.started_unix, d.device_kind, d.device_name) == (float(k), str(k), f"dev-{k}")
     assert len(snap.models) == MAX_SLOTS, f"torn image: {len(snap.models)} occupied slots"
     for i, m in enumerate(snap.models):
         slot_ints = [getattr(m, f.name) for f in dataclasses.fields(m) if f.type in ("int", int)]
-        assert len(slot_ints) == 15 and slot_ints == [k] * 15, f"torn slot {i} at k={k}: {slot_ints}"
+        assert len(slot_ints) == 18 and slot_ints == [k] * 18, f"torn slot {i} at k={k}: {slot_ints}"
         assert (m.model, m.state) == (f"m{k}-{i}", ModelState(1 + k % 5)), f"torn slot {i} at k={k}"
     return k
 

@@ -1,0 +1,220 @@
+"""The host tier: where a sleeping model's KV pages wait, and the thread that copies them there and back.
+
+Design note
+-----------
+`kvctl sleep MODEL --offload` keeps a model's KV cache across a sleep. The engine unmaps its pages
+and sends them back with the byte offset each was mapped at (OFFLOAD); the daemon copies every page
+into host memory it owns (pinned on CUDA: `Device.allocate_host_buffer`), then recycles the page
+like any returned page. On wake it takes pages for the model through the normal arbitration, copies
+the saved bytes into them and hands them back with their offsets (RESTORE), so the engine maps
+each at the offset it had and its cache reads bit-identical.
+
+Copies run on one worker thread, never on the event loop: a 2 MiB page takes a fraction of a
+millisecond, but a model holds thousands. Each page is read through (or written through) the
+daemon's own mapping of it (`kvmemd.pool`), so nothing is mapped for a copy. A copy job finishes by
+queueing a completion that the event loop runs (`run_completions`) after `notify()` wakes it: all
+accounting stays on the loop thread.
+
+A page is owned by its copy job from the moment it leaves the engine (or the pool) until the job
+completes: the loop neither lends it nor zeroes it meanwhile, so a restore can never write a
+tenant's bytes into a page already zeroed for another.
+
+Capacity: the tier holds at most `capacity` bytes; a sleep that would not fit is refused up front
+(`room_pages`). One host buffer is allocated per OFFLOAD message and freed once all its pages are
+restored or discarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmem.device import Device, HostBuffer
+
+logger = logging.getLogger(__name__)
+
+
+class TierFullError(Exception):
+    """The host tier has no room for the pages asked to be saved."""
+
+
+@dataclass
+class SavedPage:
+    """One page's bytes in the tier: page `index` of `buffer`, mapped by the engine at `offset`."""
+
+    buffer: HostBuffer
+    index: int
+    offset: int
+
+
+class HostTier:
+    """Saved pages by model, and the copy worker. Methods are called from the event loop only.
+
+    Args:
+        device: The device whose pages are copied.
+        page_size: Bytes per page.
+        capacity: The most bytes the tier may hold at once.
+        notify: Called (from the worker) when a completion is ready for `run_completions`.
+    """
+
+    def __init__(self, device: Device, page_size: int, capacity: int, notify: Callable[[], None]):
+        self.device = device
+        self.page_size = page_size
+        self.capacity = capacity
+        self._notify = notify
+        self._saved: dict[str, list[SavedPage]] = {}
+        self._pages_left: dict[int, int] = {}  # id(buffer) -> saved pages still in it
+        self.used_bytes = 0
+        self.bytes_saved_total = 0
+        self.bytes_restored_total = 0
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._completions: deque[Callable[[], None]] = deque()
+        self._in_flight = 0
+        self._worker = threading.Thread(target=self._run, name="kvmemd-host-tier", daemon=True)
+        self._worker.start()
+
+    # ---- event-loop side ----
+
+    def room_pages(self) -> int:
+        """Pages the tier can still take."""
+        return (self.capacity - self.used_bytes) // self.page_size
+
+    def saved_pages(self, model: str) -> int:
+        return len(self._saved.get(model, ()))
+
+    def busy(self) -> bool:
+        """Whether copy jobs are queued or running."""
+        return self._in_flight > 0
+
+    def save(
+        self,
+        model: str,
+        addresses: list[int],
+        offsets: list[int],
+        done: Callable[[Exception | None], None],
+    ) -> None:
+        """Copy the pages at daemon `addresses` into the tier as `model`'s pages at `offsets`.
+
+        `done(error)` runs on the loop once the copies are over (error None on success; on an
+        error nothing of this batch is kept). The caller must not lend or zero the pages before.
+
+        Raises:
+            TierFullError: The batch would take the tier over its capacity (nothing was started).
+            kvmem.device.OutOfMemoryError: The host has no memory for the batch (nothing was started).
+        """
+        size = len(addresses) * self.page_size
+        if self.used_bytes + size > self.capacity:
+            raise TierFullError(f"the host tier holds {self.used_bytes} of {self.capacity} bytes; {size} more needed")
+        buffer = self.device.allocate_host_buffer(size)
+        self.used_bytes += size
+
+        def copy() -> None:
+            for i, address in enumerate(addresses):
+                self.device.copy_device_to_host(buffer.view(i * self.page_size, self.page_size), address)
+
+        def finish(error: Exception | None) -> None:
+            if error is None:
+                entries = [SavedPage(buffer, i, offset) for i, offset in enumerate(offsets)]
+                self._saved.setdefault(model, []).extend(entries)
+                self._pages_left[id(buffer)] = len(entries)
+                self.bytes_saved_total += size
+            else:
+                self._free(buffer)
+            done(error)
+
+        self._submit(copy, finish)
+
+    def restore(
+        self,
+        model: str,
+        addresses: list[int],
+        done: Callable[[list[int], Exception | None], None],
+    ) -> None:
+        """Copy `len(addresses)` of `model`'s saved pages into the pages at daemon `addresses`.
+
+        `done(offsets, error)` runs on the loop: `offsets[i]` is where the engine mapped the page
+        now at `addresses[i]`. The restored pages leave the tier (their buffers are freed once
+        empty) whether or not the copies succeed.
+        """
+        saved = self._saved.get(model, [])
+        if len(addresses) > len(saved):
+            raise ValueError(f"{len(addresses)} pages to restore, but {model!r} has {len(saved)} saved")
+        entries, self._saved[model] = saved[: len(addresses)], saved[len(addresses) :]
+        if not self._saved[model]:
+            del self._saved[model]
+
+        def copy() -> None:
+            for entry, address in zip(entries, addresses, strict=True):
+                view = entry.buffer.view(entry.index * self.page_size, self.page_size)
+                self.device.copy_host_to_device(address, view)
+
+        def finish(error: Exception | None) -> None:
+            if error is None:
+                self.bytes_restored_total += len(entries) * self.page_size
+            for entry in entries:
+                self._release_entry(entry)
+            done([entry.offset for entry in entries], error)
+
+        self._submit(copy, finish)
+
+    def discard(self, model: str) -> int:
+        """Forget `model`'s saved pages (their contents are lost); how many there were."""
+        entries = self._saved.pop(model, [])
+        for entry in entries:
+            self._release_entry(entry)
+        return len(entries)
+
+    def run_completions(self) -> None:
+        """Run the completions of finished jobs (on the event loop)."""
+        while self._completions:
+            self._completions.popleft()()
+
+    def close(self) -> None:
+        """Finish queued jobs, run their completions, free every buffer. Idempotent."""
+        if self._worker.is_alive():
+            self._jobs.put(None)
+            self._worker.join()
+        self.run_completions()
+        for model in list(self._saved):
+            self.discard(model)
+
+    # ---- internals ----
+
+    def _submit(self, copy: Callable[[], None], finish: Callable[[Exception | None], None]) -> None:
+        self._in_flight += 1
+
+        def job() -> None:
+            error: Exception | None = None
+            try:
+                copy()
+            except Exception as exc:  # a device error: reported to the loop, never kills the worker
+                logger.exception("host tier copy failed")
+                error = exc
+
+            def complete() -> None:
+                self._in_flight -= 1
+                finish(error)
+
+            self._completions.append(complete)
+            self._notify()
+
+        self._jobs.put(job)
+
+    def _release_entry(self, entry: SavedPage) -> None:
+        key = id(entry.buffer)
+        self._pages_left[key] -= 1
+        if self._pages_left[key] == 0:
+            del self._pages_left[key]
+            self._free(entry.buffer)
+
+    def _free(self, buffer: HostBuffer) -> None:
+        self.used_bytes -= buffer.size
+        buffer.close()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
