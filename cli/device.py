@@ -6,6 +6,7 @@ import json
 
 import click
 
+from kvmem.cli.context import KvctlContext, pass_context
 from kvmem.device import DEVICE_KINDS, DeviceError, open_device
 
 
@@ -14,14 +15,12 @@ from kvmem.device import DEVICE_KINDS, DeviceError, open_device
     "--device", "kind", type=click.Choice(DEVICE_KINDS), default="auto", show_default=True,
     envvar="KVMEM_DEVICE", show_envvar=True, help="Which device layer to open.",
 )  # fmt: skip
-@click.option(
-    "--gpu", type=int, default=0, show_default=True, envvar="KVMEM_GPU", show_envvar=True, help="GPU ordinal."
-)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def device(kind: str, gpu: int, as_json: bool) -> None:
-    """Show the device kvmem would use: kind, name, allocation granularity, memory."""
+@pass_context
+def device(ctx: KvctlContext, kind: str, as_json: bool) -> None:
+    """Show the device kvmem would use for --gpu: kind, name, allocation granularity, memory."""
     try:
-        with open_device(kind, gpu) as dev:
+        with open_device(kind, ctx.gpu) as dev:
             info = dev.memory_info()
             data = {
                 "kind": dev.kind,

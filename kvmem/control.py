@@ -17,7 +17,16 @@ from kvmem.runtime import DaemonPaths
 
 
 class ControlError(Exception):
-    """The daemon refused a control request; the message says why."""
+    """The daemon refused a control request; the message says why.
+
+    Attributes:
+        code: One of `kvmem.protocol.CONTROL_ERROR_CODES`, or "timeout" / "refused" when the
+            daemon did not answer or refused the connection.
+    """
+
+    def __init__(self, message: str, code: str = "invalid"):
+        super().__init__(message)
+        self.code = code
 
 
 class ControlClient:
@@ -61,13 +70,13 @@ class ControlClient:
         try:
             reply = _expect(self._sock, MsgType.REPLY)
         except DaemonRefusedError as exc:
-            raise ControlError(str(exc)) from None
+            raise ControlError(str(exc), "refused") from None
         except TimeoutError:
-            raise ControlError(f"kvmemd did not answer {op} in time") from None
+            raise ControlError(f"kvmemd did not answer {op} in time", "timeout") from None
         if reply["req"] != req:
-            raise ControlError(f"kvmemd answered request {reply['req']}, not {req}")
+            raise ControlError(f"kvmemd answered request {reply['req']}, not {req}", "refused")
         if not reply["ok"]:
-            raise ControlError(reply["error"])
+            raise ControlError(reply["error"], reply["code"] or "invalid")
         return reply["data"]
 
     def set_limit(self, model: str, limit_bytes: int | None) -> Any:

@@ -429,6 +429,7 @@ class ElasticKVCache:
                 self.source.release(returned)
             if offloaded:
                 self.source.offload(offloaded, offsets)
+            self._reported_used_slots = 0  # the daemon counts nothing in use once the pages left
             self._stats["shrinks"] += 1
         self.source.slept()
 

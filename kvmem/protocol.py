@@ -194,6 +194,8 @@ _MODEL = Str(64, MODEL_NAME)
 _PAGE_IDS = IntList(MAX_FDS_PER_MESSAGE)
 
 CONTROL_OPS = ("set_limit", "set_min", "set_priority", "sleep", "wake", "status")
+# Why a control request failed, so that kvctl can map it to an exit code without reading prose.
+CONTROL_ERROR_CODES = ("invalid", "unknown_model", "not_permitted", "conflict", "no_room")
 DENY_REASONS = ("limit", "budget", "asleep", "shutdown")
 
 SCHEMAS: dict[MsgType, dict[str, Any]] = {
@@ -240,7 +242,13 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
     MsgType.SLEEP: {"offload": Bool()},
     MsgType.WAKE: {"restored": Bool()},
     MsgType.ADOPTED: {"mapping": Pairs(MAX_FDS_PER_MESSAGE), "done": Bool()},
-    MsgType.REPLY: {"req": _REQ, "ok": Bool(), "error": Optional(_TEXT), "data": Json()},
+    MsgType.REPLY: {
+        "req": _REQ,
+        "ok": Bool(),
+        "error": Optional(_TEXT),
+        "code": Optional(Str(16, choices=CONTROL_ERROR_CODES)),
+        "data": Json(),
+    },
     MsgType.ERROR: {"message": _TEXT},
     MsgType.GOODBYE: {"reason": _TEXT},
     # Pages restored from the host tier, each to be mapped at its offset; WAKE follows the last.

@@ -644,9 +644,10 @@ class Daemon:
         try:
             data = self._control_op(conn, op, name, value)
         except ControlError as exc:
-            self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": False, "error": _clip(str(exc)), "data": None})
+            body = {"req": msg["req"], "ok": False, "error": _clip(str(exc)), "code": exc.code, "data": None}
+            self._send(conn, MsgType.REPLY, body)
             return
-        self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": True, "error": None, "data": data})
+        self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": True, "error": None, "code": None, "data": data})
         self._status_dirty = True
 
     def _control_op(self, conn: Connection, op: str, name: str | None, value: int | None) -> Any:
@@ -661,12 +662,13 @@ class Daemon:
             if record is None:
                 record = self._new_record(name, conn.uid)
                 if record is None:
-                    raise ControlError(f"the daemon already tracks {MAX_SLOTS} models")
+                    raise ControlError(f"the daemon already tracks {MAX_SLOTS} models", "no_room")
         if record is None:
-            raise ControlError(f"no model named {name!r} is known to this daemon")
+            raise ControlError(f"no model named {name!r} is known to this daemon", "unknown_model")
         if not self._may_manage(conn.uid, record):
             raise ControlError(
-                f"not permitted: model {name!r} belongs to uid {record.owner_uid}, you are uid {conn.uid}"
+                f"not permitted: model {name!r} belongs to uid {record.owner_uid}, you are uid {conn.uid}",
+                "not_permitted",
             )
         page = self.config.page_size
         if op == "set_limit":
@@ -679,7 +681,8 @@ class Daemon:
             others = sum(r.min_pages for r in self.models.values() if r is not record)
             if others + pages > self.config.budget_pages:
                 raise ControlError(
-                    f"minimums would total {others + pages} pages, more than the budget's {self.config.budget_pages}"
+                    f"minimums would total {others + pages} pages, more than the budget's {self.config.budget_pages}",
+                    "no_room",
                 )
             record.min_pages = pages
             self._send_policy(record)
@@ -696,15 +699,16 @@ class Daemon:
 
     def _sleep(self, record: ModelRecord, offload: bool) -> None:
         if record.client is None:
-            raise ControlError(f"model {record.name!r} has no engine attached")
+            raise ControlError(f"model {record.name!r} has no engine attached", "conflict")
         if record.state == ModelState.WAKING:
-            raise ControlError(f"model {record.name!r} is waking; put it to sleep once it is awake")
+            raise ControlError(f"model {record.name!r} is waking; put it to sleep once it is awake", "conflict")
         if record.state != ModelState.AWAKE:
             return  # draining or asleep already
         if offload and record.held > self.tier.room_pages():
             raise ControlError(
                 f"the host tier has room for {self.tier.room_pages()} pages, model {record.name!r} holds "
-                f"{record.held}: sleep without --offload, or start kvmemd with a larger --host-tier"
+                f"{record.held}: sleep without --offload, or start kvmemd with a larger --host-tier",
+                "no_room",
             )
         record.state = ModelState.DRAINING
         record.sleep_offload = offload
@@ -717,7 +721,8 @@ class Daemon:
     def _wake_model(self, record: ModelRecord) -> None:
         if record.state == ModelState.DRAINING and record.sleep_offload:
             raise ControlError(
-                f"model {record.name!r} is still saving its cache to the host tier; wake it once it is asleep"
+                f"model {record.name!r} is still saving its cache to the host tier; wake it once it is asleep",
+                "conflict",
             )
         if record.state not in (ModelState.DRAINING, ModelState.ASLEEP):
             return  # awake or waking already
@@ -735,11 +740,12 @@ class Daemon:
             return
         if 0 <= record.limit_pages < saved:
             raise ControlError(
-                f"model {record.name!r} saved {saved} pages, over its limit of {record.limit_pages}: raise the limit"
+                f"model {record.name!r} saved {saved} pages, over its limit of {record.limit_pages}: raise the limit",
+                "conflict",
             )
         record.state = ModelState.WAKING
         now = time.monotonic()
-        record.waiting_for = f"{saved} pages"
+        record.waiting_for = f"{saved} pages to restore its cache"
         self.pending.append(GrowRequest(record.client, 0, saved, float("inf"), next(self._seq), now, restore=True))
 
     def _restored(self, r: GrowRequest, page_ids: list[int], offsets: list[int], error: Exception | None) -> None:
@@ -1008,7 +1014,11 @@ def _clip(text: str, limit: int = 1024) -> str:
 
 
 class ControlError(Exception):
-    """A control request that cannot be carried out; the reply says why."""
+    """A control request that cannot be carried out; the reply says why, with one of CONTROL_ERROR_CODES."""
+
+    def __init__(self, message: str, code: str = "invalid"):
+        super().__init__(message)
+        self.code = code
 
 
 def _has_exited(pidfd: int) -> bool:

@@ -70,7 +70,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.SLEEP: {"offload": False},
     MsgType.WAKE: {"restored": True},
     MsgType.ADOPTED: {"mapping": [[0, 1]], "done": True},
-    MsgType.REPLY: {"req": 1, "ok": True, "error": None, "data": None},
+    MsgType.REPLY: {"req": 1, "ok": True, "error": None, "code": None, "data": None},
     MsgType.ERROR: {"message": "no"},
     MsgType.GOODBYE: {"reason": "bye"},
     MsgType.RESTORE: {"pages": [0], "offsets": [0]},

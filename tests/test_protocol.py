@@ -65,7 +65,13 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.SLEEP: {"offload": True},
     MsgType.WAKE: {"restored": True},
     MsgType.ADOPTED: {"mapping": [[11, 0], [12, 1]], "done": False},
-    MsgType.REPLY: {"req": 9, "ok": True, "error": None, "data": {"models": [{"a": [1, 2.5, "x", None, True]}]}},
+    MsgType.REPLY: {
+        "req": 9,
+        "ok": True,
+        "error": None,
+        "code": None,
+        "data": {"models": [{"a": [1, 2.5, "x", None, True]}]},
+    },
     MsgType.ERROR: {"message": "ünïcode is fine"},
     MsgType.GOODBYE: {"reason": "kvmemd is stopping"},
     MsgType.RESTORE: {"pages": [4], "offsets": [6 << 20]},
@@ -350,10 +356,10 @@ def test_refusals_quote_only_a_bounded_excerpt_of_peer_data():
 
 def test_encode_refuses_a_frame_over_max_frame():
     """A body whose JSON makes the frame exceed MAX_FRAME is refused before anything is sent."""
-    body = {"req": 1, "ok": True, "error": None, "data": ["x" * 1000] * 70}
+    body = {"req": 1, "ok": True, "error": None, "code": None, "data": ["x" * 1000] * 70}
     with pytest.raises(ProtocolError, match=f"REPLY message of .* bytes exceeds the {MAX_FRAME}-byte frame"):
         protocol.encode(MsgType.REPLY, body)
-    fits = {"req": 1, "ok": True, "error": None, "data": "y" * (MAX_FRAME - 12 - 60)}
+    fits = {"req": 1, "ok": True, "error": None, "code": None, "data": "y" * (MAX_FRAME - 12 - 72)}
     assert len(protocol.encode(MsgType.REPLY, fits)) <= MAX_FRAME
 
 

@@ -1,0 +1,111 @@
+"""What every kvctl command shares: which daemon it talks to, how it reads status, and its exit codes.
+
+Exit codes (also in `kvctl --help`):
+    0  success
+    1  the daemon refused the operation (the message says why)
+    2  bad usage: an unknown option, a bad size or number
+    3  no daemon answers for this GPU and runtime directory
+    4  not permitted: the model belongs to another user
+    5  no such model
+    6  timed out waiting (--wait / --timeout)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+import psutil
+
+from kvmem.client import DaemonUnavailableError
+from kvmem.control import ControlClient, ControlError
+from kvmem.runtime import DaemonPaths
+from kvmem.sizes import parse_size
+from kvmem.status import StatusError, StatusReader, StatusSnapshot
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_NO_DAEMON = 3
+EXIT_NOT_PERMITTED = 4
+EXIT_UNKNOWN_MODEL = 5
+EXIT_TIMEOUT = 6
+
+# A daemon publishes at least every 0.5 s; status older than this, from a pid that is gone, is stale.
+STALE_AFTER_S = 5.0
+
+_EXIT_FOR_CODE = {"not_permitted": EXIT_NOT_PERMITTED, "unknown_model": EXIT_UNKNOWN_MODEL, "timeout": EXIT_TIMEOUT}
+
+
+class KvctlError(click.ClickException):
+    """A one-line error on stderr and a documented exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_REFUSED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class KvctlContext:
+    """The daemon kvctl talks to (the root group's --gpu and --runtime-dir)."""
+
+    gpu: int
+    runtime_dir: str | None
+
+    @property
+    def paths(self) -> DaemonPaths:
+        return DaemonPaths.resolve(self.runtime_dir, self.gpu)
+
+    def _no_daemon(self, why: str) -> KvctlError:
+        return KvctlError(
+            f"no kvmemd for GPU {self.gpu} in {self.paths.runtime_dir} ({why}): start one with "
+            f"`kvmemd start --gpu {self.gpu}`",
+            EXIT_NO_DAEMON,
+        )
+
+    def read_status(self) -> StatusSnapshot:
+        """A snapshot of the daemon's shared-memory status (no socket round trip).
+
+        Raises:
+            KvctlError: No daemon runs for this GPU (exit 3), or its status is unreadable.
+        """
+        try:
+            with StatusReader(self.paths.shm_name) as reader:
+                snapshot = reader.snapshot()
+        except StatusError as exc:
+            if "no status segment" in str(exc):
+                raise self._no_daemon("no status in shared memory") from None
+            raise KvctlError(f"cannot read kvmemd's status: {exc}") from None
+        pid = snapshot.daemon.daemon_pid
+        if snapshot.heartbeat_age() > STALE_AFTER_S and not psutil.pid_exists(pid):
+            raise self._no_daemon(f"its status is {snapshot.heartbeat_age():.0f} s old and pid {pid} is gone")
+        return snapshot
+
+    def control(self) -> ControlClient:
+        """A control connection to the daemon.
+
+        Raises:
+            KvctlError: No daemon answers (exit 3).
+        """
+        try:
+            return ControlClient(gpu=self.gpu, runtime_dir=self.runtime_dir)
+        except DaemonUnavailableError as exc:
+            raise self._no_daemon(str(exc).split(":")[0]) from None
+
+    def request(self, op: str, model: str, *args: object) -> dict:
+        """Run one ControlClient method; a refusal becomes a KvctlError with its exit code."""
+        with self.control() as control:
+            try:
+                return getattr(control, op)(model, *args)
+            except ControlError as exc:
+                raise KvctlError(str(exc), _EXIT_FOR_CODE.get(exc.code, EXIT_REFUSED)) from None
+
+
+pass_context = click.make_pass_decorator(KvctlContext)
+
+
+def parse_size_option(text: str, budget_bytes: int, option: str) -> int:
+    """Bytes for a size argument; percentages are of the daemon's budget. Bad input exits 2."""
+    try:
+        return parse_size(text, total=budget_bytes)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None

@@ -1,0 +1,185 @@
+"""Sleep and wake through a real daemon: discard, offload to the host tier and restore, contention."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvmem
+from kvmem import KVCacheFull
+from kvmem.control import ControlClient, ControlError
+from kvmem.kv_cache import ElasticKVCache
+from tests.daemon_support import DaemonProcess, wait_for
+from tests.test_kv_cache import host_view
+
+MiB = 1 << 20
+GEOMETRY = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64}  # 4 KiB blocks, 512 a page
+# 2,560-byte blocks: 5-page slots, so restored pages must land on the right page of each slot.
+ODD_GEOMETRY = {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_dim": 80}
+
+
+@pytest.fixture(params=["host", "cuda"])
+def daemon(request: pytest.FixtureRequest, tmp_path: Path):
+    with DaemonProcess(tmp_path / "rt", request.param, "64MiB", "--reserve", "0", "0") as d:
+        yield d
+
+
+def fill_random(cache: ElasticKVCache, blocks: list[int], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for layer in range(cache.num_layers):
+        for kind in ("k", "v"):
+            view = host_view(cache, layer, kind)
+            for block in blocks:
+                start = block * cache.block_bytes
+                view[start : start + cache.block_bytes] = torch.randint(
+                    0, 256, (cache.block_bytes,), dtype=torch.uint8, generator=generator
+                )
+
+
+def checksums(cache: ElasticKVCache, blocks: list[int]) -> dict[tuple[int, str, int], str]:
+    out = {}
+    for layer in range(cache.num_layers):
+        for kind in ("k", "v"):
+            for block in blocks:
+                data = cache.device.read(cache.block_address(layer, kind, block), cache.block_bytes)
+                out[layer, kind, block] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def model_state(daemon: DaemonProcess, name: str) -> str:
+    model = daemon.status().model(name)
+    return model.state.name if model else "GONE"
+
+
+@pytest.mark.parametrize("geometry", [GEOMETRY, ODD_GEOMETRY], ids=["one-page-slots", "five-page-slots"])
+def test_offload_sleep_and_wake_restore_every_block_bit_identical(daemon: DaemonProcess, geometry: dict):
+    events: list[tuple[str, bool]] = []
+    with (
+        kvmem.connect("sleeper", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as control,
+    ):
+        s.on_sleep(lambda offload: events.append(("sleep", offload)))
+        s.on_wake(lambda restored: events.append(("wake", restored)))
+        cache = s.kv_cache(**geometry, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        per_slot = cache.blocks_per_slot
+        ids = cache.alloc(3 * per_slot)  # slots 0, 1, 2
+        cache.free(ids[per_slot : 2 * per_slot])  # slot 1 empties: it goes back, it is not saved
+        cache.free(ids[2 * per_slot + 5 : 2 * per_slot + 9])  # a hole in slot 2 stays free after wake
+        live = ids[:per_slot] + ids[2 * per_slot : 2 * per_slot + 5] + ids[2 * per_slot + 9 :]
+        fill_random(cache, live, seed=1)
+        before = checksums(cache, live)
+        wait_for(lambda: daemon.status().model("sleeper").used_pages == 2 * cache.pages_per_growth)
+
+        assert control.sleep("sleeper", offload=True)["state"] == "draining"
+        wait_for(lambda: model_state(daemon, "sleeper") == "ASLEEP", what="asleep")
+        status = daemon.status()
+        model = status.model("sleeper")
+        assert (model.mapped_pages, model.saved_pages) == (0, 2 * cache.pages_per_growth)
+        assert status.daemon.pages_granted == 0
+        assert status.daemon.host_tier_used_bytes == 2 * cache.pages_per_growth * cache.page_size
+        assert events == [("sleep", True)]
+        assert cache.asleep and cache.stats().mapped_slots == 0
+        with pytest.raises(KVCacheFull) as info:
+            cache.alloc(1)
+        assert info.value.reason == "asleep"
+
+        assert control.wake("sleeper")["state"] == "waking"
+        wait_for(lambda: not cache.asleep, what="the wake to reach the cache")
+        assert events == [("sleep", True), ("wake", True)]
+        assert model_state(daemon, "sleeper") == "AWAKE"
+        assert checksums(cache, live) == before
+        status = daemon.status()
+        assert status.model("sleeper").saved_pages == 0 and status.daemon.host_tier_used_bytes == 0
+        assert status.model("sleeper").mapped_pages == 2 * cache.pages_per_growth
+        # The allocator's state survived: the hole in slot 2 is handed out first, the ids stay valid.
+        assert sorted(cache.alloc(4)) == ids[2 * per_slot + 5 : 2 * per_slot + 9]
+        cache.free(live)
+        fill_random(cache, cache.alloc(per_slot), seed=2)  # the restored mappings are writable
+
+
+def test_discarding_sleep_runs_the_drain_hook_and_wake_serves_again(daemon: DaemonProcess):
+    with (
+        kvmem.connect("drainer", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as control,
+    ):
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        held = [cache.alloc(700)]
+        woken = []
+
+        @s.on_sleep
+        def drain(offload: bool) -> None:
+            assert offload is False
+            cache.free(held.pop())  # the engine preempts its requests: every block is freed
+
+        s.on_wake(woken.append)
+        control.sleep("drainer")
+        wait_for(lambda: model_state(daemon, "drainer") == "ASLEEP", what="asleep")
+        assert daemon.status().model("drainer").mapped_pages == 0 and daemon.status().daemon.pages_granted == 0
+        assert daemon.status().model("drainer").saved_pages == 0
+        assert control.wake("drainer")["state"] == "awake"
+        wait_for(lambda: woken == [True], what="the wake hook")
+        cache.free(cache.alloc(600))
+
+
+def test_sleeping_under_contention_hands_the_memory_over_and_wake_waits_for_it(daemon: DaemonProcess):
+    page_budget = daemon.status().daemon.budget_pages  # 32 pages of 2 MiB
+    with (
+        kvmem.connect("big", runtime_dir=daemon.runtime_dir) as big_session,
+        kvmem.connect("other", runtime_dir=daemon.runtime_dir) as other_session,
+        ControlClient(runtime_dir=daemon.runtime_dir) as control,
+    ):
+        big = big_session.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0, grow_wait=0.2)
+        other = other_session.kv_cache(
+            **GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0, grow_wait=0.2
+        )
+        blocks = big.alloc(6 * 512)  # 6 slots x 4 ranges = 24 pages: the engine uses them all
+        fill_random(big, blocks, seed=3)
+        before = checksums(big, blocks)
+        with pytest.raises(KVCacheFull):
+            other.alloc(3 * 512)  # 12 more pages do not fit in 32
+        control.sleep("big", offload=True)
+        wait_for(lambda: model_state(daemon, "big") == "ASLEEP", what="asleep")
+        mine = other.alloc(3 * 512)  # now they do: the sleeper's memory went to the other model
+        wait_for(lambda: daemon.status().model("other").mapped_pages == 12, what="the other model's pages")
+
+        assert control.wake("big")["state"] == "waking"  # 24 pages needed, 20 free: it must wait
+
+        def big_status() -> dict:
+            return next(m for m in control.status()["models"] if m["model"] == "big")
+
+        waiting = wait_for(lambda: "more pages" in (m := big_status())["waiting_for"] and m, what="a reason to wait")
+        assert waiting["state"] == "waking" and "32 of 32 pages exist" in waiting["waiting_for"], waiting
+        assert big.asleep
+        other.free(mine)  # the other model's pages become idle: reclaimed for the wake
+        wait_for(lambda: not big.asleep, timeout=15, what="the wake to complete")
+        assert checksums(big, blocks) == before
+        assert daemon.status().daemon.pages_granted <= page_budget
+
+
+def test_an_offload_the_host_tier_cannot_hold_is_refused(tmp_path: Path):
+    with (
+        DaemonProcess(tmp_path / "rt", "host", "64MiB", "--host-tier", "4MiB") as daemon,
+        kvmem.connect("huge", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as control,
+    ):
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        cache.alloc(512)  # 4 pages = 8 MiB
+        with pytest.raises(ControlError, match="the host tier has room for 2 pages, model 'huge' holds 4"):
+            control.sleep("huge", offload=True)
+        assert model_state(daemon, "huge") == "AWAKE" and not cache.asleep
+
+
+def test_an_engine_that_exits_asleep_frees_its_saved_cache(daemon: DaemonProcess):
+    with ControlClient(runtime_dir=daemon.runtime_dir) as control:
+        with kvmem.connect("leaver", runtime_dir=daemon.runtime_dir) as s:
+            cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+            cache.alloc(512)
+            control.sleep("leaver", offload=True)
+            wait_for(lambda: model_state(daemon, "leaver") == "ASLEEP", what="asleep")
+            assert daemon.status().daemon.host_tier_used_bytes == 4 * 2 * MiB
+        wait_for(lambda: daemon.status().daemon.host_tier_used_bytes == 0, what="the tier to be freed")
+        with pytest.raises(ControlError, match=r"is still saving|no engine attached"):
+            control.sleep("leaver", offload=True)
