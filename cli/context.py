@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import click
 import psutil
 
-from kvmem.client import DaemonUnavailableError
+from kvmem.client import DaemonPermissionError, DaemonUnavailableError
 from kvmem.control import ControlClient, ControlError
 from kvmem.runtime import DaemonPaths
 from kvmem.sizes import parse_size
@@ -74,6 +74,8 @@ class KvctlContext:
         except StatusError as exc:
             if "no status segment" in str(exc):
                 raise self._no_daemon("no status in shared memory") from None
+            if "no permission" in str(exc):
+                raise KvctlError(f"not permitted: {exc}", EXIT_NOT_PERMITTED) from None
             raise KvctlError(f"cannot read kvmemd's status: {exc}") from None
         pid = snapshot.daemon.daemon_pid
         if snapshot.heartbeat_age() > STALE_AFTER_S and not psutil.pid_exists(pid):
@@ -88,6 +90,8 @@ class KvctlContext:
         """
         try:
             return ControlClient(gpu=self.gpu, runtime_dir=self.runtime_dir)
+        except DaemonPermissionError as exc:
+            raise KvctlError(f"not permitted: {exc}", EXIT_NOT_PERMITTED) from None
         except DaemonUnavailableError as exc:
             raise self._no_daemon(str(exc).split(":")[0]) from None
 
@@ -108,4 +112,4 @@ def parse_size_option(text: str, budget_bytes: int, option: str) -> int:
     try:
         return parse_size(text, total=budget_bytes)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint=option) from None
+        raise KvctlError(f"{option}: {exc}", EXIT_USAGE) from None

@@ -31,7 +31,7 @@ EPILOG = (
     help="GPU whose daemon to talk to.",
 )  # fmt: skip
 @click.option(
-    "--runtime-dir", type=click.Path(file_okay=False), envvar=RUNTIME_DIR_ENV, show_envvar=True,
+    "--runtime-dir", type=click.Path(file_okay=False, readable=False), envvar=RUNTIME_DIR_ENV, show_envvar=True,
     help="The daemon's runtime directory. Default: /run/kvmem for root, else $XDG_RUNTIME_DIR/kvmem, "
     "else /tmp/kvmem-<uid>.",
 )  # fmt: skip

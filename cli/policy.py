@@ -43,7 +43,7 @@ def minimum(ctx: KvctlContext, model: str, size: str) -> None:
     click.echo(f"{model}: minimum {format_size(min_bytes)}", err=True)
 
 
-@click.command()
+@click.command(context_settings={"ignore_unknown_options": True})  # so that `priority m -3` is a value
 @click.argument("model")
 @click.argument("value", type=click.IntRange(-(2**31), 2**31 - 1))
 @pass_context

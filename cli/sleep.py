@@ -68,7 +68,7 @@ def wake(ctx: KvctlContext, model: str, wait: bool, timeout: float) -> None:
     reply = ctx.request("wake", model)
     state = reply["state"]
     if state == "waking" and not wait:
-        click.echo(f"{model}: waking, waiting for {reply['waiting_for']}", err=True)
+        click.echo(f"{model}: waking (kvctl status shows when it is awake)", err=True)
         return
     if wait:
         state = _wait_for_state(ctx, model, ("awake", "detached"), timeout)

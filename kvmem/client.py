@@ -41,6 +41,10 @@ class DaemonUnavailableError(ConnectionError):
     """No kvmemd answers at the socket for this GPU and runtime directory."""
 
 
+class DaemonPermissionError(DaemonUnavailableError):
+    """A daemon listens, but its socket is not open to this user."""
+
+
 class DaemonRefusedError(ConnectionError):
     """The daemon refused the connection (the reason is in the message)."""
 
@@ -91,7 +95,10 @@ def _connect(paths: DaemonPaths) -> socket.socket:
         ) from None
     except PermissionError:
         sock.close()
-        raise DaemonUnavailableError(f"no permission to connect to {paths.socket}") from None
+        raise DaemonPermissionError(
+            f"no permission to connect to {paths.socket}: the daemon's owner can start it with --group GROUP "
+            "for members of GROUP"
+        ) from None
     return sock
 
 

@@ -26,6 +26,7 @@ from kvmem.device import Device, DeviceError, open_device
 from kvmem.runtime import DaemonPaths
 from kvmem.sizes import format_size, parse_size
 from kvmem.status import StatusWriter
+from kvmemd.metrics import MetricsServer
 from kvmemd.server import Daemon, DaemonConfig, install_signal_handlers
 
 logger = logging.getLogger(__name__)
@@ -243,6 +244,16 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
         except (DeviceError, ValueError) as exc:
             raise StartError(f"cannot set up the page pool: {exc}") from exc
         install_signal_handlers(daemon)
+        if options.metrics_port is not None:
+            try:
+                metrics = MetricsServer(paths.shm_name, options.metrics_port, options.metrics_address)
+            except OSError as exc:
+                raise StartError(
+                    f"--metrics-port {options.metrics_port}: cannot listen on {options.metrics_address}: {exc.strerror}"
+                ) from None
+            stack.callback(metrics.close)
+            daemon.observe_grant_latency = metrics.grant_latency.observe
+            logger.info("metrics at http://%s:%d/metrics", options.metrics_address, metrics.port)
         logger.info(
             "kvmemd serving GPU %d (%s, %s): budget %d pages of %s = %s, socket %s",
             options.gpu,

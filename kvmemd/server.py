@@ -46,6 +46,7 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,6 +198,8 @@ class Daemon:
         self._status_dirty = True
         self._last_publish = 0.0
         self.totals = {"grants": 0, "denies": 0, "reclaims": 0, "sleeps": 0, "wakes": 0}
+        # Called with each served request's latency in seconds (the metrics histogram), if set.
+        self.observe_grant_latency: Callable[[float], None] | None = None
 
     # ---- lifecycle ----
 
@@ -647,8 +650,11 @@ class Daemon:
             body = {"req": msg["req"], "ok": False, "error": _clip(str(exc)), "code": exc.code, "data": None}
             self._send(conn, MsgType.REPLY, body)
             return
-        self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": True, "error": None, "code": None, "data": data})
+        # Publish before replying: once kvctl returns, `kvctl status` shows the change. (Control
+        # requests are rare; the publish costs one pack of the slots.)
         self._status_dirty = True
+        self._publish(force=True)
+        self._send(conn, MsgType.REPLY, {"req": msg["req"], "ok": True, "error": None, "code": None, "data": data})
 
     def _control_op(self, conn: Connection, op: str, name: str | None, value: int | None) -> Any:
         if op == "status":
@@ -745,7 +751,7 @@ class Daemon:
             )
         record.state = ModelState.WAKING
         now = time.monotonic()
-        record.waiting_for = f"{saved} pages to restore its cache"
+        record.waiting_for = ""  # set by _serve_pending if the pages are not there at once
         self.pending.append(GrowRequest(record.client, 0, saved, float("inf"), next(self._seq), now, restore=True))
 
     def _restored(self, r: GrowRequest, page_ids: list[int], offsets: list[int], error: Exception | None) -> None:
@@ -899,7 +905,10 @@ class Daemon:
         if r.remaining == 0:
             record.grants += 1
             self.totals["grants"] += 1
-            record.last_grant_us = int((time.monotonic() - r.started) * 1e6)
+            latency = time.monotonic() - r.started
+            record.last_grant_us = int(latency * 1e6)
+            if self.observe_grant_latency is not None:
+                self.observe_grant_latency(latency)
         self._status_dirty = True
 
     def _deny(self, r: GrowRequest, reason: str, detail: str) -> None:
