@@ -105,7 +105,7 @@ def _tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, not {type(value).__name__}")
     if value.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+        raise ValueError(f"{name} must be a {ndim}-D tensor, got shape {tuple(value.shape)}")
     return value
 
 

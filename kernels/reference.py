@@ -34,7 +34,8 @@ def block_size_of(cache: torch.Tensor, layout: str) -> int:
 def to_cache_dtype(rows: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
     """Rows ``[T, H, D]`` converted to a cache's dtype, as `write_kv` stores them.
 
-    float16/bfloat16/float32: a plain conversion (round to nearest even). float8_e4m3fn:
+    float16/bfloat16/float32: a plain conversion (round to nearest even; NaN stays a NaN, whose
+    bits are not part of the contract: torch's differ between its code paths). float8_e4m3fn:
     ``x / scale`` in float32, clamped to +-448, rounded to nearest even. int8: ``x / scale``
     rounded to nearest even and clamped to +-127 (NaN -> 0). `scale` holds 1 or H float32 values.
     """

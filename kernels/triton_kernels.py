@@ -72,7 +72,8 @@ def _encode(x, KIND: tl.constexpr):
     float8_e4m3fn: |x| clamped to 448; normal results round the float32 bits (the carry
     propagates into the exponent), subnormal ones (|x| < 2**-6, steps of 2**-9) round x * 512 by
     adding 2**23; NaN -> 0x7F with x's sign. int8: clamped to +-127, rounded by adding and
-    subtracting 1.5 * 2**23; NaN -> 0. bfloat16: NaN -> 0x7FC0, as torch.
+    subtracting 1.5 * 2**23; NaN -> 0. bfloat16: NaN -> 0x7FC0 (rounding its bits could make
+    an infinity).
     """
     if KIND == 0:
         return x.to(tl.float16).to(tl.int16, bitcast=True)
