@@ -30,7 +30,7 @@ import kvmem
 import kvmem.kernels as K
 from kvmem.kernels import reference
 from kvmem.kernels.reference import words
-from tests.support import REPO
+from tests.support import REPO, real_driver_env
 
 HEAD_DIMS = (64, 80, 96, 112, 120, 128)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -531,6 +531,78 @@ def test_kernels_on_a_kvmem_cache(device: str):
             assert raw == words(expected).contiguous().numpy().tobytes()
         del k, v
         cache.free(ids)
+
+
+GPU_CHECK = """
+import torch, kvmem
+import kvmem.kernels as K
+from kvmem.kernels import reference as R
+from kvmem.kernels.reference import words
+
+assert torch.cuda.is_available(), "CUDA torch is needed for this test"
+assert K.backend_for(torch.empty(1, device="cuda")) == "triton"
+gen = torch.Generator().manual_seed(0)
+
+
+def same(a, b):
+    return torch.equal(words(a.cpu()), words(b.cpu()))
+
+
+def randn(shape, dtype, scale=4.0):
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+for layout, dim, dtype, rows in (("NHD", 80, "float16", "float32"), ("HND", 128, "bfloat16", "bfloat16"),
+                                 ("NHD", 120, "float8_e4m3fn", "float16"), ("HND", 96, "int8", "float32")):
+    with kvmem.local(device="cuda", budget="256MiB") as session:
+        cache = session.kv_cache(num_layers=2, block_size=16, num_kv_heads=2, head_dim=dim, dtype=dtype,
+                                 layout=layout, max_tokens=4096, background=False)
+        ids = cache.alloc(cache.max_blocks)
+        for t in cache.k + cache.v:
+            t.copy_(randn(tuple(t.shape), t.dtype).cuda())
+        tk, tv = [t.cpu() for t in cache.k], [t.cpu() for t in cache.v]
+        n = cache.max_blocks
+        key, value = randn((5, 2, dim), getattr(torch, rows), 30.0), randn((5, 2, dim), getattr(torch, rows), 30.0)
+        slots = torch.tensor([n * 16 - 1, 0, -1, 33, 70])
+        scales = {}
+        if dtype in ("float8_e4m3fn", "int8"):
+            scales = {"k_scale": torch.tensor([0.2, 0.3]), "v_scale": torch.tensor([0.25])}
+        K.write_kv(key.cuda(), value.cuda(), cache.k[1], cache.v[1], slots.cuda(), layout=layout,
+                   **{k: v.cuda() for k, v in scales.items()})
+        R.write_kv(key, value, tk[1], tv[1], slots, layout, scales.get("k_scale"), scales.get("v_scale"))
+        src, dst = torch.tensor([n - 1, 0, 4]), torch.tensor([7, 8, 9])
+        out = K.gather_blocks(cache.k, cache.v, src.cuda())
+        expected = torch.empty(out.shape, dtype=out.dtype)
+        R.gather_blocks(tk, tv, src, expected)
+        assert same(out, expected), "gather_blocks"
+        K.move_blocks(cache.k, cache.v, src.cuda(), dst.cuda())
+        R.move_blocks(tk, tv, src, dst)
+        K.scatter_blocks(out, cache.k, cache.v, torch.tensor([20, 21, 22]).cuda())
+        R.scatter_blocks(expected, tk, tv, torch.tensor([20, 21, 22]))
+        if dtype in ("float16", "bfloat16"):
+            q, s = K.quantize_blocks_int8(cache.k, cache.v, src.cuda(), layout=layout)
+            eq, es = torch.empty(q.shape, dtype=torch.int8), torch.empty(s.shape)
+            R.quantize_blocks_int8(tk, tv, src, layout, eq, es)
+            assert same(q, eq) and same(s, es), "quantize_blocks_int8"
+            K.dequantize_blocks_int8(q, s, cache.k, cache.v, dst.cuda(), layout=layout)
+            R.dequantize_blocks_int8(eq, es, tk, tv, dst, layout)
+        torch.cuda.synchronize()
+        for i, (a, b) in enumerate(zip(cache.k + cache.v, tk + tv)):
+            assert same(a, b), f"{layout} {dim} {dtype}: range {i} differs from the reference"
+        cache.free(ids)
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_a_real_gpu_match_the_reference():
+    """The compiled (not interpreted) kernels on a kvmem cache on a real GPU, against the CPU reference."""
+    env = {k: v for k, v in real_driver_env().items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", GPU_CHECK], env=env, capture_output=True, text=True, timeout=900, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
 
 
 # ---- argument checks ----
