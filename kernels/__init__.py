@@ -21,7 +21,9 @@ any time before the first launch.
 Caches are per-layer tensors as `ElasticKVCache` makes them: ``[blocks, block_size, heads, dim]``
 ("NHD") or ``[blocks, heads, block_size, dim]`` ("HND"), one block contiguous in memory; blocks
 may be further apart than their size. Multi-layer operations take the K and V tensors of every
-layer, of one shape, dtype and stride, on one device; their buffers are
+layer, of one shape, dtype and stride, on one device, and reach them in one launch through a
+table of every layer's offset from the first (so any per-layer allocations work, not only kvmem's
+equally spaced ranges; the table is cached by content). Their buffers are
 ``[len(ids), layers, 2, *block_shape]`` (index 0 of the third axis is K, 1 is V), contiguous,
 block-major so that one block of every layer is one contiguous piece (what an export or a host
 tier keeps per block).

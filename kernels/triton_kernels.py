@@ -17,10 +17,10 @@ float32 -> float8e4nv half-up without carrying a mantissa overflow into the expo
 saturating (triton 3.9, ``triton/runtime/interpreter.py``, ``_convert_float``; measured: 519 of
 1024 random values differ from torch for bfloat16, and 31.88 -> 16.0 for float8e4nv). Written in
 integers, the interpreted kernel computes what the compiled one computes, and tests on CPU mean
-something on a GPU. Divisions use IEEE rounding (``tl.fdiv(..., ieee_rounding=True)``), not the
-approximate float32 division `/` compiles to, so that scales match torch bit for bit; `tl.fdiv`
-broadcasts its operands, whereas ``tl.math.div_rn`` does not (the interpreter's numpy would
-broadcast anyway and hide the difference).
+something on a GPU. Divisions are ``tl.math.div_rn`` (IEEE round to nearest, as torch divides),
+not `/`, which compiles to the approximate ``div.full.f32`` on NVIDIA GPUs (up to 2 ulp; Triton
+PR #446, issue #10661), and not ``tl.fdiv(..., ieee_rounding=True)``, whose flag some Triton
+releases ignored (issue #10073); the interpreter divides with numpy, IEEE either way.
 
 Multi-layer kernels take the first range's tensor as a base pointer and an int64 table of every
 range's element offset from it, in the order K0, V0, K1, V1, ...: any per-layer tensors work
@@ -109,7 +109,7 @@ def _write_rows(
         x = _decode(word, SRC)
         if DST >= 3:  # float8 / int8: divide by the scale of each head first
             scale = tl.load(scale_ptr + heads * SCALE_STRIDE, mask=heads < num_heads, other=1.0)
-            x = tl.fdiv(x, scale, ieee_rounding=True)
+            x = tl.math.div_rn(x, scale)
         tl.store(dst, _encode(x, DST), mask=mask)
 
 
@@ -241,8 +241,8 @@ def _quantize_kernel(
         tl.store(cache_at, _encode(x, KIND), mask=mask)
     else:
         x = _decode(tl.load(cache_at, mask=mask, other=0), KIND)
-        scale = tl.fdiv(tl.max(tl.abs(x)), 127.0, ieee_rounding=True)
-        q = _encode(tl.fdiv(x, tl.where(scale > 0, scale, 1.0), ieee_rounding=True), 4)
+        scale = tl.math.div_rn(tl.max(tl.abs(x)), 127.0)
+        q = _encode(tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)), 4)
         tl.store(q_at, q, mask=mask)
         tl.store(scale_at, scale, mask=valid)
 
