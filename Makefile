@@ -1,7 +1,7 @@
 # kvmem: set-up and the main commands. Each target creates .venv and installs what it needs.
 #   make demo   the main job on this machine's default device (GPU if there is one, else host RAM)
 #   make test   the whole test suite (lint included); .ci/run calls exactly this
-#   make bench  the benchmarks, writing JSON under benchmarks/results/
+#   make bench  the benchmarks, writing JSON under benchmarks/results/ (bench_kernels.py only with a GPU)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_daemon.py --update-readme
 	$(BIN)/python benchmarks/bench_kv_cache.py --update-readme
 	$(BIN)/python benchmarks/bench_allocator.py --update-readme
+	$(BIN)/python benchmarks/bench_kernels.py --update-readme  # needs a GPU; says so and exits 0 without one
 
 clean:
 	rm -rf $(VENV) tests/fakecuda/build .pytest_cache .ruff_cache

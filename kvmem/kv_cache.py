@@ -8,6 +8,7 @@ per layer's V, in the order K0, V0, K1, V1, ... Each range is one torch tensor s
 axes), contiguous, so block ``b`` of a layer lives at ``b * block_bytes`` in that layer's range:
 the strides paged-attention kernels expect. (kvcached's block-major layout, where one block of
 every layer sits together, cost about 31% end-to-end throughput in its own benchmark.)
+`layout_descriptor` writes this layout down for other processes and tools (`kvmem.layout`).
 
 Slots. Each range is cut into *slots* of `pages_per_slot` pages holding a whole number of blocks
 (one page when the page size is a multiple of the block size, else the least common multiple of
@@ -57,11 +58,10 @@ from typing import Any
 
 from kvmem.block_allocator import BlockAllocator
 from kvmem.device import Access, Mapping
+from kvmem.layout import DTYPES, LAYOUTS, KVLayout
 from kvmem.page_source import PageSource
 
 logger = logging.getLogger(__name__)
-
-LAYOUTS = ("NHD", "HND")
 
 
 class KVCacheFull(Exception):
@@ -100,9 +100,6 @@ def _torch():
     import torch
 
     return torch
-
-
-DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn", "float8_e5m2", "int8")
 
 
 def _resolve_dtype(dtype: Any):
@@ -187,6 +184,16 @@ class ElasticKVCache:
         self.allocator = BlockAllocator(self.blocks_per_slot, self.max_slots)
         self.max_blocks = self.allocator.max_blocks
         self.pages_per_growth = self.num_ranges * self.pages_per_slot
+        self._layout_descriptor = KVLayout.derive(
+            num_layers,
+            block_size,
+            num_kv_heads,
+            head_dim,
+            str(self.dtype).removeprefix("torch."),
+            layout,
+            page,
+            self.max_blocks,
+        )
         default_low = self.blocks_per_slot // 2
         self.low_watermark = default_low if low_watermark is None else low_watermark
         self.high_watermark = max(
@@ -223,6 +230,11 @@ class ElasticKVCache:
             self._thread.start()
 
     # ---- tensors ----
+
+    @property
+    def layout_descriptor(self) -> KVLayout:
+        """This cache's layout (geometry, strides, page and slot sizes, range offsets) as a `KVLayout`."""
+        return self._layout_descriptor
 
     def _shape(self) -> tuple[int, ...]:
         if self.layout == "NHD":
