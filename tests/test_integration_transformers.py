@@ -1,8 +1,8 @@
 """kvmem.integrations.transformers on tiny random-weight models (Llama and Qwen2, float32, CPU).
 
 Every comparison is exact: greedy token ids from a kvmem-backed run must equal those of
-transformers' own DynamicCache, for a batch of prompts of different
-lengths, left-padded with an attention mask.
+transformers' own DynamicCache (or its own continuous batching), for a batch of prompts of
+different lengths, left-padded with an attention mask.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    ContinuousBatchingConfig,
     DynamicCache,
     GenerationConfig,
     LlamaConfig,
@@ -29,8 +30,10 @@ from kvmem.integrations.transformers import (
     SUPPORTED,
     KvmemCache,
     KvmemCacheFull,
+    KvmemPagedAttentionCache,
     UnsupportedTransformersError,
     check_transformers_version,
+    kvmem_continuous_batching,
 )
 from kvmem.kv_cache import KVCacheFull
 from kvmem.page_source import LocalPageSource
@@ -240,6 +243,88 @@ def test_the_daemon_sees_the_cache_while_it_holds_sequences(llama: torch.nn.Modu
             wait_for(lambda: daemon.status().model("hf-llama").used_pages == 0, what="usage reported")
             wait_for(lambda: daemon.status().model("hf-llama").mapped_pages == 0, what="pages returned")
         wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="every page back in the pool")
+
+
+# ---- continuous batching ----
+
+BATCHING = {"page_size": 16, "num_blocks": 64, "max_batch_tokens": 64, "max_requests_per_batch": 4}
+
+
+def generate_batch(model: torch.nn.Module) -> list[list[int]]:
+    model.set_attn_implementation("sdpa")
+    results = model.generate_batch(
+        PROMPTS, generation_config=greedy(), continuous_batching_config=ContinuousBatchingConfig(**BATCHING)
+    )
+    assert [r.error for r in results.values()] == [None] * len(PROMPTS)
+    return [r.generated_tokens for r in results.values()]
+
+
+def test_generate_batch_on_kvmem_gives_the_tokens_of_transformers_own(model: torch.nn.Module, session):
+    expected = generate_batch(model)
+    assert expected == reference(model)[:, WIDTH:].tolist()
+    kv = session.kv_cache(2, 16, 2, HEAD_DIM, torch.float32, 1024, layout="NHD", low_watermark=0, high_watermark=0)
+    with kvmem_continuous_batching(model, kv) as scoped:
+        assert scoped is kv
+        assert generate_batch(model) == expected
+        assert kv.stats().grows >= 1
+    assert kv.get_num_used_blocks() == 0
+    assert generate_batch(model) == expected  # transformers' own storage again
+    assert kv.stats().grows == 1
+
+
+def test_a_manager_kept_past_the_scope_fails_its_requests_clearly(llama: torch.nn.Module, session):
+    config = ContinuousBatchingConfig(**BATCHING)
+    with kvmem_continuous_batching(llama, session, max_tokens=1024, block_size=16):
+        llama.set_attn_implementation("sdpa")
+        llama.generate_batch(
+            PROMPTS, generation_config=greedy(), continuous_batching_config=config, persistent_manager=True
+        )
+    try:
+        results = llama.generate_batch(PROMPTS, generation_config=greedy(), continuous_batching_config=config)
+        assert {str(r.error) for r in results.values()} == {
+            "kvmem storage released: a continuous batching manager outlived its kvmem scope"
+        }
+    finally:
+        llama.destroy_cached_continuous_batching_manager()
+
+
+def test_a_page_size_other_than_the_block_size_is_refused(llama: torch.nn.Module, session):
+    config = ContinuousBatchingConfig(**{**BATCHING, "page_size": 32})
+    fits = r"\(2, 16, 2, 16, torch.float32, 'NHD', 'cpu'\) does not fit .* \(2, 32,"
+    with (
+        kvmem_continuous_batching(llama, session, max_tokens=1024, block_size=16),
+        pytest.raises(ValueError, match=fits),
+    ):
+        llama.generate_batch(PROMPTS, generation_config=greedy(), continuous_batching_config=config)
+
+
+def test_generate_batch_storage_is_visible_to_the_daemon_and_returned(llama: torch.nn.Module, tmp_path: Path):
+    expected = generate_batch(llama)
+    with (
+        DaemonProcess(tmp_path / "rt", "host", "64MiB", "--reserve", "0", "8") as daemon,
+        kvmem.connect("hf-batching", runtime_dir=daemon.runtime_dir) as s,
+    ):
+        scope = kvmem_continuous_batching(llama, s, max_tokens=1024, block_size=16, low_watermark=0, high_watermark=0)
+        config = ContinuousBatchingConfig(**BATCHING)
+        with (
+            scope as kv,
+            llama.continuous_batching_context_manager(
+                generation_config=greedy(), continuous_batching_config=config, warmup=False
+            ) as manager,
+        ):
+            ids = manager.add_requests(inputs=PROMPTS, max_new_tokens=NEW_TOKENS)
+            results = {}
+            while len(results) < len(ids):
+                result = manager.get_result(timeout=10)
+                assert result is not None, "continuous batching stopped answering"
+                if result.is_finished():
+                    results[result.request_id] = result.generated_tokens
+            assert [results[i] for i in ids] == expected
+            assert isinstance(manager.batch_processor.cache, KvmemPagedAttentionCache)
+            # The padding trash and the finished requests' full blocks (kept for prefix sharing) are live.
+            assert kv.get_num_used_blocks() >= 1
+            wait_for(lambda: daemon.status().model("hf-batching").used_pages == 4, what="usage reported")
+        wait_for(lambda: daemon.status().model("hf-batching").mapped_pages == 0, what="pages returned")
 
 
 # ---- the supported range ----
