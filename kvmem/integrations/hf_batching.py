@@ -208,6 +208,8 @@ class KvmemPagedAttentionCache(PagedAttentionCache):
             raise NotImplementedError("kvmem continuous batching does not support tensor parallelism")
         if cb.cpu_offload_space is None or cb.cpu_offload_space > 0:
             raise NotImplementedError("kvmem continuous batching does not support cpu_offload_space: set it to 0")
+        if kv.k is None:
+            raise ValueError(f"the kvmem cache on {kv.device.kind} has no torch tensors in this process")
         num_layers, num_kv_heads, head_dim = model_geometry(config)
         want = (num_layers, cb.page_size, num_kv_heads, head_dim, dtype, "NHD", torch.device(device).type)
         got = (kv.num_layers, kv.block_size, kv.num_kv_heads, kv.head_dim, kv.dtype, kv.layout, kv.k[0].device.type)
@@ -346,8 +348,10 @@ def kvmem_continuous_batching(
     block_size: int | None = None,
     **cache_options: Any,
 ) -> Iterator[ElasticKVCache]:
-    """Within this scope `model`'s continuous batching (`generate_batch`, `init_continuous_batching`, ...)
-    keeps its KV cache in kvmem blocks.
+    """Keep `model`'s continuous-batching KV cache in kvmem blocks while the scope is open.
+
+    Covers every entry point that builds a manager inside the scope: `generate_batch`,
+    `continuous_batching_context_manager`, `init_continuous_batching`.
 
     Args:
         model: A transformers model with full-attention layers.

@@ -7,9 +7,11 @@ API of `cache_utils.Cache`, the attention and mask registries, and above all the
 batching cache (`generation/continuous_batching/cache.py` and its `cache_allocators/` package),
 whose sector/pool/allocator structure it re-hosts on kvmem blocks. The range below is the one
 checked: those continuous-batching files are identical from 5.20.2 to 5.23.0 (apart from an import
-moved between modules), and the test suite passes on both ends. A release outside it fails loudly
-at import rather than misbehaving later; widen the range only after re-reading those files and
-running the tests against the new release.
+moved between modules; 5.18.0's differ), and tests/test_integration_transformers.py passes on
+5.20.2, 5.21.1, 5.22.2 and 5.23.0. The upper bound is the next minor release, not 6, because these
+internals change between minor releases. A release outside the range fails loudly at import rather
+than misbehaving later; widen it only after re-reading those files and running the tests against
+the new release.
 """
 
 from __future__ import annotations
