@@ -90,9 +90,9 @@ def kvmem_paged_attention(
     for b in range(batch):
         # Query heads h * groups .. h * groups + groups - 1 share kv head h (transformers' repeat_kv order).
         q = query[b].reshape(kv_heads, groups * query_len, head_dim).float()
-        best = torch.full((kv_heads, groups * query_len, 1), -torch.inf, device=query.device)
+        best = torch.full((kv_heads, groups * query_len, 1), -torch.inf, dtype=torch.float32, device=query.device)
         total = torch.zeros_like(best)
-        acc = torch.zeros((kv_heads, groups * query_len, head_dim), device=query.device)
+        acc = torch.zeros((kv_heads, groups * query_len, head_dim), dtype=torch.float32, device=query.device)
         start = 0
         for first, count in paged.runs[b]:
             stop = min(start + count * block_size, length)
