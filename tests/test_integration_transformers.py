@@ -8,6 +8,8 @@ different lengths, left-padded with an attention mask.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -343,3 +345,15 @@ def test_a_version_outside_the_range_fails_loudly_naming_it(version: str):
         UnsupportedTransformersError, match=rf"supports transformers {SUPPORTED} .*{version} is installed"
     ):
         check_transformers_version(version)
+
+
+@pytest.mark.parametrize("module", ["kvmem.integrations.transformers", "kvmem.integrations.hf_batching"])
+def test_importing_the_integration_on_an_unsupported_release_fails_naming_the_range(module: str):
+    code = f"import transformers; transformers.__version__ = '5.19.0'; import {module}"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "kvmem.integrations.hf_version.UnsupportedTransformersError: kvmem's transformers integration supports "
+        f"transformers {SUPPORTED} (it relies on internals checked against that range); transformers 5.19.0 is "
+        "installed. Install a supported release: pip install 'kvmem[transformers]'"
+    )

@@ -38,11 +38,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from kvmem.integrations.hf_cache import ATTENTION_NAME, PagedKV  # checks the transformers version first
+
+# isort: off
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
-
-from kvmem.integrations.hf_cache import ATTENTION_NAME, PagedKV
+# isort: on
 
 
 def kvmem_paged_attention(

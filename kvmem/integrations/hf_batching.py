@@ -51,6 +51,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from kvmem.integrations.hf_cache import KvmemCacheFull, model_geometry  # checks the transformers version first
+from kvmem.kv_cache import ElasticKVCache, KVCacheFull
+from kvmem.session import Session
+
+# isort: off
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import continuous_api
 from transformers.generation.continuous_batching.cache import (
@@ -66,12 +72,7 @@ from transformers.generation.continuous_batching.cache_allocators import (
 from transformers.generation.continuous_batching.cache_allocators.cache_pool import RegularTrees
 from transformers.generation.continuous_batching.requests import RequestState
 
-from kvmem.integrations.hf_cache import KvmemCacheFull, model_geometry
-from kvmem.integrations.hf_version import check_transformers_version
-from kvmem.kv_cache import ElasticKVCache, KVCacheFull
-from kvmem.session import Session
-
-check_transformers_version()
+# isort: on
 
 logger = logging.getLogger(__name__)
 

@@ -45,14 +45,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.configuration_utils import PreTrainedConfig
 
 from kvmem.integrations.hf_version import check_transformers_version
 from kvmem.kv_cache import ElasticKVCache, KVCacheFull
 from kvmem.session import Session
 
-check_transformers_version()
+check_transformers_version()  # before importing from transformers: an unsupported release fails here
+
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
+from transformers.configuration_utils import PreTrainedConfig  # noqa: E402
 
 ATTENTION_NAME = "kvmem_paged"
 

@@ -8,7 +8,7 @@
     with KvmemCache(session, model.config) as cache:
         out = model.generate(input_ids, attention_mask=mask, past_key_values=cache)
 
-    with kvmem_continuous_batching(model, session, max_tokens=65_536):
+    with kvmem_continuous_batching(model, session, max_tokens=65_536, block_size=16):
         results = model.generate_batch(prompts, continuous_batching_config=ContinuousBatchingConfig(page_size=16))
 
 Design note
