@@ -10,8 +10,10 @@ and the weighted sum are computed with `torch.matmul` on views; runs are combine
 softmax (running maximum, running normaliser, rescaled accumulator), as flash attention does
 across its tiles. A request whose blocks are consecutive is one run, hence one pair of matmuls.
 
-What it copies per layer and step: no cached key or value. It allocates the query reshaped per
-row, the scores of one run at a time (``[kv_heads, groups * query_len, run_tokens]``), the float32
+What it copies per layer and step: with a float32 cache, no cached key or value; with a 16-bit
+cache, each run's keys and values are upcast to float32 one run at a time (a copy of that run
+only), since scores and sums accumulate in float32. Besides, it allocates the query reshaped per
+row, the scores of one run (``[kv_heads, groups * query_len, run_tokens]``), the float32
 accumulator and the output. (torch's matmul may pack a strided operand internally, as BLAS does.)
 Reference code for CPU and for checking kernels: it loops over rows and runs in Python; a GPU
 engine would hand the same tensors and block table to a paged-attention kernel.
