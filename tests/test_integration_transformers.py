@@ -274,6 +274,21 @@ def test_generate_batch_on_kvmem_gives_the_tokens_of_transformers_own(model: tor
     assert kv.stats().grows == 1 and kv.get_num_used_blocks() == 0
 
 
+def test_forked_requests_copy_their_partial_blocks_in_kvmem(llama: torch.nn.Module, session):
+    # Two sequences per prompt: transformers forks each request after its prefill, sharing the full
+    # blocks and copying the partial one. top_k=1 sampling is greedy, so both children must repeat
+    # the greedy tokens, which they can only do if the copied block holds the parent's keys and values.
+    forks = GenerationConfig(
+        max_new_tokens=NEW_TOKENS, do_sample=True, top_k=1, num_return_sequences=2, eos_token_id=None, pad_token_id=0
+    )
+    llama.set_attn_implementation("sdpa")
+    config = ContinuousBatchingConfig(**{**BATCHING, "max_requests_per_batch": 8})
+    with kvmem_continuous_batching(llama, session, max_tokens=1024, block_size=16):
+        results = llama.generate_batch(PROMPTS, generation_config=forks, continuous_batching_config=config)
+    expected = reference(llama)[:, WIDTH:].tolist()
+    assert [r.generated_tokens for r in results.values()] == [row for row in expected for _ in range(2)]
+
+
 def test_a_manager_kept_past_the_scope_fails_its_requests_clearly(llama: torch.nn.Module, session):
     config = ContinuousBatchingConfig(**BATCHING)
     with kvmem_continuous_batching(llama, session, max_tokens=1024, block_size=16):

@@ -145,7 +145,7 @@ class _KvmemFullAttentionAllocator(FullAttentionCacheAllocator):
         # HF's stride between blocks in the token views is 2 * layers pages (block-major storage); in kvmem's
         # per-layer tensors consecutive blocks are one page apart.
         self.block_physical_stride = page
-        self.num_blocks = self.num_pages = kv.max_blocks
+        self.num_blocks = kv.max_blocks
         self.blocks_per_sector = 1
         self.pool = pool
         pool.set_blocks_per_sector(self.index, 1)
