@@ -1,0 +1,1 @@
+"""Engine integrations: kvmem-backed KV caches for inference engines."""
