@@ -164,6 +164,7 @@ class DaemonClient:
         self.on_wake = on_wake
         self.on_reconnect = on_reconnect
         self.policy = Policy()
+        self.layout: dict[str, Any] | None = None  # the cache's layout descriptor, once described
         self.pages: dict[int, ClientPage] = {}  # by the daemon's current page id
         self.connected = threading.Event()
         self._lock = threading.RLock()  # guards pages, waiters and sending
@@ -251,6 +252,11 @@ class DaemonClient:
                             self._send(MsgType.OFFLOAD, {"pages": ids[i:end], "offsets": offsets[i:end]})
                 except OSError:
                     pass  # the daemon is gone: it cannot account for them; nothing is lost here
+
+    def describe(self, layout: dict[str, Any]) -> None:
+        """Tell the daemon how this engine's KV cache is laid out (`KVLayout.to_dict()`); kept across reconnects."""
+        self.layout = layout
+        self._send_if_connected(MsgType.LAYOUT, {"layout": layout})
 
     def report_usage(self, used_pages: int) -> None:
         """Tell the daemon how many held pages hold live data (for reclaim choices and status)."""
@@ -419,6 +425,8 @@ class DaemonClient:
                 old, self._sock = self._sock, sock
             old.close()
             self.connected.set()
+            if self.layout is not None:
+                self.describe(self.layout)
             logger.info("reconnected to kvmemd with %d pages", len(self.pages))
             if self.on_reconnect:
                 self.on_reconnect()

@@ -224,6 +224,7 @@ class ElasticKVCache:
         source.on_restore = lambda pages, offsets: self._queue_sleep_event("restore", pages, offsets)
         source.on_wake = lambda restored: self._queue_sleep_event("wake", restored)
         self.k, self.v = self._make_tensors()
+        source.describe(self._layout_descriptor.to_dict())
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self._run, name="kvmem-cache-growth", daemon=True)

@@ -51,6 +51,8 @@ class PageSource(Protocol):
 
     def offload(self, pages: list, offsets: list[int]) -> None: ...
 
+    def describe(self, layout: dict) -> None: ...
+
     def report_usage(self, used_pages: int) -> None: ...
 
     def slept(self) -> None: ...
@@ -102,6 +104,9 @@ class LocalPageSource:
 
     def offload(self, pages: list, offsets: list[int]) -> None:
         raise RuntimeError("a local page source has no host tier to offload to: connect to kvmemd")
+
+    def describe(self, layout: dict) -> None:
+        return None  # no one else to tell
 
     def report_usage(self, used_pages: int) -> None:
         return None  # no one else to tell
@@ -155,6 +160,9 @@ class DaemonPageSource:
 
     def offload(self, pages: list, offsets: list[int]) -> None:
         self.client.offload_pages(pages, offsets)
+
+    def describe(self, layout: dict) -> None:
+        self.client.describe(layout)
 
     def report_usage(self, used_pages: int) -> None:
         self.client.report_usage(used_pages)

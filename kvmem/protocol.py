@@ -62,6 +62,7 @@ class MsgType(enum.IntEnum):
     CONTROL = 6
     SLEPT = 7
     OFFLOAD = 8
+    LAYOUT = 9
     # daemon -> client
     WELCOME = 20
     GRANT = 21
@@ -221,6 +222,8 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
     # Give pages back and keep their contents in the host tier, each for the byte offset the
     # engine mapped it at; RESTORE hands them back with the same offsets on wake.
     MsgType.OFFLOAD: {"pages": IntList(MAX_OFFLOAD_IDS), "offsets": IntList(MAX_OFFLOAD_IDS, hi=MAX_OFFSET)},
+    # The engine's KV layout descriptor (`kvmem.layout.KVLayout.to_dict()`), checked by the daemon.
+    MsgType.LAYOUT: {"layout": Json(max_depth=2)},
     MsgType.WELCOME: {
         "version": Int(0, 255),
         "client_id": _COUNT,

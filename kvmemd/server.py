@@ -52,6 +52,7 @@ from typing import Any
 
 from kvmem import protocol
 from kvmem.device import Device, DeviceError
+from kvmem.layout import KVLayout
 from kvmem.protocol import Message, MsgType, ProtocolError
 from kvmem.status import MAX_SLOTS, DaemonStatus, ModelState, ModelStatus, StatusWriter
 from kvmemd.host_tier import HostTier, TierFullError
@@ -79,6 +80,7 @@ class ModelRecord:
     state: ModelState = ModelState.DETACHED
     client: Connection | None = None
     geometry: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = None  # the engine's KVLayout descriptor, once it sent one
     grants: int = 0
     denies: int = 0
     reclaims: int = 0
@@ -446,6 +448,7 @@ class Daemon:
                 MsgType.ADOPT: self._adopt,
                 MsgType.SLEPT: self._slept,
                 MsgType.OFFLOAD: self._offload,
+                MsgType.LAYOUT: self._layout,
             },
             "control": {MsgType.CONTROL: self._control},
         }[conn.role]
@@ -573,6 +576,17 @@ class Daemon:
 
     def _usage(self, conn: Connection, msg: Message) -> None:
         conn.used_pages = min(msg["used_pages"], len(conn.held))
+        self._status_dirty = True
+
+    def _layout(self, conn: Connection, msg: Message) -> None:
+        """The engine's KV layout: checked in full, kept for status and for tools that read pages."""
+        try:
+            layout = KVLayout.from_dict(msg["layout"])
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        if layout.page_size != self.config.page_size:
+            raise ProtocolError(f"layout has {layout.page_size}-byte pages; this daemon's are {self.config.page_size}")
+        conn.model.layout = layout.to_dict()
         self._status_dirty = True
 
     def _slept(self, conn: Connection, msg: Message) -> None:
@@ -1011,6 +1025,7 @@ class Daemon:
                     "saved_pages": self.tier.saved_pages(r.name),
                     "waiting_for": r.waiting_for,
                     "geometry": r.geometry,
+                    "layout": r.layout,
                 }
                 for r in self.models.values()
             ],

@@ -54,6 +54,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.CONTROL: {"req": 1, "op": "status", "model": None, "value": None},
     MsgType.SLEPT: {},
     MsgType.OFFLOAD: {"pages": [0], "offsets": [0]},
+    MsgType.LAYOUT: {"layout": {"version": 1, "shape": [1024, 16, 1, 64]}},
     MsgType.WELCOME: {
         "version": 1,
         "client_id": 1,

@@ -14,6 +14,7 @@ import kvmem
 from kvmem import KVCacheFull
 from kvmem.control import ControlClient
 from kvmem.kv_cache import DTYPES, ElasticKVCache
+from kvmem.layout import KVLayout
 from tests.daemon_support import DaemonProcess, wait_for
 from tests.support import FAKE
 
@@ -195,7 +196,19 @@ def test_daemon_backed_cache_grows_and_the_daemon_sees_it(daemon: DaemonProcess)
         cache.shrink()
         wait_for(lambda: daemon.status().model("cache-test").mapped_pages == 0, what="pages returned")
         assert status.state.name == "AWAKE"
+        with ControlClient(runtime_dir=daemon.runtime_dir) as control:  # the daemon holds the cache's layout
+            (model,) = control.status()["models"]
+        assert model["layout"] == cache.layout_descriptor.to_dict()
     wait_for(lambda: daemon.status().daemon.pages_granted == 0)
+
+
+def test_a_layout_that_does_not_add_up_costs_the_engine_its_connection(daemon: DaemonProcess):
+    with kvmem.connect("liar", runtime_dir=daemon.runtime_dir, reconnect=False) as s:
+        layout = KVLayout.derive(1, 16, 1, 64, "float16", "NHD", s.source.page_size, 1024).to_dict()
+        layout["block_bytes"] += 1
+        s.source.client.describe(layout)
+        wait_for(lambda: not s.source.client.connected.is_set(), what="the daemon to drop the engine")
+    assert "layout descriptor: block_bytes=2049 does not match the geometry" in daemon.log()
 
 
 def test_a_lowered_limit_is_met_as_blocks_are_freed(daemon: DaemonProcess):

@@ -49,6 +49,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.CONTROL: {"req": 2**31 - 1, "op": "set_limit", "model": "qwen2:7b", "value": 2**62},
     MsgType.SLEPT: {},
     MsgType.OFFLOAD: {"pages": [3, 9], "offsets": [0, 2 << 20]},
+    MsgType.LAYOUT: {"layout": {"version": 1, "shape": [1024, 16, 1, 64]}},
     MsgType.WELCOME: {
         "version": 1,
         "client_id": 77,
@@ -307,7 +308,7 @@ GOOD_PAYLOAD = GOOD[HEADER.size :]
         (GOOD + b" ", "length does not match"),
         (HEADER.pack(MAGIC, 1, MsgType.USAGE, 1, len(GOOD_PAYLOAD)) + GOOD_PAYLOAD, "length does not match"),
         (frame(0, b"{}"), "unknown message type 0"),
-        (frame(19, b"{}"), "unknown message type 19"),
+        (frame(10, b"{}"), "unknown message type 10"),
         (frame(19, b"{}"), "unknown message type 19"),
         (frame(32, b"{}"), "unknown message type 32"),
         (frame(255, b"{}"), "unknown message type 255"),
