@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -71,3 +72,17 @@ def test_main_job_on_the_default_device_of_a_machine_without_a_gpu():
     )
     assert result.returncode == 0, result.stderr
     assert "ok: 4 pages shared between two processes on the host device" in result.stdout
+
+
+def test_the_systemd_unit_starts_kvmemd_with_options_that_exist():
+    """Every KVMEM_* variable the unit and its README name is one `kvmemd start` reads."""
+    unit = (REPO / "examples" / "deploy" / "kvmemd@.service").read_text()
+    readme = (REPO / "examples" / "deploy" / "README.md").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.split()[1:] == ["start", "--gpu", "%i"]
+    help_text = subprocess.run(
+        [BIN / "kvmemd", "start", "--help"], capture_output=True, text=True, timeout=60, env={"COLUMNS": "300"}
+    ).stdout
+    known = set(re.findall(r"env\s+var:\s+(KVMEM_[A-Z_]+)", help_text))
+    named = set(re.findall(r"\bKVMEM_[A-Z_]+\b", unit + readme))
+    assert "KVMEM_BUDGET" in known and named <= known, sorted(named - known)
