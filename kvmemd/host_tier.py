@@ -20,8 +20,13 @@ completes: the loop neither lends it nor zeroes it meanwhile, so a restore can n
 tenant's bytes into a page already zeroed for another.
 
 Capacity: the tier holds at most `capacity` bytes; a sleep that would not fit is refused up front
-(`room_pages`). One host buffer is allocated per OFFLOAD message and freed once all its pages are
-restored or discarded.
+(`room_pages`).
+
+Memory. The tier holds one page-sized host buffer ("chunk") per saved page. A chunk freed by a
+restore or discard is kept warm for `keep_warm_s` and reused by the next save: fresh host memory
+is slow to fault in (measured here: 1 GiB of new anonymous memory took 0.5-1.5 s to touch, a
+copy into memory already touched 0.2 s; benchmarks/bench_sleep.py), and on CUDA pinning is
+slower still. Warm chunks left unused that long go back to the system (`trim`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,12 +48,14 @@ class TierFullError(Exception):
     """The host tier has no room for the pages asked to be saved."""
 
 
+KEEP_WARM_S = 30.0
+
+
 @dataclass
 class SavedPage:
-    """One page's bytes in the tier: page `index` of `buffer`, mapped by the engine at `offset`."""
+    """One page's bytes in the tier, in `chunk`; the engine had it mapped at `offset`."""
 
-    buffer: HostBuffer
-    index: int
+    chunk: HostBuffer
     offset: int
 
 
@@ -61,14 +69,22 @@ class HostTier:
         notify: Called (from the worker) when a completion is ready for `run_completions`.
     """
 
-    def __init__(self, device: Device, page_size: int, capacity: int, notify: Callable[[], None]):
+    def __init__(
+        self,
+        device: Device,
+        page_size: int,
+        capacity: int,
+        notify: Callable[[], None],
+        keep_warm_s: float = KEEP_WARM_S,
+    ):
         self.device = device
         self.page_size = page_size
         self.capacity = capacity
+        self.keep_warm_s = keep_warm_s
         self._notify = notify
         self._saved: dict[str, list[SavedPage]] = {}
-        self._pages_left: dict[int, int] = {}  # id(buffer) -> saved pages still in it
-        self.used_bytes = 0
+        self._warm: list[tuple[float, HostBuffer]] = []  # (freed at, chunk); oldest first
+        self.used_bytes = 0  # saved pages (and chunks being filled), at most `capacity`
         self.bytes_saved_total = 0
         self.bytes_restored_total = 0
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -109,24 +125,23 @@ class HostTier:
         size = len(addresses) * self.page_size
         if self.used_bytes + size > self.capacity:
             raise TierFullError(f"the host tier holds {self.used_bytes} of {self.capacity} bytes; {size} more needed")
-        buffer = self.device.allocate_host_buffer(size)
+        chunks = self._take_chunks(len(addresses))
         self.used_bytes += size
 
         def copy() -> None:
-            for i, address in enumerate(addresses):
-                self.device.copy_device_to_host(buffer.view(i * self.page_size, self.page_size), address)
+            for chunk, address in zip(chunks, addresses, strict=True):
+                self.device.copy_device_to_host(chunk.array, address)
 
         def finish(error: Exception | None) -> None:
             if error is None:
-                entries = [SavedPage(buffer, i, offset) for i, offset in enumerate(offsets)]
+                entries = [SavedPage(chunk, offset) for chunk, offset in zip(chunks, offsets, strict=True)]
                 self._saved.setdefault(model, []).extend(entries)
-                self._pages_left[id(buffer)] = len(entries)
                 self.bytes_saved_total += size
             else:
-                self._free(buffer)
+                self._give_back(chunks)
             done(error)
 
-        self._submit(copy, finish)
+        self._submit(f"saving {len(addresses)} pages of {model}", copy, finish)
 
     def restore(
         self,
@@ -149,24 +164,35 @@ class HostTier:
 
         def copy() -> None:
             for entry, address in zip(entries, addresses, strict=True):
-                view = entry.buffer.view(entry.index * self.page_size, self.page_size)
-                self.device.copy_host_to_device(address, view)
+                self.device.copy_host_to_device(address, entry.chunk.array)
 
         def finish(error: Exception | None) -> None:
             if error is None:
                 self.bytes_restored_total += len(entries) * self.page_size
-            for entry in entries:
-                self._release_entry(entry)
+            self._give_back([entry.chunk for entry in entries])
             done([entry.offset for entry in entries], error)
 
-        self._submit(copy, finish)
+        self._submit(f"restoring {len(addresses)} pages of {model}", copy, finish)
 
     def discard(self, model: str) -> int:
         """Forget `model`'s saved pages (their contents are lost); how many there were."""
         entries = self._saved.pop(model, [])
-        for entry in entries:
-            self._release_entry(entry)
+        self._give_back([entry.chunk for entry in entries])
         return len(entries)
+
+    @property
+    def warm_bytes(self) -> int:
+        """Host memory kept for reuse by the next save (not counted in `used_bytes`)."""
+        return len(self._warm) * self.page_size
+
+    def trim(self, now: float | None = None) -> int:
+        """Free warm chunks unused for `keep_warm_s`; how many."""
+        now = time.monotonic() if now is None else now
+        expired = 0
+        while self._warm and now - self._warm[0][0] >= self.keep_warm_s:
+            self._warm.pop(0)[1].close()
+            expired += 1
+        return expired
 
     def run_completions(self) -> None:
         """Run the completions of finished jobs (on the event loop)."""
@@ -181,19 +207,24 @@ class HostTier:
         self.run_completions()
         for model in list(self._saved):
             self.discard(model)
+        for _, chunk in self._warm:
+            chunk.close()
+        self._warm.clear()
 
     # ---- internals ----
 
-    def _submit(self, copy: Callable[[], None], finish: Callable[[Exception | None], None]) -> None:
+    def _submit(self, what: str, copy: Callable[[], None], finish: Callable[[Exception | None], None]) -> None:
         self._in_flight += 1
 
         def job() -> None:
             error: Exception | None = None
+            started = time.perf_counter()
             try:
                 copy()
             except Exception as exc:  # a device error: reported to the loop, never kills the worker
                 logger.exception("host tier copy failed")
                 error = exc
+            logger.debug("host tier: %s took %.1f ms", what, (time.perf_counter() - started) * 1e3)
 
             def complete() -> None:
                 self._in_flight -= 1
@@ -204,16 +235,23 @@ class HostTier:
 
         self._jobs.put(job)
 
-    def _release_entry(self, entry: SavedPage) -> None:
-        key = id(entry.buffer)
-        self._pages_left[key] -= 1
-        if self._pages_left[key] == 0:
-            del self._pages_left[key]
-            self._free(entry.buffer)
+    def _take_chunks(self, n: int) -> list[HostBuffer]:
+        """`n` page-sized chunks: warm ones first (most recently freed), then new ones."""
+        chunks = [self._warm.pop()[1] for _ in range(min(n, len(self._warm)))]
+        try:
+            while len(chunks) < n:
+                chunks.append(self.device.allocate_host_buffer(self.page_size))
+        except BaseException:
+            now = time.monotonic()
+            self._warm.extend((now, chunk) for chunk in chunks)  # unused: warm again, nothing was counted
+            raise
+        return chunks
 
-    def _free(self, buffer: HostBuffer) -> None:
-        self.used_bytes -= buffer.size
-        buffer.close()
+    def _give_back(self, chunks: list[HostBuffer]) -> None:
+        """Chunks no longer holding a saved page: kept warm for the next save (see `trim`)."""
+        now = time.monotonic()
+        self._warm.extend((now, chunk) for chunk in chunks)
+        self.used_bytes -= len(chunks) * self.page_size
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

@@ -234,6 +234,7 @@ class Daemon:
                 elif kind == "pidfd":
                     self._process_exited(key.fd, obj)
             self.tier.run_completions()
+            self.tier.trim()
             self._serve_pending()
             self._publish()
         self._shutdown()
@@ -1012,6 +1013,7 @@ class Daemon:
                 "out_of_memory_total": stats.out_of_memory_total,
                 "host_tier_used_bytes": self.tier.used_bytes,
                 "host_tier_capacity_bytes": self.tier.capacity,
+                "host_tier_warm_bytes": self.tier.warm_bytes,
             },
             "models": [
                 {

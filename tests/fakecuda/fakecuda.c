@@ -882,7 +882,7 @@ CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cuda_version, u
 /* Page-locked host memory. The real driver pins it (and maps it for the device when asked); here it is
  * ordinary memory, but the contract is kept: a context must be current, the flags must be known bits,
  * and only a pointer cuMemHostAlloc returned may be freed, once. */
-#define FAKE_HOST_ALLOCS 4096
+#define FAKE_HOST_ALLOCS 16384
 #define CU_MEMHOSTALLOC_KNOWN_FLAGS 0x7u /* PORTABLE | DEVICEMAP | WRITECOMBINED */
 static struct {
     void *ptr;
