@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton decides at import whether its own library functions (tl.max, ...) are interpreted or
+# compiled, and transformers imports Triton while the test modules are collected: set the
+# interpreter before anything can import it. (GPU kernel tests run compiled in a subprocess.)
+os.environ["TRITON_INTERPRET"] = "1"
+
 from collections.abc import Iterator
 
 import pytest
