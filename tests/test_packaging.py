@@ -44,7 +44,7 @@ def test_kvctl_device_reports_the_fake_gpu_as_json():
 
 def test_kvctl_device_error_is_one_line_and_nonzero():
     result = subprocess.run(
-        [BIN / "kvctl", "device", "--device", "cuda", "--gpu", "5"], capture_output=True, text=True, timeout=60
+        [BIN / "kvctl", "--gpu", "5", "device", "--device", "cuda"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1
     assert result.stderr.strip() == "Error: GPU 5 does not exist: the driver sees 1 GPU(s)"
