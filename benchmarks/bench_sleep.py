@@ -71,7 +71,9 @@ def sleep_and_wake(size: int, runtime_dir: Path) -> dict:
         kvmem.connect("sleeper", runtime_dir=runtime_dir) as session,
         ControlClient(runtime_dir=runtime_dir, timeout=600) as control,
     ):
-        cache = session.kv_cache(**GEOMETRY, max_tokens=2 * size // 1024, low_watermark=0, high_watermark=0)
+        cache = session.kv_cache(
+            **GEOMETRY, max_tokens=2 * size // 1024, low_watermark=0, high_watermark=0, grow_wait=300
+        )
         per_block = 2 * GEOMETRY["num_layers"] * cache.block_bytes
         blocks = cache.alloc(size // per_block)
         import torch
