@@ -84,6 +84,18 @@ class BlockAllocator:
         """Mapped slots with no block in use, highest first (the best ones to give back)."""
         return self._by_used[0][::-1]
 
+    def get_slot_usage(self) -> list[tuple[int, int]]:
+        """(slot, blocks in use) of every mapped slot, fullest first, lowest slot first among equals:
+        the order `alloc` fills them in. (Python work per slot: for compaction, not the hot path.)"""
+        mapped = [(slot, self._used[slot]) for slot, is_mapped in enumerate(self._mapped) if is_mapped]
+        return sorted(mapped, key=lambda item: (-item[1], item[0]))
+
+    def get_used_blocks(self, slot: int) -> list[int]:
+        """The block ids in use on mapped `slot`, ascending."""
+        self._check_slot(slot)
+        free = set(self._free_in[slot])
+        return [block for block in self._ids_of[slot] if block not in free]
+
     def get_unmapped_slots(self, n: int) -> list[int]:
         """The `n` lowest slots not mapped (where growth should map next), or fewer."""
         out: list[int] = []

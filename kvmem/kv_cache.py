@@ -530,6 +530,48 @@ class ElasticKVCache:
             self._report_usage()
             return len(chosen)
 
+    def compact(self) -> dict[int, int]:
+        """Move live blocks off the emptiest slots into free blocks of the fullest, then give the
+        emptied slots back; return ``{old block id: new block id}`` for every block moved.
+
+        After it the cache maps its packed floor of slots (the fewest that hold its live blocks);
+        the background thread may then map more to refill the low watermark. Contract: no work
+        may use the cache during the call (it synchronizes the device before copying), and the
+        engine must rewrite its block tables
+        with the returned mapping before using a moved block: the old ids are free afterwards.
+        """
+        with self._grow_lock:
+            with self._lock:
+                usage = self.allocator.get_slot_usage()
+                used = sum(count for _, count in usage)
+                keep = {slot for slot, _ in usage[: -(-used // self.blocks_per_slot)]}
+                movers = [
+                    b
+                    for slot, count in usage
+                    if slot not in keep and count
+                    for b in self.allocator.get_used_blocks(slot)
+                ]
+                if not movers:
+                    return {}
+                # The kept slots are the fullest in alloc's own order and have room for every
+                # mover, so alloc hands out their free blocks only.
+                targets = self.allocator.alloc(len(movers))
+                if any(block // self.blocks_per_slot not in keep for block in targets):
+                    self.allocator.free(targets)
+                    raise RuntimeError("compaction found no room in the fullest slots (allocator order changed?)")
+            self.device.synchronize()  # kernels still running may write the blocks being moved
+            for r in range(self.num_ranges):
+                base = self.reservation.address + r * self.range_bytes
+                for src, dst in zip(movers, targets, strict=True):
+                    self.device.copy_device_to_device(
+                        base + dst * self.block_bytes, base + src * self.block_bytes, self.block_bytes
+                    )
+            self.device.synchronize()
+            with self._lock:
+                self.allocator.free(movers)
+        self.shrink()
+        return dict(zip(movers, targets, strict=True))
+
     def _shrink_as_asked(self) -> None:
         want_slots = 0
         if self._reclaim_pages > 0:

@@ -265,8 +265,8 @@ def test_an_idle_cache_shrinks_to_its_live_blocks_plus_the_watermark(session):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_after_a_random_trace_the_cache_rests_holding_no_empty_slot(seed: int):
     """At rest (watermarks 0) every mapped slot holds a live block, and the page-aware allocator
-    keeps the live blocks packed: within a few slots of the floor. (Exactly the floor plus one
-    would need live blocks moved between slots, which only the engine can do.)"""
+    keeps the live blocks packed within a few slots of the floor; `compact()` (the engine applying
+    the moves) brings it to the floor exactly."""
     rng = random.Random(seed)
     with kvmem.local(device="host", budget="256MiB") as s:
         cache = s.kv_cache(**GEOMETRY, max_tokens=64 * 512 * 16, low_watermark=0, high_watermark=0)
@@ -280,6 +280,10 @@ def test_after_a_random_trace_the_cache_rests_holding_no_empty_slot(seed: int):
         wait_for(lambda: cache.stats().mapped_slots == len(live_slots), what="the empty slots to go back")
         floor = -(-cache.get_num_used_blocks() // cache.blocks_per_slot)
         assert floor <= cache.stats().mapped_slots <= floor + 3
+        moved = cache.compact()
+        live = [[moved.get(block, block) for block in ids] for ids in live]
+        assert cache.stats().mapped_slots == floor
+        assert len({block // cache.blocks_per_slot for ids in live for block in ids}) == floor
 
 
 def test_sleep_returns_every_page_as_blocks_drain_and_wake_serves_again(daemon: DaemonProcess):
@@ -302,3 +306,35 @@ def test_sleep_returns_every_page_as_blocks_drain_and_wake_serves_again(daemon: 
         wait_for(lambda: daemon.status().model("sleeper").state.name == "AWAKE")
         wait_for(lambda: not cache.asleep, what="the wake to reach the cache")
         cache.free(cache.alloc(600))
+
+
+def test_compaction_packs_live_blocks_to_the_floor_and_keeps_their_bytes(session):
+    cache = session.kv_cache(**GEOMETRY, max_tokens=16 * 8 * 512, low_watermark=0, high_watermark=0, background=False)
+    per_slot = cache.blocks_per_slot
+    rng = random.Random(7)
+    live: list[int] = []
+    for ids in [cache.alloc(n) for n in (300, 500, 700, 400, 600)]:
+        keep = rng.sample(ids, len(ids) // 3)  # requests finish unevenly: every slot is part used
+        cache.free(sorted(set(ids) - set(keep)))
+        live += keep
+    for i, block in enumerate(live):
+        for layer in range(cache.num_layers):
+            for kind in ("k", "v"):
+                cache.device.memset(
+                    cache.block_address(layer, kind, block),
+                    (i * 7 + layer * 2 + (kind == "v")) % 251,
+                    cache.block_bytes,
+                )
+    floor = -(-len(live) // per_slot)
+    assert cache.stats().mapped_slots == 5 > floor == 2
+    moved = cache.compact()
+    assert cache.stats().mapped_slots == floor and cache.get_num_used_blocks() == len(live)
+    new_ids = [moved.get(block, block) for block in live]
+    assert len(set(new_ids)) == len(live) and len({b // per_slot for b in new_ids}) == floor
+    for i, block in enumerate(new_ids):
+        for layer in range(cache.num_layers):
+            for kind in ("k", "v"):
+                expected = bytes([(i * 7 + layer * 2 + (kind == "v")) % 251]) * cache.block_bytes
+                assert block_bytes(cache, layer, kind, block) == expected
+    assert cache.compact() == {}  # packed already
+    cache.free(new_ids)
