@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	if nvidia-smi -L >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e '.[torch,test,transformers]'
+	$(BIN)/pip install -q -e '.[torch,test,transformers,demo]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/device_roundtrip.py
+	$(BIN)/python examples/colocation.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
