@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_daemon.py --update-readme
 	$(BIN)/python benchmarks/bench_kv_cache.py --update-readme
 	$(BIN)/python benchmarks/bench_allocator.py --update-readme
+	$(BIN)/python benchmarks/bench_colocation.py --update-readme
 	$(BIN)/python benchmarks/bench_kernels.py --update-readme  # needs a GPU; says so and exits 0 without one
 
 clean:
