@@ -301,7 +301,7 @@ def main() -> None:
                     "rates_per_s": [RATE_HIGH, RATE_LOW],
                     "burst_s": BURST_S,
                 },
-                "results": results,
+                "results": [{k: v for k, v in r.items() if k not in ("memory", "ttft")} for r in results],  # plotted
                 "ratios": ratios,
             },
             indent=1,
