@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	if nvidia-smi -L >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e '.[torch,test,transformers]'
+	$(BIN)/pip install -q -e '.[torch,test,transformers,demo]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/device_roundtrip.py
+	$(BIN)/python examples/colocation.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kv_cache.py --update-readme
 	$(BIN)/python benchmarks/bench_allocator.py --update-readme
 	$(BIN)/python benchmarks/bench_sleep.py --update-readme
+	$(BIN)/python benchmarks/bench_colocation.py --update-readme
 	$(BIN)/python benchmarks/bench_kernels.py --update-readme  # needs a GPU; says so and exits 0 without one
 
 clean:

@@ -224,6 +224,46 @@ def test_out_of_memory_raises_cleanly_and_the_cache_stays_usable(llama: torch.nn
         assert torch.equal(got, expected[:, : WIDTH + 10])
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "kvmem_paged"])
+def test_a_borrowed_prefix_is_not_recomputed_and_gives_the_same_tokens(
+    llama: torch.nn.Module, attn: str, session: kvmem.Session
+):
+    llama.set_attn_implementation(attn)
+    prompt = torch.tensor([[*range(3, 35), 40, 41, 42]])  # a 32-token prefix (two blocks) and 3 more
+    kv = session.kv_cache(2, 16, 2, HEAD_DIM, torch.float32, max_tokens=4096)
+    with KvmemCache(kv, llama.config) as first:
+        expected = llama.generate(prompt, generation_config=greedy(), past_key_values=first)
+        prefix = first.take_prefix(32)
+    assert kv.get_num_used_blocks() == 2  # the rest went back; the prefix is the caller's now
+    computed = []
+    hook = llama.register_forward_pre_hook(
+        lambda _m, _a, kw: computed.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        with KvmemCache(kv, llama.config) as second:
+            second.borrow_prefix(prefix, 32)
+            got = llama.generate(prompt, generation_config=greedy(), past_key_values=second)
+            assert second.table.rows[0][:2] == prefix
+    finally:
+        hook.remove()
+    assert torch.equal(got, expected)
+    assert computed[0] == 3  # only the tokens after the prefix
+    assert kv.get_num_used_blocks() == 2  # closing the borrower left the prefix alone
+    kv.free(prefix)
+
+
+def test_prefix_sharing_refuses_partial_blocks_and_foreign_blocks(llama: torch.nn.Module, session: kvmem.Session):
+    kv = session.kv_cache(2, 16, 2, HEAD_DIM, torch.float32, max_tokens=4096)
+    with KvmemCache(kv, llama.config) as cache:
+        with pytest.raises(ValueError, match="whole blocks"):
+            cache.borrow_prefix([0], 10)
+        with pytest.raises(ValueError, match="whole number"):
+            cache.take_prefix(16)  # nothing cached yet
+        cache.borrow_prefix(kv.alloc(1), 16)
+        with pytest.raises(ValueError, match="borrowed"):
+            cache.take_prefix(16)
+
+
 # ---- with the daemon ----
 
 

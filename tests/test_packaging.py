@@ -52,7 +52,7 @@ def test_kvctl_device_error_is_one_line_and_nonzero():
 
 
 @pytest.mark.parametrize("kind", ["host", "cuda"])
-def test_main_job_shares_pages_between_two_processes(kind: str):
+def test_device_roundtrip_shares_pages_between_two_processes(kind: str):
     demo = REPO / "examples" / "device_roundtrip.py"
     result = subprocess.run(
         [sys.executable, demo, "--device", kind, "--pages", "3"], capture_output=True, text=True, timeout=120
@@ -62,7 +62,7 @@ def test_main_job_shares_pages_between_two_processes(kind: str):
     assert "all pages match" in result.stdout
 
 
-def test_main_job_on_the_default_device_of_a_machine_without_a_gpu():
+def test_device_roundtrip_on_the_default_device_of_a_machine_without_a_gpu():
     if real_driver_loads():
         pytest.skip("a real CUDA driver is installed here")
     result = run_python(

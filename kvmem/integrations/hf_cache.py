@@ -28,6 +28,13 @@ every call (so `model.set_attn_implementation` takes effect at once):
   of every cached token of the layer, per layer and per step. That is the price of running
   unmodified attention code on paged storage; DynamicCache pays a similar copy in `torch.cat`.
 
+Prefix sharing. An engine that keeps a prompt prefix's blocks (a prefix cache) takes them from a
+finished one-row cache with `take_prefix(tokens)` (whole blocks: they become the caller's, and
+`reset`/`close` no longer free them) and starts a later request's cache on them with
+`borrow_prefix(blocks, tokens)`: the cache begins `tokens` long, `generate` computes only the rest
+of the prompt, and the borrowed blocks are read, never written (the prefix ends on a block
+boundary, so new tokens go to new blocks) nor freed.
+
 Not supported (they raise): beam search (`reorder_cache`), cropping (assisted decoding) and batch
 re-indexing, which would need shared blocks and copy-on-write.
 
@@ -103,6 +110,7 @@ class _BlockTable:
         self.rows: list[list[int]] = []
         self.runs: list[list[tuple[int, int]]] = []
         self._ids = torch.empty((0, 0), dtype=torch.long)
+        self.borrowed = 0  # leading blocks of the (single) row that belong to the caller, never freed here
 
     @property
     def num_blocks(self) -> int:
@@ -138,8 +146,29 @@ class _BlockTable:
             self.rows = [[] for _ in range(batch)]
         for b, row in enumerate(self.rows):
             row.extend(ids[b * more : (b + 1) * more])
+        self._index()
+
+    def _index(self) -> None:
         self.runs = [_runs(row) for row in self.rows]
         self._ids = torch.tensor(self.rows, dtype=torch.long)
+
+    def borrow(self, blocks: list[int]) -> None:
+        """Start an empty table as one row beginning with `blocks`, which stay the caller's."""
+        if self.rows:
+            raise ValueError("borrow_prefix needs an empty cache: reset() it first")
+        self.rows, self.borrowed = [list(blocks)], len(blocks)
+        self._index()
+
+    def take(self, count: int) -> list[int]:
+        """Hand the caller the first `count` blocks of the single row; they are no longer freed here."""
+        if len(self.rows) != 1:
+            raise ValueError(f"take_prefix needs a cache of one sequence, not {len(self.rows)}")
+        if self.borrowed:
+            raise ValueError("this cache borrowed its prefix: its blocks are not its own to give")
+        if count > len(self.rows[0]):
+            raise ValueError(f"the cache holds {len(self.rows[0])} blocks, not {count}")
+        self.borrowed = count
+        return self.rows[0][:count]
 
     def slots(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
         """Flat token slots ``block * block_size + offset`` of positions [start, stop), ``[batch, stop - start]``."""
@@ -148,9 +177,9 @@ class _BlockTable:
         return (self._ids[:, positions // bs] * bs + positions % bs).to(device)
 
     def release(self) -> None:
-        """Give every block back to kvmem."""
-        blocks = [block for row in self.rows for block in row]
-        self.rows, self.runs = [], []
+        """Give every block back to kvmem, except borrowed ones."""
+        blocks = [block for row in self.rows for block in row[self.borrowed :]]
+        self.rows, self.runs, self.borrowed = [], [], 0
         self._ids = torch.empty((0, 0), dtype=torch.long)
         if blocks:
             self.kv.free(blocks)
@@ -353,6 +382,43 @@ class KvmemCache(Cache):
     def num_blocks(self) -> int:
         """Blocks this cache holds (all rows)."""
         return self.table.num_blocks
+
+    def borrow_prefix(self, blocks: list[int], tokens: int) -> None:
+        """Start this empty cache as one sequence whose first `tokens` tokens are cached in `blocks`.
+
+        The blocks stay the caller's (e.g. from `take_prefix` of an earlier cache of the same
+        `ElasticKVCache`): this cache reads them and never writes or frees them. Pass the whole
+        prompt to ``generate``; only the tokens after the prefix are computed.
+
+        Raises:
+            ValueError: The cache is not empty, `tokens` is not a whole number of blocks, or
+                `blocks` has not ``tokens // block_size`` ids.
+        """
+        block_size = self.kv.block_size
+        if tokens <= 0 or tokens % block_size or len(blocks) != tokens // block_size:
+            raise ValueError(
+                f"a borrowed prefix must be whole blocks: {tokens} tokens in {len(blocks)} blocks of {block_size}"
+            )
+        self.table.borrow(blocks)
+        for layer in self.layers:
+            layer.length = tokens
+
+    def take_prefix(self, tokens: int) -> list[int]:
+        """Take the blocks of this one-sequence cache's first `tokens` tokens (whole blocks) for the caller.
+
+        From here `reset` and `close` free only the blocks after them; the caller frees these
+        (``kv.free``) when it no longer needs them, and may `borrow_prefix` them meanwhile.
+
+        Raises:
+            ValueError: `tokens` is not a whole number of blocks, exceeds what is cached, the cache
+                holds several sequences, or it borrowed its own prefix.
+        """
+        if tokens <= 0 or tokens % self.kv.block_size or tokens > self.get_seq_length():
+            raise ValueError(
+                f"take_prefix({tokens}): a whole number of {self.kv.block_size}-token blocks, at most the "
+                f"{self.get_seq_length()} tokens cached"
+            )
+        return self.table.take(tokens // self.kv.block_size)
 
     def reset(self) -> None:
         """Forget every sequence and give all blocks back to kvmem; the cache stays usable."""
