@@ -22,7 +22,7 @@ from kvmem.sizes import format_size
 from kvmem.status import SEGMENT_SIZE
 
 SHM_DIR = Path("/dev/shm")
-SHM_FREE_WANTED = 64 << 20  # the status segment is small, but engines and torch use /dev/shm too
+SHM_FREE_WANTED = 64 << 20  # kvmem needs only its status segment, but engines and torch use /dev/shm too
 FD_HEADROOM = 4096  # descriptors beyond one per page: sockets, libraries, the engine's own files
 
 
@@ -104,12 +104,12 @@ def check_shm_space() -> Check:
         free = shutil.disk_usage(SHM_DIR).free
     except OSError as exc:
         return Check("shm", "fail", f"{SHM_DIR} is not usable: {exc}", "mount a tmpfs at /dev/shm")
+    fix = "enlarge it: `mount -o remount,size=1G /dev/shm`, or `docker run --shm-size=1g`"
+    if free < SEGMENT_SIZE:  # not even room for one daemon's status
+        return Check("shm", "fail", f"{SHM_DIR} has {format_size(free)} free: no room for kvmemd's status", fix)
     if free < SHM_FREE_WANTED:
         return Check(
-            "shm",
-            "fail",
-            f"{SHM_DIR} has {format_size(free)} free, less than {format_size(SHM_FREE_WANTED)}",
-            "enlarge it: `mount -o remount,size=1G /dev/shm`, or `docker run --shm-size=1g`",
+            "shm", "warn", f"{SHM_DIR} has {format_size(free)} free, less than {format_size(SHM_FREE_WANTED)}", fix
         )
     return Check("shm", "ok", f"{SHM_DIR} has {format_size(free)} free")
 
