@@ -48,6 +48,10 @@ def main() -> None:
         dtype="float32",
         block_size=32,  # the CPU attention backend wants a multiple of 32
         max_model_len=256,
+        # A fixed KV size: on CPU, vLLM otherwise reserves gpu_memory_utilization (0.9) of the
+        # machine's memory and refuses to start when other processes use more than 10% of it
+        # (vllm 0.32 v1/worker/cpu_worker.py).
+        kv_cache_memory_bytes=64 << 20,
         num_gpu_blocks_override=64,
         enforce_eager=True,
         seed=0,
