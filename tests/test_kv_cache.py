@@ -87,6 +87,23 @@ def test_tensor_views_alias_exactly_their_blocks(dtype: str, layout: str):
         cache.free(ids)
 
 
+def test_reservation_tensor_is_every_range_in_order():
+    with kvmem.local(device="host", budget="64MiB") as s:
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16384, background=False)
+        ids = cache.alloc(cache.max_blocks)  # every slot mapped: the whole reservation is readable
+        flat = cache.reservation_tensor()
+        assert (flat.dtype, flat.numel(), flat.data_ptr()) == (
+            torch.uint8,
+            4 * cache.range_bytes,
+            cache.reservation.address,
+        )
+        cache.v[1][ids[3]] = 2.0
+        start = cache.block_address(1, "v", ids[3]) - cache.reservation.address
+        assert flat[start : start + cache.block_bytes].view(torch.float16).tolist() == [2.0] * (16 * 2 * 64)
+        assert int(flat.count_nonzero()) == cache.block_bytes // 2  # only that block's halves are nonzero
+        cache.free(ids)
+
+
 def test_growth_sets_access_once_per_range_per_contiguous_run():
     with kvmem.local(device="cuda", budget="64MiB") as s:
         cache = s.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, background=False)
