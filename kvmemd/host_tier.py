@@ -89,7 +89,6 @@ class HostTier:
         self.bytes_restored_total = 0
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._completions: deque[Callable[[], None]] = deque()
-        self._in_flight = 0
         self._worker = threading.Thread(target=self._run, name="kvmemd-host-tier", daemon=True)
         self._worker.start()
 
@@ -101,10 +100,6 @@ class HostTier:
 
     def saved_pages(self, model: str) -> int:
         return len(self._saved.get(model, ()))
-
-    def busy(self) -> bool:
-        """Whether copy jobs are queued or running."""
-        return self._in_flight > 0
 
     def save(
         self,
@@ -214,7 +209,7 @@ class HostTier:
     # ---- internals ----
 
     def _submit(self, what: str, copy: Callable[[], None], finish: Callable[[Exception | None], None]) -> None:
-        self._in_flight += 1
+        """Run `copy` on the worker, then `finish(error)` on the loop (via `run_completions`)."""
 
         def job() -> None:
             error: Exception | None = None
@@ -226,11 +221,7 @@ class HostTier:
                 error = exc
             logger.debug("host tier: %s took %.1f ms", what, (time.perf_counter() - started) * 1e3)
 
-            def complete() -> None:
-                self._in_flight -= 1
-                finish(error)
-
-            self._completions.append(complete)
+            self._completions.append(lambda: finish(error))
             self._notify()
 
         self._jobs.put(job)

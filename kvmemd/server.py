@@ -1014,6 +1014,8 @@ class Daemon:
                 "host_tier_used_bytes": self.tier.used_bytes,
                 "host_tier_capacity_bytes": self.tier.capacity,
                 "host_tier_warm_bytes": self.tier.warm_bytes,
+                "host_tier_saved_bytes_total": self.tier.bytes_saved_total,
+                "host_tier_restored_bytes_total": self.tier.bytes_restored_total,
             },
             "models": [
                 {
