@@ -89,9 +89,9 @@ def test_offload_sleep_and_wake_restore_every_block_bit_identical(daemon: Daemon
         assert control.wake("sleeper")["state"] == "waking"
         wait_for(lambda: not cache.asleep, what="the wake to reach the cache")
         assert events == [("sleep", True), ("wake", True)]
-        assert model_state(daemon, "sleeper") == "AWAKE"
         assert checksums(cache, live) == before
-        status = daemon.status()
+        # The status is published within a few ms of the daemon's AWAKE, maybe after the cache woke.
+        status = wait_for(lambda: (st := daemon.status()).model("sleeper").state.name == "AWAKE" and st)
         assert status.model("sleeper").saved_pages == 0 and status.daemon.host_tier_used_bytes == 0
         assert status.model("sleeper").mapped_pages == 2 * cache.pages_per_growth
         # The allocator's state survived: the hole in slot 2 is handed out first, the ids stay valid.
@@ -169,7 +169,8 @@ def test_an_offload_the_host_tier_cannot_hold_is_refused(tmp_path: Path):
         cache.alloc(512)  # 4 pages = 8 MiB
         with pytest.raises(ControlError, match="the host tier has room for 2 pages, model 'huge' holds 4"):
             control.sleep("huge", offload=True)
-        assert model_state(daemon, "huge") == "AWAKE" and not cache.asleep
+        wait_for(lambda: model_state(daemon, "huge") == "AWAKE", what="the model in the status")
+        assert not cache.asleep
 
 
 def test_an_engine_that_exits_asleep_frees_its_saved_cache(daemon: DaemonProcess):
