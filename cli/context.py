@@ -82,6 +82,11 @@ class KvctlContext:
             raise self._no_daemon(f"its status is {snapshot.heartbeat_age():.0f} s old and pid {pid} is gone")
         return snapshot
 
+    def budget_bytes(self) -> int:
+        """The daemon's budget in bytes (what percentages of sizes are taken of), from its status."""
+        daemon = self.read_status().daemon
+        return daemon.budget_pages * daemon.page_size
+
     def control(self) -> ControlClient:
         """A control connection to the daemon.
 

@@ -22,9 +22,7 @@ NO_LIMIT = ("none", "unlimited", "off")
 @pass_context
 def limit(ctx: KvctlContext, model: str, size: str) -> None:
     """Cap MODEL at SIZE (20GB, 20GiB, 512M, 25% of the budget; `none` removes the cap)."""
-    snap = ctx.read_status()
-    budget = snap.daemon.budget_pages * snap.daemon.page_size
-    limit_bytes = None if size.lower() in NO_LIMIT else parse_size_option(size, budget, "SIZE")
+    limit_bytes = None if size.lower() in NO_LIMIT else parse_size_option(size, ctx.budget_bytes(), "SIZE")
     ctx.request("set_limit", model, limit_bytes)
     shown = "no limit" if limit_bytes is None else f"limit {format_size(limit_bytes)}"
     click.echo(f"{model}: {shown}", err=True)
@@ -36,9 +34,7 @@ def limit(ctx: KvctlContext, model: str, size: str) -> None:
 @pass_context
 def minimum(ctx: KvctlContext, model: str, size: str) -> None:
     """Guarantee MODEL at least SIZE: it is never asked for pages below it and is served first."""
-    snap = ctx.read_status()
-    budget = snap.daemon.budget_pages * snap.daemon.page_size
-    min_bytes = parse_size_option(size, budget, "SIZE")
+    min_bytes = parse_size_option(size, ctx.budget_bytes(), "SIZE")
     ctx.request("set_min", model, min_bytes)
     click.echo(f"{model}: minimum {format_size(min_bytes)}", err=True)
 

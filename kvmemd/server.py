@@ -566,14 +566,18 @@ class Daemon:
         self.pending.append(request)
 
     def _return(self, conn: Connection, msg: Message) -> None:
+        self._take_back(conn, msg)
+        self._pages_back(conn.model.name, msg["pages"])
+
+    def _take_back(self, conn: Connection, msg: Message) -> None:
+        """The pages a RETURN or OFFLOAD names leave the client (each must be held, once)."""
         page_ids = msg["pages"]
         unknown = [p for p in page_ids if p not in conn.held]
         if unknown or len(set(page_ids)) != len(page_ids):
-            raise ProtocolError(f"RETURN names pages this client does not hold: {unknown[:8] or 'duplicates'}")
+            raise ProtocolError(f"{msg.type.name} names pages this client does not hold: {unknown[:8] or 'duplicates'}")
         conn.held.difference_update(page_ids)
         conn.used_pages = min(conn.used_pages, len(conn.held))
         conn.model.asked = max(0, conn.model.asked - len(page_ids))
-        self._pages_back(conn.model.name, page_ids)
 
     def _usage(self, conn: Connection, msg: Message) -> None:
         conn.used_pages = min(msg["used_pages"], len(conn.held))
@@ -606,13 +610,9 @@ class Daemon:
         if record.state != ModelState.DRAINING or not record.sleep_offload:
             raise ProtocolError(f"OFFLOAD while model {record.name} is not draining for an offloading sleep")
         page_ids = msg["pages"]
-        unknown = [p for p in page_ids if p not in conn.held]
-        if unknown or len(set(page_ids)) != len(page_ids):
-            raise ProtocolError(f"OFFLOAD names pages this client does not hold: {unknown[:8] or 'duplicates'}")
         if len(set(msg["offsets"])) != len(page_ids):
             raise ProtocolError("OFFLOAD names the same offset twice")
-        conn.held.difference_update(page_ids)
-        conn.used_pages = min(conn.used_pages, len(conn.held))
+        self._take_back(conn, msg)
         # From here the copy job owns the pages: they go back to the pool when it is done.
         record.copies_in_flight += 1
 
