@@ -5,8 +5,15 @@ descriptors the daemon sends, gives pages back, reports usage, and hands the dae
 (reclaim, policy, sleep, wake) to callbacks. Mapping pages is the caller's business: a page must
 be unmapped (after synchronizing the work that used it) before `return_pages`.
 
-A reader thread receives every message. Callbacks run on that thread: keep them short and never
-call `grow` from one (it would wait for the thread that runs it).
+A reader thread receives every message on the connection. Callbacks run on that thread: keep
+them short and never call `grow` from one (it would wait for the thread that runs it).
+
+Grant channel. Right after the handshake the client opens a second socket to the daemon, a
+`socketpair` whose other end it sends in a CHANNEL message, and `grow` asks on it and reads the
+answers (GRANT, DENY) itself, on the calling thread: a grant then costs one process wake-up, not
+two (the reader thread's, then the caller's), and never queues behind other messages. One `grow`
+at a time uses the channel; a `grow` that finds it busy (another thread is growing) or gone
+(reconnecting) asks over the connection and waits for the reader thread, as before.
 
 When the daemon goes away, the client keeps its pages (they stay mapped and usable) and, if
 `reconnect` is on, connects again as soon as a daemon answers, sends its pages back as
@@ -20,6 +27,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -27,13 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmem import protocol
-from kvmem.device import Device, PhysicalPage, open_device
+from kvmem.device import Device, DeviceError, PhysicalPage, open_device
 from kvmem.protocol import ConnectionClosed, MsgType, ProtocolError
 from kvmem.runtime import DaemonPaths
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WAIT_S = 5.0
+# The daemon answers a GROW by its deadline; beyond this margin the daemon counts as gone.
+ANSWER_MARGIN_S = 10.0
 RECONNECT_BACKOFF_S = (0.05, 1.0)
 
 
@@ -171,12 +181,17 @@ class DaemonClient:
         self._waiters: dict[int, _Waiter] = {}
         self._req_ids = itertools.count(1)
         self._closing = False
+        # The grant channel (see the module docstring); whoever holds _channel_lock may use it.
+        self._channel: socket.socket | None = None
+        self._channel_lock = threading.Lock()
+        self._channel_timeout: float | None = None
         self._sock = _connect(self.paths)
         try:
             welcome = self._handshake(self._sock, adopt=0, page_size=0)
             if device is not None and device.kind != welcome["device_kind"]:
                 raise DaemonRefusedError(f"daemon serves a {welcome['device_kind']} device, not {device.kind}")
             self.device = device or open_device(welcome["device_kind"], welcome["device_ordinal"])
+            self._channel = self._open_channel(self._sock)
         except BaseException:
             self._sock.close()
             raise
@@ -200,6 +215,52 @@ class DaemonClient:
             raise ValueError(f"grow({pages}): ask for at least one page")
         if not self.connected.is_set():
             return GrowResult([], "disconnected", "kvmemd is not connected")
+        if self._channel_lock.acquire(blocking=False):
+            try:
+                if self._channel is not None:
+                    return self._grow_on_channel(self._channel, pages, wait)
+            finally:
+                self._channel_lock.release()
+        return self._grow_via_reader(pages, wait)
+
+    def _grow_on_channel(self, channel: socket.socket, pages: int, wait: float) -> GrowResult:
+        """`grow` over the grant channel, answered on this thread (`_channel_lock` held)."""
+        req = next(self._req_ids)
+        timeout = wait + ANSWER_MARGIN_S
+        deadline = time.monotonic() + timeout
+        granted: list[ClientPage] = []
+        try:
+            if timeout != self._channel_timeout:
+                # A kernel receive timeout (SO_RCVTIMEO) rather than socket.settimeout, which
+                # would add a poll() before every receive.
+                seconds, micros = divmod(int(timeout * 1e6), 1_000_000)
+                channel.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
+                self._channel_timeout = timeout
+            protocol.send_message(channel, MsgType.GROW, {"req": req, "pages": pages, "wait_ms": int(wait * 1000)})
+            while True:
+                msg = protocol.receive_message(channel)
+                if msg.type not in (MsgType.GRANT, MsgType.DENY) or msg["req"] != req:
+                    protocol.close_fds(msg.fds)
+                    raise ProtocolError(f"kvmemd sent {msg.type.name} for request {msg.body.get('req')} on the channel")
+                if msg.type == MsgType.DENY:
+                    return GrowResult(granted, msg["reason"], msg["detail"])
+                granted.extend(self._import(msg))
+                if msg["done"]:
+                    return GrowResult(granted)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("kvmemd did not finish the grant in time")
+        except (ConnectionClosed, OSError, ProtocolError, DeviceError) as exc:
+            # The daemon went away (the reader thread reconnects and opens a new channel), or it
+            # is stuck or broken: this channel is done either way. A BlockingIOError here is the
+            # receive timeout, TimeoutError the deadline, DeviceError a descriptor that does not
+            # import. Pages granted so far are kept.
+            logger.warning("kvmemd grant channel lost: %s", exc or type(exc).__name__)
+            self._channel = None
+            channel.close()
+            return GrowResult(granted, "disconnected", f"the grant channel to kvmemd was lost: {exc}")
+
+    def _grow_via_reader(self, pages: int, wait: float) -> GrowResult:
+        """`grow` over the connection: the reader thread collects the answer."""
         req = next(self._req_ids)
         waiter = _Waiter()
         with self._lock:
@@ -210,7 +271,7 @@ class DaemonClient:
                 del self._waiters[req]
                 return GrowResult([], "disconnected", f"kvmemd is not connected: {exc}")
         # The daemon answers by its deadline; the margin covers a daemon that died meanwhile.
-        waiter.done.wait(wait + 10.0)
+        waiter.done.wait(wait + ANSWER_MARGIN_S)
         with self._lock:
             self._waiters.pop(req, None)
         if not waiter.done.is_set():
@@ -276,6 +337,8 @@ class DaemonClient:
             if self._closing:
                 return
             self._closing = True
+        self._replace_channel(None)  # after any grow still using it (woken by the shutdown)
+        with self._lock:
             for page in self.pages.values():
                 page.physical.close()
             self.pages.clear()
@@ -321,6 +384,33 @@ class DaemonClient:
             },
         )
         return _expect(sock, MsgType.WELCOME)
+
+    def _open_channel(self, sock: socket.socket) -> socket.socket:
+        """A new grant channel: one end of a socketpair, the other sent to the daemon over `sock`."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            with self._lock:
+                protocol.send_message(sock, MsgType.CHANNEL, {}, [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return ours
+
+    def _replace_channel(self, channel: socket.socket | None) -> None:
+        """Make `channel` the grant channel, closing the old one once no grow uses it."""
+        old = self._channel
+        if old is not None:
+            try:
+                old.shutdown(socket.SHUT_RDWR)  # a grow blocked on it wakes, gives it up
+            except OSError:
+                pass  # that grow closed it already
+        with self._channel_lock:
+            if old is not None:
+                old.close()
+            self._channel = channel
+            self._channel_timeout = None
 
     def _read_loop(self) -> None:
         while not self._closing:
@@ -377,10 +467,10 @@ class DaemonClient:
             logger.warning("unexpected %s from kvmemd", msg.type.name)
 
     def _import(self, msg: protocol.Message) -> list[ClientPage]:
-        """Import the pages of a GRANT or RESTORE; they are held from here on."""
-        imported = []
-        for page_id, fd in zip(msg["pages"], msg.fds, strict=True):
-            imported.append(ClientPage(page_id, self.device.import_page(fd, self.page_size)))
+        """Import the pages of a GRANT or RESTORE, taking over its descriptors; they are held from here on."""
+        fds, msg.fds = msg.fds, []  # consumed by the import, closed by it even if it fails
+        physicals = self.device.import_pages(fds, self.page_size, consume=True)
+        imported = [ClientPage(page_id, physical) for page_id, physical in zip(msg["pages"], physicals, strict=True)]
         with self._lock:
             for page in imported:
                 self.pages[page.id] = page
@@ -424,6 +514,10 @@ class DaemonClient:
             with self._lock:
                 old, self._sock = self._sock, sock
             old.close()
+            try:
+                self._replace_channel(self._open_channel(sock))
+            except OSError as exc:
+                logger.warning("no grant channel to kvmemd (grows go over the connection): %s", exc)
             self.connected.set()
             if self.layout is not None:
                 self.describe(self.layout)

@@ -9,6 +9,12 @@ accounting lives on this thread; the pool's worker only creates, zeroes and rele
 Engines and kvctl connect to one ``SOCK_SEQPACKET`` socket and speak `kvmem.protocol`. Who is
 calling comes from ``SO_PEERCRED`` (pid, uid), never from the message.
 
+An engine may add a grant channel: a socket of its own (one end of a socketpair it made, sent in
+a CHANNEL message and checked to belong to the same process) on which it sends only GROW, and on
+which the daemon answers that GROW's GRANTs and DENY. The engine then reads its grant on the
+thread that asked for it instead of through its reader thread. A channel that closes ends only
+itself (and its waiting requests); its engine's connection and pages stay.
+
 Grants. A GROW request becomes a `GrowRequest`. On every pass the loop serves waiting requests in
 order: models below their guaranteed minimum first, then higher priority, then arrival. A model's
 limit caps what it may hold; pages come from the pool (the model's own dirty pages, then clean
@@ -118,7 +124,7 @@ class ModelRecord:
         return self.limit_pages if 0 <= self.limit_pages < self.held else -1
 
 
-@dataclass
+@dataclass(eq=False)
 class Connection:
     sock: socket.socket
     pid: int
@@ -131,8 +137,21 @@ class Connection:
     held: set[int] = field(default_factory=set)
     used_pages: int = 0
     adopt_expected: int = 0
+    channel: GrantChannel | None = None
     # Frames waiting to be sent, with their descriptors and whether to close them once sent.
     outbox: deque[tuple[bytes, list[int], bool]] = field(default_factory=deque)
+    writing: bool = False  # registered for EVENT_WRITE: the outbox waits for room
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class GrantChannel:
+    """An engine's grant channel (see the design note): GROW in, its GRANTs and DENY out."""
+
+    sock: socket.socket
+    owner: Connection
+    outbox: deque[tuple[bytes, list[int], bool]] = field(default_factory=deque)
+    writing: bool = False
     closed: bool = False
 
 
@@ -147,6 +166,12 @@ class GrowRequest:
     granted: int = 0
     reclaim_asked: int = 0
     restore: bool = False  # a wake's restore from the host tier, not an engine's GROW
+    channel: GrantChannel | None = None  # where the answers go, if the GROW came on a channel
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether nobody can receive the answer any more (connection or channel gone)."""
+        return self.conn.closed or (self.channel is not None and self.channel.closed)
 
 
 @dataclass
@@ -202,6 +227,20 @@ class Daemon:
         self.totals = {"grants": 0, "denies": 0, "reclaims": 0, "sleeps": 0, "wakes": 0}
         # Called with each served request's latency in seconds (the metrics histogram), if set.
         self.observe_grant_latency: Callable[[float], None] | None = None
+        # What each role may send, and its handler (built once: this is the grant path).
+        self._handlers: dict[str, dict[MsgType, Callable[[Connection, Message], None]]] = {
+            "engine": {
+                MsgType.GROW: self._grow,
+                MsgType.RETURN: self._return,
+                MsgType.USAGE: self._usage,
+                MsgType.ADOPT: self._adopt,
+                MsgType.SLEPT: self._slept,
+                MsgType.OFFLOAD: self._offload,
+                MsgType.LAYOUT: self._layout,
+                MsgType.CHANNEL: self._channel,
+            },
+            "control": {MsgType.CONTROL: self._control},
+        }
 
     # ---- lifecycle ----
 
@@ -231,6 +270,11 @@ class Daemon:
                         self._flush(obj)
                     if mask & selectors.EVENT_READ and not obj.closed:
                         self._read(obj)
+                elif kind == "channel":
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(obj)
+                    if mask & selectors.EVENT_READ and not obj.closed:
+                        self._read(obj.owner, obj)
                 elif kind == "pidfd":
                     self._process_exited(key.fd, obj)
             self.tier.run_completions()
@@ -291,20 +335,24 @@ class Daemon:
             self.selector.register(sock, selectors.EVENT_READ, ("conn", conn))
             logger.debug("client %d connected: pid %d uid %d", conn.client_id, pid, uid)
 
-    def _read(self, conn: Connection) -> None:
+    def _read(self, conn: Connection, channel: GrantChannel | None = None) -> None:
+        """Handle what `conn` sent, on its connection or on its grant `channel`."""
+        sock = conn.sock if channel is None else channel.sock
         for _ in range(64):  # bounded, so one chatty client cannot starve the others
             try:
-                frame, fds = protocol.receive_frame(conn.sock)
+                frame, fds = protocol.receive_frame(sock)
             except BlockingIOError:
                 return
-            except protocol.ConnectionClosed:
-                self._drop(conn, reason="closed the connection")
+            except (protocol.ConnectionClosed, OSError) as exc:
+                closed = isinstance(exc, protocol.ConnectionClosed)
+                reason = "closed the connection" if closed else f"socket error: {exc}"
+                if channel is None:
+                    self._drop(conn, reason=reason)
+                else:
+                    self._drop_channel(channel, reason=reason)
                 return
             except ProtocolError as exc:
                 self._fatal(conn, str(exc))
-                return
-            except OSError as exc:
-                self._drop(conn, reason=f"socket error: {exc}")
                 return
             try:
                 msg = protocol.decode(frame, fds)
@@ -313,14 +361,19 @@ class Daemon:
                 self._fatal(conn, str(exc))
                 return
             try:
-                self._handle(conn, msg)
+                if channel is None:
+                    self._handle(conn, msg)
+                elif msg.type == MsgType.GROW:
+                    self._grow(conn, msg, channel)
+                else:
+                    raise ProtocolError(f"{msg.type.name} on a grant channel, which carries only GROW")
             except ProtocolError as exc:
                 self._fatal(conn, str(exc))
                 return
             finally:
                 # Handlers never keep received descriptors (importing a page dups it).
                 protocol.close_fds(msg.fds)
-            if conn.closed:
+            if conn.closed or (channel is not None and channel.closed):
                 return
 
     def _fatal(self, conn: Connection, message: str) -> None:
@@ -336,10 +389,15 @@ class Daemon:
         body: dict[str, Any],
         fds: list[int] | None = None,
         close_fds: bool = True,
+        channel: GrantChannel | None = None,
     ) -> None:
-        """Queue one message. With `close_fds`, `fds` are closed once sent (or the connection drops)."""
+        """Queue one message to `conn`, or on its grant `channel`.
+
+        With `close_fds`, `fds` are closed once sent (or the connection drops).
+        """
         fds = fds or []
-        if conn.closed:
+        endpoint = conn if channel is None else channel
+        if endpoint.closed:
             if close_fds:
                 protocol.close_fds(fds)
             return
@@ -353,26 +411,38 @@ class Daemon:
                 protocol.close_fds(fds)
             self._drop(conn, reason=f"internal error building {msg_type.name}")
             return
-        conn.outbox.append((frame, fds, close_fds))
-        if len(conn.outbox) == 1:
-            self._flush(conn)
+        endpoint.outbox.append((frame, fds, close_fds))
+        if len(endpoint.outbox) == 1:
+            self._flush(endpoint)
 
-    def _flush(self, conn: Connection) -> None:
-        while conn.outbox and not conn.closed:
-            frame, fds, close_fds = conn.outbox[0]
+    def _flush(self, endpoint: Connection | GrantChannel) -> None:
+        """Send what `endpoint` has queued, until the socket is full (then wait for EVENT_WRITE)."""
+        while endpoint.outbox and not endpoint.closed:
+            frame, fds, close_fds = endpoint.outbox[0]
             try:
-                conn.sock.sendmsg([frame], protocol.ancillary_for(fds))
+                endpoint.sock.sendmsg([frame], protocol.ancillary_for(fds))
             except BlockingIOError:
-                self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, ("conn", conn))
+                if not endpoint.writing:
+                    endpoint.writing = True
+                    events = selectors.EVENT_READ | selectors.EVENT_WRITE
+                    self.selector.modify(endpoint.sock, events, self._key(endpoint))
                 return
             except OSError as exc:
-                self._drop(conn, reason=f"send failed: {exc}")
+                if isinstance(endpoint, GrantChannel):
+                    self._drop_channel(endpoint, reason=f"send failed: {exc}")
+                else:
+                    self._drop(endpoint, reason=f"send failed: {exc}")
                 return
-            conn.outbox.popleft()
+            endpoint.outbox.popleft()
             if close_fds:
                 protocol.close_fds(fds)
-        if not conn.closed:
-            self.selector.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
+        if endpoint.writing and not endpoint.closed:
+            endpoint.writing = False
+            self.selector.modify(endpoint.sock, selectors.EVENT_READ, self._key(endpoint))
+
+    @staticmethod
+    def _key(endpoint: Connection | GrantChannel) -> tuple[str, Connection | GrantChannel]:
+        return ("channel" if isinstance(endpoint, GrantChannel) else "conn", endpoint)
 
     def _drop(self, conn: Connection, reason: str, keep_pages: bool = False) -> None:
         """End a client. Its pages return to the pool once its process is gone."""
@@ -380,6 +450,8 @@ class Daemon:
             return
         conn.closed = True
         logger.info("client %d (pid %d, %s) ends: %s", conn.client_id, conn.pid, conn.role, reason)
+        if conn.channel is not None:
+            self._drop_channel(conn.channel, reason="its connection ended")
         self.selector.unregister(conn.sock)
         conn.sock.close()
         for _, fds, close_fds in conn.outbox:
@@ -416,6 +488,22 @@ class Daemon:
             self.quarantine[conn.pidfd] = (model_name, held)
             self.selector.register(conn.pidfd, selectors.EVENT_READ, ("pidfd", None))
 
+    def _drop_channel(self, channel: GrantChannel, reason: str) -> None:
+        """End a grant channel and the requests waiting on it; its engine stays attached."""
+        if channel.closed:
+            return
+        channel.closed = True
+        conn = channel.owner
+        logger.debug("client %d: grant channel ends: %s", conn.client_id, reason)
+        self.selector.unregister(channel.sock)
+        channel.sock.close()
+        for _, fds, close_fds in channel.outbox:
+            if close_fds:
+                protocol.close_fds(fds)
+        channel.outbox.clear()
+        conn.channel = None
+        self.pending = [r for r in self.pending if r.channel is not channel]
+
     def _process_exited(self, pidfd: int, conn: Connection | None) -> None:
         if conn is not None:  # an engine process died with its socket still open somewhere
             self._drop(conn, reason="process exited")
@@ -425,13 +513,20 @@ class Daemon:
         os.close(pidfd)
         self._pages_back(model_name, held)
 
-    def _pages_back(self, model_name: str, page_ids: list[int]) -> None:
+    def _pages_back(self, model_name: str, page_ids: list[int], routine: bool = False) -> None:
+        """Pages back in the pool. `routine`: an engine returned them (logged at debug, not info:
+        a log record costs more than the rest of a RETURN, and engines return pages all the time)."""
         self.pool.give_back(page_ids, model_name)
         record = self.models.get(model_name)
         if record is not None:
             record.pages_returned_total += len(page_ids)
         self._status_dirty = True
-        logger.info("%d pages of %s back in the pool", len(page_ids), model_name or "an unknown model")
+        logger.log(
+            logging.DEBUG if routine else logging.INFO,
+            "%d pages of %s back in the pool",
+            len(page_ids),
+            model_name or "an unknown model",
+        )
 
     # ---- messages ----
 
@@ -441,19 +536,7 @@ class Daemon:
                 raise ProtocolError(f"expected HELLO, got {msg.type.name}")
             self._hello(conn, msg)
             return
-        handlers = {
-            "engine": {
-                MsgType.GROW: self._grow,
-                MsgType.RETURN: self._return,
-                MsgType.USAGE: self._usage,
-                MsgType.ADOPT: self._adopt,
-                MsgType.SLEPT: self._slept,
-                MsgType.OFFLOAD: self._offload,
-                MsgType.LAYOUT: self._layout,
-            },
-            "control": {MsgType.CONTROL: self._control},
-        }[conn.role]
-        handler = handlers.get(msg.type)
+        handler = self._handlers[conn.role].get(msg.type)
         if handler is None:
             raise ProtocolError(f"{msg.type.name} is not a message a {conn.role} client may send")
         handler(conn, msg)
@@ -553,7 +636,7 @@ class Daemon:
             },
         )
 
-    def _grow(self, conn: Connection, msg: Message) -> None:
+    def _grow(self, conn: Connection, msg: Message, channel: GrantChannel | None = None) -> None:
         now = time.monotonic()
         request = GrowRequest(
             conn=conn,
@@ -562,12 +645,40 @@ class Daemon:
             deadline=now + msg["wait_ms"] / 1000,
             seq=next(self._seq),
             started=now,
+            channel=channel,
         )
         self.pending.append(request)
 
+    def _channel(self, conn: Connection, msg: Message) -> None:
+        """Take the engine's grant channel: a Unix SOCK_SEQPACKET socket whose peer is the engine itself."""
+        if conn.channel is not None:
+            raise ProtocolError("this client has a grant channel already")
+        fd = os.dup(msg.fds[0])  # the received descriptor is closed after the handler
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise ProtocolError(f"CHANNEL must carry a socket: {exc.strerror}") from None
+        try:
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+                raise ProtocolError("CHANNEL must carry a Unix SOCK_SEQPACKET socket")
+            try:
+                pid, uid, _ = protocol.peer_credentials(sock)
+            except OSError as exc:
+                raise ProtocolError(f"CHANNEL's socket has no peer: {exc.strerror}") from None
+            # A socketpair's peer credentials are those of the process that made it.
+            if (pid, uid) != (conn.pid, conn.uid):
+                raise ProtocolError(f"CHANNEL's socket belongs to pid {pid}, not to this engine (pid {conn.pid})")
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        conn.channel = GrantChannel(sock, conn)
+        self.selector.register(sock, selectors.EVENT_READ, ("channel", conn.channel))
+
     def _return(self, conn: Connection, msg: Message) -> None:
         self._take_back(conn, msg)
-        self._pages_back(conn.model.name, msg["pages"])
+        self._pages_back(conn.model.name, msg["pages"], routine=True)
 
     def _take_back(self, conn: Connection, msg: Message) -> None:
         """The pages a RETURN or OFFLOAD names leave the client (each must be held, once)."""
@@ -813,7 +924,7 @@ class Daemon:
         # What the pool can still provide without reclaiming, shared out in serving order.
         supply = self.pool.supply()
         for r in sorted(self.pending, key=order):
-            if r.conn.closed:  # dropped during this pass (a failed send): _drop handled its pages
+            if r.abandoned:  # dropped during this pass (a failed send): _drop handled its pages
                 continue
             record = r.conn.model
             if not r.restore and record.state in (ModelState.DRAINING, ModelState.ASLEEP, ModelState.WAKING):
@@ -831,7 +942,7 @@ class Daemon:
             if pages:
                 self._grant(r, pages)
                 room -= len(pages)
-            if r.remaining == 0 or r.conn.closed:
+            if r.remaining == 0 or r.abandoned:
                 continue
             if r.restore:
                 record.waiting_for = f"{r.remaining} more pages: {self._budget_detail()}"
@@ -916,7 +1027,7 @@ class Daemon:
             close_fds = any(must_close for _, must_close in exported)
             done = r.remaining == 0 and i == len(batches) - 1
             body = {"req": r.req, "pages": [p.id for p in batch], "done": done}
-            self._send(conn, MsgType.GRANT, body, fds, close_fds=close_fds)
+            self._send(conn, MsgType.GRANT, body, fds, close_fds=close_fds, channel=r.channel)
         if r.remaining == 0:
             record.grants += 1
             self.totals["grants"] += 1
@@ -931,7 +1042,7 @@ class Daemon:
         record.denies += 1
         self.totals["denies"] += 1
         body = {"req": r.req, "reason": reason, "detail": _clip(detail), "granted": r.granted}
-        self._send(r.conn, MsgType.DENY, body)
+        self._send(r.conn, MsgType.DENY, body, channel=r.channel)
         self._status_dirty = True
 
     # ---- status ----

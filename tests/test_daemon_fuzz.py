@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import socket
+import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +30,17 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from kvmem import protocol
-from kvmem.protocol import HEADER, MAGIC, MAX_FRAME, SCHEMAS, ConnectionClosed, MsgType, ProtocolError
+from kvmem.protocol import (
+    HEADER,
+    MAGIC,
+    MAX_FRAME,
+    PACKED,
+    PROTOCOL_VERSION,
+    SCHEMAS,
+    ConnectionClosed,
+    MsgType,
+    ProtocolError,
+)
 from kvmem.status import ModelState
 from tests.daemon_support import DaemonProcess, EngineProcess, cleanup_shm, wait_for
 
@@ -46,7 +57,14 @@ FUZZ = settings(
 )
 
 VALID: dict[MsgType, dict[str, Any]] = {
-    MsgType.HELLO: {"version": 1, "role": "engine", "model": "fuzz-a", "geometry": None, "adopt": 0, "page_size": 0},
+    MsgType.HELLO: {
+        "version": PROTOCOL_VERSION,
+        "role": "engine",
+        "model": "fuzz-a",
+        "geometry": None,
+        "adopt": 0,
+        "page_size": 0,
+    },
     MsgType.GROW: {"req": 1, "pages": 1, "wait_ms": 0},
     MsgType.RETURN: {"pages": [0]},
     MsgType.USAGE: {"used_pages": 0},
@@ -55,8 +73,9 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.SLEPT: {},
     MsgType.OFFLOAD: {"pages": [0], "offsets": [0]},
     MsgType.LAYOUT: {"layout": {"version": 1, "shape": [1024, 16, 1, 64]}},
+    MsgType.CHANNEL: {},
     MsgType.WELCOME: {
-        "version": 1,
+        "version": PROTOCOL_VERSION,
         "client_id": 1,
         "slot": 0,
         "page_size": PAGE_SIZE,
@@ -220,10 +239,36 @@ def assert_refused(world: World, scenario: Scenario, category: str) -> None:
     world.examples[category] = world.examples.get(category, 0) + 1
 
 
-def raw_frame(msg_type: int, body: Any, *, version: int = 1, zero: int = 0, length: int | None = None) -> bytes:
-    payload = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+def raw_frame(msg_type: int, body: Any, *, version: int = PROTOCOL_VERSION, zero: int = 0, length: int | None = None):
+    """A frame built by hand. A dict body of a packed type is packed when its values fit the packed layout
+    (u32s), so that its values, not its encoding, are what the daemon judges; otherwise it goes as JSON."""
+    if isinstance(body, dict) and msg_type in PACKED:
+        try:
+            payload = pack(MsgType(msg_type), body)
+        except (KeyError, TypeError, struct.error):
+            payload = json.dumps(body).encode()  # cannot be packed: refused for its layout
+    else:
+        payload = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
     size = len(payload) if length is None else length
     return HEADER.pack(MAGIC, version, msg_type, zero, size) + payload
+
+
+def pack(msg_type: MsgType, body: dict[str, Any]) -> bytes:
+    """`body` in the packed layout of GROW, GRANT or RETURN, whatever its values (bounds unchecked)."""
+    if body.keys() != SCHEMAS[msg_type].keys():
+        raise KeyError("not exactly the schema's fields")
+    numbers = [v for name, v in body.items() if name != "done"]
+    # A packed body holds integers only (True would pass for 1) and GRANT's flag for "done".
+    if any(type(item) is not int for v in numbers for item in (v if type(v) is list else [v])):
+        raise TypeError("not an integer")
+    if msg_type == MsgType.GROW:
+        return struct.pack("!III", body["req"], body["pages"], body["wait_ms"])
+    ids = body["pages"]
+    if msg_type == MsgType.RETURN:
+        return struct.pack(f"!{len(ids)}I", *ids)
+    if type(body["done"]) is not bool:
+        raise TypeError("done is not a boolean")
+    return struct.pack(f"!II{len(ids)}I", body["req"], int(body["done"]), *ids)
 
 
 def would_be_served(frame: bytes, kinds: list[FdKind], role: str | None, adopt: int = 0) -> bool:
@@ -415,7 +460,7 @@ def hello_then_invalid(draw, category: str) -> Scenario:
     role = draw(st.sampled_from(["engine", "control"]))
     adopt = draw(st.sampled_from([0, 0, 1, 3])) if role == "engine" else 0
     hello = {
-        "version": 1,
+        "version": PROTOCOL_VERSION,
         "role": role,
         "model": draw(st.sampled_from(FUZZ_MODELS)) if role == "engine" else None,
         "geometry": draw(st.none() | st.just({"num_layers": 2, "dtype": "float16"})),
@@ -450,14 +495,21 @@ def test_random_bytes_are_refused(world: World, data: bytes, kinds: list[FdKind]
 @FUZZ
 @given(
     msg_type=st.sampled_from(list(MsgType)) | st.integers(0, 255),
-    version=st.sampled_from([1, 1, 1, 0, 2, 255]),
+    version=st.sampled_from([PROTOCOL_VERSION] * 3 + [0, PROTOCOL_VERSION - 1, 255]),
     zero=st.sampled_from([0, 0, 0, 1]),
     length_delta=st.sampled_from([0, 0, 0, 0, -1, 1, 1000]),
     body=bodies | json_values,
     ascii_only=st.booleans(),
 )
-@example(msg_type=MsgType.SLEPT, version=1, zero=0, length_delta=0, body={}, ascii_only=True)
-@example(msg_type=MsgType.USAGE, version=1, zero=0, length_delta=0, body={"used_pages": 2**80}, ascii_only=True)
+@example(msg_type=MsgType.SLEPT, version=PROTOCOL_VERSION, zero=0, length_delta=0, body={}, ascii_only=True)
+@example(
+    msg_type=MsgType.USAGE,
+    version=PROTOCOL_VERSION,
+    zero=0,
+    length_delta=0,
+    body={"used_pages": 2**80},
+    ascii_only=True,
+)
 def test_framed_random_json_is_refused(
     world: World, msg_type: int, version: int, zero: int, length_delta: int, body: Any, ascii_only: bool
 ):
@@ -479,7 +531,8 @@ def test_invalid_messages_after_a_valid_hello_are_refused(world: World, category
 
 
 REFUSED_HELLOS = [
-    ("version", {"version": 2}),
+    ("version", {"version": PROTOCOL_VERSION - 1}),
+    ("version", {"version": PROTOCOL_VERSION + 1}),
     ("version", {"version": 0}),
     ("engine-without-model", {"model": None}),
     ("model-attached-by-another", {"model": ENGINE_MODEL}),
@@ -500,7 +553,8 @@ def test_refused_hellos(world: World, case: tuple[str, dict[str, Any]], role: st
     name, changes = case
     if name != "version":
         role = "engine"
-    hello = {"version": 1, "role": role, "model": "fuzz-a", "geometry": geometry, "adopt": 0, "page_size": 0}
+    hello = {"version": PROTOCOL_VERSION, "role": role, "model": "fuzz-a", "geometry": geometry, "adopt": 0}
+    hello["page_size"] = 0
     hello |= changes
     try:
         frame = protocol.encode(MsgType.HELLO, hello)
@@ -509,15 +563,16 @@ def test_refused_hellos(world: World, case: tuple[str, dict[str, Any]], role: st
     assert_refused(world, Scenario([(frame, [])]), f"hello-{name}")
 
 
-ENGINE_HELLO = {"version": 1, "role": "engine", "model": "fuzz-c", "geometry": None, "adopt": 0, "page_size": 0}
+ENGINE_HELLO = VALID[MsgType.HELLO] | {"model": "fuzz-c"}
 KILLERS = {
     # Each of these used to kill kvmemd: decode let a bare ValueError out, or the refusal quoted so much
     # of the peer's data that the ERROR reply itself failed to encode (the exception escaped the loop).
     "int-over-the-digit-limit": raw_frame(MsgType.USAGE, '{"used_pages": ' + "9" * 5000 + "}"),
     "long-unknown-key": raw_frame(MsgType.USAGE, {"used_pages": 1, "k" * 2000: 0}),
-    "many-unknown-keys": raw_frame(MsgType.GROW, {**VALID[MsgType.GROW], **{f"extra_{i}": i for i in range(300)}}),
-    "long-string-as-page-id": raw_frame(MsgType.RETURN, {"pages": ["A" * 2000]}),
-    "long-list-as-page-id": raw_frame(MsgType.RETURN, {"pages": [list(range(1000))]}),
+    # (GROW and RETURN, where these were found, have packed bodies now; OFFLOAD and USAGE keep the JSON path.)
+    "many-unknown-keys": raw_frame(MsgType.USAGE, {**VALID[MsgType.USAGE], **{f"extra_{i}": i for i in range(300)}}),
+    "long-string-as-page-id": raw_frame(MsgType.OFFLOAD, {"pages": ["A" * 2000], "offsets": [0]}),
+    "long-list-as-page-id": raw_frame(MsgType.OFFLOAD, {"pages": [list(range(1000))], "offsets": [0]}),
 }
 
 
@@ -535,7 +590,7 @@ def test_another_client_cannot_return_the_engines_pages(world: World):
     keeps its pages."""
     ids = world.engine.call("ids")["ids"]
     assert len(ids) >= 2
-    hello = {"version": 1, "role": "engine", "model": "fuzz-b", "geometry": None, "adopt": 0, "page_size": 0}
+    hello = VALID[MsgType.HELLO] | {"model": "fuzz-b"}
     scenario = Scenario(
         [(protocol.encode(MsgType.HELLO, hello), []), (protocol.encode(MsgType.RETURN, {"pages": ids}), [])],
         greeting=(MsgType.WELCOME, MsgType.POLICY),

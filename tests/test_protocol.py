@@ -9,6 +9,7 @@ import json
 import os
 import resource
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from kvmem.protocol import (
     MAX_FDS_PER_MESSAGE,
     MAX_FRAME,
     MAX_PAGES_PER_REQUEST,
+    PACKED,
     PROTOCOL_VERSION,
     SCHEMAS,
     ConnectionClosed,
@@ -36,7 +38,7 @@ from tests.support import REPO
 # One valid body per message type, with distinctive values.
 VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.HELLO: {
-        "version": 1,
+        "version": 2,
         "role": "engine",
         "model": "meta-llama/Llama-3.1-8B@fp8",
         "geometry": {"num_layers": 32, "block_size": 16, "dtype": "float16", "mla": False, "scale": 0.5, "x": None},
@@ -51,6 +53,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.SLEPT: {},
     MsgType.OFFLOAD: {"pages": [3, 9], "offsets": [0, 2 << 20]},
     MsgType.LAYOUT: {"layout": {"version": 1, "shape": [1024, 16, 1, 64]}},
+    MsgType.CHANNEL: {},
     MsgType.WELCOME: {
         "version": 1,
         "client_id": 77,
@@ -85,7 +88,20 @@ def valid(msg_type: MsgType) -> dict[str, Any]:
 
 
 def fd_count_for(msg_type: MsgType, body: dict[str, Any]) -> int:
+    if msg_type == MsgType.CHANNEL:
+        return 1  # the channel's socket
     return len(body["pages"]) if msg_type in FDS_ALLOWED else 0
+
+
+def body_bytes(msg_type: MsgType, body: dict[str, Any]) -> bytes:
+    """A body as the sender would write it, even one that breaks the schema: packed or JSON."""
+    if msg_type == MsgType.GROW:
+        return struct.pack("!III", body["req"], body["pages"], body["wait_ms"])
+    if msg_type == MsgType.GRANT:
+        return struct.pack(f"!II{len(body['pages'])}I", body["req"], int(body["done"]), *body["pages"])
+    if msg_type == MsgType.RETURN:
+        return struct.pack(f"!{len(body['pages'])}I", *body["pages"])
+    return json.dumps(body).encode()
 
 
 def frame(msg_type: int, payload: bytes, *, magic: bytes = MAGIC, version: int = PROTOCOL_VERSION, length=None):
@@ -137,7 +153,8 @@ def test_there_is_a_valid_body_for_every_message_type():
 
 @pytest.mark.parametrize("msg_type", list(MsgType), ids=lambda t: t.name)
 def test_encode_decode_round_trip(msg_type: MsgType):
-    """Every type encodes to a header plus compact JSON and decodes to the same type, body and fds."""
+    """Every type encodes to a header plus its body (packed, or compact JSON) and decodes to the same type,
+    body and fds."""
     body = valid(msg_type)
     fake_fds = list(range(500, 500 + fd_count_for(msg_type, body)))
     data = protocol.encode(msg_type, body)
@@ -169,18 +186,63 @@ def test_limits_at_their_bounds_are_accepted():
     protocol.validate(MsgType.HELLO, valid(MsgType.HELLO) | {"model": "a" * 64}, 0)
 
 
+def test_packed_bodies_have_the_documented_layout():
+    """GROW, GRANT and RETURN bodies are big-endian u32s exactly as docs/protocol.md draws them."""
+    assert {MsgType.GROW, MsgType.GRANT, MsgType.RETURN} == PACKED
+    grow = protocol.encode(MsgType.GROW, {"req": 41, "pages": 9, "wait_ms": 1500})
+    assert grow[HEADER.size :] == bytes.fromhex("00000029 00000009 000005dc")
+    grant = protocol.encode(MsgType.GRANT, {"req": 5, "pages": [100, 2**31 - 1], "done": True})
+    assert grant[HEADER.size :] == bytes.fromhex("00000005 00000001 00000064 7fffffff")
+    partial = protocol.encode(MsgType.GRANT, {"req": 5, "pages": [], "done": False})
+    assert partial[HEADER.size :] == bytes.fromhex("00000005 00000000")
+    assert protocol.encode(MsgType.RETURN, {"pages": [3, 1]})[HEADER.size :] == bytes.fromhex("00000003 00000001")
+    assert protocol.encode(MsgType.RETURN, {"pages": []})[HEADER.size :] == b""
+
+
+@pytest.mark.parametrize(
+    ("msg_type", "payload", "n_fds", "pattern"),
+    [
+        (MsgType.GROW, b"", 0, r"GROW body of 0 bytes does not have the packed layout \(12 bytes\)"),
+        (MsgType.GROW, bytes(11), 0, "GROW body of 11 bytes does not have the packed layout"),
+        (MsgType.GROW, bytes(16), 0, "GROW body of 16 bytes does not have the packed layout"),
+        (MsgType.GROW, b'{"req":1,"pages":1,"wait_ms":0}', 0, "does not have the packed layout"),
+        (MsgType.GRANT, bytes(7), 0, r"GRANT body of 7 bytes does not have the packed layout \(8 bytes and 4 per"),
+        (MsgType.GRANT, bytes(10), 0, "GRANT body of 10 bytes does not have the packed layout"),
+        (MsgType.GRANT, struct.pack("!III", 1, 2, 7), 1, "GRANT has unknown flags 0x2"),
+        (MsgType.GRANT, struct.pack("!III", 1, 0xFFFFFFFF, 7), 1, "GRANT has unknown flags 0xffffffff"),
+        (MsgType.GRANT, struct.pack("!IIII", 1, 1, 7, 8), 1, "GRANT message carries 1 descriptors, expected 2"),
+        (MsgType.GRANT, struct.pack("!III", 0, 1, 7), 1, "field 'req' must be an integer in"),
+        (MsgType.GRANT, struct.pack("!III", 1, 1, 2**31), 1, "field 'pages' holds 2147483648, not an integer in"),
+        (MsgType.GRANT, struct.pack("!II", 1, 1) + bytes(4 * 254), 254, "a list of at most 253 integers"),
+        (MsgType.RETURN, bytes(3), 0, r"RETURN body of 3 bytes does not have the packed layout \(0 bytes and 4 per"),
+        (MsgType.RETURN, struct.pack("!II", 1, 2**32 - 1), 0, "field 'pages' holds 4294967295, not an integer in"),
+        (MsgType.RETURN, bytes(4 * 4097), 0, "a list of at most 4096 integers"),
+        (MsgType.RETURN, bytes(4), 1, "RETURN message carries 1 descriptors, expected 0"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_malformed_packed_bodies_are_protocol_errors(msg_type: MsgType, payload: bytes, n_fds: int, pattern: str):
+    """A packed body of the wrong length, with unknown flag bits, or whose values break the schema's bounds
+    (ids as u32 can exceed 2^31 - 1) is refused like a JSON one."""
+    with pytest.raises(ProtocolError, match=pattern):
+        protocol.decode(frame(msg_type, payload), list(range(n_fds)))
+
+
+JSON_TYPES = [t for t in MsgType if t not in PACKED]
 MISSING = [(t, name) for t in MsgType for name in SCHEMAS[t]]
 
 
 @pytest.mark.parametrize(("msg_type", "name"), MISSING, ids=[f"{t.name}-{n}" for t, n in MISSING])
 def test_a_missing_field_is_refused_by_decode_and_encode(msg_type: MsgType, name: str):
-    """Leaving out any field is a ProtocolError naming it, on receipt and before sending."""
+    """Leaving out any field is a ProtocolError naming it, on receipt (JSON bodies; a packed body has no
+    field to leave out, only bytes, see above) and before sending."""
     body = valid(msg_type)
     n_fds = fd_count_for(msg_type, body)
     del body[name]
-    raw = frame(msg_type, json.dumps(body).encode())
-    with pytest.raises(ProtocolError, match=rf"^{msg_type.name} message has missing \['{name}'\] fields$"):
-        protocol.decode(raw, list(range(n_fds)))
+    if msg_type not in PACKED:
+        raw = frame(msg_type, json.dumps(body).encode())
+        with pytest.raises(ProtocolError, match=rf"^{msg_type.name} message has missing \['{name}'\] fields$"):
+            protocol.decode(raw, list(range(n_fds)))
     with pytest.raises(ProtocolError, match=rf"missing \['{name}'\]"):
         protocol.encode(msg_type, body)
 
@@ -259,12 +321,20 @@ BAD_VALUES = [
     ids=[f"{t.name}-{n}-{i}" for i, (t, n, *_) in enumerate(BAD_VALUES)],
 )
 def test_a_field_of_the_wrong_type_or_range_is_refused(msg_type: MsgType, name: str, value: Any, pattern: str):
-    """Each schema checker refuses what it must: wrong types (a bool is not an int), bounds, lengths, names."""
+    """Each schema checker refuses what it must: wrong types (a bool is not an int), bounds, lengths, names;
+    on receipt too, where the value can be written at all (packed bodies hold only u32s)."""
     body = valid(msg_type) | {name: value}
-    raw = frame(msg_type, json.dumps(body).encode())
     n_fds = fd_count_for(msg_type, valid(msg_type))
-    with pytest.raises(ProtocolError, match=pattern):
-        protocol.decode(raw, list(range(n_fds)))
+    try:
+        raw = frame(msg_type, body_bytes(msg_type, body))
+    except struct.error:
+        raw = None  # not a u32: a packed body cannot even carry it
+    # A packed body holds u32s only: it cannot tell True from 1, and "done" is a flag bit. There only
+    # integers out of range can be written, and the other cases are for encode alone.
+    ints = type(value) is int or (type(value) is list and all(type(v) is int for v in value))
+    if raw is not None and (msg_type not in PACKED or (ints and name != "done")):
+        with pytest.raises(ProtocolError, match=pattern):
+            protocol.decode(raw, list(range(n_fds)))
     with pytest.raises(ProtocolError, match=pattern):
         protocol.encode(msg_type, body)
 
@@ -283,12 +353,21 @@ def test_descriptor_carrying_types_need_one_fd_per_page(msg_type: MsgType, n_fds
         protocol.decode(raw, list(range(n_fds)))
 
 
-@pytest.mark.parametrize("msg_type", sorted(set(MsgType) - FDS_ALLOWED), ids=lambda t: t.name)
+@pytest.mark.parametrize("msg_type", sorted(set(MsgType) - FDS_ALLOWED - {MsgType.CHANNEL}), ids=lambda t: t.name)
 def test_descriptors_on_other_types_are_refused(msg_type: MsgType):
-    """Only GRANT and ADOPT may carry descriptors; on any other type even one is a violation."""
+    """Only GRANT, ADOPT, RESTORE (and CHANNEL) may carry descriptors; on any other type even one is a violation."""
     raw = protocol.encode(msg_type, valid(msg_type))
     with pytest.raises(ProtocolError, match=f"^{msg_type.name} message carries 1 descriptors, expected 0$"):
         protocol.decode(raw, [42])
+
+
+@pytest.mark.parametrize("n_fds", [0, 2])
+def test_a_channel_carries_exactly_one_descriptor(n_fds: int):
+    """CHANNEL's body is empty and its one descriptor is the socket; none, or two, is a violation."""
+    raw = protocol.encode(MsgType.CHANNEL, {})
+    assert protocol.decode(raw, [7]).fds == [7]
+    with pytest.raises(ProtocolError, match=f"^CHANNEL message carries {n_fds} descriptors, expected 1$"):
+        protocol.decode(raw, list(range(n_fds)))
 
 
 GOOD = protocol.encode(MsgType.USAGE, {"used_pages": 3})
@@ -302,14 +381,15 @@ GOOD_PAYLOAD = GOOD[HEADER.size :]
         (GOOD[:11], "frame of 11 bytes is shorter than the 12-byte header"),
         (b"XXXX" + GOOD[4:], "does not start with the kvmem magic"),
         (frame(MsgType.USAGE, GOOD_PAYLOAD, magic=b"kvmm"), "does not start with the kvmem magic"),
-        (frame(MsgType.USAGE, GOOD_PAYLOAD, version=2), "protocol version 2 is not supported"),
+        (frame(MsgType.USAGE, GOOD_PAYLOAD, version=1), "protocol version 1 is not supported"),
+        (frame(MsgType.USAGE, GOOD_PAYLOAD, version=3), "protocol version 3 is not supported"),
         (frame(MsgType.USAGE, GOOD_PAYLOAD, version=0), "protocol version 0 is not supported"),
         (frame(MsgType.USAGE, GOOD_PAYLOAD, length=len(GOOD_PAYLOAD) + 1), "length does not match"),
         (frame(MsgType.USAGE, GOOD_PAYLOAD, length=len(GOOD_PAYLOAD) - 1), "length does not match"),
         (GOOD + b" ", "length does not match"),
-        (HEADER.pack(MAGIC, 1, MsgType.USAGE, 1, len(GOOD_PAYLOAD)) + GOOD_PAYLOAD, "length does not match"),
+        (HEADER.pack(MAGIC, 2, MsgType.USAGE, 1, len(GOOD_PAYLOAD)) + GOOD_PAYLOAD, "length does not match"),
         (frame(0, b"{}"), "unknown message type 0"),
-        (frame(10, b"{}"), "unknown message type 10"),
+        (frame(11, b"{}"), "unknown message type 11"),
         (frame(19, b"{}"), "unknown message type 19"),
         (frame(32, b"{}"), "unknown message type 32"),
         (frame(255, b"{}"), "unknown message type 255"),
@@ -343,9 +423,9 @@ def test_refusals_quote_only_a_bounded_excerpt_of_peer_data():
     bodies = [
         (MsgType.HELLO, valid(MsgType.HELLO) | {"k" * 20_000: 1}),
         (MsgType.HELLO, valid(MsgType.HELLO) | {f"extra{i}": i for i in range(2000)}),
-        (MsgType.RETURN, {"pages": ["A" * 20_000]}),
-        (MsgType.RETURN, {"pages": [[0] * 10_000]}),
-        (MsgType.RETURN, {"pages": [int("9" * 4000)]}),
+        (MsgType.OFFLOAD, {"pages": ["A" * 20_000], "offsets": [0]}),
+        (MsgType.OFFLOAD, {"pages": [[0] * 10_000], "offsets": [0]}),
+        (MsgType.OFFLOAD, {"pages": [int("9" * 4000)], "offsets": [0]}),
         (MsgType.HELLO, valid(MsgType.HELLO) | {"model": "\x00" * 64}),
     ]
     for msg_type, body in bodies:

@@ -18,6 +18,7 @@ Facts this module depends on (checked against cuda-bindings 12.9 and 13.5):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kvmem.device.base import Access, Device, MemoryInfo
@@ -173,10 +174,17 @@ class CudaDevice(Device):
         self._make_current()
         return check("cuMemCreate", cu.cuMemCreate(size, self._prop, 0))
 
-    def _backend_import(self, fd: int, size: int) -> Any:
-        self._make_current()
+    def _backend_enter(self) -> None:
+        self._make_current()  # once for a batch of imports: one cuCtxGetCurrent, not one per page
+
+    def _backend_import(self, fd: int, size: int, consume: bool) -> Any:
         handle_type = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-        return check("cuMemImportFromShareableHandle", cu.cuMemImportFromShareableHandle(fd, handle_type))
+        handle = check("cuMemImportFromShareableHandle", cu.cuMemImportFromShareableHandle(fd, handle_type))
+        if consume:
+            # The driver keeps its own reference to the memory: the descriptor is not needed
+            # once imported (CUDA driver API, cuMemImportFromShareableHandle).
+            os.close(fd)
+        return handle
 
     def _backend_export(self, handle: Any, size: int) -> int:
         self._make_current()

@@ -157,7 +157,10 @@ class HostDevice(Device):
         self._charged += size
         return _HostAllocation(memfd=fd, size=size, charged=True)
 
-    def _backend_import(self, fd: int, size: int) -> _HostAllocation:
+    def _backend_enter(self) -> None:
+        return  # host memory has no per-thread context to set up
+
+    def _backend_import(self, fd: int, size: int, consume: bool) -> _HostAllocation:
         # Every memfd lives on the kernel's one internal shmem mount, so its st_dev tells a memfd
         # from a file, a pipe or a /dev/shm segment with one fstat. (A memfd's name proves
         # nothing: anyone may call theirs "kvmem-page".)
@@ -169,7 +172,7 @@ class HostDevice(Device):
             raise InvalidArgumentError(f"file descriptor {fd} is not a kvmem host page (not a memfd)")
         if st.st_size != size:
             raise InvalidArgumentError(f"file descriptor {fd} holds {st.st_size} bytes, not the {size} expected")
-        return _HostAllocation(memfd=os.dup(fd), size=size, charged=False)
+        return _HostAllocation(memfd=fd if consume else os.dup(fd), size=size, charged=False)
 
     def _backend_export(self, handle: _HostAllocation, size: int) -> int:
         return os.dup(handle.memfd)
