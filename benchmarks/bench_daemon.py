@@ -72,7 +72,9 @@ def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
         # A reserve filled once at start (600 pages) and never refilled during the run (low = 1):
         # any page creation counted while timing would be a creation on the grant path.
         reserve = ("--reserve", "1", "600", "--release-after", "600")
-        with DaemonProcess(runtime_dir, kind, "2GiB", *reserve) as daemon:
+        # At the daemon's default log level (the test harness asks for debug, which logs every
+        # return and is not what a deployed daemon does).
+        with DaemonProcess(runtime_dir, kind, "2GiB", *reserve, "--log-level", "info") as daemon:
             wait_for(lambda: daemon.status().daemon.pages_free_clean >= 600, timeout=120, what="a warm reserve")
             client = DaemonClient("bench", runtime_dir=runtime_dir)
             dev, page = client.device, client.page_size

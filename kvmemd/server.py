@@ -648,6 +648,11 @@ class Daemon:
             channel=channel,
         )
         self.pending.append(request)
+        if len(self.pending) == 1:
+            # Nothing waits ahead of it: serve it now rather than after the rest of this pass
+            # (reads of other sockets, the host tier's completions). Requests that arrive while
+            # others wait are served by the loop, in the order of `_serve_pending`.
+            self._serve_pending()
 
     def _channel(self, conn: Connection, msg: Message) -> None:
         """Take the engine's grant channel: a Unix SOCK_SEQPACKET socket whose peer is the engine itself."""
