@@ -191,10 +191,10 @@ class DaemonClient:
             if device is not None and device.kind != welcome["device_kind"]:
                 raise DaemonRefusedError(f"daemon serves a {welcome['device_kind']} device, not {device.kind}")
             self.device = device or open_device(welcome["device_kind"], welcome["device_ordinal"])
-            self._channel = self._open_channel(self._sock)
         except BaseException:
             self._sock.close()
             raise
+        self._channel = self._try_open_channel(self._sock)
         self._owns_device = device is None
         self.page_size: int = welcome["page_size"]
         self.client_id: int = welcome["client_id"]
@@ -254,10 +254,12 @@ class DaemonClient:
             # is stuck or broken: this channel is done either way. A BlockingIOError here is the
             # receive timeout, TimeoutError the deadline, DeviceError a descriptor that does not
             # import. Pages granted so far are kept.
-            logger.warning("kvmemd grant channel lost: %s", exc or type(exc).__name__)
+            reason = str(exc) or type(exc).__name__
+            if not self._closing:
+                logger.warning("kvmemd grant channel lost: %s", reason)
             self._channel = None
             channel.close()
-            return GrowResult(granted, "disconnected", f"the grant channel to kvmemd was lost: {exc}")
+            return GrowResult(granted, "disconnected", f"the grant channel to kvmemd was lost: {reason}")
 
     def _grow_via_reader(self, pages: int, wait: float) -> GrowResult:
         """`grow` over the connection: the reader thread collects the answer."""
@@ -398,6 +400,14 @@ class DaemonClient:
             theirs.close()
         return ours
 
+    def _try_open_channel(self, sock: socket.socket) -> socket.socket | None:
+        """`_open_channel`, or None (grows then go over the connection) if it cannot be made."""
+        try:
+            return self._open_channel(sock)
+        except OSError as exc:
+            logger.warning("no grant channel to kvmemd (grows go over the connection): %s", exc)
+            return None
+
     def _replace_channel(self, channel: socket.socket | None) -> None:
         """Make `channel` the grant channel, closing the old one once no grow uses it."""
         old = self._channel
@@ -514,10 +524,7 @@ class DaemonClient:
             with self._lock:
                 old, self._sock = self._sock, sock
             old.close()
-            try:
-                self._replace_channel(self._open_channel(sock))
-            except OSError as exc:
-                logger.warning("no grant channel to kvmemd (grows go over the connection): %s", exc)
+            self._replace_channel(self._try_open_channel(sock))
             self.connected.set()
             if self.layout is not None:
                 self.describe(self.layout)
