@@ -7,9 +7,15 @@ baseline maps the same number of pages the process already holds (warm pages, no
 access the same way: what an in-process allocator that keeps its pages would do. Pages are
 unmapped and returned between samples (untimed).
 
-Also measured: page creations on the grant path while the reserve is warm (counted by the fake
-driver in the daemon, on the cuda device), and the daemon's CPU use while 8 client processes cycle
-grants and returns.
+Also measured, interleaved with the same samples: the bare-Python floor of this exchange, a
+request and a reply carrying the same number of memfds between two Python processes over a
+SOCK_SEQPACKET socketpair, the receiver checking each descriptor with fstat as a client must (no
+daemon logic, no accounting, no objects). Whatever a Python daemon and client do, they pay at least
+that; its ratio, (floor + in-process map) / in-process map, says what this machine allows.
+
+And: page creations on the grant path while the reserve is warm (counted by the fake driver in the
+daemon, on the cuda device), and the daemon's CPU use while 8 client processes cycle grants and
+returns.
 
     python benchmarks/bench_daemon.py [--device host,cuda] [--samples N] [--out FILE] [--update-readme]
 """
@@ -17,8 +23,11 @@ grants and returns.
 from __future__ import annotations
 
 import argparse
+import array
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,6 +65,45 @@ client.close()
 """
 
 
+# The floor's server: on each (req, n) request, n of its memfds in batches of at most 253 (SCM_MAX_FD).
+FLOOR_SERVER = """
+import array, os, socket, struct, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+page_size, count = int(sys.argv[2]), int(sys.argv[3])
+fds = []
+for _ in range(count):
+    fd = os.memfd_create("kvmem-floor", os.MFD_CLOEXEC)
+    os.ftruncate(fd, page_size)
+    fds.append(fd)
+while data := sock.recv(16):
+    req, n = struct.unpack("!II", data)
+    for start in range(0, n, 253):
+        batch = fds[start : min(n, start + 253)]
+        done = int(start + len(batch) == n)
+        body = struct.pack(f"!II{len(batch)}I", req, done, *range(start, start + len(batch)))
+        sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch).tobytes())])
+"""
+_FLOOR_CMSG = socket.CMSG_SPACE(253 * 4)
+
+
+def floor_round_trip(sock: socket.socket, n: int, page_size: int) -> tuple[float, list[int]]:
+    """One bare exchange: microseconds, and the received descriptors (closed by the caller, untimed)."""
+    received: list[int] = []
+    t0 = time.perf_counter_ns()
+    sock.send(struct.pack("!II", 1, n))
+    done = False
+    while not done:
+        data, ancdata, _, _ = sock.recvmsg(65536, _FLOOR_CMSG)
+        done = bool(struct.unpack_from("!II", data)[1])
+        for _, _, payload in ancdata:
+            fds = array.array("i", payload[: len(payload) - len(payload) % 4])
+            for fd in fds:
+                if os.fstat(fd).st_size != page_size:
+                    raise RuntimeError("the floor's server sent a descriptor of the wrong size")
+            received.extend(fds)
+    return (time.perf_counter_ns() - t0) / 1e3, received
+
+
 def map_run(dev, reservation, physicals, page_size):
     mappings = [dev.map(reservation, i * page_size, p) for i, p in enumerate(physicals)]
     dev.set_access(reservation, 0, len(physicals) * page_size)
@@ -66,7 +114,7 @@ def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
     from kvmem.client import DaemonClient
     from tests.daemon_support import DaemonProcess, wait_for
 
-    out: dict = {"grant_round_trip": {}, "in_process_map": {}, "ratio_p50": {}}
+    out: dict = {"grant_round_trip": {}, "in_process_map": {}, "ratio_p50": {}, "python_floor": {}}
     with tempfile.TemporaryDirectory(prefix="kvmem-bench-") as tmp:
         runtime_dir = Path(tmp) / "rt"
         # A reserve filled once at start (600 pages) and never refilled during the run (low = 1):
@@ -81,8 +129,14 @@ def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
             reservation = dev.reserve(max(SIZES) * page)
             held = client.grow(max(SIZES)).pages  # warm pages for the in-process baseline
             creates_before = daemon.counters()["cuMemCreate"] if kind == "cuda" else None
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            floor_server = subprocess.Popen(
+                [sys.executable, "-c", FLOOR_SERVER, str(theirs.fileno()), str(page), str(max(SIZES))],
+                pass_fds=[theirs.fileno()],
+            )
+            theirs.close()
             for n in SIZES:
-                ipc, local = [], []
+                ipc, local, floor, floor_ratio = [], [], [], []
                 for _ in range(samples):
                     t0 = time.perf_counter_ns()
                     result = client.grow(n, wait=10)
@@ -100,10 +154,22 @@ def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
                     dev.synchronize()
                     for m in mappings:
                         m.close()
+
+                    micros, fds = floor_round_trip(ours, n, page)
+                    floor.append(micros)
+                    floor_ratio.append((micros + local[-1]) / local[-1])
+                    for fd in fds:
+                        os.close(fd)
                 key = f"{n} pages"
                 out["grant_round_trip"][key] = {"p50_us": percentile(ipc, 0.5), "p99_us": percentile(ipc, 0.99)}
                 out["in_process_map"][key] = {"p50_us": percentile(local, 0.5), "p99_us": percentile(local, 0.99)}
                 out["ratio_p50"][key] = round(percentile(ipc, 0.5) / percentile(local, 0.5), 2)
+                out["python_floor"][key] = {
+                    "p50_us": percentile(floor, 0.5),
+                    "ratio_p50": round(percentile(floor_ratio, 0.5), 2),
+                }
+            ours.close()  # the floor's server reads the close and exits
+            floor_server.wait(timeout=60)
             if creates_before is not None:
                 out["page_creations_on_grant_path"] = daemon.counters()["cuMemCreate"] - creates_before
             client.return_pages(list(client.pages.values()))
@@ -133,15 +199,17 @@ def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        "| device | pages | grant round trip p50 / p99 µs | in-process map p50 / p99 µs | ratio (p50) |",
-        "|---|---|---|---|---|",
+        "| device | pages | grant round trip p50 / p99 µs | in-process map p50 / p99 µs | ratio (p50) "
+        "| bare-Python floor p50 µs | floor ratio (p50) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for kind, data in result["devices"].items():
         for key in data["grant_round_trip"]:
-            g, m = data["grant_round_trip"][key], data["in_process_map"][key]
+            g, m, f = data["grant_round_trip"][key], data["in_process_map"][key], data["python_floor"][key]
             lines.append(
                 f"| {kind} | {key.split()[0]} | {g['p50_us']:.0f} / {g['p99_us']:.0f} | "
-                f"{m['p50_us']:.0f} / {m['p99_us']:.0f} | {data['ratio_p50'][key]:.2f}x |"
+                f"{m['p50_us']:.0f} / {m['p99_us']:.0f} | {data['ratio_p50'][key]:.2f}x | "
+                f"{f['p50_us']:.0f} | {f['ratio_p50']:.2f}x |"
             )
     lines.append("")
     for kind, data in result["devices"].items():
