@@ -28,16 +28,16 @@ pytest.importorskip(
     "sglang", reason="sglang is not installed: `make test-sglang` installs SGLang in .venv-sglang and runs these tests"
 )
 
-import torch  # noqa: E402
-from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator  # noqa: E402
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+import torch
+from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-import kvmem  # noqa: E402
-from kvmem.integrations import sglang as kvmem_sglang  # noqa: E402
-from kvmem.integrations.sglang.allocator import KvmemPagedTokenToKVPoolAllocator  # noqa: E402
-from kvmem.integrations.sglang.pool import KvmemMHATokenToKVPool  # noqa: E402
-from tests.daemon_support import DaemonProcess, wait_for  # noqa: E402
-from tests.support import real_driver_env  # noqa: E402
+import kvmem
+from kvmem.integrations import sglang as kvmem_sglang
+from kvmem.integrations.sglang.allocator import KvmemPagedTokenToKVPoolAllocator
+from kvmem.integrations.sglang.pool import KvmemMHATokenToKVPool
+from tests.daemon_support import DaemonProcess, wait_for
+from tests.support import real_driver_env
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -290,7 +290,7 @@ def test_unsupported_configurations_are_refused_with_one_clear_error(session):
         make_pool(session, page_size=1)
     with pytest.raises(Unsupported, match=r"needs v_head_dim == head_dim \(got 64 and 128\)"):
         make_pool(session, v_head_dim=64)
-    with pytest.raises(Unsupported, match="not torch.float8_e5m2fnuz"):
+    with pytest.raises(Unsupported, match=r"not torch\.float8_e5m2fnuz"):
         make_pool(session, torch.float8_e5m2fnuz)
     with pytest.raises(Unsupported, match="holds the 'nhd' and 'hnd' layouts, not 'page_major'"):
         make_pool(session, kv_cache_layout="page_major")
@@ -405,7 +405,7 @@ def test_double_frees_and_the_padding_page_are_refused(session):
     try:
         x = allocator.alloc(2 * PAGE)
         allocator.free(x[PAGE:])
-        with pytest.raises(ValueError, match=f"free of page 2: it is not allocated"):
+        with pytest.raises(ValueError, match="free of page 2: it is not allocated"):
             allocator.free(x)  # page 1 is still held, page 2 is not: nothing is freed
         assert allocator.held_pages() == 1
         with pytest.raises(ValueError, match="free of page 0: it is SGLang's padding page"):
