@@ -562,3 +562,8 @@ def test_a_pool_from_the_environment_connects_to_the_daemon_by_name(
     published(daemon, "llama-env", "mapped_pages", 0)  # each pool closed the session it opened
     published(daemon, "llama-env-SWA", "mapped_pages", 0)
     wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="every page back")
+    again = KvmemMHATokenToKVPool(**pool_args())  # the name is free again once its session closed
+    try:
+        published(daemon, "llama-env", "mapped_pages", KVMEM_PAGES_PER_SLOT)
+    finally:
+        again.close()

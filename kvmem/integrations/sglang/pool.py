@@ -64,7 +64,7 @@ from kvmem.status import StatusError, StatusReader
 logger = logging.getLogger(__name__)
 
 # Pools alive in this process, closed at exit (the daemon would take the pages back anyway when the
-# socket closes; closing first returns them at once and unlinks nothing it does not own).
+# socket closes; closing first unmaps and returns them in order). Daemon model names in use here.
 _live_pools: weakref.WeakSet[KvmemMHATokenToKVPool] = weakref.WeakSet()
 _names_lock = threading.Lock()
 _names_used: set[str] = set()
@@ -96,16 +96,28 @@ def model_name(label: str | None) -> str:
     return name
 
 
-def open_session(device: torch.device, label: str | None) -> Session:
-    """A kvmem session for a pool on `device`, from the environment (see the module docstring)."""
+def open_session(device: torch.device, label: str | None) -> tuple[Session, str | None]:
+    """A kvmem session for a pool on `device`, from the environment (see the module docstring),
+    and the daemon model name it took (None for a local session); `release_name` gives it back."""
     if os.environ.get("KVMEM_DEVICE") == "host":
         if device.type != "cpu":
             raise UnsupportedSglangError(
                 f"kvmem: KVMEM_DEVICE=host gives CPU memory, but SGLang's KV pool is on {device}"
             )
-        return kvmem.local(device="host", budget=os.environ.get("KVMEM_BUDGET"))
+        return kvmem.local(device="host", budget=os.environ.get("KVMEM_BUDGET")), None
     gpu = (device.index or 0) if device.type == "cuda" else 0
-    return kvmem.connect(model_name(label), gpu=gpu, runtime_dir=os.environ.get("KVMEM_RUNTIME_DIR"))
+    name = model_name(label)
+    try:
+        return kvmem.connect(name, gpu=gpu, runtime_dir=os.environ.get("KVMEM_RUNTIME_DIR")), name
+    except BaseException:
+        release_name(name)
+        raise
+
+
+def release_name(name: str | None) -> None:
+    """A daemon model name taken by `model_name` is free again (its session closed)."""
+    with _names_lock:
+        _names_used.discard(name)
 
 
 class _Headroom:
@@ -180,6 +192,7 @@ class KvmemMHATokenToKVPool(MHATokenToKVPool):
         self.session = session
         self._cache_options = {"grow_wait": float(os.environ.get("KVMEM_GROW_WAIT", "5")), **(cache_options or {})}
         self._owns_session = session is None
+        self._model_name: str | None = None  # the daemon model name of a session this pool opened
         self._allocator = None
         self._headroom: _Headroom | None = None
         super().__init__(*args, **kwargs)
@@ -218,7 +231,7 @@ class KvmemMHATokenToKVPool(MHATokenToKVPool):
         self._refuse_unsupported()
         device = torch.device(self.device)
         if self.session is None:
-            self.session = open_session(device, self.allocation_label)
+            self.session, self._model_name = open_session(device, self.allocation_label)
         try:
             kv = self.session.kv_cache(
                 num_layers=self.layer_num,
@@ -317,6 +330,7 @@ class KvmemMHATokenToKVPool(MHATokenToKVPool):
         if self.session is not None and self._owns_session:
             self.session.close()
             self.session = None
+            release_name(self._model_name)
 
     def close(self) -> None:
         """Drop the buffers, unmap everything and return every page (and the session, if the pool
