@@ -200,6 +200,59 @@ print(type(current_platform).__name__)
     )
 
 
+SWA_PROBE = """
+import json
+import torch
+from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+from sglang.srt.platforms import current_platform
+
+PAGE, HEADS, DIM = 32, 4, 128
+pool = SWAKVPool(
+    size=64 * PAGE, size_swa=32 * PAGE, page_size=PAGE, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
+    swa_attention_layer_ids=[0, 2], full_attention_layer_ids=[1], device="cpu",
+    token_to_kv_pool_class=current_platform.get_kv_pool_cls(kind="mha"), enable_memory_saver=False,
+)
+allocator = SWATokenToKVPoolAllocator(
+    64 * PAGE, 32 * PAGE, page_size=PAGE, dtype=torch.float32, device="cpu", kvcache=pool, need_sort=False
+)
+subs = [type(a).__name__ for a in (allocator.full_attn_allocator, allocator.swa_attn_allocator)]
+held = lambda: [p.kv.stats().pages_held for p in (pool.full_kv_pool, pool.swa_kv_pool)]
+before = held()
+prefix = torch.tensor([0, 0]); seq = torch.tensor([40, 50]); last = torch.tensor([-1, -1])
+out = allocator.alloc_extend(prefix, prefix, seq, seq, last, 90)
+swa = allocator.translate_loc_from_full_to_swa(out)
+class L:
+    def __init__(self, i): self.layer_id = i
+ok = []
+for layer in range(3):
+    k = torch.randn(90, HEADS, DIM); v = torch.randn(90, HEADS, DIM)
+    pool.set_kv_buffer(L(layer), KVWriteLoc(out, swa_loc=swa), k, v)
+    sub = pool.swa_kv_pool if layer != 1 else pool.full_kv_pool
+    idx = swa if layer != 1 else out
+    local = pool.layers_mapping[layer][0]
+    ok.append(bool(torch.equal(sub.k_buffer[local][idx], k) and torch.equal(pool.get_value_buffer(layer)[idx], v)))
+held_pages = [a.held_pages() for a in (allocator.full_attn_allocator, allocator.swa_attn_allocator)]
+allocator.free(out)
+after = [a.held_pages() for a in (allocator.full_attn_allocator, allocator.swa_attn_allocator)]
+labels = [p.allocation_label for p in (pool.full_kv_pool, pool.swa_kv_pool)]
+print(json.dumps({"subs": subs, "labels": labels, "before": before, "ok": ok, "held": held_pages, "after": after}))
+"""
+
+
+def test_sglangs_swa_composite_builds_both_sub_pools_and_allocators_on_kvmem():
+    """SWAKVPool and SWATokenToKVPoolAllocator, SGLang's own code, take kvmem's classes from the hooks."""
+    result = run_sglang(SWA_PROBE, KVMEM="1", KVMEM_DEVICE="host", KVMEM_BUDGET="32MiB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["subs"] == ["KvmemPagedTokenToKVPoolAllocator"] * 2
+    assert out["labels"] == ["Full", "SWA"]  # one kvmem session (one local budget) each
+    assert out["before"] == [2, 4]  # the padding slot: K and V of 1 full layer, of 2 SWA layers
+    assert out["ok"] == [True, True, True]  # each layer's K/V read back bit-exact from its sub-pool
+    assert out["held"] == [4, 4] and out["after"] == [0, 0]  # 40 + 50 tokens: 2 + 2 pages on each side
+
+
 # ---- the pool: SGLang's layout, on kvmem pages ----
 
 
