@@ -82,9 +82,9 @@ def make_pool(session, dtype=torch.float32, cache_options=ELASTIC, **overrides) 
     return KvmemMHATokenToKVPool(**pool_args(dtype, **overrides), session=session, cache_options=cache_options)
 
 
-def make_allocator(pool, size: int = SIZE, cls=KvmemPagedTokenToKVPoolAllocator):
+def make_allocator(pool, size: int = SIZE, cls=KvmemPagedTokenToKVPoolAllocator, need_sort: bool = False):
     # As the configurator builds it: (size, page_size, dtype, device, kvcache, need_sort).
-    return cls(size, PAGE, pool.dtype, "cpu", pool, False)
+    return cls(size, PAGE, pool.dtype, "cpu", pool, need_sort)
 
 
 def pages_of(indices: torch.Tensor) -> list[int]:
@@ -429,9 +429,10 @@ def test_pages_are_mapped_as_tokens_are_allocated_and_go_back_when_freed(session
     assert not session.source._held
 
 
-def test_free_groups_segments_and_clear_return_every_page(session):
+@pytest.mark.parametrize("need_sort", [False, True])  # True: PD disaggregation, where SGLang stages frees
+def test_free_groups_segments_and_clear_return_every_page(session, need_sort: bool):
     pool = make_pool(session)
-    allocator = make_allocator(pool)
+    allocator = make_allocator(pool, need_sort=need_sort)
     try:
         x = allocator.alloc(3 * PAGE)
         y = allocator.alloc(2 * PAGE)

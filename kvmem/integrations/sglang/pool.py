@@ -21,7 +21,9 @@ SGLang's "nhd" buffers, and kvmem's "HND" tensors ``[max_blocks, heads, page_siz
 SGLang's "hnd" buffers as they are. So SGLang page ``p`` is kvmem block ``p`` in every layer, and
 kvmem's ranges (K0, V0, K1, V1, ...) keep V a whole number of pages after K, as in-tree. The pool's
 ``size`` is rounded up to kvmem's capacity (whole page slots), so every block id kvmem can hand out
-is a row of the buffers; that costs only virtual addresses.
+is a row of the buffers; that costs only virtual addresses. The buffers' addresses never change
+(pages are mapped into and out of the fixed reservation), so kernels and CUDA graphs captured over
+them stay valid while memory comes and goes.
 
 Nothing is mapped up front except the padding page (block 0, taken from kvmem for the pool's
 lifetime): memory is mapped as `KvmemPagedTokenToKVPoolAllocator` (allocator.py) takes blocks for
