@@ -117,6 +117,8 @@ class KvmemPagedTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):
             )
         if not self._stock(num_new_pages):
             return None
+        # paged.py alloc_extend: given num_new_pages and a free list at least that deep, it runs the
+        # kernel on the free list's first pages and drops exactly num_new_pages from its front.
         return super().alloc_extend(
             prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens, num_new_pages
         )
