@@ -452,12 +452,7 @@ class Daemon:
         logger.info("client %d (pid %d, %s) ends: %s", conn.client_id, conn.pid, conn.role, reason)
         if conn.channel is not None:
             self._drop_channel(conn.channel, reason="its connection ended")
-        self.selector.unregister(conn.sock)
-        conn.sock.close()
-        for _, fds, close_fds in conn.outbox:
-            if close_fds:
-                protocol.close_fds(fds)
-        conn.outbox.clear()
+        self._close_socket(conn)
         del self.connections[conn.client_id]
         self.pending = [r for r in self.pending if r.conn is not conn]
         if conn.pidfd is not None:
@@ -488,6 +483,15 @@ class Daemon:
             self.quarantine[conn.pidfd] = (model_name, held)
             self.selector.register(conn.pidfd, selectors.EVENT_READ, ("pidfd", None))
 
+    def _close_socket(self, endpoint: Connection | GrantChannel) -> None:
+        """Stop watching and close `endpoint`'s socket; descriptors it had yet to send are closed."""
+        self.selector.unregister(endpoint.sock)
+        endpoint.sock.close()
+        for _, fds, close_fds in endpoint.outbox:
+            if close_fds:
+                protocol.close_fds(fds)
+        endpoint.outbox.clear()
+
     def _drop_channel(self, channel: GrantChannel, reason: str) -> None:
         """End a grant channel and the requests waiting on it; its engine stays attached."""
         if channel.closed:
@@ -495,12 +499,7 @@ class Daemon:
         channel.closed = True
         conn = channel.owner
         logger.debug("client %d: grant channel ends: %s", conn.client_id, reason)
-        self.selector.unregister(channel.sock)
-        channel.sock.close()
-        for _, fds, close_fds in channel.outbox:
-            if close_fds:
-                protocol.close_fds(fds)
-        channel.outbox.clear()
+        self._close_socket(channel)
         conn.channel = None
         self.pending = [r for r in self.pending if r.channel is not channel]
 
