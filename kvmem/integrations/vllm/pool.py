@@ -76,7 +76,7 @@ logger = logging.getLogger(__name__)
 GROW_WAIT_S = 0.05
 # After a deny the scheduler asks the daemon again only after this long.
 DENY_BACKOFF_S = 0.25
-DRAIN_LOG_S = 10.0
+DRAIN_LOG_S = 10.0  # a drain that waits says what for this often
 
 Backing = Callable[[int], ElasticKVCache]
 _backing: Backing | None = None
