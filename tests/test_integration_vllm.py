@@ -20,6 +20,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,9 @@ PROMPTS = [
 _rng = random.Random(0)
 # 16 prompts of 250 tokens and 32 new tokens each: 9 blocks a request, 144 in all, 9 page slots.
 LOAD = [[_rng.randrange(3, 1000) for _ in range(250)] for _ in range(16)]
+# The same prompts with 160 new tokens: a running request needs a new block every 32 tokens until
+# it ends, so a limit or a sleep that comes while it runs reaches it (13 blocks a request at the end).
+LONG_NEW_TOKENS = 160
 # Prompts that share a 96-token prefix (3 blocks) with each other, for the prefix cache.
 PREFIX = [_rng.randrange(3, 1000) for _ in range(96)]
 PREFIXED = [PREFIX + [_rng.randrange(3, 1000) for _ in range(n)] for n in (20, 41)]
@@ -203,6 +207,7 @@ def reference(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         return {
             "prompts": engine.generate(PROMPTS)["tokens"],
             "load": engine.generate(LOAD, new_tokens=32)["tokens"],
+            "long": engine.generate(LOAD, new_tokens=LONG_NEW_TOKENS)["tokens"],
             "prefixed": engine.generate(PREFIXED)["tokens"],
             "later": engine.generate(LATER)["tokens"],
         }
@@ -303,18 +308,19 @@ def test_a_lowered_limit_makes_the_engine_queue_and_preempt_not_crash(model_dir:
     ):
         seen: list[dict] = []
         with Sampler(daemon) as sampler:
-            loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=32)))
+            loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=LONG_NEW_TOKENS)))
             loader.start()
             wait_for(
                 lambda: daemon.status().model("tiny-llama").mapped_pages >= 4 * PAGES_PER_SLOT,
                 timeout=60,
                 what="the load to grow the cache",
             )
-            kvctl(runtime, "limit", "tiny-llama", "8MiB")  # 2 slots, while 9 are wanted
+            kvctl(runtime, "limit", "tiny-llama", "8MiB")  # 2 slots, while 13 are wanted
+            time.sleep(0.1)  # the status segment trails the daemon by a few ms: read it after the limit
             limited_at = len(sampler.samples)
             loader.join()
         out = seen[0]
-        assert out["tokens"] == reference["load"]  # every request finished, with the same tokens
+        assert out["tokens"] == reference["long"]  # every request finished, with the same tokens
         assert out["preemptions"] > 0  # running requests were preempted when the limit left no block
         # Pages over the limit went back as the requests holding them finished (cached blocks
         # on them were evicted); the engine settles at its limit.
@@ -363,7 +369,7 @@ def test_a_sleep_while_serving_drains_the_engine_and_the_wake_finishes_every_req
         Engine(model_dir, tmp_path / "engine.log", KVMEM="1", KVMEM_RUNTIME_DIR=str(runtime)) as engine,
     ):
         seen: list[dict] = []
-        loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=32)))
+        loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=LONG_NEW_TOKENS)))
         loader.start()
         wait_for(
             lambda: daemon.status().model("tiny-llama").mapped_pages >= 4 * PAGES_PER_SLOT,
@@ -379,7 +385,7 @@ def test_a_sleep_while_serving_drains_the_engine_and_the_wake_finishes_every_req
         kvctl(runtime, "wake", "tiny-llama", "--wait")
         loader.join(timeout=300)
         out = seen[0]
-        assert out["tokens"] == reference["load"]
+        assert out["tokens"] == reference["long"]
         assert out["preemptions"] > 0
 
 
