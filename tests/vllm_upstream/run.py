@@ -1,0 +1,221 @@
+"""vLLM's own block-pool, prefix-caching, KV-cache-utils and scheduler tests, against kvmem's block pool.
+
+    python tests/vllm_upstream/run.py [--work-dir .vllm-upstream]   # `make test-vllm` runs it
+
+1. Fetch the tests of the installed vLLM release: `pip download` its sdist (``VLLM_TARGET_DEVICE=empty``
+   so that preparing its metadata builds nothing; it needs setuptools-rust and setuptools-scm) and
+   extract only ``tests/`` and ``pyproject.toml`` (vLLM's pytest configuration). Kept in the work
+   directory for the next run.
+2. Write the ``config.json`` of every model those tests name into an offline HuggingFace cache
+   (`MODEL_CONFIGS`, the public configs' values; no weights are needed): vLLM's `ModelConfig`
+   reads it, with ``HF_HUB_OFFLINE=1``.
+3. Run the test files (`TEST_PATHS`) twice in vLLM's test tree, with the `kvmem_vllm_pool_plugin`
+   pytest plugin recording every outcome: once with vLLM's stock `BlockPool`, once with
+   `KvmemBlockPool` in its place (``KVMEM_VLLM_POOL=1``), each pool backed by a kvmem cache whose
+   state is checked against vLLM's after every test.
+4. Compare: every test that passes with the stock pool must pass with kvmem's. Exit 1 if one does
+   not (it is named), or if no kvmem pool was made at all.
+
+Tests that fail with the stock pool too (they need weights, GPUs or packages this venv lacks) are
+listed by count only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+TEST_PATHS = (
+    "tests/v1/core/test_prefix_caching.py",
+    "tests/v1/core/prefix_cache",
+    "tests/v1/core/test_single_type_kv_cache_manager.py",
+    "tests/v1/core/test_kv_cache_utils.py",
+    "tests/v1/core/test_scheduler.py",
+    "tests/v1/core/test_async_scheduler.py",
+    "tests/v1/core/test_deferred_block_free.py",
+    "tests/v1/core/test_kv_sharing.py",
+    "tests/v1/core/test_priority_preemption_bug.py",
+)
+
+# The models the tests above build a ModelConfig for (vllm 0.32.0): the default ModelConfig model,
+# Qwen/Qwen3-0.6B; Qwen/Qwen1.5-7B in test_kv_cache_utils.py; facebook/opt-125m in
+# tests/v1/kv_connector/unit/utils.py. Values from the models' public config.json files.
+MODEL_CONFIGS = {
+    "Qwen/Qwen3-0.6B": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000,
+        "rms_norm_eps": 1e-06,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": 28,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    },
+    "Qwen/Qwen1.5-7B": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000,
+        "rms_norm_eps": 1e-06,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "max_window_layers": 28,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+    },
+    "facebook/opt-125m": {
+        "architectures": ["OPTForCausalLM"],
+        "model_type": "opt",
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "ffn_dim": 3072,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 768,
+        "do_layer_norm_before": True,
+        "activation_function": "relu",
+        "torch_dtype": "float16",
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "dropout": 0.1,
+        "attention_dropout": 0.0,
+        "enable_bias": True,
+        "layer_norm_elementwise_affine": True,
+        "init_std": 0.02,
+        "layerdrop": 0.0,
+    },
+}
+REVISION = "0" * 40  # the snapshot name of the offline cache's entries
+
+
+def vllm_release() -> str:
+    from packaging.version import Version
+    from vllm import __version__
+
+    return Version(__version__).base_version  # "0.32.0+cpu" is release 0.32.0
+
+
+def fetch_tests(work: Path, release: str) -> Path:
+    """vLLM's test tree for `release` under `work` (downloaded and extracted once)."""
+    root = work / f"vllm-{release}"
+    if (root / "tests" / "v1" / "core").is_dir() and (root / "pyproject.toml").is_file():
+        return root
+    sdist = work / f"vllm-{release}.tar.gz"
+    if not sdist.exists():
+        env = dict(os.environ, VLLM_VERSION_OVERRIDE=release, VLLM_TARGET_DEVICE="empty")
+        subprocess.run(
+            [
+                sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-build-isolation",
+                "--no-binary", "vllm", f"vllm=={release}", "--dest", str(work),
+            ],
+            env=env,
+            check=True,
+        )  # fmt: skip
+    # tests/, and pyproject.toml for vLLM's pytest configuration (its markers).
+    tests, config = f"vllm-{release}/tests/", f"vllm-{release}/pyproject.toml"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(tests) or m.name == config]
+        tar.extractall(work, members=members, filter="data")
+    return root
+
+
+def write_model_configs(cache: Path) -> None:
+    """An offline HuggingFace cache holding only the config.json of each model in `MODEL_CONFIGS`."""
+    for repo, config in MODEL_CONFIGS.items():
+        entry = cache / ("models--" + repo.replace("/", "--"))
+        (entry / "refs").mkdir(parents=True, exist_ok=True)
+        (entry / "refs" / "main").write_text(REVISION)
+        snapshot = entry / "snapshots" / REVISION
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (snapshot / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def run_pass(root: Path, hf_cache: Path, kvmem_pool: bool, outcomes: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMEM")}  # no KVMEM=1 plugin here
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(hf_cache),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])),
+        KVMEM_VLLM_POOL="1" if kvmem_pool else "0",
+        KVMEM_VLLM_OUTCOMES=str(outcomes),
+    )
+    command = [
+        sys.executable, "-m", "pytest", "-q", "-c", "pyproject.toml", "--rootdir", ".",
+        "-p", "no:cacheprovider", "-p", "kvmem_vllm_pool_plugin",
+    ]  # fmt: skip
+    started = time.monotonic()
+    # Tests that need weights, GPUs or other packages fail with either pool: the exit status is
+    # not the verdict, the comparison of outcomes is.
+    subprocess.run([*command, *TEST_PATHS], cwd=root, env=env, stdout=subprocess.DEVNULL, check=False)
+    result = json.loads(outcomes.read_text())
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, default=REPO / ".vllm-upstream", help="default: %(default)s")
+    args = parser.parse_args()
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    release = vllm_release()
+    root = fetch_tests(work, release)
+    hf_cache = work / "hf-cache"
+    write_model_configs(hf_cache)
+    stock = run_pass(root, hf_cache, False, work / "outcomes-stock.json")
+    kvmem = run_pass(root, hf_cache, True, work / "outcomes-kvmem.json")
+    passed = sorted(k for k, v in stock["outcomes"].items() if v == "passed")
+    lost = [k for k in passed if kvmem["outcomes"].get(k) != "passed"]
+    gained = sorted(k for k, v in kvmem["outcomes"].items() if v == "passed" and k not in passed)
+    print(
+        f"vLLM {release}'s own tests ({', '.join(TEST_PATHS)}): {len(stock['outcomes'])} run; "
+        f"{len(passed)} pass with vLLM's block pool ({stock['seconds']:.0f} s), "
+        f"{len(passed) - len(lost)} of them with kvmem's "
+        f"({kvmem['kvmem_pools']} kvmem pools, {kvmem['seconds']:.0f} s); "
+        f"{len(stock['outcomes']) - len(passed)} fail or skip with vLLM's own pool too (weights, GPUs, packages)"
+    )
+    for nodeid in lost:
+        print(f"  passes with vLLM's pool, not with kvmem's: {nodeid} ({kvmem['outcomes'].get(nodeid, 'not run')})")
+    for nodeid in gained:
+        print(f"  passes with kvmem's pool only: {nodeid}")
+    if not kvmem["kvmem_pools"]:
+        print("no kvmem pool was made: the plugin did not take effect")
+        return 1
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
