@@ -391,7 +391,7 @@ def test_the_installed_transformers_is_in_the_supported_range():
     import transformers
 
     assert check_transformers_version() == transformers.__version__
-    assert SUPPORTED == f">={hf_version.MIN_VERSION},<{hf_version.MAX_VERSION}" == ">=5.20.2,<5.24"
+    assert SUPPORTED == f">={hf_version.RELEASES.minimum},<{hf_version.RELEASES.maximum}" == ">=5.20.2,<5.24"
 
 
 @pytest.mark.parametrize("version", ["5.20.1", "5.24.0", "6.0.0", "4.57.6"])

@@ -16,13 +16,20 @@ the new release.
 
 from __future__ import annotations
 
-MIN_VERSION = "5.20.2"
-MAX_VERSION = "5.24"  # exclusive
-SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
+from kvmem.integrations.releases import SupportedReleases
+
+RELEASES = SupportedReleases("transformers", "transformers", minimum="5.20.2", maximum="5.24")
+SUPPORTED = RELEASES.spec
 
 
 class UnsupportedTransformersError(ImportError):
     """The installed transformers is missing or outside the supported range."""
+
+
+def _installed() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def check_transformers_version(version: str | None = None) -> str:
@@ -35,21 +42,11 @@ def check_transformers_version(version: str | None = None) -> str:
         UnsupportedTransformersError: transformers is not installed, or its version is outside
             `SUPPORTED`; the message names the range and how to install it.
     """
-    if version is None:
-        try:
-            import transformers
-        except ImportError as exc:
-            raise UnsupportedTransformersError(
-                f"kvmem's transformers integration needs transformers {SUPPORTED}; it is not installed "
-                "(pip install 'kvmem[transformers]')"
-            ) from exc
-        version = transformers.__version__
-    from packaging.version import Version  # a dependency of transformers
-
-    if not Version(MIN_VERSION) <= Version(version) < Version(MAX_VERSION):
-        raise UnsupportedTransformersError(
-            f"kvmem's transformers integration supports transformers {SUPPORTED} (it relies on internals "
-            f"checked against that range); transformers {version} is installed. "
-            "Install a supported release: pip install 'kvmem[transformers]'"
-        )
-    return version
+    return RELEASES.check(
+        _installed,
+        UnsupportedTransformersError,
+        relies_on="it relies on internals checked against that range",
+        remedy="Install a supported release: pip install 'kvmem[transformers]'",
+        version=version,
+        install_hint=" (pip install 'kvmem[transformers]')",
+    )

@@ -18,13 +18,21 @@ fails loudly rather than running without kvmem.
 
 from __future__ import annotations
 
-MIN_VERSION = "0.5.23"
-MAX_VERSION = "0.5.24"  # exclusive
-SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
+from kvmem.integrations.releases import SupportedReleases
+
+RELEASES = SupportedReleases("SGLang", "sglang", minimum="0.5.23", maximum="0.5.24")
+SUPPORTED = RELEASES.spec
 
 
 class UnsupportedSglangError(RuntimeError):
     """KVMEM=1 is set but SGLang is missing, outside the supported range, or configured in a way kvmem cannot serve."""
+
+
+def _installed() -> str:
+    # From the distribution's metadata: importing sglang would load much of it.
+    from importlib.metadata import version
+
+    return version("sglang")
 
 
 def check_sglang_version(version: str | None = None) -> str:
@@ -37,22 +45,10 @@ def check_sglang_version(version: str | None = None) -> str:
         UnsupportedSglangError: SGLang is not installed, or its version is outside `SUPPORTED`;
             the message names the range.
     """
-    if version is None:
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as installed
-
-        try:
-            version = installed("sglang")
-        except PackageNotFoundError as exc:
-            raise UnsupportedSglangError(
-                f"kvmem's SGLang integration needs sglang {SUPPORTED}; it is not installed"
-            ) from exc
-    from packaging.version import Version  # a dependency of SGLang
-
-    if not Version(MIN_VERSION) <= Version(Version(version).base_version) < Version(MAX_VERSION):
-        raise UnsupportedSglangError(
-            f"kvmem's SGLang integration supports sglang {SUPPORTED} (it subclasses KV pool and allocator "
-            f"internals checked against that range); sglang {version} is installed. Install a supported "
-            "release (pip install sglang==0.5.23), or unset KVMEM to run SGLang without kvmem"
-        )
-    return version
+    return RELEASES.check(
+        _installed,
+        UnsupportedSglangError,
+        relies_on="it subclasses KV pool and allocator internals checked against that range",
+        remedy="Install a supported release (pip install sglang==0.5.23), or unset KVMEM to run SGLang without kvmem",
+        version=version,
+    )

