@@ -197,6 +197,7 @@ class DaemonClient:
         self._channel = self._try_open_channel(self._sock)
         self._owns_device = device is None
         self.page_size: int = welcome["page_size"]
+        self.budget_pages: int = welcome["budget_pages"]  # the daemon's whole budget, for sizing caches
         self.client_id: int = welcome["client_id"]
         self.slot: int = welcome["slot"]
         self.connected.set()
@@ -541,6 +542,7 @@ class DaemonClient:
         if held and welcome["page_size"] != self.page_size:
             raise DaemonRefusedError(f"daemon's pages are {welcome['page_size']} bytes, ours {self.page_size}")
         self.client_id, self.slot = welcome["client_id"], welcome["slot"]
+        self.budget_pages = welcome["budget_pages"]  # a restarted daemon may have another budget
         by_old_id = {p.id: p for p in held}
         new_ids: dict[int, int] = {}
         for i in range(0, len(held), protocol.MAX_FDS_PER_MESSAGE):

@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 from kvmem.integrations.vllm import allocation
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError, blocks_per_slot
 from kvmem.page_source import DaemonPageSource, LocalPageSource
 from kvmem.session import Session
-from kvmem.status import StatusReader
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +81,7 @@ def budget_bytes(s: Session) -> int:
     if isinstance(source, LocalPageSource):
         return source.budget_pages * source.page_size
     assert isinstance(source, DaemonPageSource)
-    with StatusReader(source.client.paths.shm_name) as reader:
-        # The daemon publishes its header at start; budget_pages is never 0 for a running daemon.
-        deadline = time.monotonic() + 5.0
-        while not (pages := reader.snapshot().daemon.budget_pages) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return pages * source.page_size
+    return source.client.budget_pages * source.page_size  # from the daemon's WELCOME
 
 
 def slot_alignment(kv_cache_specs: dict[str, Any], page_size: int) -> int:
