@@ -300,6 +300,13 @@ class Message:
         return self.body[key]
 
 
+def descriptor_count(msg_type: MsgType, body: Mapping[str, Any]) -> int:
+    """How many descriptors a (schema-valid) message of this type carries."""
+    if msg_type in FDS_ALLOWED:
+        return len(body["pages"])  # one per page id
+    return 1 if msg_type == MsgType.CHANNEL else 0  # the channel's socket
+
+
 def validate(msg_type: MsgType, body: Mapping[str, Any], num_fds: int) -> None:
     """Check `body` against the schema of `msg_type`; raise ProtocolError naming the problem."""
     schema = SCHEMAS[msg_type]
@@ -313,15 +320,18 @@ def validate(msg_type: MsgType, body: Mapping[str, Any], num_fds: int) -> None:
     if msg_type in _PAIRED_OFFSETS and len(body["offsets"]) != len(body["pages"]):
         pages, offsets = len(body["pages"]), len(body["offsets"])
         raise ProtocolError(f"{msg_type.name} message has {pages} pages but {offsets} offsets")
-    expected_fds = len(body["pages"]) if msg_type in FDS_ALLOWED else int(msg_type == MsgType.CHANNEL)
+    expected_fds = descriptor_count(msg_type, body)
     if num_fds != expected_fds:
         raise ProtocolError(f"{msg_type.name} message carries {num_fds} descriptors, expected {expected_fds}")
 
 
 def encode(msg_type: MsgType, body: Mapping[str, Any]) -> bytes:
     """One frame: header + body. Validates the body first (never send what we would refuse)."""
-    pages = body.get("pages") if msg_type in FDS_ALLOWED else None
-    validate(msg_type, body, len(pages) if type(pages) is list else int(msg_type == MsgType.CHANNEL))
+    try:
+        num_fds = descriptor_count(msg_type, body)  # as the sender will attach them
+    except (KeyError, TypeError):
+        num_fds = 0  # no "pages" list to count: validate says what is wrong with it
+    validate(msg_type, body, num_fds)
     payload = _pack(msg_type, body) if msg_type in PACKED else json.dumps(body, separators=(",", ":")).encode()
     if HEADER.size + len(payload) > MAX_FRAME:
         raise ProtocolError(f"{msg_type.name} message of {len(payload)} bytes exceeds the {MAX_FRAME}-byte frame")

@@ -10,10 +10,13 @@ work in child processes whose environment leaves the fake out (`real_driver_env`
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from kvmem.protocol import SCHEMAS, MsgType
 from tests import fakecuda
 
 # Read by the fake at cuInit: a small device so out-of-memory is cheap to reach.
@@ -56,3 +59,28 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None, **kwarg
         cwd=REPO,
         **kwargs,
     )
+
+
+def pack_unchecked(msg_type: MsgType, body: dict[str, Any]) -> bytes:
+    """`body` in the packed layout of GROW, GRANT or RETURN without the schema's bounds, so that tests
+    can send values a daemon must refuse.
+
+    Raises:
+        KeyError: The fields are not exactly the schema's.
+        TypeError: A value a packed body cannot carry: anything but integers (True would pass for 1),
+            and for GRANT's "done" anything but a boolean (it is a flag bit).
+        struct.error: An integer that is not a u32.
+    """
+    if body.keys() != SCHEMAS[msg_type].keys():
+        raise KeyError("not exactly the schema's fields")
+    numbers = [v for name, v in body.items() if name != "done"]
+    if any(type(item) is not int for v in numbers for item in (v if type(v) is list else [v])):
+        raise TypeError("not an integer")
+    if msg_type == MsgType.GROW:
+        return struct.pack("!III", body["req"], body["pages"], body["wait_ms"])
+    ids = body["pages"]
+    if msg_type == MsgType.RETURN:
+        return struct.pack(f"!{len(ids)}I", *ids)
+    if type(body["done"]) is not bool:
+        raise TypeError("done is not a boolean")
+    return struct.pack(f"!II{len(ids)}I", body["req"], int(body["done"]), *ids)

@@ -43,6 +43,7 @@ from kvmem.protocol import (
 )
 from kvmem.status import ModelState
 from tests.daemon_support import DaemonProcess, EngineProcess, cleanup_shm, wait_for
+from tests.support import pack_unchecked
 
 ENGINE_MODEL = "fuzz-engine"
 PAGE_SIZE = 2 << 20  # the host device's granularity, the daemon's default page size
@@ -244,31 +245,13 @@ def raw_frame(msg_type: int, body: Any, *, version: int = PROTOCOL_VERSION, zero
     (u32s), so that its values, not its encoding, are what the daemon judges; otherwise it goes as JSON."""
     if isinstance(body, dict) and msg_type in PACKED:
         try:
-            payload = pack(MsgType(msg_type), body)
+            payload = pack_unchecked(MsgType(msg_type), body)
         except (KeyError, TypeError, struct.error):
             payload = json.dumps(body).encode()  # cannot be packed: refused for its layout
     else:
         payload = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
     size = len(payload) if length is None else length
     return HEADER.pack(MAGIC, version, msg_type, zero, size) + payload
-
-
-def pack(msg_type: MsgType, body: dict[str, Any]) -> bytes:
-    """`body` in the packed layout of GROW, GRANT or RETURN, whatever its values (bounds unchecked)."""
-    if body.keys() != SCHEMAS[msg_type].keys():
-        raise KeyError("not exactly the schema's fields")
-    numbers = [v for name, v in body.items() if name != "done"]
-    # A packed body holds integers only (True would pass for 1) and GRANT's flag for "done".
-    if any(type(item) is not int for v in numbers for item in (v if type(v) is list else [v])):
-        raise TypeError("not an integer")
-    if msg_type == MsgType.GROW:
-        return struct.pack("!III", body["req"], body["pages"], body["wait_ms"])
-    ids = body["pages"]
-    if msg_type == MsgType.RETURN:
-        return struct.pack(f"!{len(ids)}I", *ids)
-    if type(body["done"]) is not bool:
-        raise TypeError("done is not a boolean")
-    return struct.pack(f"!II{len(ids)}I", body["req"], int(body["done"]), *ids)
 
 
 def would_be_served(frame: bytes, kinds: list[FdKind], role: str | None, adopt: int = 0) -> bool:

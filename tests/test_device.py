@@ -314,6 +314,52 @@ def test_import_refuses_a_descriptor_that_is_not_a_page(device: Device):
         device.import_page(closed_fd, g)
 
 
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_import_pages_is_all_or_nothing_and_consume_owns_the_descriptors(device: Device):
+    """A batch import with one bad descriptor imports nothing (the pages before it are released); without
+    `consume` the caller keeps every descriptor, with it the device closes them all, also on failure; and
+    the descriptors of a consumed batch are closed once its pages are."""
+    g = device.granularity
+    sources = [device.create_page(), device.create_page()]
+    read_end, write_end = os.pipe()
+    try:
+        kept = [sources[0].export().detach(), read_end]
+        with pytest.raises(InvalidArgumentError):
+            device.import_pages(kept, g)
+        assert all(fd_is_open(fd) for fd in kept)  # still the caller's
+        os.close(kept[0])
+
+        given = [sources[0].export().detach(), read_end, sources[1].export().detach()]
+        with pytest.raises(InvalidArgumentError):
+            device.import_pages(given, g, consume=True)
+        assert not any(fd_is_open(fd) for fd in given)  # the device closed the bad one too
+
+        given = [p.export().detach() for p in sources]
+        imported = device.import_pages(given, g, consume=True)
+        assert [p.imported for p in imported] == [True, True]
+        reservation = device.reserve(2 * g)
+        mappings = [device.map(reservation, i * g, page) for i, page in enumerate(imported)]
+        device.set_access(reservation, 0, 2 * g)
+        device.memset(mappings[1].address, 0x5A, g)
+        for mapping in mappings:
+            mapping.close()
+        reservation.close()
+        for page in imported:
+            page.close()
+        assert not any(fd_is_open(fd) for fd in given)
+    finally:
+        os.close(write_end)
+        for page in sources:
+            page.close()
+
+
 def test_host_buffer_round_trip_through_a_page_and_idempotent_close(device: Device):
     g = device.granularity
     reservation = device.reserve(g)

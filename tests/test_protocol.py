@@ -33,7 +33,7 @@ from kvmem.protocol import (
     MsgType,
     ProtocolError,
 )
-from tests.support import REPO
+from tests.support import REPO, pack_unchecked
 
 # One valid body per message type, with distinctive values.
 VALID: dict[MsgType, dict[str, Any]] = {
@@ -94,14 +94,8 @@ def fd_count_for(msg_type: MsgType, body: dict[str, Any]) -> int:
 
 
 def body_bytes(msg_type: MsgType, body: dict[str, Any]) -> bytes:
-    """A body as the sender would write it, even one that breaks the schema: packed or JSON."""
-    if msg_type == MsgType.GROW:
-        return struct.pack("!III", body["req"], body["pages"], body["wait_ms"])
-    if msg_type == MsgType.GRANT:
-        return struct.pack(f"!II{len(body['pages'])}I", body["req"], int(body["done"]), *body["pages"])
-    if msg_type == MsgType.RETURN:
-        return struct.pack(f"!{len(body['pages'])}I", *body["pages"])
-    return json.dumps(body).encode()
+    """A body as a sender would write it, even one that breaks the schema: packed or JSON."""
+    return pack_unchecked(msg_type, body) if msg_type in PACKED else json.dumps(body).encode()
 
 
 def frame(msg_type: int, payload: bytes, *, magic: bytes = MAGIC, version: int = PROTOCOL_VERSION, length=None):
@@ -327,12 +321,9 @@ def test_a_field_of_the_wrong_type_or_range_is_refused(msg_type: MsgType, name: 
     n_fds = fd_count_for(msg_type, valid(msg_type))
     try:
         raw = frame(msg_type, body_bytes(msg_type, body))
-    except struct.error:
-        raw = None  # not a u32: a packed body cannot even carry it
-    # A packed body holds u32s only: it cannot tell True from 1, and "done" is a flag bit. There only
-    # integers out of range can be written, and the other cases are for encode alone.
-    ints = type(value) is int or (type(value) is list and all(type(v) is int for v in value))
-    if raw is not None and (msg_type not in PACKED or (ints and name != "done")):
+    except (TypeError, struct.error):
+        raw = None  # a packed body holds only u32s (and "done" as a flag bit): it cannot carry this value
+    if raw is not None:
         with pytest.raises(ProtocolError, match=pattern):
             protocol.decode(raw, list(range(n_fds)))
     with pytest.raises(ProtocolError, match=pattern):
