@@ -55,12 +55,11 @@ import weakref
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-import kvmem
 from kvmem.integrations.sglang.version import UnsupportedSglangError
 from kvmem.kv_cache import ElasticKVCache, KVCacheFull
 from kvmem.layout import DTYPES
 from kvmem.page_source import DaemonPageSource, LocalPageSource
-from kvmem.session import Session
+from kvmem.session import Session, from_environment
 from kvmem.status import StatusError, StatusReader
 
 logger = logging.getLogger(__name__)
@@ -101,19 +100,19 @@ def model_name(label: str | None) -> str:
 def open_session(device: torch.device, label: str | None) -> tuple[Session, str | None]:
     """A kvmem session for a pool on `device`, from the environment (see the module docstring),
     and the daemon model name it took (None for a local session); `release_name` gives it back."""
-    if os.environ.get("KVMEM_DEVICE") == "host":
-        if device.type != "cpu":
-            raise UnsupportedSglangError(
-                f"kvmem: KVMEM_DEVICE=host gives CPU memory, but SGLang's KV pool is on {device}"
-            )
-        return kvmem.local(device="host", budget=os.environ.get("KVMEM_BUDGET")), None
-    gpu = (device.index or 0) if device.type == "cuda" else 0
-    name = model_name(label)
+    taken: list[str] = []
+
+    def take_name() -> str:
+        taken.append(model_name(label))
+        return taken[0]
+
     try:
-        return kvmem.connect(name, gpu=gpu, runtime_dir=os.environ.get("KVMEM_RUNTIME_DIR")), name
+        s = from_environment(device, take_name, "SGLang's KV pool", UnsupportedSglangError)
     except BaseException:
-        release_name(name)
+        if taken:
+            release_name(taken[0])
         raise
+    return s, (taken[0] if taken else None)
 
 
 def release_name(name: str | None) -> None:

@@ -33,10 +33,9 @@ import os
 
 import torch
 
-import kvmem
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError, VllmKVGeometry, geometry_of
 from kvmem.kv_cache import ElasticKVCache, KVCacheFull
-from kvmem.session import Session
+from kvmem.session import Session, from_environment
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +69,7 @@ def session(device: torch.device, vllm_config=None) -> Session:
     """This process's kvmem session, opened on first use (see the module docstring)."""
     global _session
     if _session is None:
-        if os.environ.get("KVMEM_DEVICE") == "host":
-            if device.type != "cpu":
-                raise RuntimeError(f"kvmem: KVMEM_DEVICE=host gives CPU memory, but vLLM's KV cache is on {device}")
-            _session = kvmem.local(device="host", budget=os.environ.get("KVMEM_BUDGET"))
-        else:
-            gpu = (device.index or 0) if device.type == "cuda" else 0
-            _session = kvmem.connect(model_name(vllm_config), gpu=gpu, runtime_dir=os.environ.get("KVMEM_RUNTIME_DIR"))
+        _session = from_environment(device, lambda: model_name(vllm_config), "vLLM's KV cache", RuntimeError)
     return _session
 
 
