@@ -254,7 +254,7 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    from kvmem.sizes import format_size, parse_size
+    from kvmem.common.sizes import format_size, parse_size
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", type=int, choices=(2, 3), default=3)

@@ -205,7 +205,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_sleep.json")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
-    from kvmem.sizes import parse_size
+    from kvmem.common.sizes import parse_size
 
     sizes = [parse_size(text) for text in args.sizes.split(",")]
     result = {"benchmark": "bench_sleep", "machine": machine(), "geometry": GEOMETRY, "runs": []}

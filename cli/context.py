@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import click
 import psutil
 
-from kvmem.client import DaemonPermissionError, DaemonUnavailableError
-from kvmem.control import ControlClient, ControlError
-from kvmem.runtime import DaemonPaths
-from kvmem.sizes import parse_size
-from kvmem.status import StatusError, StatusReader, StatusSnapshot
+from kvmem.common.errors import ControlError, DaemonPermissionError, DaemonUnavailableError
+from kvmem.common.runtime import DaemonPaths
+from kvmem.common.sizes import parse_size
+from kvmem.common.status import StatusError, StatusReader, StatusSnapshot
+from kvmem.control import ControlClient
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2

@@ -17,9 +17,9 @@ from pathlib import Path
 import click
 
 from kvmem.cli.context import EXIT_REFUSED, KvctlContext, KvctlError, pass_context
+from kvmem.common.sizes import format_size
+from kvmem.common.status import SEGMENT_SIZE
 from kvmem.device import DeviceError
-from kvmem.sizes import format_size
-from kvmem.status import SEGMENT_SIZE
 
 SHM_DIR = Path("/dev/shm")
 SHM_FREE_WANTED = 64 << 20  # kvmem needs only its status segment, but engines and torch use /dev/shm too

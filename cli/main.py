@@ -16,7 +16,7 @@ from kvmem.cli.doctor import doctor
 from kvmem.cli.policy import limit, minimum, priority
 from kvmem.cli.sleep import sleep, wake
 from kvmem.cli.status import status, top
-from kvmem.runtime import RUNTIME_DIR_ENV
+from kvmem.common.runtime import RUNTIME_DIR_ENV
 
 EPILOG = (
     "Exit codes: 0 success, 1 refused by the daemon (or a doctor check failed), 2 bad usage, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from kvmem.cli.context import KvctlContext, parse_size_option, pass_context
-from kvmem.sizes import format_size
+from kvmem.common.sizes import format_size
 
 NO_LIMIT = ("none", "unlimited", "off")
 

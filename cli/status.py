@@ -1,8 +1,8 @@
 """`kvctl status` and `kvctl top`: the daemon and its models, read from shared memory.
 
-Both read the daemon's status segment (`kvmem.status`), so they cost the daemon nothing and work
+Both read the daemon's status segment (`kvmem.common.status`), so they cost the daemon nothing and work
 while it is busy. `status --json` prints the document described by docs/kvctl-status.schema.json
-(`"schema": "kvmem.status/1"`; fields are only ever added within a schema version).
+(`"schema": "kvmem.common.status/1"`; fields are only ever added within a schema version).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 import click
 
 from kvmem.cli.context import KvctlContext, KvctlError, pass_context
-from kvmem.sizes import format_size
-from kvmem.status import StatusSnapshot
+from kvmem.common.sizes import format_size
+from kvmem.common.status import StatusSnapshot
 
-STATUS_SCHEMA = "kvmem.status/1"
+STATUS_SCHEMA = "kvmem.common.status/1"
 
 
 def status_document(ctx: KvctlContext, snap: StatusSnapshot) -> dict[str, Any]:

@@ -7,7 +7,7 @@ this machine's default device (the GPU where one is usable, else host memory) in
 runtime directory, and two engines in processes of their own (`colocation_engine.py`: tiny
 random-weight Llama and Qwen2 models, float32, KV caches on kvmem blocks). Operator actions go
 through the real `kvctl` CLI as subprocesses and its status table is printed as things change.
-A sampler thread reads the daemon's shared-memory status (`kvmem.status.StatusReader`) every
+A sampler thread reads the daemon's shared-memory status (`kvmem.common.status.StatusReader`) every
 50 ms; the samples become a PNG plot of each model's mapped memory with the operator's actions
 marked, and a JSON summary holds every outcome the story claims, for people and for
 `tests/test_demo.py`.
@@ -44,10 +44,10 @@ from typing import Any
 
 import psutil
 
+from kvmem.common.runtime import DaemonPaths
+from kvmem.common.sizes import format_size, parse_size
+from kvmem.common.status import StatusError, StatusReader
 from kvmem.device import DEVICE_KINDS
-from kvmem.runtime import DaemonPaths
-from kvmem.sizes import format_size, parse_size
-from kvmem.status import StatusError, StatusReader
 
 HERE = Path(__file__).resolve().parent
 ENGINE = HERE / "colocation_engine.py"

@@ -43,11 +43,11 @@ from typing import Any
 import torch
 
 import kvmem
-from kvmem.integrations.hf_cache import model_geometry
+from kvmem.common.runtime import DaemonPaths
+from kvmem.common.status import StatusReader
 from kvmem.integrations.transformers import ATTENTION_NAME, KvmemCache
+from kvmem.integrations.transformers.cache import model_geometry
 from kvmem.kv_cache import KVCacheFull
-from kvmem.runtime import DaemonPaths
-from kvmem.status import StatusReader
 
 BLOCK_SIZE = 16
 VOCAB = 1024

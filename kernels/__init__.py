@@ -43,8 +43,8 @@ from types import ModuleType
 
 import torch
 
+from kvmem.common.layout import LAYOUTS
 from kvmem.kernels import reference
-from kvmem.layout import LAYOUTS
 
 __all__ = [
     "backend_for",

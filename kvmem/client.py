@@ -34,10 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmem import protocol
+from kvmem.common import protocol
+from kvmem.common.errors import ConnectionClosed, DaemonRefusedError, DaemonUnavailableError, ProtocolError
+from kvmem.common.protocol import MsgType
+from kvmem.common.runtime import DaemonPaths
 from kvmem.device import Device, DeviceError, PhysicalPage, open_device
-from kvmem.protocol import ConnectionClosed, MsgType, ProtocolError
-from kvmem.runtime import DaemonPaths
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +46,6 @@ DEFAULT_WAIT_S = 5.0
 # The daemon answers a GROW by its deadline; beyond this margin the daemon counts as gone.
 ANSWER_MARGIN_S = 10.0
 RECONNECT_BACKOFF_S = (0.05, 1.0)
-
-
-class DaemonUnavailableError(ConnectionError):
-    """No kvmemd answers at the socket for this GPU and runtime directory."""
-
-
-class DaemonPermissionError(DaemonUnavailableError):
-    """A daemon listens, but its socket is not open to this user."""
-
-
-class DaemonRefusedError(ConnectionError):
-    """The daemon refused the connection (the reason is in the message)."""
 
 
 @dataclass
@@ -94,41 +83,13 @@ class _Waiter:
     detail: str = ""
 
 
-def _connect(paths: DaemonPaths) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(str(paths.socket))
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise DaemonUnavailableError(
-            f"no kvmemd answers at {paths.socket}: start one with `kvmemd start --gpu {paths.gpu}`"
-        ) from None
-    except PermissionError:
-        sock.close()
-        raise DaemonPermissionError(
-            f"no permission to connect to {paths.socket}: the daemon's owner can start it with --group GROUP "
-            "for members of GROUP"
-        ) from None
-    return sock
-
-
-def _expect(sock: socket.socket, msg_type: MsgType) -> protocol.Message:
-    msg = protocol.receive_message(sock)
-    if msg.type == MsgType.ERROR:
-        raise DaemonRefusedError(f"kvmemd refused: {msg['message']}")
-    if msg.type != msg_type:
-        protocol.close_fds(msg.fds)
-        raise ProtocolError(f"expected {msg_type.name} from kvmemd, got {msg.type.name}")
-    return msg
-
-
 class DaemonClient:
     """An engine process's session with the daemon of one GPU.
 
     Args:
         model: The model's name (one engine per model per daemon).
         gpu: GPU ordinal, selecting the daemon.
-        runtime_dir: The daemon's runtime directory (default: `kvmem.runtime.default_runtime_dir`).
+        runtime_dir: The daemon's runtime directory (default: `kvmem.common.runtime.default_runtime_dir`).
         geometry: The KV geometry, for the daemon's status (flat dict of scalars).
         device: The device to import pages on (default: the kind the daemon reports).
         reconnect: Reconnect and re-register pages when the daemon restarts.
@@ -185,7 +146,7 @@ class DaemonClient:
         self._channel: socket.socket | None = None
         self._channel_lock = threading.Lock()
         self._channel_timeout: float | None = None
-        self._sock = _connect(self.paths)
+        self._sock = self.paths.connect()
         try:
             welcome = self._handshake(self._sock, adopt=0, page_size=0)
             if device is not None and device.kind != welcome["device_kind"]:
@@ -386,7 +347,7 @@ class DaemonClient:
                 "page_size": page_size,
             },
         )
-        return _expect(sock, MsgType.WELCOME)
+        return protocol.receive_expected(sock, MsgType.WELCOME)
 
     def _open_channel(self, sock: socket.socket) -> socket.socket:
         """A new grant channel: one end of a socketpair, the other sent to the daemon over `sock`."""
@@ -510,7 +471,7 @@ class DaemonClient:
         backoff = RECONNECT_BACKOFF_S[0]
         while not self._closing:
             try:
-                sock = _connect(self.paths)
+                sock = self.paths.connect()
             except DaemonUnavailableError:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])

@@ -1,6 +1,6 @@
 """The operator's connection to kvmemd: policy changes, sleep and wake, status over the socket.
 
-Reading status does not need this: `kvmem.status.StatusReader` reads shared memory directly.
+Reading status does not need this: `kvmem.common.status.StatusReader` reads shared memory directly.
 Authorization is the daemon's: it checks the caller's uid (SO_PEERCRED) against the model's owner.
 """
 
@@ -10,35 +10,22 @@ import itertools
 import os
 from typing import Any
 
-from kvmem import protocol
-from kvmem.client import DaemonRefusedError, _connect, _expect
-from kvmem.protocol import MsgType
-from kvmem.runtime import DaemonPaths
-
-
-class ControlError(Exception):
-    """The daemon refused a control request; the message says why.
-
-    Attributes:
-        code: One of `kvmem.protocol.CONTROL_ERROR_CODES`, or "timeout" / "refused" when the
-            daemon did not answer or refused the connection.
-    """
-
-    def __init__(self, message: str, code: str = "invalid"):
-        super().__init__(message)
-        self.code = code
+from kvmem.common import protocol
+from kvmem.common.errors import ControlError, DaemonRefusedError
+from kvmem.common.protocol import MsgType
+from kvmem.common.runtime import DaemonPaths
 
 
 class ControlClient:
     """A control session with the daemon of one GPU (blocking request/reply).
 
     Raises:
-        kvmem.client.DaemonUnavailableError: No daemon answers.
+        kvmem.common.errors.DaemonUnavailableError: No daemon answers.
     """
 
     def __init__(self, gpu: int = 0, runtime_dir: str | os.PathLike | None = None, timeout: float = 10.0):
         self.paths = DaemonPaths.resolve(runtime_dir, gpu)
-        self._sock = _connect(self.paths)
+        self._sock = self.paths.connect()
         self._sock.settimeout(timeout)
         self._req = itertools.count(1)
         try:
@@ -54,7 +41,7 @@ class ControlClient:
                     "page_size": 0,
                 },
             )
-            self.welcome = _expect(self._sock, MsgType.WELCOME).body
+            self.welcome = protocol.receive_expected(self._sock, MsgType.WELCOME).body
         except BaseException:
             self._sock.close()
             raise
@@ -68,7 +55,7 @@ class ControlClient:
         req = next(self._req)
         protocol.send_message(self._sock, MsgType.CONTROL, {"req": req, "op": op, "model": model, "value": value})
         try:
-            reply = _expect(self._sock, MsgType.REPLY)
+            reply = protocol.receive_expected(self._sock, MsgType.REPLY)
         except DaemonRefusedError as exc:
             raise ControlError(str(exc), "refused") from None
         except TimeoutError:

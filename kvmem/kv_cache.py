@@ -8,7 +8,7 @@ per layer's V, in the order K0, V0, K1, V1, ... Each range is one torch tensor s
 axes), contiguous, so block ``b`` of a layer lives at ``b * block_bytes`` in that layer's range:
 the strides paged-attention kernels expect. (kvcached's block-major layout, where one block of
 every layer sits together, cost about 31% end-to-end throughput in its own benchmark.)
-`layout_descriptor` writes this layout down for other processes and tools (`kvmem.layout`).
+`layout_descriptor` writes this layout down for other processes and tools (`kvmem.common.layout`).
 
 Slots. Each range is cut into *slots* of `pages_per_slot` pages holding a whole number of blocks
 (one page when the page size is a multiple of the block size, else the least common multiple of
@@ -69,8 +69,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmem.block_allocator import BlockAllocator
+from kvmem.common.layout import DTYPES, LAYOUTS, KVLayout
 from kvmem.device import Access, Mapping
-from kvmem.layout import DTYPES, LAYOUTS, KVLayout
 from kvmem.page_source import PageSource
 
 logger = logging.getLogger(__name__)

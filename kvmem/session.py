@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmem.client import DaemonClient
+from kvmem.common.sizes import parse_size
 from kvmem.device import open_device
 from kvmem.kv_cache import ElasticKVCache
 from kvmem.page_source import DaemonPageSource, LocalPageSource, PageSource
-from kvmem.sizes import parse_size
 
 
 class Session:
@@ -114,7 +114,7 @@ def connect(model: str, gpu: int = 0, runtime_dir: str | os.PathLike | None = No
     """A session whose pages come from the kvmemd serving GPU `gpu`.
 
     Raises:
-        kvmem.client.DaemonUnavailableError: No daemon answers (start one with `kvmemd start`).
+        kvmem.common.errors.DaemonUnavailableError: No daemon answers (start one with `kvmemd start`).
     """
     return Session(DaemonPageSource(DaemonClient(model, gpu=gpu, runtime_dir=runtime_dir, **client_options)))
 
@@ -156,7 +156,7 @@ def from_environment(device: Any, model: Callable[[], str], holder: str, error: 
 
     Raises:
         error: KVMEM_DEVICE=host for a cache that is not on the CPU.
-        kvmem.client.DaemonUnavailableError: No daemon answers.
+        kvmem.common.errors.DaemonUnavailableError: No daemon answers.
     """
     if os.environ.get("KVMEM_DEVICE") == "host":
         if device.type != "cpu":

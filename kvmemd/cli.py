@@ -14,8 +14,8 @@ import time
 import click
 
 from kvmem import __version__
+from kvmem.common.runtime import RUNTIME_DIR_ENV, DaemonPaths
 from kvmem.device import DEVICE_KINDS
-from kvmem.runtime import RUNTIME_DIR_ENV, DaemonPaths
 from kvmemd.launcher import StartError, StartOptions, read_lock_pid, run_daemon
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

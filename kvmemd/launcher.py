@@ -22,10 +22,10 @@ from pathlib import Path
 
 import psutil
 
+from kvmem.common.runtime import DaemonPaths
+from kvmem.common.sizes import format_size, parse_size
+from kvmem.common.status import StatusWriter
 from kvmem.device import Device, DeviceError, open_device
-from kvmem.runtime import DaemonPaths
-from kvmem.sizes import format_size, parse_size
-from kvmem.status import StatusWriter
 from kvmemd.metrics import MetricsServer
 from kvmemd.server import Daemon, DaemonConfig, install_signal_handlers
 

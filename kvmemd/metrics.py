@@ -3,7 +3,7 @@
 Design note
 -----------
 The scrape runs on the metrics server's own thread and must never race the event loop, so every
-gauge and counter is read from the daemon's published status (`kvmem.status`: a consistent
+gauge and counter is read from the daemon's published status (`kvmem.common.status`: a consistent
 seqlock snapshot, at most one heartbeat old) rather than from the loop's live objects. The one
 thing the status does not carry, the grant latency distribution, is a prometheus-client
 `Histogram` the loop observes into (its updates are thread-safe).
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvmem.status import ModelState, StatusError, StatusReader
+from kvmem.common.status import ModelState, StatusError, StatusReader
 
 # From a few hundred microseconds (pages ready in the pool) to seconds (waiting for a reclaim).
 GRANT_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)

@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvmem.common.undo import Undo
 from kvmem.device import Device, Mapping, OutOfMemoryError, PhysicalPage
 
 logger = logging.getLogger(__name__)
@@ -220,15 +221,13 @@ class PagePool:
         Raises:
             RuntimeError: The daemon's reservation has no room left.
         """
-        with self._lock:
-            page_id = self._allocate_id()
-        try:
-            mapping = self.device.map(self.reservation, page_id * self.page_size, physical)
-            self.device.set_access(self.reservation, page_id * self.page_size, self.page_size)
-        except BaseException:
+        with Undo() as undo:
             with self._lock:
-                heapq.heappush(self._free_ids, page_id)
-            raise
+                page_id = self._allocate_id()
+            undo.push(self._free_id, page_id)
+            mapping = self.device.map(self.reservation, page_id * self.page_size, physical)
+            undo.push(mapping.close)
+            self.device.set_access(self.reservation, page_id * self.page_size, self.page_size)
         with self._lock:
             page = Page(page_id, physical, mapping, uid=uid, owner=model, holder=client_id)
             self.pages[page_id] = page
@@ -401,6 +400,14 @@ class PagePool:
                         self._put_back(page_id)
                     self._backoff_until = time.monotonic() + BACKOFF_S
 
+    def _free_id(self, page_id: int) -> None:
+        with self._lock:
+            heapq.heappush(self._free_ids, page_id)
+
+    def _creation_failed(self) -> None:
+        with self._lock:
+            self._creating -= 1
+
     def _put_back(self, page_id: int) -> None:
         page = self.pages[page_id]
         if page.owner is not None:
@@ -426,22 +433,20 @@ class PagePool:
                 self._backoff_until = time.monotonic() + BACKOFF_S
             logger.warning("device out of memory below the budget: %d pages exist", len(self.pages))
             return
-        with self._lock:
-            page_id = self._allocate_id()
-        try:
+        with Undo() as undo:
+            undo.push(self._creation_failed)
+            undo.push(physical.close)  # after the unmap below: release while mapped would keep it alive
+            with self._lock:
+                page_id = self._allocate_id()
+            undo.push(self._free_id, page_id)
             offset = page_id * self.page_size
             mapping = self.device.map(self.reservation, offset, physical)
+            undo.push(mapping.close)
             self.device.set_access(self.reservation, offset, self.page_size)
             if not self.device.zeroes_new_pages:
                 # The driver does not promise zeroed memory: it may hold another process's data.
                 self.device.memset(mapping.address, 0, self.page_size)
                 self.device.synchronize()
-        except BaseException:
-            physical.close()
-            with self._lock:
-                self._creating -= 1
-                heapq.heappush(self._free_ids, page_id)
-            raise
         with self._lock:
             self._creating -= 1
             self.pages[page_id] = Page(page_id, physical, mapping)

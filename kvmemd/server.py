@@ -6,7 +6,7 @@ One thread runs a `selectors` loop over the listening socket, every client socke
 (written by the page pool's worker and by signals) and a pidfd per engine process. All
 accounting lives on this thread; the pool's worker only creates, zeroes and releases pages.
 
-Engines and kvctl connect to one ``SOCK_SEQPACKET`` socket and speak `kvmem.protocol`. Who is
+Engines and kvctl connect to one ``SOCK_SEQPACKET`` socket and speak `kvmem.common.protocol`. Who is
 calling comes from ``SO_PEERCRED`` (pid, uid), never from the message.
 
 An engine may add a grant channel: a socket of its own (one end of a socketpair it made, sent in
@@ -56,11 +56,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmem import protocol
+from kvmem.common import protocol
+from kvmem.common.errors import ControlError, ProtocolError
+from kvmem.common.layout import KVLayout
+from kvmem.common.protocol import Message, MsgType
+from kvmem.common.status import MAX_SLOTS, DaemonStatus, ModelState, ModelStatus, StatusWriter
 from kvmem.device import Device, DeviceError
-from kvmem.layout import KVLayout
-from kvmem.protocol import Message, MsgType, ProtocolError
-from kvmem.status import MAX_SLOTS, DaemonStatus, ModelState, ModelStatus, StatusWriter
 from kvmemd.host_tier import HostTier, TierFullError
 from kvmemd.pool import Page, PagePool
 
@@ -1154,14 +1155,6 @@ class Daemon:
 def _clip(text: str, limit: int = 1024) -> str:
     """Text cut to fit a protocol text field (messages may quote what a peer sent)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class ControlError(Exception):
-    """A control request that cannot be carried out; the reply says why, with one of CONTROL_ERROR_CODES."""
-
-    def __init__(self, message: str, code: str = "invalid"):
-        super().__init__(message)
-        self.code = code
 
 
 def _has_exited(pidfd: int) -> bool:

@@ -19,8 +19,8 @@ from typing import Any
 
 import posix_ipc
 
-from kvmem.runtime import DaemonPaths
-from kvmem.status import StatusError, StatusReader, StatusSnapshot
+from kvmem.common.runtime import DaemonPaths
+from kvmem.common.status import StatusError, StatusReader, StatusSnapshot
 from tests import fakecuda
 
 REPO = Path(__file__).resolve().parent.parent

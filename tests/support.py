@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvmem.protocol import SCHEMAS, MsgType
+from kvmem.common.protocol import SCHEMAS, MsgType
 from tests import fakecuda
 
 # Read by the fake at cuInit: a small device so out-of-memory is cheap to reach.

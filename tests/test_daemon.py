@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmem.control import ControlClient, ControlError
-from kvmem.status import ModelState
+from kvmem.common.errors import ControlError
+from kvmem.common.status import ModelState
+from kvmem.control import ControlClient
 from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm, shm_exists, wait_for
 
 MiB = 1 << 20

@@ -29,8 +29,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from kvmem import protocol
-from kvmem.protocol import (
+from kvmem.common import protocol
+from kvmem.common.protocol import (
     HEADER,
     MAGIC,
     MAX_FRAME,
@@ -41,7 +41,7 @@ from kvmem.protocol import (
     MsgType,
     ProtocolError,
 )
-from kvmem.status import ModelState
+from kvmem.common.status import ModelState
 from tests.daemon_support import DaemonProcess, EngineProcess, cleanup_shm, wait_for
 from tests.support import pack_unchecked
 

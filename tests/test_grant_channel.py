@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmem import protocol
 from kvmem.client import DaemonClient
-from kvmem.protocol import PROTOCOL_VERSION, ConnectionClosed, MsgType
+from kvmem.common import protocol
+from kvmem.common.protocol import PROTOCOL_VERSION, ConnectionClosed, MsgType
 from tests.daemon_support import DaemonProcess, EngineProcess, wait_for
 
 BUDGET_PAGES = 8  # "16MiB" of 2 MiB pages
@@ -134,8 +134,8 @@ def test_a_waiting_grow_whose_channel_closes_is_dropped_and_its_pages_stay_in_th
 
 CHILD_WITH_CHANNEL = """
 import os, socket, sys
-from kvmem import protocol
-from kvmem.protocol import PROTOCOL_VERSION, MsgType
+from kvmem.common import protocol
+from kvmem.common.protocol import PROTOCOL_VERSION, MsgType
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.settimeout(10)
 sock.connect(sys.argv[1])

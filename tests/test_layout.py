@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.layout import DTYPES, VERSION, KVLayout
+from kvmem.common.layout import DTYPES, VERSION, KVLayout
 
 MiB = 1 << 20
 PAGE = 2 * MiB

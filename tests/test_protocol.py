@@ -1,4 +1,4 @@
-"""`kvmem.protocol`: frames, schemas and descriptor passing, over real SOCK_SEQPACKET sockets and real memfds."""
+"""`kvmem.common.protocol`: frames, schemas and descriptor passing, over real SOCK_SEQPACKET sockets and real memfds."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from kvmem import protocol
-from kvmem.protocol import (
+from kvmem.common import protocol
+from kvmem.common.protocol import (
     FDS_ALLOWED,
     HEADER,
     MAGIC,
@@ -604,8 +604,8 @@ def test_peer_closing_is_connection_closed(pair):
 
 CHILD = """
 import os, socket, sys
-from kvmem import protocol
-from kvmem.protocol import MsgType
+from kvmem.common import protocol
+from kvmem.common.protocol import MsgType
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.connect(sys.argv[1])
 fd = os.memfd_create("from-child")

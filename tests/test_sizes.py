@@ -1,10 +1,10 @@
-"""`kvmem.sizes`: sizes as operators write them, and the errors they get when they write them wrong."""
+"""`kvmem.common.sizes`: sizes as operators write them, and the errors they get when they write them wrong."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvmem.sizes import format_size, parse_size
+from kvmem.common.sizes import format_size, parse_size
 
 GiB = 2**30
 

@@ -1,4 +1,4 @@
-"""`kvmem.status`: the status segment in real POSIX shared memory, its permissions, and its seqlock."""
+"""`kvmem.common.status`: the status segment in real POSIX shared memory, its permissions, and its seqlock."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
-from kvmem.status import (
+from kvmem.common.status import (
     LAYOUT_VERSION,
     MAX_SLOTS,
     SEGMENT_SIZE,
@@ -164,7 +164,7 @@ def test_a_reader_in_another_process_sees_the_same_image(shm_name: str):
     try:
         writer.publish(DAEMON, slots(MODELS))
         code = (
-            "import sys\nfrom kvmem.status import StatusReader, as_dict\n"
+            "import sys\nfrom kvmem.common.status import StatusReader, as_dict\n"
             "with StatusReader(sys.argv[1]) as r:\n    s = r.snapshot()\n"
             "states = [as_dict(m)['state'] for m in s.models]\n"
             "print(s.daemon.budget_pages, s.daemon.device_name, states, s.models[1].model)"
@@ -342,7 +342,7 @@ IMAGES = 5000
 
 TORTURE_WRITER = """
 import sys
-from kvmem.status import MAX_SLOTS, DaemonStatus, ModelState, ModelStatus, StatusWriter
+from kvmem.common.status import MAX_SLOTS, DaemonStatus, ModelState, ModelStatus, StatusWriter
 
 name, count = sys.argv[1], int(sys.argv[2])
 INTS = [f.name for f in DaemonStatus.__dataclass_fields__.values() if f.type in ("int", int)]

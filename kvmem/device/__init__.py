@@ -33,6 +33,7 @@ __all__ = [
     "Access",
     "AlreadyMappedError",
     "ClosedError",
+    "CudaDevice",
     "Device",
     "DeviceError",
     "DeviceUnavailableError",
@@ -52,6 +53,16 @@ __all__ = [
 DEVICE_KINDS = ("auto", "cuda", "host")
 
 logger = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> type[Device]:
+    # CudaDevice is imported on first use: its module loads cuda-bindings, which a host-only
+    # process (tests, the host daemon, CPU engines) never needs.
+    if name == "CudaDevice":
+        from kvmem.device.cuda import CudaDevice
+
+        return CudaDevice
+    raise AttributeError(f"module 'kvmem.device' has no attribute {name!r}")
 
 
 def open_device(kind: str = "auto", ordinal: int = 0, *, host_capacity: int | None = None) -> Device:

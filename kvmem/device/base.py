@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvmem.common.undo import Undo
 from kvmem.device.errors import (
     AlreadyMappedError,
     ClosedError,
-    DeviceError,
     IllegalAddressError,
     InvalidArgumentError,
 )
@@ -465,26 +465,18 @@ class Device(ABC):
                     _close_quietly([f for f in fds if isinstance(f, int) and f >= 0])
                 raise InvalidArgumentError(f"file descriptor {fd!r} is not a non-negative integer")
         pages: list[PhysicalPage] = []
-        with self._lock:
-            try:
-                self._check_size("page size", size)
-                self._check_open()
-                self._backend_enter()
-                for fd in fds:
-                    handle = self._backend_import(fd, size, consume)
-                    page = PhysicalPage(self, handle, size, imported=True)
-                    self._pages[id(page)] = page
-                    pages.append(page)
-            except BaseException:
-                # Rollback in reverse; a release that fails too must not hide the first error.
-                for page in reversed(pages):
-                    try:
-                        self._release_page(page)
-                    except DeviceError:
-                        logger.exception("releasing an imported page during rollback failed")
-                if consume:
-                    _close_quietly(fds[len(pages) :])
-                raise
+        with self._lock, Undo() as undo:
+            if consume:  # descriptors not yet taken over by a page are closed on failure
+                undo.push(lambda: _close_quietly(fds[len(pages) :]))
+            self._check_size("page size", size)
+            self._check_open()
+            self._backend_enter()
+            for fd in fds:
+                handle = self._backend_import(fd, size, consume)
+                page = PhysicalPage(self, handle, size, imported=True)
+                self._pages[id(page)] = page
+                pages.append(page)
+                undo.push(self._release_page, page)
         return pages
 
     def map(self, reservation: Reservation, offset: int, page: PhysicalPage) -> Mapping:

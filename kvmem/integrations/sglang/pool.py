@@ -55,12 +55,12 @@ import weakref
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
+from kvmem.common.layout import DTYPES
+from kvmem.common.status import StatusError, StatusReader
 from kvmem.integrations.sglang.version import UnsupportedSglangError
 from kvmem.kv_cache import ElasticKVCache, KVCacheFull
-from kvmem.layout import DTYPES
 from kvmem.page_source import DaemonPageSource, LocalPageSource
 from kvmem.session import Session, from_environment
-from kvmem.status import StatusError, StatusReader
 
 logger = logging.getLogger(__name__)
 

@@ -155,7 +155,7 @@ def kvmem_allocate_kv_cache(kv_cache_config, device: torch.device, layout, kerne
     Raises:
         UnsupportedVllmConfigError: The layout or the tensors are not ones kvmem backs (`geometry_of`).
         kvmem.KVCacheFull: kvmem cannot map the first page slot (or, while profiling, the buffer).
-        kvmem.client.DaemonUnavailableError: No daemon answers and KVMEM_DEVICE is not "host".
+        kvmem.common.errors.DaemonUnavailableError: No daemon answers and KVMEM_DEVICE is not "host".
     """
     # The body follows vllm 0.32.0 vllm/v1/worker/utils.py allocate_kv_cache, except for the buffer
     # (and for the ROCm-only page padding, which does not apply: kvmem is CUDA or host).

@@ -52,7 +52,10 @@ from typing import Any
 
 import torch
 
-from kvmem.integrations.hf_cache import KvmemCacheFull, model_geometry  # checks the transformers version first
+from kvmem.integrations.transformers.cache import (  # checks the transformers version first
+    KvmemCacheFull,
+    model_geometry,
+)
 from kvmem.kv_cache import ElasticKVCache, KVCacheFull
 from kvmem.session import Session
 

@@ -12,7 +12,7 @@ copy; it never blocks the writer and never takes a lock. (On x86-64 stores becom
 program order, which is what the seqlock needs; Python gives no explicit fences.)
 
 Permissions: the segment is created 0600, or 0640 with the daemon's group, and only the daemon
-can write it. The name comes from `kvmem.runtime.DaemonPaths.shm_name`.
+can write it. The name comes from `kvmem.common.runtime.DaemonPaths.shm_name`.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmem.common.errors import ConnectionClosed, DaemonRefusedError, ProtocolError
+
 PROTOCOL_VERSION = 2
 MAGIC = b"KVMM"
 HEADER = struct.Struct("!4sBBHI")
@@ -42,14 +44,6 @@ MAX_OFFLOAD_IDS = 1024  # (page id, offset) pairs per OFFLOAD message; fits a fr
 MAX_OFFSET = 2**52  # byte offsets of pages in an engine's reservation
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$")
 _FD_SIZE = array.array("i").itemsize
-
-
-class ProtocolError(Exception):
-    """A frame or message that breaks the protocol."""
-
-
-class ConnectionClosed(Exception):
-    """The peer closed the connection."""
 
 
 def _excerpt(value: Any, limit: int = 64) -> str:
@@ -234,7 +228,7 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
     # Give pages back and keep their contents in the host tier, each for the byte offset the
     # engine mapped it at; RESTORE hands them back with the same offsets on wake.
     MsgType.OFFLOAD: {"pages": IntList(MAX_OFFLOAD_IDS), "offsets": IntList(MAX_OFFLOAD_IDS, hi=MAX_OFFSET)},
-    # The engine's KV layout descriptor (`kvmem.layout.KVLayout.to_dict()`), checked by the daemon.
+    # The engine's KV layout descriptor (`kvmem.common.layout.KVLayout.to_dict()`), checked by the daemon.
     MsgType.LAYOUT: {"layout": Json(max_depth=2)},
     # The engine's grant channel: one end of a socketpair, as the message's one descriptor.
     MsgType.CHANNEL: {},
@@ -446,6 +440,22 @@ def receive_message(sock: socket.socket) -> Message:
     except ProtocolError:
         close_fds(fds)
         raise
+
+
+def receive_expected(sock: socket.socket, msg_type: MsgType) -> Message:
+    """The next message on a blocking `sock`, which must be of `msg_type`.
+
+    Raises:
+        DaemonRefusedError: The daemon sent ERROR instead (its text says why).
+        ProtocolError: Another message came.
+    """
+    msg = receive_message(sock)
+    if msg.type == MsgType.ERROR:
+        raise DaemonRefusedError(f"kvmemd refused: {msg['message']}")
+    if msg.type != msg_type:
+        close_fds(msg.fds)
+        raise ProtocolError(f"expected {msg_type.name} from kvmemd, got {msg.type.name}")
+    return msg
 
 
 def close_fds(fds: Sequence[int]) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from kvmem.integrations.hf_cache import ATTENTION_NAME, PagedKV  # checks the transformers version first
+from kvmem.integrations.transformers.cache import ATTENTION_NAME, PagedKV  # checks the transformers version first
 
 # isort: off
 from transformers.integrations.sdpa_attention import sdpa_attention_forward

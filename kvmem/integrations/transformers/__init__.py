@@ -14,15 +14,15 @@
 Design note
 -----------
 This module is the public entry point and nothing else: importing it checks the transformers
-version (`hf_version.SUPPORTED`; outside it the import fails with `UnsupportedTransformersError`
+version (`version.SUPPORTED`; outside it the import fails with `UnsupportedTransformersError`
 naming the range) and registers the "kvmem_paged" attention. The work lives in one module per job:
-`hf_cache` (the `Cache`), `hf_attention` (the paged attention function), `hf_batching` (kvmem
+`cache` (the `Cache`), `attention` (the paged attention function), `batching` (kvmem
 storage for `generate_batch`).
 """
 
 from __future__ import annotations
 
-from kvmem.integrations.hf_version import (
+from kvmem.integrations.transformers.version import (
     SUPPORTED,
     UnsupportedTransformersError,
     check_transformers_version,
@@ -30,12 +30,12 @@ from kvmem.integrations.hf_version import (
 
 check_transformers_version()
 
-from kvmem.integrations import hf_attention  # noqa: E402  (after the version check)
-from kvmem.integrations.hf_attention import kvmem_paged_attention  # noqa: E402
-from kvmem.integrations.hf_batching import KvmemPagedAttentionCache, kvmem_continuous_batching  # noqa: E402
-from kvmem.integrations.hf_cache import ATTENTION_NAME, KvmemCache, KvmemCacheFull, PagedKV  # noqa: E402
+from kvmem.integrations.transformers import attention  # noqa: E402  (after the version check)
+from kvmem.integrations.transformers.attention import kvmem_paged_attention  # noqa: E402
+from kvmem.integrations.transformers.batching import KvmemPagedAttentionCache, kvmem_continuous_batching  # noqa: E402
+from kvmem.integrations.transformers.cache import ATTENTION_NAME, KvmemCache, KvmemCacheFull, PagedKV  # noqa: E402
 
-hf_attention.register()
+attention.register()
 
 __all__ = [
     "ATTENTION_NAME",

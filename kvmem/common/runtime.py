@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+
+from kvmem.common.errors import DaemonPermissionError, DaemonUnavailableError
 
 RUNTIME_DIR_ENV = "KVMEM_RUNTIME_DIR"
 
@@ -50,3 +53,26 @@ class DaemonPaths:
         """POSIX shared-memory name of the status segment (``/kvmem.<dir hash>.gpu<N>``)."""
         digest = hashlib.sha256(os.fsencode(self.runtime_dir)).hexdigest()[:12]
         return f"/kvmem.{digest}.gpu{self.gpu}"
+
+    def connect(self) -> socket.socket:
+        """A blocking connection to this daemon's socket (the caller sends HELLO).
+
+        Raises:
+            DaemonUnavailableError: Nothing listens there (the message says how to start a daemon).
+            DaemonPermissionError: A daemon listens, but this user may not connect.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(str(self.socket))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise DaemonUnavailableError(
+                f"no kvmemd answers at {self.socket}: start one with `kvmemd start --gpu {self.gpu}`"
+            ) from None
+        except PermissionError:
+            sock.close()
+            raise DaemonPermissionError(
+                f"no permission to connect to {self.socket}: the daemon's owner can start it with --group GROUP "
+                "for members of GROUP"
+            ) from None
+        return sock

@@ -19,7 +19,7 @@ writes, so when kvmem is out of memory (`KVCacheFull`: limit, budget, capacity) 
 What `update` returns depends on the model's attention implementation, read from the config on
 every call (so `model.set_attn_implementation` takes effect at once):
 
-- "kvmem_paged" (`kvmem.integrations.hf_attention`): nothing is gathered. `update` writes the new
+- "kvmem_paged" (`kvmem.integrations.transformers.attention`): nothing is gathered. `update` writes the new
   states into their blocks and returns them (views, no copy) tagged with a `PagedKV` descriptor
   (attribute ``kvmem_paged``): the layer's kvmem K/V tensors and each row's runs of consecutive
   blocks. The attention function reads the blocks where they are.
@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from kvmem.integrations.hf_version import check_transformers_version
+from kvmem.integrations.transformers.version import check_transformers_version
 from kvmem.kv_cache import ElasticKVCache, KVCacheFull
 from kvmem.session import Session
 
