@@ -32,14 +32,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def fake() -> fakecuda.FakeCuda:
-    """The fake driver loaded in this process (counters, lookups, table)."""
+def fake() -> fakecuda.FakeCuda | None:
+    """The fake driver loaded in this process (counters, lookups, table); None on the real driver."""
     return FAKE
 
 
 @pytest.fixture(params=["host", "cuda"])
 def device(request: pytest.FixtureRequest) -> Iterator[Device]:
-    """Each test runs on HostDevice and on CudaDevice over the fake; nothing may leak."""
+    """Each test runs on HostDevice and on CudaDevice over the fake (the real driver with
+    KVMEM_TEST_DRIVER=real); nothing may leak."""
     before = live_objects()
     dev: Device = HostDevice(capacity=HOST_CAPACITY) if request.param == "host" else CudaDevice(0)
     try:

@@ -54,7 +54,10 @@ class DaemonProcess:
             KVMEMD, "start", "--device", device, "--budget", budget, "--runtime-dir", str(runtime_dir),
             "--log-level", "debug", *extra,
         ]  # fmt: skip
-        self.env = env if env is not None else fakecuda.child_env(FAKECUDA_COUNTERS_FILE=str(self.counters_file))
+        if env is None:  # the fake driver, unless the tests run on the real one (tests/support.py)
+            real = os.environ.get("KVMEM_TEST_DRIVER") == "real"
+            env = os.environ.copy() if real else fakecuda.child_env(FAKECUDA_COUNTERS_FILE=str(self.counters_file))
+        self.env = env
         self.proc: subprocess.Popen | None = None
         self.start()
 

@@ -5,6 +5,10 @@ SONAME if one is already loaded, so loading the fake here (RTLD_GLOBAL), before 
 driver, makes every `CudaDevice` in the test process run on it. Child processes find it through
 LD_LIBRARY_PATH, set here for them. Tests that need a real GPU are marked `gpu` and run their GPU
 work in child processes whose environment leaves the fake out (`real_driver_env`).
+
+With ``KVMEM_TEST_DRIVER=real`` the fake is neither built nor loaded: "cuda" in the device and daemon
+tests is then the real driver (`FAKE` is None). Only the `gpu` tests set it, for a child pytest that
+runs the fake-driver contract tests again on a real GPU (tests/test_gpu_paths.py).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from typing import Any
 from kvmem.common.protocol import SCHEMAS, MsgType
 from tests import fakecuda
 
+REAL_CUDA = os.environ.get("KVMEM_TEST_DRIVER") == "real"
 # Read by the fake at cuInit: a small device so out-of-memory is cheap to reach.
 FAKE_CAPACITY = 512 << 20
-os.environ["FAKECUDA_CAPACITY_BYTES"] = str(FAKE_CAPACITY)
-FAKE = fakecuda.load()
 _ENV_WITHOUT_FAKE = {k: v for k, v in os.environ.items() if not k.startswith("FAKECUDA_")}
-os.environ["LD_LIBRARY_PATH"] = fakecuda.child_env()["LD_LIBRARY_PATH"]
+FAKE: fakecuda.FakeCuda | None = None
+if not REAL_CUDA:
+    os.environ["FAKECUDA_CAPACITY_BYTES"] = str(FAKE_CAPACITY)
+    FAKE = fakecuda.load()
+    os.environ["LD_LIBRARY_PATH"] = fakecuda.child_env()["LD_LIBRARY_PATH"]
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_CAPACITY = 512 << 20
@@ -44,8 +51,9 @@ def real_driver_loads() -> bool:
 
 
 def live_objects() -> dict[str, int]:
-    """The fake driver's gauges of live reservations, handles, allocations, mappings, bytes, host buffers."""
-    return {name: FAKE.counter(name) for name in LIVE_GAUGES}
+    """The fake driver's gauges of live reservations, handles, allocations, mappings, bytes, host buffers
+    (none on the real driver)."""
+    return {name: FAKE.counter(name) for name in LIVE_GAUGES} if FAKE is not None else {}
 
 
 def run_python(code: str, *args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:

@@ -14,7 +14,6 @@ from kvmem.common.errors import ControlError
 from kvmem.control import ControlClient
 from kvmem.kv_cache import ElasticKVCache
 from tests.daemon_support import DaemonProcess, wait_for
-from tests.test_kv_cache import host_view
 
 MiB = 1 << 20
 GEOMETRY = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64}  # 4 KiB blocks, 512 a page
@@ -22,22 +21,20 @@ GEOMETRY = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64
 ODD_GEOMETRY = {"num_layers": 1, "block_size": 16, "num_kv_heads": 1, "head_dim": 80}
 
 
-@pytest.fixture(params=["host", "cuda"])
+@pytest.fixture(params=["host", "cuda"])  # "cuda": the fake driver, or the real one (tests/test_gpu_paths.py)
 def daemon(request: pytest.FixtureRequest, tmp_path: Path):
     with DaemonProcess(tmp_path / "rt", request.param, "64MiB", "--reserve", "0", "0") as d:
         yield d
 
 
 def fill_random(cache: ElasticKVCache, blocks: list[int], seed: int) -> None:
+    """Random bytes into `blocks` of every range, through the device (so also on a real GPU)."""
     generator = torch.Generator().manual_seed(seed)
     for layer in range(cache.num_layers):
         for kind in ("k", "v"):
-            view = host_view(cache, layer, kind)
             for block in blocks:
-                start = block * cache.block_bytes
-                view[start : start + cache.block_bytes] = torch.randint(
-                    0, 256, (cache.block_bytes,), dtype=torch.uint8, generator=generator
-                )
+                data = torch.randint(0, 256, (cache.block_bytes,), dtype=torch.uint8, generator=generator)
+                cache.device.copy_host_to_device(cache.block_address(layer, kind, block), data.numpy().tobytes())
 
 
 def checksums(cache: ElasticKVCache, blocks: list[int]) -> dict[tuple[int, str, int], str]:
