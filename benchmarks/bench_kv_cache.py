@@ -7,15 +7,17 @@ blocks, 64 per 2 MiB page, one growth slot = 64 pages (one per layer's K and V).
    - wall time on HostDevice with pages made in-process (`kvmem.local`);
    - driver calls on the fake CUDA driver with pages from a daemon whose reserve is warm, counted
      by the driver itself in the client and in the daemon, next to kvcached's pattern (one
-     create, one map and one set-access per 2 MiB page: 512 of each per GB), and a modeled A100
-     time per GB: the counts times the per-call latencies kvcached reports (DESIGN §8: cuMemCreate
-     193 µs, cuMemMap 1.45 µs, cuMemSetAccess 36 µs). Importing a page has no published figure:
-     its count is reported and it is left out of the model, for kvcached as for kvmem.
+     create, one map and one set-access per 2 MiB page: 512 of each per GB), and a modeled time
+     per GB: the counts times per-call latencies from benchmarks/costs.py, i.e. those measured on a
+     GPU by `make gpu-check` if benchmarks/gpu_costs.json exists (or --costs FILE), else the ones
+     kvcached reports for an A100 (DESIGN §8: cuMemCreate 193 µs, cuMemMap 1.45 µs, cuMemSetAccess
+     36 µs). The published figures have none for importing a page: then its count is reported and
+     it is left out of the model, for kvcached as for kvmem.
 2. Idle footprint: requests of random length (seeded) arrive and finish, each holding one block
    per 16 tokens; at the end the cache's mapped bytes are compared with the packed floor (the
    slots the live blocks would fill if packed), after the background thread has settled.
 
-    python benchmarks/bench_kv_cache.py [--out FILE] [--update-readme]
+    python benchmarks/bench_kv_cache.py [--costs FILE] [--out FILE] [--update-readme]
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import costs as call_costs  # noqa: E402
 from benchmarks.common import machine, replace_readme_section, run_header  # noqa: E402
 
 GEOMETRY = {"num_layers": 32, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
-A100_US = {"cuMemCreate": 193.0, "cuMemMap": 1.45, "cuMemSetAccess": 36.0}
 GIB_BLOCKS = 8 * 64  # 1 GiB of KV = 8 slots of 64 blocks
 
 
@@ -54,7 +56,7 @@ def growth_on_host(repeats: int) -> dict:
     return {"wall_s_per_gib_p50": round(times[len(times) // 2], 4), "repeats": repeats}
 
 
-def growth_on_fake_with_daemon(fake) -> dict:
+def growth_on_fake_with_daemon(fake, costs: call_costs.CallCosts) -> dict:
     import kvmem
     from tests.daemon_support import DaemonProcess, wait_for
 
@@ -77,18 +79,21 @@ def growth_on_fake_with_daemon(fake) -> dict:
         "cuMemCreate": client.get("cuMemCreate", 0) + daemon_creates,
         "cuMemMap": client.get("cuMemMap", 0),
         "cuMemSetAccess": client.get("cuMemSetAccess", 0),
+        "cuMemImportFromShareableHandle": client.get("cuMemImportFromShareableHandle", 0),
     }
-    kvcached = {"cuMemCreate": 512, "cuMemMap": 512, "cuMemSetAccess": 512}
-    modeled = sum(calls[k] * A100_US[k] for k in A100_US) / 1e3
-    modeled_kvcached = sum(kvcached[k] * A100_US[k] for k in A100_US) / 1e3
+    kvcached = call_costs.kvcached_calls(512)
+    run = 512 // calls["cuMemSetAccess"] if calls["cuMemSetAccess"] else 1  # pages one set-access covers
+    modeled = call_costs.modeled_ms(calls, costs, set_access_run=run)
+    modeled_kvcached = call_costs.modeled_ms(kvcached, costs)
     return {
         "wall_s_per_gib": round(wall, 4),
         "calls_per_gib": calls,
-        "imports_per_gib": client.get("cuMemImportFromShareableHandle", 0),
+        "imports_per_gib": calls["cuMemImportFromShareableHandle"],
         "daemon_creates_on_grow_path": daemon_creates,
         "kvcached_calls_per_gib": kvcached,
-        "modeled_a100_ms_per_gib": round(modeled, 2),
-        "modeled_a100_ms_per_gib_kvcached": round(modeled_kvcached, 2),
+        "modeled_costs": {"source": costs.source, "measured": costs.measured, "us_per_call": costs.us},
+        "modeled_ms_per_gib": round(modeled, 2),
+        "modeled_ms_per_gib_kvcached": round(modeled_kvcached, 2),
         "modeled_ratio_kvcached_over_kvmem": round(modeled_kvcached / modeled, 1) if modeled else None,
         "set_access_fraction_of_kvcached": round(calls["cuMemSetAccess"] / 512, 4),
     }
@@ -126,6 +131,8 @@ def idle_footprint(seed: int, steps: int) -> dict:
 def table(result: dict) -> str:
     host, fake, idle = result["growth_host"], result["growth_fake_daemon"], result["idle_footprint"]
     c = fake["calls_per_gib"]
+    source = fake["modeled_costs"]["source"]
+    imports_modeled = "cuMemImportFromShareableHandle" in fake["modeled_costs"]["us_per_call"]
     return "\n".join(
         [
             "| per GiB of KV (Llama-3-8B geometry) | kvmem | kvcached's pattern |",
@@ -133,9 +140,9 @@ def table(result: dict) -> str:
             f"| cuMemCreate on the grow path | {c['cuMemCreate']} | 512 |",
             f"| cuMemMap | {c['cuMemMap']} | 512 |",
             f"| cuMemSetAccess | {c['cuMemSetAccess']} | 512 |",
-            f"| cuMemImportFromShareableHandle (not modeled) | {fake['imports_per_gib']} | 0 |",
-            f"| modeled A100 time | {fake['modeled_a100_ms_per_gib']} ms | "
-            f"{fake['modeled_a100_ms_per_gib_kvcached']} ms |",
+            f"| cuMemImportFromShareableHandle{'' if imports_modeled else ' (not modeled)'} | "
+            f"{fake['imports_per_gib']} | 0 |",
+            f"| modeled time ({source}) | {fake['modeled_ms_per_gib']} ms | {fake['modeled_ms_per_gib_kvcached']} ms |",
             f"| wall time here: host device, local pages | {host['wall_s_per_gib_p50'] * 1e3:.0f} ms | |",
             f"| wall time here: fake driver, daemon pages | {fake['wall_s_per_gib'] * 1e3:.0f} ms | |",
             "",
@@ -150,6 +157,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument(
+        "--costs",
+        type=Path,
+        help="per-call costs measured by make gpu-check (default: "
+        "benchmarks/gpu_costs.json if it exists, else kvcached's published A100 figures)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_kv_cache.json")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
@@ -165,7 +178,7 @@ def main() -> int:
         "geometry": GEOMETRY,
         "trace_steps": args.steps,
         "growth_host": growth_on_host(args.repeats),
-        "growth_fake_daemon": growth_on_fake_with_daemon(fake),
+        "growth_fake_daemon": growth_on_fake_with_daemon(fake, call_costs.load(args.costs)),
         "idle_footprint": idle_footprint(seed=1, steps=args.steps),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
