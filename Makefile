@@ -5,13 +5,15 @@
 #                   and vLLM's own block-pool tests against kvmem's pool
 #   make test-sglang  the SGLang integration tests with SGLang 0.5.23's real pools/allocators (~6 GB) in .venv-sglang
 #   make bench  the benchmarks, writing JSON under benchmarks/results/ (bench_kernels.py only with a GPU)
+#   make gpu-check [OUT=dir]  on a GPU machine, every GPU path and the driver's costs in one run (one JSON
+#               report and a log in OUT); without a GPU, one line saying so, exit 0 (tools/gpu_check.py)
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvmem-installed
 
-.PHONY: setup demo test test-vllm test-sglang lint bench clean
+.PHONY: setup demo test test-vllm test-sglang lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -86,6 +88,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sleep.py --update-readme
 	$(BIN)/python benchmarks/bench_colocation.py --update-readme
 	$(BIN)/python benchmarks/bench_kernels.py --update-readme  # needs a GPU; says so and exits 0 without one
+
+# No .venv here: the GPU machine is offline. The script needs only python3; it makes its own environment
+# from the system's packages and the wheels in .whl/ (tools/gather_wheels.sh). See README "On a GPU machine".
+OUT ?= gpu-check-out
+gpu-check:
+	@$(PYTHON) tools/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) .vllm-upstream tests/fakecuda/build .pytest_cache .ruff_cache

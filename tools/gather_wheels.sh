@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The wheels `make gpu-check` needs on the GPU machine and that machine lacks, into .whl/ (git-ignored).
+#
+#   bash tools/gather_wheels.sh          download them (needs the network), then check the total
+#   bash tools/gather_wheels.sh --check DIR   only check that DIR's wheels fit what travels
+#
+# The GPU machine has Python 3.12, torch 2.11 (CUDA 13), triton 3.6, cuda-bindings, numpy, click, psutil,
+# prometheus-client, pytest, hypothesis and transformers 5.17 with its requirements, and no network. It
+# lacks: posix_ipc; a transformers in kvmem's range (pyproject: >=5.20.2,<5.24); of that release's
+# requirements, only huggingface-hub (5.23 needs >=1.31, 5.17 accepted >=1.5: the rest are the same);
+# click at the huggingface-hub's floor (>=8.4.2); setuptools, to install kvmem from the tree offline.
+# The wheels go in with --no-deps: every pin below was chosen against the requirements of the others.
+# The working tree travels with them (the device tool's carry: [".whl"]), 64 MiB in all: the check adds
+# the tree's tracked files to the wheels.
+set -euo pipefail
+
+LIMIT_MIB=64
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+PINS=(
+    posix_ipc==1.3.2
+    transformers==5.23.0
+    huggingface-hub==1.31.0
+    click==8.4.2
+    setuptools==84.2.1
+)
+
+check() {
+    local dir=$1 wheels tree total
+    wheels=$(find "$dir" -maxdepth 1 -type f -name '*.whl' -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+    tree=$(git -C "$REPO" ls-files -z | (cd "$REPO" && xargs -0 stat -c %s) | awk '{s += $1} END {print s + 0}')
+    total=$((wheels + tree))
+    echo "gather_wheels: $(find "$dir" -maxdepth 1 -type f -name '*.whl' | wc -l) wheels, $wheels bytes, and the tree's" \
+        "$tree bytes: $((total / 1024 / 1024)) MiB of the $LIMIT_MIB MiB that may travel"
+    if ((total > LIMIT_MIB * 1024 * 1024)); then
+        echo "gather_wheels: too much to travel: drop a wheel or pick a smaller release" >&2
+        return 1
+    fi
+}
+
+if [[ ${1:-} == --check ]]; then
+    check "${2:?--check needs a directory}"
+    exit
+fi
+
+DEST="$REPO/.whl"
+rm -rf "$DEST"
+mkdir -p "$DEST"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$DEST" "${PINS[@]}"
+check "$DEST"
