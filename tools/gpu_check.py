@@ -36,6 +36,7 @@ import ctypes
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -78,24 +79,17 @@ def has_kvmem(python: str) -> bool:
     return subprocess.run([python, "-c", probe], capture_output=True, cwd="/").returncode == 0
 
 
-def make_venv(log) -> str:
-    """A venv over the system's packages with the carried wheels and kvmem (editable), offline."""
-    wheels = sorted(str(p) for p in WHEELS.glob("*.whl"))
-    if not wheels:
-        raise SystemExit(f"gpu-check: {sys.executable} has no kvmem and {WHEELS} holds no wheels (gather_wheels.sh)")
+def venv_setup() -> list[tuple[str, list[str], float]]:
+    """The steps that make a venv over the system's packages with the carried wheels and kvmem (editable),
+    offline: --without-pip needs no ensurepip, the system's pip (seen through the system site) installs."""
     python = str(VENV / "bin" / "python")
-    # --without-pip: no ensurepip needed; the system's pip, seen through --system-site-packages, installs.
     pip = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir"]
-    commands = [
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(VENV)],
-        [*pip, "--no-compile", "--upgrade", *wheels],
-        [*pip, "--no-build-isolation", "-e", str(REPO)],
+    wheels = sorted(str(p) for p in WHEELS.glob("*.whl"))
+    return [
+        ("setup: venv", [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(VENV)], 60),
+        ("setup: wheels", [*pip, "--no-compile", "--upgrade", *wheels], 120),
+        ("setup: kvmem", [*pip, "--no-build-isolation", "-e", str(REPO)], 120),
     ]
-    for command in commands:
-        log.write(f"$ {' '.join(command)}\n")
-        log.flush()
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return python
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -107,12 +101,16 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_step(name: str, command: list[str], limit: float, log, env: dict[str, str]) -> dict:
+    """Run one step in a session of its own, so that on time-out its daemons and engines die with it."""
     log.write(f"\n===== {name}\n$ {' '.join(command)}\n")
     log.flush()
     t0 = time.monotonic()
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
     try:
-        rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=limit).returncode
+        rc = proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         rc = None
     seconds = round(time.monotonic() - t0, 1)
     log.write(f"===== {name}: {'timed out' if rc is None else f'exit {rc}'} after {seconds} s\n")
@@ -120,10 +118,17 @@ def run_step(name: str, command: list[str], limit: float, log, env: dict[str, st
     return {"name": name, "command": command, "rc": rc, "timed_out": rc is None, "seconds": seconds}
 
 
+def outcome(step: dict) -> str:
+    if "skipped" in step:
+        return f"{step['name']} (skipped: {step['skipped']})"
+    how = "timed out" if step["timed_out"] else f"exit {step['rc']}"
+    return f"{step['name']} ({how})"
+
+
 def junit_summary(path: Path) -> dict:
     """Counts and every test case (name, outcome, seconds, message) from pytest's junit XML."""
     if not path.exists():
-        return {"error": "pytest wrote no junit XML"}
+        return {"missing": "pytest wrote no junit XML (see the log)"}
     cases = []
     for case in ET.parse(path).iter("testcase"):
         outcome, message = "passed", ""
@@ -192,30 +197,34 @@ def main() -> int:
     scratch.mkdir(exist_ok=True)
     label = "fake driver, not a GPU" if args.fake_driver else "real GPU"
     with open(args.out / "gpu-check.log", "w") as log:
-        python = args.python or (sys.executable if has_kvmem(sys.executable) else make_venv(log))
+        steps: list[dict] = []
+        ready = args.python or (sys.executable if has_kvmem(sys.executable) else None)
+        python = ready or str(VENV / "bin" / "python")
+        to_run = [] if ready else venv_setup()
         junit = scratch / "junit.xml"
         driver_json, kernels_json = scratch / "driver.json", scratch / "kernels.json"
         pytest_targets = ["tests/test_gpu.py", "tests/test_gpu_paths.py"] if args.fake_driver else ["tests"]
         fake_flags = ["--fake-driver", "--pages", "32", "--copy-mib", "8", "--repeats", "1"] if args.fake_driver else []
-        pytest = [python, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs", f"--junitxml={junit}"]
-        steps_to_run = [
-            ("pytest -m gpu", [*pytest, *pytest_targets], 330),
-            ("driver costs", [python, "benchmarks/bench_driver.py", "--out", str(driver_json), *fake_flags], 150),
+        pytest = [python, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-v", "-rfEs", f"--junitxml={junit}"]
+        to_run += [
+            ("pytest -m gpu", [*pytest, "--durations=20", *pytest_targets], 360),
+            ("driver costs", [python, "benchmarks/bench_driver.py", "--out", str(driver_json), *fake_flags], 120),
             (
                 "kernel bandwidth",
                 [python, "benchmarks/bench_kernels.py", "--runs", "20", "--out", str(kernels_json)],
                 120,
             ),
         ]
-        steps = []
-        for name, command, limit in steps_to_run:
+        for name, command, limit in to_run:
             left = DEADLINE_S - (time.monotonic() - started)
-            if left < 10:
-                steps.append({"name": name, "command": command, "rc": None, "skipped": "no time left"})
+            if left < 10 or any(step["rc"] != 0 for step in steps if step["name"].startswith("setup")):
+                why = "no time left" if left < 10 else "the setup failed"
+                steps.append({"name": name, "command": command, "rc": None, "skipped": why})
                 continue
             steps.append(run_step(name, command, min(limit, left), log, clean_env()))
-        kernels = read_json(kernels_json, steps[2])
-        if not kernels_json.exists() and steps[2]["rc"] == 0:
+        by_name = {step["name"]: step for step in steps}
+        kernels = read_json(kernels_json, by_name["kernel bandwidth"])
+        if not kernels_json.exists() and by_name["kernel bandwidth"]["rc"] == 0:
             kernels = {"skipped": "torch sees no CUDA GPU (bench_kernels.py measured nothing)"}
         report = {
             "check": "kvmem gpu-check",
@@ -234,7 +243,7 @@ def main() -> int:
             },
             "steps": steps,
             "pytest": junit_summary(junit),
-            "driver_costs": read_json(driver_json, steps[1]),
+            "driver_costs": read_json(driver_json, by_name["driver costs"]),
             "kernels": kernels,
         }
     for part in scratch.iterdir():
@@ -243,7 +252,7 @@ def main() -> int:
     (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
     tests = report["pytest"]
     counts = ", ".join(f"{tests.get(k, 0)} {k}" for k in ("passed", "failed", "error", "skipped"))
-    verdict = "ok" if report["ok"] else "FAILED: " + ", ".join(s["name"] for s in steps if s["rc"] != 0)
+    verdict = "ok" if report["ok"] else "FAILED: " + ", ".join(outcome(step) for step in steps if step["rc"] != 0)
     print(
         f"gpu-check ({label}): {verdict}; tests {counts}; {report['seconds']} s; report {args.out / 'gpu-check.json'}"
     )
