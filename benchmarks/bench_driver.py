@@ -71,14 +71,12 @@ class Driver:
         self.check("cuDevicePrimaryCtxRelease", self.cu.cuDevicePrimaryCtxRelease(self.dev))
 
 
-def timed(samples: dict[str, list[float]], name: str, call: str, fn: Callable[[], tuple]) -> object:
-    """Run one driver call, check it, and add its time in µs to `samples[name]`."""
-    from kvmem.device.cuda import check
-
+def timed(d: Driver, samples: dict[str, list[float]], name: str, fn: Callable[[], tuple]) -> object:
+    """Run one driver call, check it, and add its time in µs to `samples[name]` ("call" or "call[detail]")."""
     t0 = time.perf_counter_ns()
     returned = fn()
     samples.setdefault(name, []).append((time.perf_counter_ns() - t0) / 1e3)
-    return check(call, returned)
+    return d.check(name.split("[")[0], returned)
 
 
 def per_call_costs(d: Driver, pages: int) -> dict[str, list[float]]:
@@ -86,18 +84,11 @@ def per_call_costs(d: Driver, pages: int) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {}
     base = int(d.check("cuMemAddressReserve", cu.cuMemAddressReserve(pages * g, g, 0, 0)))
     try:
-        handles = [
-            timed(samples, "cuMemCreate", "cuMemCreate", lambda: cu.cuMemCreate(g, d.prop, 0)) for _ in range(pages)
-        ]
+        handles = [timed(d, samples, "cuMemCreate", lambda: cu.cuMemCreate(g, d.prop, 0)) for _ in range(pages)]
         for i, h in enumerate(handles):
-            timed(samples, "cuMemMap", "cuMemMap", lambda i=i, h=h: cu.cuMemMap(base + i * g, g, 0, h, 0))
+            timed(d, samples, "cuMemMap", lambda i=i, h=h: cu.cuMemMap(base + i * g, g, 0, h, 0))
         for i in range(pages):
-            timed(
-                samples,
-                "cuMemSetAccess",
-                "cuMemSetAccess",
-                lambda i=i: cu.cuMemSetAccess(base + i * g, g, [d.access], 1),
-            )
+            timed(d, samples, "cuMemSetAccess", lambda i=i: cu.cuMemSetAccess(base + i * g, g, [d.access], 1))
         for run in [r for r in SET_ACCESS_RUNS if r <= pages]:  # freshly mapped pages, as a grow sets them
             for _ in range(-(-64 * run // pages)):
                 for i, h in enumerate(handles):
@@ -105,32 +96,32 @@ def per_call_costs(d: Driver, pages: int) -> dict[str, list[float]]:
                     d.check("cuMemMap", cu.cuMemMap(base + i * g, g, 0, h, 0))
                 for start in range(0, pages - run + 1, run):
                     timed(
+                        d,
                         samples,
                         f"cuMemSetAccess[{run} pages]",
-                        "cuMemSetAccess",
                         lambda start=start, run=run: cu.cuMemSetAccess(base + start * g, run * g, [d.access], 1),
                     )
         for i in range(pages):
-            timed(samples, "cuMemUnmap", "cuMemUnmap", lambda i=i: cu.cuMemUnmap(base + i * g, g))
+            timed(d, samples, "cuMemUnmap", lambda i=i: cu.cuMemUnmap(base + i * g, g))
         for h in handles:
             fd = int(
                 timed(
+                    d,
                     samples,
-                    "cuMemExportToShareableHandle",
                     "cuMemExportToShareableHandle",
                     lambda h=h: cu.cuMemExportToShareableHandle(h, d.handle_type, 0),
                 )
             )
             imported = timed(
+                d,
                 samples,
-                "cuMemImportFromShareableHandle",
                 "cuMemImportFromShareableHandle",
                 lambda fd=fd: cu.cuMemImportFromShareableHandle(fd, d.handle_type),
             )
             os.close(fd)
             d.check("cuMemRelease", cu.cuMemRelease(imported))
         for h in handles:
-            timed(samples, "cuMemRelease", "cuMemRelease", lambda h=h: cu.cuMemRelease(h))
+            timed(d, samples, "cuMemRelease", lambda h=h: cu.cuMemRelease(h))
     finally:
         d.check("cuMemAddressFree", cu.cuMemAddressFree(base, pages * g))
     return samples
@@ -169,19 +160,25 @@ def copy_bandwidth(d: Driver, size: int, runs: int) -> dict[str, float]:
     return {"bytes": size, "runs": runs, **out}
 
 
-def grow_local(repeats: int) -> list[float]:
-    """Seconds to grow a fresh local cache by 1 GiB (pages made in this process), `repeats` times."""
+def grow_local(repeats: int, fake) -> tuple[list[float], dict[str, int] | None]:
+    """Seconds to grow a fresh local cache by 1 GiB (pages made in this process), `repeats` times; on the
+    fake driver also the driver calls one grow made, counted by the driver (the model's counts, checked)."""
     import kvmem
 
-    times = []
+    times, calls = [], None
     for _ in range(repeats):
         with kvmem.local(device="cuda", budget="2GiB") as session:
             cache = session.kv_cache(**GEOMETRY, max_tokens=2 * GIB_BLOCKS * 16, background=False)
+            if fake is not None:
+                fake.reset_call_counters()
             t0 = time.perf_counter()
             ids = cache.alloc(GIB_BLOCKS)
             times.append(time.perf_counter() - t0)
+            if fake is not None:
+                counted = fake.counters()
+                calls = {name: counted[name] for name in ("cuMemCreate", "cuMemMap", "cuMemSetAccess")}
             cache.free(ids)
-    return times
+    return times, calls
 
 
 def grow_from_daemon(repeats: int) -> list[float]:
@@ -240,9 +237,10 @@ def main() -> int:
         from tests import fakecuda
 
         os.environ.setdefault("FAKECUDA_CAPACITY_BYTES", str(8 << 30))
-        fakecuda.load()
+        fake = fakecuda.load()
         os.environ.update(fakecuda.child_env())  # the daemon loads it too
     else:
+        fake = None
         os.environ["KVMEM_TEST_DRIVER"] = "real"  # tests.daemon_support: the daemon on the real driver
 
     d = Driver()
@@ -254,7 +252,7 @@ def main() -> int:
         d.close()
     per_call = {call: summary(s) for call, s in samples.items()}
     measured = call_costs.CallCosts({k: v["p50"] for k, v in per_call.items()}, "measured in this run", True)
-    local, daemon = grow_local(args.repeats), grow_from_daemon(args.repeats)
+    (local, counted), daemon = grow_local(args.repeats, fake), grow_from_daemon(args.repeats)
     model = grow_model(measured, page_bytes)
     result = {
         "benchmark": "bench_driver",
@@ -274,6 +272,7 @@ def main() -> int:
             },
             "repeats": args.repeats,
             **model,
+            **({"kvmem_local_calls_counted_by_the_fake": counted} if fake is not None else {}),
             "modeled_with_published_a100_ms_per_gib": grow_model(call_costs.load_published(), page_bytes)[
                 "modeled_ms_per_gib"
             ],

@@ -69,6 +69,8 @@ def test_on_the_fake_driver_it_writes_one_report_and_a_log(tmp_path: Path):
     grow = driver["grow_per_gib"]
     assert grow["calls_per_gib"]["kvcached"] == {"cuMemCreate": 512, "cuMemMap": 512, "cuMemSetAccess": 512}
     assert grow["calls_per_gib"]["kvmem_daemon"]["cuMemSetAccess"] == 64 and grow["set_access_pages_per_call"] == 8
+    # The calls the model counts for a local grow are the ones the driver saw.
+    assert grow["kvmem_local_calls_counted_by_the_fake"] == grow["calls_per_gib"]["kvmem_local"]
     assert set(grow["measured_ms_p50"]) == {"kvmem_local", "kvmem_daemon"}
     assert grow["modeled_with_published_a100_ms_per_gib"]["kvcached"] == 117.99
     assert report["kernels"] == {"skipped": "torch sees no CUDA GPU (bench_kernels.py measured nothing)"}
