@@ -7,8 +7,9 @@ LD_LIBRARY_PATH, set here for them. Tests that need a real GPU are marked `gpu` 
 work in child processes whose environment leaves the fake out (`real_driver_env`).
 
 With ``KVMEM_TEST_DRIVER=real`` the fake is neither built nor loaded: "cuda" in the device and daemon
-tests is then the real driver (`FAKE` is None). Only the `gpu` tests set it, for a child pytest that
-runs the fake-driver contract tests again on a real GPU (tests/test_gpu_paths.py).
+tests is then the real driver (`FAKE` is None). `make gpu-check` sets it for its ``pytest -m gpu``, and
+the `gpu` tests for a child pytest that runs the fake-driver contract tests again on the real driver
+(tests/test_gpu_paths.py).
 """
 
 from __future__ import annotations
