@@ -9,7 +9,8 @@
 # lacks: posix_ipc; a transformers in kvmem's range (pyproject: >=5.20.2,<5.24); of that release's
 # requirements, only huggingface-hub (5.23 needs >=1.31, 5.17 accepted >=1.5: the rest are the same);
 # click at the huggingface-hub's floor (>=8.4.2); setuptools, to install kvmem from the tree offline.
-# The wheels go in with --no-deps: every pin below was chosen against the requirements of the others.
+# The wheels go in with --no-deps, so the pins were chosen against each other's requirements; hub 1.31's
+# hf-xet (>=1.5.2) and httpx serve downloads only, and are taken as the machine has them.
 # The working tree travels with them (the device tool's carry: [".whl"]), 64 MiB in all: the check adds
 # the tree's tracked files to the wheels.
 set -euo pipefail
