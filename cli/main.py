@@ -16,6 +16,7 @@ from kvmem.cli.doctor import doctor
 from kvmem.cli.policy import limit, minimum, priority
 from kvmem.cli.sleep import sleep, wake
 from kvmem.cli.status import status, top
+from kvmem.common.command_line import OneLineGroup
 from kvmem.common.runtime import RUNTIME_DIR_ENV
 
 EPILOG = (
@@ -24,7 +25,9 @@ EPILOG = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
+@click.group(
+    cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG
+)
 @click.version_option(__version__, prog_name="kvctl")
 @click.option(
     "--gpu", type=click.IntRange(0), default=0, show_default=True, envvar="KVMEM_GPU", show_envvar=True,
