@@ -171,15 +171,18 @@ def _start_detached(options: StartOptions) -> None:
         log_path = DaemonPaths.resolve(options.runtime_dir, options.gpu).runtime_dir / f"gpu{options.gpu}.log"
         code = 0
         try:
-            log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError as exc:
+                raise StartError(f"cannot open the log file {log_path}: {exc.strerror}") from None
             os.dup2(log_fd, 2)
             run_daemon(options, ready=lambda pid: os.write(write_end, f"ok {pid}\n".encode()))
         except StartError as exc:
             os.write(write_end, f"error {exc}\n".encode())
             code = 1
-        except OSError as exc:
-            os.write(write_end, f"error {exc}\n".encode())
+        except OSError as exc:  # no step anticipated it: still one line for the operator
+            os.write(write_end, f"error {exc.strerror or exc}\n".encode())
             code = 1
         os._exit(code)
     os.close(write_end)

@@ -105,15 +105,21 @@ def _runtime_dir(path: Path, gid: int | None) -> Iterator[None]:
         raise StartError(f"runtime directory {path} belongs to uid {st.st_uid}, not you: use --runtime-dir")
     if st.st_mode & stat.S_IWOTH:
         raise StartError(f"runtime directory {path} is world-writable: use a private --runtime-dir")
-    os.chmod(path, mode)
-    if gid is not None:
-        os.chown(path, -1, gid)
+    try:
+        os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
+    except OSError as exc:  # a read-only file system, or a directory the kernel will not let us change
+        raise StartError(f"cannot set the permissions of runtime directory {path}: {exc.strerror}") from None
     yield
 
 
 @contextlib.contextmanager
 def _lock(paths: DaemonPaths) -> Iterator[None]:
-    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StartError(f"cannot open the lock file {paths.lock}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -214,6 +220,8 @@ def _listener(paths: DaemonPaths, mode: int, gid: int | None) -> Iterator[socket
         old_umask = os.umask(0o777 & ~mode)
         try:
             sock.bind(str(paths.socket))
+        except OSError as exc:
+            raise StartError(f"cannot create the socket {paths.socket}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
         os.chmod(paths.socket, mode)

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from kvmem.common import protocol
 from kvmem.common.errors import DaemonUnavailableError
+from kvmem.common.layout import KVLayout
+from kvmem.common.protocol import MsgType
 from kvmem.common.runtime import DaemonPaths
 from kvmemd.launcher import read_lock_pid
 from tests import fakecuda
-from tests.daemon_support import KVMEMD, DaemonProcess, cleanup_shm
+from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm
 
 UUID_0 = "GPU-fa4ec0da-0000-4000-8000-000000000000"  # the fake's physical device 0
 UUID_1 = "GPU-fa4ec0da-0000-4000-8000-000000000001"
@@ -128,3 +131,41 @@ def test_auto_is_not_a_daemon_device(runtime_dir: Path):
     result = start(runtime_dir, "--device", "auto")
     assert result.returncode == 2
     assert "'auto' is not one of 'cuda', 'host'" in result.stderr
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_runtime_directory_that_cannot_be_changed_is_one_line(detach: bool):
+    # /proc/self/fdinfo exists and belongs to us, but no one may chmod it (as a read-only file system).
+    path = "/proc/self/fdinfo"
+    result = subprocess.run(
+        [KVMEMD, "start", "--device", "host", "--budget", "16MiB", "--runtime-dir", path, *(["--detach"] * detach)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: cannot ")
+    assert "Traceback" not in result.stderr and "[Errno" not in result.stderr
+
+
+def test_a_layout_frame_claiming_a_billion_layers_costs_what_it_is(runtime_dir: Path):
+    layout = KVLayout.derive(2, 16, 2, 64, "float16", "NHD", 2 << 20, 1024).to_dict()
+    layout["num_layers"] = 10**9  # everything else, the two offset lists included, as for 2 layers
+    frame = protocol.encode(MsgType.LAYOUT, {"layout": layout})
+    assert len(frame) < 1024
+    with DaemonProcess(runtime_dir, "host", "16MiB") as daemon:
+        sock = daemon.paths.connect()
+        try:
+            hello = {"version": protocol.PROTOCOL_VERSION, "role": "engine", "model": "liar", "geometry": None}
+            protocol.send_message(sock, MsgType.HELLO, {**hello, "adopt": 0, "page_size": 0})
+            protocol.receive_expected(sock, MsgType.WELCOME)
+            sock.send(frame)
+            while (msg := protocol.receive_message(sock)).type != MsgType.ERROR:
+                pass  # POLICY and the like, sent after WELCOME
+            assert msg["message"] == "layout descriptor: k_offsets has 2 entries for 1000000000 layers"
+        finally:
+            sock.close()
+        with EngineProcess(runtime_dir, "honest") as engine:  # the daemon serves on
+            assert engine.call("grow", 1)["granted"] == 1
