@@ -17,7 +17,14 @@ from kvmem import __version__
 from kvmem.common.command_line import OneLineGroup
 from kvmem.common.runtime import RUNTIME_DIR_ENV, DaemonPaths
 from kvmem.common.sizes import parse_size
-from kvmemd.launcher import DAEMON_DEVICE_KINDS, StartError, StartOptions, read_lock_pid, run_daemon
+from kvmemd.launcher import (
+    DAEMON_DEVICE_KINDS,
+    StartError,
+    StartOptions,
+    read_lock_pid,
+    remove_stale_files,
+    run_daemon,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -204,7 +211,18 @@ def stop(gpu: int, runtime_dir: str | None, timeout: float) -> None:
     paths = DaemonPaths.resolve(runtime_dir, gpu)
     pid = read_lock_pid(paths)
     if pid is None:
-        raise click.ClickException(f"no kvmemd is running for GPU {gpu} in {paths.runtime_dir}")
+        try:
+            removed = remove_stale_files(paths)
+        except StartError as exc:
+            raise click.ClickException(str(exc)) from None
+        if not removed:
+            raise click.ClickException(f"no kvmemd is running for GPU {gpu} in {paths.runtime_dir}")
+        click.echo(
+            f"no kvmemd was running for GPU {gpu} in {paths.runtime_dir}; removed what a dead one left: "
+            + ", ".join(removed),
+            err=True,
+        )
+        return
     if pid <= 0:
         raise click.ClickException(f"the lock file {paths.lock} holds no pid; stop the daemon by hand")
     try:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import posix_ipc
 import psutil
 
 from kvmem.common.runtime import DaemonPaths
@@ -91,6 +92,49 @@ def read_lock_pid(paths: DaemonPaths) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def remove_stale_files(paths: DaemonPaths) -> list[str]:
+    """Remove what a daemon killed without cleaning up left in `paths`; what was removed.
+
+    Only while no daemon holds the lock (taken here for the duration, so a daemon starting now
+    waits for nothing and finds nothing half-removed): the socket, the status segment, the
+    by-uuid links to the socket and the lock file itself.
+    """
+    try:
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    except OSError as exc:
+        raise StartError(f"cannot open the lock file {paths.lock}: {exc.strerror}") from None
+    removed = []
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return []  # a daemon runs: nothing here is stale
+        if paths.socket.exists():
+            for link in paths.runtime_dir.glob("by-uuid/*.sock"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(link) == f"../{paths.socket.name}":
+                        link.unlink()
+            paths.socket.unlink()
+            removed.append(f"socket {paths.socket}")
+        try:
+            posix_ipc.unlink_shared_memory(paths.shm_name)
+            removed.append(f"status segment {paths.shm_name}")
+        except posix_ipc.ExistentialError:
+            pass  # none left
+        if fd is not None:
+            paths.lock.unlink()
+            removed.append(f"lock file {paths.lock}")
+    except OSError as exc:
+        raise StartError(f"cannot remove what a dead kvmemd left in {paths.runtime_dir}: {exc.strerror}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager

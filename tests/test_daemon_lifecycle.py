@@ -6,6 +6,7 @@ physical device a fixed UUID and renumbers devices under CUDA_VISIBLE_DEVICES as
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from kvmem.common.protocol import MsgType
 from kvmem.common.runtime import DaemonPaths
 from kvmemd.launcher import read_lock_pid
 from tests import fakecuda
-from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm
+from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm, shm_exists
 
 UUID_0 = "GPU-fa4ec0da-0000-4000-8000-000000000000"  # the fake's physical device 0
 UUID_1 = "GPU-fa4ec0da-0000-4000-8000-000000000001"
@@ -169,3 +170,32 @@ def test_a_layout_frame_claiming_a_billion_layers_costs_what_it_is(runtime_dir: 
             sock.close()
         with EngineProcess(runtime_dir, "honest") as engine:  # the daemon serves on
             assert engine.call("grow", 1)["granted"] == 1
+
+
+def test_a_killed_daemon_is_gone_at_once_and_kvmemd_stop_removes_what_it_left(runtime_dir: Path):
+    daemon = DaemonProcess(runtime_dir, "host", "16MiB")
+    pid = daemon.pid
+    daemon.kill()  # SIGKILL: no clean-up
+    assert daemon.paths.socket.exists() and shm_exists(daemon.paths.shm_name)
+    kvctl = [str(Path(KVMEMD).with_name("kvctl")), "--runtime-dir", str(runtime_dir)]
+
+    status = subprocess.run([*kvctl, "status"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 3  # at once, not after the heartbeat has aged
+    assert status.stderr.strip() == (
+        f"Error: no kvmemd for GPU 0 in {runtime_dir} (kvmemd pid {pid} died without cleaning up; its socket and "
+        "status segment are stale, `kvmemd stop` removes them): start one with `kvmemd start --gpu 0`"
+    )
+    doctor = subprocess.run([*kvctl, "doctor", "--json"], capture_output=True, text=True, timeout=60)
+    assert doctor.returncode == 1
+    checks = {c["check"]: c for c in json.loads(doctor.stdout)}
+    assert checks["socket"]["status"] == "fail" and "is stale: no daemon listens" in checks["socket"]["detail"]
+    assert checks["status"]["status"] == "fail" and f"kvmemd pid {pid} is gone" in checks["status"]["detail"]
+
+    stop = subprocess.run([KVMEMD, "stop", "--runtime-dir", str(runtime_dir)], capture_output=True, text=True)
+    assert stop.returncode == 0
+    assert stop.stderr.strip() == (
+        f"no kvmemd was running for GPU 0 in {runtime_dir}; removed what a dead one left: socket "
+        f"{daemon.paths.socket}, status segment {daemon.paths.shm_name}, lock file {daemon.paths.lock}"
+    )
+    assert not daemon.paths.socket.exists() and not daemon.paths.lock.exists()
+    assert not shm_exists(daemon.paths.shm_name)
