@@ -30,8 +30,8 @@ EXIT_NOT_PERMITTED = 4
 EXIT_UNKNOWN_MODEL = 5
 EXIT_TIMEOUT = 6
 
-# A daemon publishes at least every 0.5 s; status older than this, from a pid that is gone, is stale.
-STALE_AFTER_S = 5.0
+# A process that started this long after the daemon's recorded start is not the daemon (a reused pid).
+START_TIME_SLACK_S = 2.0
 
 _EXIT_FOR_CODE = {"not_permitted": EXIT_NOT_PERMITTED, "unknown_model": EXIT_UNKNOWN_MODEL, "timeout": EXIT_TIMEOUT}
 
@@ -77,9 +77,11 @@ class KvctlContext:
             if "no permission" in str(exc):
                 raise KvctlError(f"not permitted: {exc}", EXIT_NOT_PERMITTED) from None
             raise KvctlError(f"cannot read kvmemd's status: {exc}") from None
-        pid = snapshot.daemon.daemon_pid
-        if snapshot.heartbeat_age() > STALE_AFTER_S and not psutil.pid_exists(pid):
-            raise self._no_daemon(f"its status is {snapshot.heartbeat_age():.0f} s old and pid {pid} is gone")
+        if not daemon_alive(snapshot.daemon.daemon_pid, snapshot.daemon.started_unix):
+            raise self._no_daemon(
+                f"kvmemd pid {snapshot.daemon.daemon_pid} died without cleaning up; its socket and status segment "
+                "are stale, `kvmemd stop` removes them"
+            )
         return snapshot
 
     def budget_bytes(self) -> int:
@@ -110,6 +112,20 @@ class KvctlContext:
 
 
 pass_context = click.make_pass_decorator(KvctlContext)
+
+
+def daemon_alive(pid: int, started_unix: float) -> bool:
+    """Whether the daemon that published a status still runs: its pid exists and is the same process.
+
+    The pid is checked at once, not the heartbeat's age: a daemon killed with SIGKILL leaves a
+    status that looks fresh for a while, and its pid may be reused by a process started later.
+    """
+    try:
+        return psutil.Process(pid).create_time() <= started_unix + START_TIME_SLACK_S
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
+        return False
+    except psutil.AccessDenied:
+        return True  # another user's process: it exists, and we cannot tell more
 
 
 def parse_size_option(text: str, budget_bytes: int, option: str) -> int:

@@ -10,18 +10,20 @@ import json
 import os
 import resource
 import shutil
+import socket
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
-from kvmem.cli.context import EXIT_REFUSED, KvctlContext, KvctlError, pass_context
+from kvmem.cli.context import EXIT_REFUSED, KvctlContext, KvctlError, daemon_alive, pass_context
 from kvmem.common.sizes import format_size
-from kvmem.common.status import SEGMENT_SIZE
+from kvmem.common.status import SEGMENT_SIZE, StatusError, StatusReader
 from kvmem.device import DeviceError
 
 SHM_DIR = Path("/dev/shm")
+STALE_FIX = "a daemon died without cleaning up: `kvmemd stop` removes what it left, `kvmemd start` replaces it"
 SHM_FREE_WANTED = 64 << 20  # kvmem needs only its status segment, but engines and torch use /dev/shm too
 FD_HEADROOM = 4096  # descriptors beyond one per page: sockets, libraries, the engine's own files
 
@@ -44,7 +46,7 @@ def check_driver(gpu: int) -> Check:
         return Check(
             "driver",
             "warn",
-            f"no usable GPU: {exc}; kvmemd --device auto will use host memory",
+            f"no usable GPU: {exc}; kvmemd serves host memory only with --device host",
             "for GPUs: install the NVIDIA driver (CUDA 12 or 13) and check `nvidia-smi` lists the GPU",
         )
 
@@ -80,6 +82,15 @@ def check_socket(ctx: KvctlContext) -> Check:
         )
     if not os.access(path, os.R_OK | os.W_OK):
         return Check("socket", "fail", f"{path} is {mode:o} and not open to you", _access_fix(path))
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        return Check("socket", "fail", f"{path} is stale: no daemon listens on it", STALE_FIX)
+    except OSError:
+        pass  # not for us to judge here: the daemon check reports why it cannot connect
+    finally:
+        probe.close()
     return Check("socket", "ok", f"{path} is {mode:o}, open to you")
 
 
@@ -96,6 +107,13 @@ def check_status_segment(ctx: KvctlContext) -> Check:
         return Check("status", "fail", f"{path} is {mode:o} and not readable by you", _access_fix(path))
     if st.st_size < SEGMENT_SIZE:
         return Check("status", "fail", f"{path} is {st.st_size} bytes, not {SEGMENT_SIZE}", "restart kvmemd")
+    try:
+        with StatusReader(ctx.paths.shm_name) as reader:
+            daemon = reader.snapshot().daemon
+    except StatusError as exc:
+        return Check("status", "fail", f"{path} cannot be read: {exc}", "restart kvmemd")
+    if not daemon_alive(daemon.daemon_pid, daemon.started_unix):
+        return Check("status", "fail", f"{path} is stale: kvmemd pid {daemon.daemon_pid} is gone", STALE_FIX)
     return Check("status", "ok", f"{path} is {mode:o}, readable")
 
 

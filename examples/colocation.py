@@ -47,7 +47,7 @@ import psutil
 from kvmem.common.runtime import DaemonPaths
 from kvmem.common.sizes import format_size, parse_size
 from kvmem.common.status import StatusError, StatusReader
-from kvmem.device import DEVICE_KINDS
+from kvmem.device import DEVICE_KINDS, open_device
 
 HERE = Path(__file__).resolve().parent
 ENGINE = HERE / "colocation_engine.py"
@@ -215,9 +215,14 @@ class Demo:
 
     def start(self) -> None:
         a = self.args
-        self.say(f"starting kvmemd on device {a.device!r} with a budget of {a.budget} (runtime dir {self.runtime_dir})")
+        # kvmemd serves exactly the device it is told (no silent fallback): "auto" is decided here.
+        device = a.device
+        if device == "auto":
+            with open_device("auto") as probe:
+                device = probe.kind
+        self.say(f"starting kvmemd on device {device!r} with a budget of {a.budget} (runtime dir {self.runtime_dir})")
         subprocess.run(
-            [str(BIN / "kvmemd"), "start", "--device", a.device, "--budget", a.budget,
+            [str(BIN / "kvmemd"), "start", "--device", device, "--budget", a.budget,
              "--runtime-dir", str(self.runtime_dir), "--release-after", "1", "--detach"],
             check=True,
         )  # fmt: skip
@@ -389,7 +394,12 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=DEVICE_KINDS, default="auto", help="kvmemd's device (default: auto).")
+    parser.add_argument(
+        "--device",
+        choices=DEVICE_KINDS,
+        default="auto",
+        help="kvmemd's device (default: auto, the GPU if usable, else host memory).",
+    )
     parser.add_argument("--budget", default="64MiB", help="kvmemd's budget (default: 64MiB).")
     parser.add_argument("--limit", default="8MiB", help="The limit put on llama (default: 8MiB).")
     parser.add_argument("--out-dir", type=Path, default=HERE / "output", help="Where the plot and summary go.")

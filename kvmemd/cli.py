@@ -14,14 +14,41 @@ import time
 import click
 
 from kvmem import __version__
+from kvmem.common.command_line import OneLineGroup
 from kvmem.common.runtime import RUNTIME_DIR_ENV, DaemonPaths
-from kvmem.device import DEVICE_KINDS
-from kvmemd.launcher import StartError, StartOptions, read_lock_pid, run_daemon
+from kvmem.common.sizes import parse_size
+from kvmemd.launcher import (
+    DAEMON_DEVICE_KINDS,
+    StartError,
+    StartOptions,
+    read_lock_pid,
+    remove_stale_files,
+    run_daemon,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=CONTEXT, epilog="Exit codes: 0 success, 1 could not start or stop, 2 bad usage.")
+class SizeText(click.ParamType):
+    """A size as operators write it (20GB, 64GiB, 512M; with `percent`, also 80%), checked at parse time
+    so that a typo is bad usage (exit 2); the text is kept, since a percentage is resolved at start-up."""
+
+    name = "size"
+
+    def __init__(self, percent: bool):
+        self.percent = percent
+
+    def convert(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            parse_size(value, total=100 if self.percent else None)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
+@click.group(
+    cls=OneLineGroup, context_settings=CONTEXT, epilog="Exit codes: 0 success, 1 could not start or stop, 2 bad usage."
+)
 @click.version_option(__version__, prog_name="kvmemd")
 def main() -> None:
     """kvmemd: owns one GPU's KV-cache memory as physical pages and lends them to engines."""
@@ -45,16 +72,16 @@ def runtime_dir_option(f):
 @main.command()
 @gpu_option
 @click.option(
-    "--device", type=click.Choice(DEVICE_KINDS), default="auto", show_default=True, envvar="KVMEM_DEVICE",
-    show_envvar=True, help="cuda, host memory, or auto (cuda when the driver loads and supports VMM).",
+    "--device", type=click.Choice(DAEMON_DEVICE_KINDS), default="cuda", show_default=True, envvar="KVMEM_DEVICE",
+    show_envvar=True, help="cuda: GPU --gpu, or fail if it is not usable; host: host memory, only when asked for.",
 )  # fmt: skip
 @click.option(
-    "--budget", envvar="KVMEM_BUDGET", show_envvar=True,
+    "--budget", type=SizeText(percent=True), envvar="KVMEM_BUDGET", show_envvar=True,
     help="Most memory the daemon hands out: a size (70GB, 64GiB) or a percentage of device memory (80%). "
     "Default: 90% of the memory free at start.",
 )  # fmt: skip
 @click.option(
-    "--page-size", envvar="KVMEM_PAGE_SIZE", show_envvar=True,
+    "--page-size", type=SizeText(percent=False), envvar="KVMEM_PAGE_SIZE", show_envvar=True,
     help="Bytes per page, a multiple of the allocation granularity. Default: the granularity (2 MiB on GPUs).",
 )  # fmt: skip
 @runtime_dir_option
@@ -77,7 +104,8 @@ def runtime_dir_option(f):
     "<runtime dir>/gpu<N>.log).",
 )  # fmt: skip
 @click.option(
-    "--host-tier", envvar="KVMEM_HOST_TIER", show_envvar=True, default="50%", show_default=True,
+    "--host-tier", type=SizeText(percent=True), envvar="KVMEM_HOST_TIER", show_envvar=True, default="50%",
+    show_default=True,
     help="Most host memory that sleeping models' caches (kvctl sleep --offload) may fill: a size (64GiB) or "
     "a percentage of the machine's RAM.",
 )  # fmt: skip
@@ -150,15 +178,18 @@ def _start_detached(options: StartOptions) -> None:
         log_path = DaemonPaths.resolve(options.runtime_dir, options.gpu).runtime_dir / f"gpu{options.gpu}.log"
         code = 0
         try:
-            log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError as exc:
+                raise StartError(f"cannot open the log file {log_path}: {exc.strerror}") from None
             os.dup2(log_fd, 2)
             run_daemon(options, ready=lambda pid: os.write(write_end, f"ok {pid}\n".encode()))
         except StartError as exc:
             os.write(write_end, f"error {exc}\n".encode())
             code = 1
-        except OSError as exc:
-            os.write(write_end, f"error {exc}\n".encode())
+        except OSError as exc:  # no step anticipated it: still one line for the operator
+            os.write(write_end, f"error {exc.strerror or exc}\n".encode())
             code = 1
         os._exit(code)
     os.close(write_end)
@@ -180,7 +211,18 @@ def stop(gpu: int, runtime_dir: str | None, timeout: float) -> None:
     paths = DaemonPaths.resolve(runtime_dir, gpu)
     pid = read_lock_pid(paths)
     if pid is None:
-        raise click.ClickException(f"no kvmemd is running for GPU {gpu} in {paths.runtime_dir}")
+        try:
+            removed = remove_stale_files(paths)
+        except StartError as exc:
+            raise click.ClickException(str(exc)) from None
+        if not removed:
+            raise click.ClickException(f"no kvmemd is running for GPU {gpu} in {paths.runtime_dir}")
+        click.echo(
+            f"no kvmemd was running for GPU {gpu} in {paths.runtime_dir}; removed what a dead one left: "
+            + ", ".join(removed),
+            err=True,
+        )
+        return
     if pid <= 0:
         raise click.ClickException(f"the lock file {paths.lock} holds no pid; stop the daemon by hand")
     try:

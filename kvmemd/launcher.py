@@ -4,11 +4,23 @@ Start-up takes each step in order and undoes the ones done if a later one fails;
 them all in reverse. The lock file (``gpu<N>.lock``, flock'ed, holding the pid) makes the daemon
 the only one for its GPU and runtime directory; whatever socket or status segment it finds there
 was left by a daemon that died, and is replaced.
+
+One daemon per physical GPU. A runtime directory is no identity: root's ``/run/kvmem`` and a
+user's ``/tmp/kvmem-<uid>`` would each hold a lock for "GPU 0" and promise its memory twice. A GPU
+daemon also binds an abstract Unix socket named after the GPU's UUID (`gpu_lock_name`): the kernel
+lets one socket hold a name, drops it when the process dies however it dies, and the name is the
+same for every user and directory in the network namespace. (Containers with their own network
+namespace do not see each other's names: deploy one daemon per GPU on the host network, see
+examples/deploy.) Host-memory daemons have no GPU to guard and may run side by side.
+
+The device is what the operator asked for: ``--device cuda`` (the default) fails when the GPU is
+not usable, it never turns into host memory; ``--device host`` serves host memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import grp
 import logging
@@ -16,10 +28,12 @@ import os
 import resource
 import socket
 import stat
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import posix_ipc
 import psutil
 
 from kvmem.common.runtime import DaemonPaths
@@ -36,10 +50,19 @@ class StartError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
+# What a daemon may serve; no "auto": a GPU problem must not quietly become host memory.
+DAEMON_DEVICE_KINDS = ("cuda", "host")
+
+
+def gpu_lock_name(uuid: str) -> bytes:
+    """The abstract-namespace socket name that the daemon of GPU `uuid` holds (leading NUL)."""
+    return b"\0kvmemd-gpu-" + uuid.encode()
+
+
 @dataclass
 class StartOptions:
     gpu: int = 0
-    device: str = "auto"
+    device: str = "cuda"
     budget: str | None = None  # a size, a percentage of device memory, or None: 90% of free
     page_size: str | None = None  # None: the device's granularity
     runtime_dir: str | None = None
@@ -71,6 +94,49 @@ def read_lock_pid(paths: DaemonPaths) -> int | None:
         os.close(fd)
 
 
+def remove_stale_files(paths: DaemonPaths) -> list[str]:
+    """Remove what a daemon killed without cleaning up left in `paths`; what was removed.
+
+    Only while no daemon holds the lock (taken here for the duration, so a daemon starting now
+    waits for nothing and finds nothing half-removed): the socket, the status segment, the
+    by-uuid links to the socket and the lock file itself.
+    """
+    try:
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    except OSError as exc:
+        raise StartError(f"cannot open the lock file {paths.lock}: {exc.strerror}") from None
+    removed = []
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return []  # a daemon runs: nothing here is stale
+        if paths.socket.exists():
+            for link in paths.runtime_dir.glob("by-uuid/*.sock"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(link) == f"../{paths.socket.name}":
+                        link.unlink()
+            paths.socket.unlink()
+            removed.append(f"socket {paths.socket}")
+        try:
+            posix_ipc.unlink_shared_memory(paths.shm_name)
+            removed.append(f"status segment {paths.shm_name}")
+        except posix_ipc.ExistentialError:
+            pass  # none left
+        if fd is not None:
+            paths.lock.unlink()
+            removed.append(f"lock file {paths.lock}")
+    except OSError as exc:
+        raise StartError(f"cannot remove what a dead kvmemd left in {paths.runtime_dir}: {exc.strerror}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def _runtime_dir(path: Path, gid: int | None) -> Iterator[None]:
     mode = 0o750 if gid is not None else 0o700
@@ -83,24 +149,33 @@ def _runtime_dir(path: Path, gid: int | None) -> Iterator[None]:
         raise StartError(f"runtime directory {path} belongs to uid {st.st_uid}, not you: use --runtime-dir")
     if st.st_mode & stat.S_IWOTH:
         raise StartError(f"runtime directory {path} is world-writable: use a private --runtime-dir")
-    os.chmod(path, mode)
-    if gid is not None:
-        os.chown(path, -1, gid)
+    try:
+        os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
+    except OSError as exc:  # a read-only file system, or a directory the kernel will not let us change
+        raise StartError(f"cannot set the permissions of runtime directory {path}: {exc.strerror}") from None
     yield
 
 
 @contextlib.contextmanager
 def _lock(paths: DaemonPaths) -> Iterator[None]:
-    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise StartError(
-                f"kvmemd is already running for GPU {paths.gpu} in {paths.runtime_dir} (pid {pid}); "
-                "stop it with `kvmemd stop` or use another --runtime-dir"
-            ) from None
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StartError(f"cannot open the lock file {paths.lock}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # The file is the running daemon's: leave it as it is (unlinking it would let a third
+        # start take a lock on a new file and run beside the first daemon).
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartError(
+            f"kvmemd is already running for GPU {paths.gpu} in {paths.runtime_dir} (pid {pid}); "
+            "stop it with `kvmemd stop` or use another --runtime-dir"
+        ) from None
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -113,6 +188,74 @@ def _lock(paths: DaemonPaths) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _gpu_lock(device: Device) -> Iterator[None]:
+    """Hold the machine-wide name of `device`'s GPU for as long as the daemon runs."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.bind(gpu_lock_name(device.uuid))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise StartError(f"cannot take GPU {device.uuid}'s lock: {exc.strerror}") from None
+            holder = _lock_holder(device.uuid)
+            raise StartError(
+                f"GPU {device.ordinal} ({device.uuid}) is already served by kvmemd{holder}, maybe in another "
+                "runtime directory: stop that daemon first (kvmemd stop --runtime-dir DIR), or use its socket"
+            ) from None
+        sock.listen(1)  # never accepted: listening only lets a refused start learn the holder's pid
+        yield
+    finally:
+        sock.close()
+
+
+def _lock_holder(uuid: str) -> str:
+    """`` pid N`` for the process holding GPU `uuid`'s name, from SO_PEERCRED ("" if unknown)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(gpu_lock_name(uuid))
+        pid, _, _ = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return f" pid {pid}"
+    except OSError:
+        return ""
+    finally:
+        probe.close()
+
+
+@contextlib.contextmanager
+def _uuid_link(paths: DaemonPaths, uuid: str) -> Iterator[None]:
+    """``by-uuid/<uuid>.sock`` -> our socket, for engines that know their GPU by UUID only."""
+    link = paths.uuid_link(uuid)
+    try:
+        link.parent.mkdir(mode=0o755, exist_ok=True)
+        tmp = link.with_name(f".{link.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        # Relative, so that it holds wherever the runtime directory is mounted (a container's volume).
+        os.symlink(f"../{paths.socket.name}", tmp)
+        os.replace(tmp, link)  # a link left by a dead daemon of this GPU is replaced: we hold the GPU
+    except OSError as exc:
+        raise StartError(f"cannot link {link} to the socket: {exc.strerror}") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if os.readlink(link) == f"../{paths.socket.name}":
+                os.unlink(link)
+
+
+def _open_device(options: StartOptions) -> Device:
+    try:
+        return open_device(options.device, options.gpu, host_capacity=options.host_capacity)
+    except DeviceError as exc:
+        if options.device == "cuda":
+            raise StartError(
+                f"GPU {options.gpu} is not usable: {exc}. To serve host memory instead, start with --device host"
+            ) from None
+        raise StartError(f"cannot open the device: {exc}") from None
+
+
+@contextlib.contextmanager
 def _listener(paths: DaemonPaths, mode: int, gid: int | None) -> Iterator[socket.socket]:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(paths.socket)  # we hold the lock: a socket file here is a dead daemon's
@@ -121,6 +264,8 @@ def _listener(paths: DaemonPaths, mode: int, gid: int | None) -> Iterator[socket
         old_umask = os.umask(0o777 & ~mode)
         try:
             sock.bind(str(paths.socket))
+        except OSError as exc:
+            raise StartError(f"cannot create the socket {paths.socket}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
         os.chmod(paths.socket, mode)
@@ -173,7 +318,10 @@ def _page_size(device: Device, text: str | None) -> int:
     except ValueError as exc:
         raise StartError(f"--page-size: {exc}") from None
     if size <= 0 or size % device.granularity:
-        raise StartError(f"--page-size {text} is not a multiple of the device's granularity {device.granularity}")
+        raise StartError(
+            f"--page-size {text} ({size} bytes) is not a multiple of the device's granularity, "
+            f"{format_size(device.granularity)} ({device.granularity} bytes)"
+        )
     return size
 
 
@@ -217,17 +365,18 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
     with contextlib.ExitStack() as stack:
         stack.enter_context(_runtime_dir(paths.runtime_dir, gid))
         stack.enter_context(_lock(paths))
-        try:
-            device = open_device(options.device, options.gpu, host_capacity=options.host_capacity)
-        except DeviceError as exc:
-            raise StartError(f"cannot open the device: {exc}") from exc
+        device = _open_device(options)
         stack.callback(device.close)
+        if device.uuid is not None:
+            stack.enter_context(_gpu_lock(device))
         page_size = _page_size(device, options.page_size)
         budget_pages = _budget_pages(device, options.budget, page_size)
         host_tier_bytes = _host_tier_bytes(options.host_tier)
         status = StatusWriter(paths.shm_name, mode=mode & 0o640, gid=gid)
         stack.callback(status.close)
         listener = stack.enter_context(_listener(paths, mode, gid))
+        if device.uuid is not None:
+            stack.enter_context(_uuid_link(paths, device.uuid))
         cache_exports = _raise_fd_limit(budget_pages)
         config = DaemonConfig(
             gpu=options.gpu,

@@ -44,15 +44,15 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str
 class DaemonProcess:
     """A ``kvmemd start`` child process. Use as a context manager or call `stop()`."""
 
-    def __init__(self, runtime_dir: Path, device: str, budget: str = "64MiB", *extra: str, env=None):
+    def __init__(self, runtime_dir: Path, device: str, budget: str = "64MiB", *extra: str, env=None, gpu: int = 0):
         self.runtime_dir = runtime_dir
         self.device = device
-        self.paths = DaemonPaths.resolve(runtime_dir, 0)
+        self.paths = DaemonPaths.resolve(runtime_dir, gpu)
         self.counters_file = runtime_dir.parent / f"{runtime_dir.name}.fakecuda-counters"
         self.log_path = runtime_dir.parent / f"{runtime_dir.name}.kvmemd.log"
         self.args = [
             KVMEMD, "start", "--device", device, "--budget", budget, "--runtime-dir", str(runtime_dir),
-            "--log-level", "debug", *extra,
+            "--gpu", str(gpu), "--log-level", "debug", *extra,
         ]  # fmt: skip
         if env is None:  # the fake driver, unless the tests run on the real one (tests/support.py)
             real = os.environ.get("KVMEM_TEST_DRIVER") == "real"
@@ -64,7 +64,14 @@ class DaemonProcess:
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=self._log)
-        wait_for(self._serving, timeout=30, what=f"kvmemd to serve (log: {self.log_path})")
+        try:
+            wait_for(self._serving, timeout=30, what=f"kvmemd to serve (log: {self.log_path})")
+        except BaseException:
+            if self.proc.poll() is None:  # never leave a daemon behind a failed start
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+            self._log.close()
+            raise
 
     def _serving(self) -> bool:
         if self.proc.poll() is not None:

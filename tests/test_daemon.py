@@ -390,23 +390,44 @@ def test_a_second_daemon_for_the_same_gpu_is_refused(runtime_dir: Path):
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "code", "message"),
     [
-        (["--budget", "lots"], "Error: --budget: size 'lots' is not understood"),
-        (["--budget", "1KiB"], "Error: --budget 1.0 KiB is less than one 2.0 MiB page"),
-        (["--budget", "16MiB", "--page-size", "3MiB"], "Error: --page-size 3MiB is not a multiple of"),
-        (["--group", "no-such-group-kvmem"], "Error: --group 'no-such-group-kvmem' is not a group"),
+        (
+            ["--budget", "lots"],
+            2,
+            "Error: Invalid value for '--budget' (env var: 'KVMEM_BUDGET'): size 'lots' is not understood",
+        ),
+        (
+            ["--host-tier", "1 parsec"],
+            2,
+            "Error: Invalid value for '--host-tier' (env var: 'KVMEM_HOST_TIER'): size '1 parsec' is not understood",
+        ),
+        (
+            ["--page-size", "10%"],
+            2,
+            "Error: Invalid value for '--page-size' (env var: 'KVMEM_PAGE_SIZE'): size '10%' is a percentage",
+        ),
+        (["--budget", "1KiB"], 1, "Error: --budget 1.0 KiB is less than one 2.0 MiB page"),
+        (
+            ["--budget", "16MiB", "--page-size", "3MiB"],
+            1,
+            "Error: --page-size 3MiB (3145728 bytes) is not a multiple of the device's granularity, 2.0 MiB (2097152",
+        ),
+        (["--group", "no-such-group-kvmem"], 1, "Error: --group 'no-such-group-kvmem' is not a group"),
     ],
 )
-def test_bad_start_options_give_one_line_and_exit_1(args: list[str], message: str, runtime_dir: Path):
+def test_bad_start_options_give_one_line_and_a_documented_code(
+    args: list[str], code: int, message: str, runtime_dir: Path
+):
     result = subprocess.run(
         [KVMEMD, "start", "--device", "host", "--runtime-dir", str(runtime_dir), *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert result.returncode == code  # 2: bad usage, caught as the options are read; 1: cannot start
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.strip().startswith(message)
     assert not (runtime_dir / "gpu0.lock").exists() and not (runtime_dir / "gpu0.sock").exists()
 
 

@@ -84,7 +84,7 @@ def test_status_json_follows_its_schema_and_reports_exact_figures(daemon: Daemon
 
 @pytest.mark.parametrize(
     ("size", "pages"),
-    [("20MiB", 10), ("20MB", 9), ("512K", 0), ("25%", 8), ("none", -1)],
+    [("20MiB", 10), ("20MB", 9), ("4M", 2), ("25%", 8), ("none", -1)],
     ids=["binary", "decimal", "bare-letter", "percent-of-budget", "none"],
 )
 def test_limit_sizes_reach_status_and_the_client(daemon: DaemonProcess, size: str, pages: int):
@@ -138,6 +138,19 @@ def test_errors_are_one_line_with_documented_exit_codes(daemon: DaemonProcess, t
             "Error: SIZE: size '12XB' is not understood: use e.g. 20GB, 20GiB, 512M, 1048576 or 25%\n",
         ),
         (["limit", "m", "120%"], 2, "Error: SIZE: size '120%' is more than 100%\n"),
+        (
+            ["limit", "m", "512K"],
+            2,
+            "Error: SIZE: 512.0 KiB is less than one 2.0 MiB page, so m could hold nothing: to free its memory, "
+            "`kvctl sleep m`\n",
+        ),
+        (
+            ["limit", "m", "-1GB"],
+            2,
+            "Error: SIZE: size '-1GB' is not understood: use e.g. 20GB, 20GiB, 512M, 1048576 or 25%\n",
+        ),
+        (["limit", "m"], 2, "Error: Missing argument 'SIZE'.\n"),
+        (["limit", "--gpu"], 2, "Error: Option '--gpu' requires an argument.\n"),
         (["sleep", "idle-policy-only", "--offload"], 1, None),
     ]
     assert run(daemon, "priority", "idle-policy-only", "1").exit_code == 0
@@ -320,3 +333,20 @@ def test_metrics_endpoint_is_scraped_and_parsed(daemon: DaemonProcess):
     assert samples["kvmem_model_state", (("model", "scraped"), ("state", "asleep"))] == 0
     assert samples["kvmem_grants_total", ()] >= 1 and samples["kvmem_model_grants_total", model] >= 1
     assert samples["kvmem_grant_latency_seconds_count", ()] == samples["kvmem_grants_total", ()]
+
+
+def test_limit_says_what_it_set_and_whether_the_model_is_attached(daemon: DaemonProcess):
+    result = run_process(daemon.runtime_dir, "limit", "typo-model", "5MiB")
+    assert result.returncode == 0
+    assert result.stderr == (
+        "typo-model: limit 4.0 MiB (2 pages)\n"
+        "note: typo-model is not attached; the policy applies when an engine attaches it\n"
+    )
+    result = run_process(daemon.runtime_dir, "min", "typo-model", "3MiB")
+    assert result.stderr.splitlines()[0] == "typo-model: minimum 4.0 MiB (2 pages)"
+    with kvmem.connect("attached-model", runtime_dir=daemon.runtime_dir):
+        result = run_process(daemon.runtime_dir, "limit", "attached-model", "1GiB", "--gpu", "0")  # options after
+        assert result.returncode == 0
+        assert result.stderr == (
+            "attached-model: limit 1.0 GiB (512 pages)\nnote: that is more than the daemon's whole budget, 64.0 MiB\n"
+        )

@@ -91,9 +91,15 @@ MISSING = {k: v for k, v in GOOD.items() if k != "slot_bytes"}
         (bad(GOOD, range_bytes=PAGE), "range_bytes=2097152 does not match"),
         (bad(GOOD, shape=[1024, 2, 16, 64]), "shape=[1024, 2, 16, 64] does not match"),
         (bad(GOOD, strides=[2048, 128, 1, 64]), "strides=[2048, 128, 1, 64] does not match"),
-        (bad(GOOD, k_offsets=[0, 4 * PAGE, 8 * PAGE]), "k_offsets=[0, 8388608, 16777216] does not match"),
+        (bad(GOOD, k_offsets=[0, 4 * PAGE, 8 * PAGE]), "k_offsets has 3 entries for 2 layers"),
+        (bad(GOOD, k_offsets=[0, 8 * PAGE]), "k_offsets=[0, 16777216] does not match"),
         (bad(GOOD, v_offsets=[PAGE, 6 * PAGE]), "v_offsets=[2097152, 12582912] does not match"),
-        (bad(GOOD, num_layers=3), "k_offsets=[0, 8388608] does not match the geometry (expected [0, 8388608, 1677"),
+        (bad(GOOD, num_layers=3), "k_offsets has 2 entries for 3 layers"),
+        (bad(GOOD, num_layers=10**9), "k_offsets has 2 entries for 1000000000 layers"),
+        (
+            bad(GOOD, num_layers=5000, k_offsets=[0] * 5000, v_offsets=[0] * 5000),
+            "num_layers=5000 is more than 4096",
+        ),
     ],
 )
 def test_from_dict_refuses_bad_input_with_one_line_naming_the_field(data, message: str):

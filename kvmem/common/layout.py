@@ -28,6 +28,9 @@ VERSION = 1
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
 DTYPES = tuple(DTYPE_SIZES)
 LAYOUTS = ("NHD", "HND")
+# The most layers a descriptor may name. The largest open models have a few hundred; the bound
+# keeps a hostile descriptor from making its reader build huge offset lists.
+MAX_LAYERS = 4096
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,14 @@ class KVLayout:
                 _check_int(f.name, value)
         if self.version != VERSION:
             raise ValueError(f"layout descriptor: version {self.version} is not supported (this kvmem reads {VERSION})")
+        # What the descriptor carries must be as long as what it claims, before anything is derived
+        # from the claim: checking a descriptor costs what it is, not what it says (a 600-byte frame
+        # claiming 10^9 layers must not make the daemon build 10^9 offsets).
+        for name in ("k_offsets", "v_offsets"):
+            if len(getattr(self, name)) != self.num_layers:
+                raise ValueError(
+                    f"layout descriptor: {name} has {len(getattr(self, name))} entries for {self.num_layers} layers"
+                )
         expected = _derived_fields(
             self.num_layers,
             self.block_size,
@@ -192,6 +203,8 @@ def _derived_fields(
         ("max_blocks", max_blocks),
     ):
         _check_int(name, value)
+    if num_layers > MAX_LAYERS:
+        raise ValueError(f"layout descriptor: num_layers={num_layers} is more than {MAX_LAYERS}")
     if dtype not in DTYPE_SIZES:
         raise ValueError(f"layout descriptor: dtype {_short(dtype)} is not one of {', '.join(DTYPES)}")
     if layout not in LAYOUTS:

@@ -1,7 +1,13 @@
 """Where a daemon lives: its runtime directory, socket, lock file and shared-memory name.
 
 One daemon serves one GPU in one runtime directory. Names derive from both, so several daemons on
-one machine (one per GPU, or many in tests) never collide.
+one machine (one per GPU, or many in tests) never collide. The GPU in a name is the ordinal the
+daemon was started with (``kvmemd start --gpu N``), which is what an operator types.
+
+An engine cannot trust an ordinal: CUDA_VISIBLE_DEVICES renumbers GPUs from 0 in every process
+(a container that sees only the host's GPU 3 calls it ``cuda:0``). A GPU daemon therefore also
+names its socket by the GPU's UUID, ``by-uuid/GPU-....sock``, a symbolic link to ``gpuN.sock``;
+an engine looks its GPU's UUID up there (`DaemonPaths.for_uuid`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,31 @@ class DaemonPaths:
     def resolve(cls, runtime_dir: str | os.PathLike | None = None, gpu: int = 0) -> DaemonPaths:
         path = Path(runtime_dir) if runtime_dir is not None else default_runtime_dir()
         return cls(path.absolute(), gpu)
+
+    @classmethod
+    def for_uuid(cls, runtime_dir: str | os.PathLike | None, uuid: str) -> DaemonPaths:
+        """The paths of the daemon serving the GPU with this UUID, found through ``by-uuid/``.
+
+        Raises:
+            DaemonUnavailableError: No daemon serves that GPU in this runtime directory.
+        """
+        base = Path(runtime_dir) if runtime_dir is not None else default_runtime_dir()
+        link = base.absolute() / "by-uuid" / f"{uuid}.sock"
+        try:
+            target = os.readlink(link)
+        except OSError:
+            raise DaemonUnavailableError(
+                f"no kvmemd serves GPU {uuid} in {base}: start one for that GPU with `kvmemd start --gpu N` "
+                "(N as nvidia-smi numbers it on the host)"
+            ) from None
+        name = Path(target).name
+        if not (name.startswith("gpu") and name.endswith(".sock") and name[3:-5].isdigit()):
+            raise DaemonUnavailableError(f"{link} points to {target!r}, not to a kvmemd socket: remove it")
+        return cls(base.absolute(), int(name[3:-5]))
+
+    def uuid_link(self, uuid: str) -> Path:
+        """The ``by-uuid`` link a GPU daemon makes to its socket."""
+        return self.runtime_dir / "by-uuid" / f"{uuid}.sock"
 
     @property
     def socket(self) -> Path:

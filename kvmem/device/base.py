@@ -315,6 +315,8 @@ class Device(ABC):
         granularity: The allocation granularity in bytes. Page sizes, reservation sizes and
             mapping offsets are multiples of it.
         name: A human-readable device name.
+        uuid: The GPU's UUID as nvidia-smi writes it (``GPU-8c4b...``): what identifies the
+            physical GPU whatever ordinal CUDA_VISIBLE_DEVICES gives it. None for host memory.
         zeroes_new_pages: Whether `create_page` returns memory that reads as zeros.
     """
 
@@ -322,6 +324,7 @@ class Device(ABC):
     ordinal: int
     granularity: int
     name: str
+    uuid: str | None = None
     # Whether a new page is guaranteed to read as zeros. cuMemCreate makes no such promise.
     zeroes_new_pages: bool = False
 

@@ -82,6 +82,19 @@ def check(call: str, returned: tuple) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def format_uuid(raw: bytes | str) -> str:
+    """A CUuuid's 16 bytes as nvidia-smi and NVML write them: ``GPU-`` and 8-4-4-4-12 hex digits.
+
+    cuda-bindings gives `CUuuid.bytes` as a 16-byte ``bytes`` (13.x) or a 16-character ``str`` of
+    byte values; both are accepted.
+    """
+    data = raw.encode("latin-1") if isinstance(raw, str) else bytes(raw)
+    if len(data) != 16:
+        raise DeviceError(f"cuDeviceGetUuid gave {len(data)} bytes, not 16")
+    h = data.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 class CudaDevice(Device):
     """GPU `ordinal`'s memory through the CUDA driver's VMM API.
 
@@ -108,6 +121,7 @@ class CudaDevice(Device):
         self._dev = check("cuDeviceGet", cu.cuDeviceGet(ordinal))
         raw_name = check("cuDeviceGetName", cu.cuDeviceGetName(256, self._dev))
         self.name = raw_name.split(b"\0", 1)[0].decode(errors="replace")
+        self.uuid = format_uuid(check("cuDeviceGetUuid", cu.cuDeviceGetUuid(self._dev)).bytes)
         attr = cu.CUdevice_attribute
         vmm = check(
             "cuDeviceGetAttribute",

@@ -65,6 +65,9 @@ typedef int CUdevice;
 typedef unsigned long long CUdeviceptr;
 typedef unsigned long long CUmemGenericAllocationHandle;
 typedef struct fake_context *CUcontext;
+typedef struct {
+    char bytes[16];
+} CUuuid;
 
 enum {
     CUDA_SUCCESS = 0,
@@ -128,7 +131,10 @@ _Static_assert(sizeof(CUmemAccessDesc) == 12, "CUmemAccessDesc layout");
 /* ---- configuration ---- */
 static size_t g_granularity = 2u << 20;
 static size_t g_capacity = 4ull << 30;
-static int g_device_count = 1;
+static int g_device_count = 1;   /* devices this process sees (after CUDA_VISIBLE_DEVICES) */
+/* The physical device behind each visible ordinal: the driver renumbers the devices that
+   CUDA_VISIBLE_DEVICES names from 0, in the order named; a device's name and UUID stay its own. */
+static int g_physical[64];
 static int g_vmm_supported = 1;
 static int g_driver_version = 13000;
 
@@ -333,16 +339,35 @@ static CUresult fake_cuInit(unsigned int flags) {
         g_granularity = env_size("FAKECUDA_GRANULARITY", 2u << 20);
         if (g_granularity % 4096 != 0) g_granularity = 2u << 20;
         g_capacity = env_size("FAKECUDA_CAPACITY_BYTES", 4ull << 30);
-        g_device_count = (int)env_size("FAKECUDA_DEVICE_COUNT", 1);
+        int physical = (int)env_size("FAKECUDA_DEVICE_COUNT", 1);
+        if (physical > 64) physical = 64;
+        g_device_count = 0;
+        const char *visible = getenv("CUDA_VISIBLE_DEVICES");
+        if (visible == NULL) {
+            for (int i = 0; i < physical; i++) g_physical[g_device_count++] = i;
+        } else {
+            /* Integer indices, comma-separated; like the driver, stop at the first invalid entry. */
+            const char *p = visible;
+            while (*p && g_device_count < 64) {
+                char *end = NULL;
+                long v = strtol(p, &end, 10);
+                if (end == p || v < 0 || v >= physical) break;
+                g_physical[g_device_count++] = (int)v;
+                p = (*end == ',') ? end + 1 : end;
+                if (*end != ',') break;
+            }
+        }
         const char *vmm = getenv("FAKECUDA_VMM_SUPPORTED");
         g_vmm_supported = !(vmm && strcmp(vmm, "0") == 0);
         g_driver_version = (int)env_size("FAKECUDA_DRIVER_VERSION", 13000);
-        g_primary = calloc((size_t)g_device_count, sizeof *g_primary);
+        g_primary = calloc((size_t)(g_device_count ? g_device_count : 1), sizeof *g_primary);
         for (int i = 0; i < g_device_count; i++) g_primary[i].device = i;
         g_initialized = 1;
     }
+    int visible = g_device_count;
     pthread_mutex_unlock(&g_lock);
-    return CUDA_SUCCESS;
+    /* As the driver: with every device hidden (CUDA_VISIBLE_DEVICES="" or naming none), cuInit fails. */
+    return visible > 0 ? CUDA_SUCCESS : CUDA_ERROR_NO_DEVICE;
 }
 
 static CUresult fake_cuDriverGetVersion(int *version) {
@@ -374,7 +399,21 @@ static CUresult fake_cuDeviceGetName(char *name, int len, CUdevice dev) {
     if (!g_initialized) return CUDA_ERROR_NOT_INITIALIZED;
     if (!name || len <= 0) return CUDA_ERROR_INVALID_VALUE;
     if (dev < 0 || dev >= g_device_count) return CUDA_ERROR_INVALID_DEVICE;
-    snprintf(name, (size_t)len, "kvmem fakecuda device %d", dev);
+    snprintf(name, (size_t)len, "kvmem fakecuda device %d", g_physical[dev]);
+    return CUDA_SUCCESS;
+}
+
+/* A device's UUID: 16 bytes, fixed per physical device (fa4ec0da-0000-4000-8000-0000000000NN),
+   whichever ordinal CUDA_VISIBLE_DEVICES gives it. cuda-bindings 13 asks for the _v2 ABI
+   (version 11040, which also names MIG instances); it takes (CUuuid *, CUdevice). */
+static CUresult fake_cuDeviceGetUuid(CUuuid *uuid, CUdevice dev) {
+    count(C_cuDeviceGetUuid);
+    if (!g_initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!uuid) return CUDA_ERROR_INVALID_VALUE;
+    if (dev < 0 || dev >= g_device_count) return CUDA_ERROR_INVALID_DEVICE;
+    static const unsigned char stem[16] = {0xfa, 0x4e, 0xc0, 0xda, 0, 0, 0x40, 0, 0x80, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(uuid->bytes, stem, 16);
+    uuid->bytes[15] = (char)g_physical[dev];
     return CUDA_SUCCESS;
 }
 
@@ -948,6 +987,7 @@ static const struct proc_entry k_procs[] = {
     {"cuDeviceGetCount", 2000, (void *)fake_cuDeviceGetCount},
     {"cuDeviceGet", 2000, (void *)fake_cuDeviceGet},
     {"cuDeviceGetName", 2000, (void *)fake_cuDeviceGetName},
+    {"cuDeviceGetUuid", 11040, (void *)fake_cuDeviceGetUuid},
     {"cuDeviceTotalMem", 3020, (void *)fake_cuDeviceTotalMem_v2},
     {"cuDeviceGetAttribute", 2000, (void *)fake_cuDeviceGetAttribute},
     {"cuDevicePrimaryCtxRetain", 7000, (void *)fake_cuDevicePrimaryCtxRetain},

@@ -1,0 +1,201 @@
+"""One daemon per physical GPU, and start-up that never takes over what another daemon holds.
+
+The CUDA cases run `kvmemd --device cuda` on the fake driver (tests/fakecuda), which gives each
+physical device a fixed UUID and renumbers devices under CUDA_VISIBLE_DEVICES as the driver does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvmem.common import protocol
+from kvmem.common.errors import DaemonUnavailableError
+from kvmem.common.layout import KVLayout
+from kvmem.common.protocol import MsgType
+from kvmem.common.runtime import DaemonPaths
+from kvmemd.launcher import read_lock_pid
+from tests import fakecuda
+from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm, shm_exists
+
+UUID_0 = "GPU-fa4ec0da-0000-4000-8000-000000000000"  # the fake's physical device 0
+UUID_1 = "GPU-fa4ec0da-0000-4000-8000-000000000001"
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "rt"
+    yield path
+    cleanup_shm(DaemonPaths.resolve(path, 0).shm_name)
+    cleanup_shm(DaemonPaths.resolve(path, 1).shm_name)
+
+
+def start(runtime_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`kvmemd start` that is expected to fail: its result."""
+    return subprocess.run(
+        [KVMEMD, "start", "--budget", "16MiB", "--runtime-dir", str(runtime_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env if env is not None else fakecuda.child_env(),
+    )
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_refused_start_leaves_the_running_daemon_its_lock(detach: bool, runtime_dir: Path):
+    with DaemonProcess(runtime_dir, "host", "16MiB") as daemon:
+        flags = ["--detach"] if detach else []
+        for _ in range(2):  # the second refusal proves the first left the lock in place
+            result = start(runtime_dir, "--device", "host", *flags)
+            assert result.returncode == 1
+            assert result.stderr.strip().splitlines()[-1] == (
+                f"Error: kvmemd is already running for GPU 0 in {runtime_dir} (pid {daemon.pid}); "
+                "stop it with `kvmemd stop` or use another --runtime-dir"
+            )
+            assert read_lock_pid(daemon.paths) == daemon.pid
+        stop = subprocess.run([KVMEMD, "stop", "--runtime-dir", str(runtime_dir)], capture_output=True, text=True)
+        assert stop.returncode == 0, stop.stderr
+        assert stop.stderr.strip() == f"kvmemd for GPU 0 stopped (pid {daemon.pid})"
+        daemon.proc.wait(timeout=30)
+
+
+def test_a_second_daemon_for_the_same_gpu_is_refused_in_any_runtime_directory(tmp_path: Path):
+    first, second = tmp_path / "root-run", tmp_path / "user-run"
+    try:
+        with DaemonProcess(first, "cuda", "16MiB") as daemon:
+            result = start(second, "--device", "cuda")
+            assert result.returncode == 1
+            assert result.stderr.strip().splitlines()[-1] == (
+                f"Error: GPU 0 ({UUID_0}) is already served by kvmemd pid {daemon.pid}, maybe in another runtime "
+                "directory: stop that daemon first (kvmemd stop --runtime-dir DIR), or use its socket"
+            )
+            assert not (second / "gpu0.sock").exists() and not (second / "gpu0.lock").exists()
+    finally:
+        for path in (first, second):
+            cleanup_shm(DaemonPaths.resolve(path, 0).shm_name)
+
+
+def test_the_same_gpu_under_another_ordinal_is_still_the_same_gpu(tmp_path: Path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    two_gpus = fakecuda.child_env(FAKECUDA_DEVICE_COUNT="2")
+    try:
+        with DaemonProcess(first, "cuda", "16MiB", env=two_gpus, gpu=1) as daemon:
+            # A container that sees only physical GPU 1 calls it GPU 0.
+            only_gpu_1 = fakecuda.child_env(FAKECUDA_DEVICE_COUNT="2", CUDA_VISIBLE_DEVICES="1")
+            result = start(second, "--device", "cuda", "--gpu", "0", env=only_gpu_1)
+            assert result.returncode == 1
+            assert f"GPU 0 ({UUID_1}) is already served by kvmemd pid {daemon.pid}" in result.stderr
+            # Physical GPU 0 is free: its daemon starts beside the first.
+            with DaemonProcess(second, "cuda", "16MiB", env=two_gpus) as other:
+                assert other.status().daemon.gpu == 0
+    finally:
+        for path in (first, second):
+            for gpu in (0, 1):
+                cleanup_shm(DaemonPaths.resolve(path, gpu).shm_name)
+
+
+def test_a_gpu_daemon_links_its_socket_by_uuid_for_engines(runtime_dir: Path):
+    with DaemonProcess(runtime_dir, "cuda", "16MiB") as daemon:
+        link = runtime_dir / "by-uuid" / f"{UUID_0}.sock"
+        assert os.readlink(link) == "../gpu0.sock"
+        assert DaemonPaths.for_uuid(runtime_dir, UUID_0) == daemon.paths
+        with pytest.raises(DaemonUnavailableError, match=f"no kvmemd serves GPU {UUID_1} in {runtime_dir}"):
+            DaemonPaths.for_uuid(runtime_dir, UUID_1)
+    assert not link.exists()
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_gpu_that_does_not_exist_is_an_error_not_host_memory(detach: bool, runtime_dir: Path):
+    result = start(runtime_dir, "--gpu", "7", *(["--detach"] if detach else []))  # --device cuda is the default
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: GPU 7 is not usable: GPU 7 does not exist: the driver sees 1 GPU(s). "
+        "To serve host memory instead, start with --device host"
+    )
+    assert not (runtime_dir / "gpu7.sock").exists() and not (runtime_dir / "gpu7.lock").exists()
+
+
+def test_no_driver_at_all_is_an_error_not_host_memory(runtime_dir: Path):
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}  # no fake: no libcuda.so.1 loads
+    result = start(runtime_dir, env=env)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: GPU 0 is not usable: no CUDA driver (libcuda.so.1) could be loaded")
+    assert last.endswith("To serve host memory instead, start with --device host")
+
+
+def test_auto_is_not_a_daemon_device(runtime_dir: Path):
+    result = start(runtime_dir, "--device", "auto")
+    assert result.returncode == 2
+    assert "'auto' is not one of 'cuda', 'host'" in result.stderr
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_runtime_directory_that_cannot_be_changed_is_one_line(detach: bool):
+    # /proc/self/fdinfo exists and belongs to us, but no one may chmod it (as a read-only file system).
+    path = "/proc/self/fdinfo"
+    result = subprocess.run(
+        [KVMEMD, "start", "--device", "host", "--budget", "16MiB", "--runtime-dir", path, *(["--detach"] * detach)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: cannot ")
+    assert "Traceback" not in result.stderr and "[Errno" not in result.stderr
+
+
+def test_a_layout_frame_claiming_a_billion_layers_costs_what_it_is(runtime_dir: Path):
+    layout = KVLayout.derive(2, 16, 2, 64, "float16", "NHD", 2 << 20, 1024).to_dict()
+    layout["num_layers"] = 10**9  # everything else, the two offset lists included, as for 2 layers
+    frame = protocol.encode(MsgType.LAYOUT, {"layout": layout})
+    assert len(frame) < 1024
+    with DaemonProcess(runtime_dir, "host", "16MiB") as daemon:
+        sock = daemon.paths.connect()
+        try:
+            hello = {"version": protocol.PROTOCOL_VERSION, "role": "engine", "model": "liar", "geometry": None}
+            protocol.send_message(sock, MsgType.HELLO, {**hello, "adopt": 0, "page_size": 0})
+            protocol.receive_expected(sock, MsgType.WELCOME)
+            sock.send(frame)
+            while (msg := protocol.receive_message(sock)).type != MsgType.ERROR:
+                pass  # POLICY and the like, sent after WELCOME
+            assert msg["message"] == "layout descriptor: k_offsets has 2 entries for 1000000000 layers"
+        finally:
+            sock.close()
+        with EngineProcess(runtime_dir, "honest") as engine:  # the daemon serves on
+            assert engine.call("grow", 1)["granted"] == 1
+
+
+def test_a_killed_daemon_is_gone_at_once_and_kvmemd_stop_removes_what_it_left(runtime_dir: Path):
+    daemon = DaemonProcess(runtime_dir, "host", "16MiB")
+    pid = daemon.pid
+    daemon.kill()  # SIGKILL: no clean-up
+    assert daemon.paths.socket.exists() and shm_exists(daemon.paths.shm_name)
+    kvctl = [str(Path(KVMEMD).with_name("kvctl")), "--runtime-dir", str(runtime_dir)]
+
+    status = subprocess.run([*kvctl, "status"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 3  # at once, not after the heartbeat has aged
+    assert status.stderr.strip() == (
+        f"Error: no kvmemd for GPU 0 in {runtime_dir} (kvmemd pid {pid} died without cleaning up; its socket and "
+        "status segment are stale, `kvmemd stop` removes them): start one with `kvmemd start --gpu 0`"
+    )
+    doctor = subprocess.run([*kvctl, "doctor", "--json"], capture_output=True, text=True, timeout=60)
+    assert doctor.returncode == 1
+    checks = {c["check"]: c for c in json.loads(doctor.stdout)}
+    assert checks["socket"]["status"] == "fail" and "is stale: no daemon listens" in checks["socket"]["detail"]
+    assert checks["status"]["status"] == "fail" and f"kvmemd pid {pid} is gone" in checks["status"]["detail"]
+
+    stop = subprocess.run([KVMEMD, "stop", "--runtime-dir", str(runtime_dir)], capture_output=True, text=True)
+    assert stop.returncode == 0
+    assert stop.stderr.strip() == (
+        f"no kvmemd was running for GPU 0 in {runtime_dir}; removed what a dead one left: socket "
+        f"{daemon.paths.socket}, status segment {daemon.paths.shm_name}, lock file {daemon.paths.lock}"
+    )
+    assert not daemon.paths.socket.exists() and not daemon.paths.lock.exists()
+    assert not shm_exists(daemon.paths.shm_name)
