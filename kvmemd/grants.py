@@ -86,10 +86,10 @@ class GrantDesk:
         models = self.daemon.sessions.models
         waiting = {r.seq: r for r in self.pending if not r.abandoned}
         stats = pool.stats()
-        free = stats.free_clean + stats.free_dirty
+        free, coming = pool.supply()
         supply = Supply(
             free=free,
-            coming=max(0, pool.supply() - free),
+            coming=coming,
             created=stats.created,
             budget_pages=stats.budget_pages,
             granted=stats.granted,

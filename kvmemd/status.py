@@ -7,13 +7,14 @@ Design note
 `kvmem.common.status` (documented in docs/protocol.md, "Status"). Two renderings:
 
 - the segment (`publish`): the daemon is its only writer (seqlock). Changes are published at most
-  every `STATUS_MIN_INTERVAL_S`, so readers see a change within that delay, well inside the
-  100 ms promised to `kvctl` and engines; the heartbeat at least every `HEARTBEAT_S`. A control
-  change is published before its REPLY (`force`).
+  every `STATUS_MIN_INTERVAL_S` (a publish packs every slot), so readers see a change within that
+  delay, well inside the 100 ms promised to `kvctl` and engines; the heartbeat at least every
+  `HEARTBEAT_S`. A control change is published before its REPLY (`force`).
 - the `status` control op (`as_json`): the same fields (`kvmem.common.status.as_dict`), plus per
   model its ``geometry`` and ``layout``, which have no room in the segment's fixed slot.
 
-`kvctl` (status, top, sleep/wake --wait) and the metrics endpoint read the segment only.
+`kvctl status`, `top`, `sleep --wait` and `wake --wait`, and the metrics endpoint, read the segment;
+`kvctl doctor` asks for the reply.
 """
 
 from __future__ import annotations
