@@ -59,7 +59,7 @@ def check_daemon(ctx: KvctlContext) -> tuple[Check, dict | None]:
         fix = f"kvmemd start --gpu {ctx.gpu} --detach (or: systemctl start kvmemd@{ctx.gpu})"
         return Check("daemon", "fail", exc.message, fix), None
     daemon = reply["daemon"]
-    return Check("daemon", "ok", f"kvmemd pid {daemon['pid']} answers at {ctx.paths.socket}"), daemon
+    return Check("daemon", "ok", f"kvmemd pid {daemon['daemon_pid']} answers at {ctx.paths.socket}"), daemon
 
 
 def _access_fix(path: Path) -> str:

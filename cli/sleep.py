@@ -8,7 +8,6 @@ line like any request; --wait shows what it is waiting for.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import click
@@ -16,39 +15,30 @@ import click
 from kvmem.cli.context import EXIT_TIMEOUT, EXIT_UNKNOWN_MODEL, KvctlContext, KvctlError, pass_context
 
 POLL_S = 0.02  # shared memory: free to read
-REASON_POLL_S = 0.5  # a status request to the daemon: asked at most this often
 
 
 def _wait_for_state(ctx: KvctlContext, model: str, states: tuple[str, ...], timeout: float) -> str:
     """Poll shared memory until MODEL is in one of `states`; report what a wake waits for."""
     deadline = time.monotonic() + timeout
     last_reason = ""
-    next_reason_check = 0.0
-    with contextlib.ExitStack() as stack:
-        control = None  # opened on the first poll that finds the model waking, then kept
-        while True:
-            found = ctx.read_status().model(model)
-            if found is None:
-                raise KvctlError(f"model {model!r} is gone", EXIT_UNKNOWN_MODEL)
-            state = found.state.name.lower()
-            if state in states:
-                return state
-            now = time.monotonic()
-            if state == "waking" and now >= next_reason_check:  # the reason is in the daemon's reply only
-                control = control or stack.enter_context(ctx.control())
-                entry = next((m for m in control.status()["models"] if m["model"] == model), None)
-                reason = entry["waiting_for"] if entry else ""
-                if reason and reason != last_reason:
-                    click.echo(f"{model}: waking, waiting for {reason}", err=True)
-                    last_reason = reason
-                next_reason_check = now + REASON_POLL_S
-            if now >= deadline:
-                raise KvctlError(
-                    f"timed out after {timeout:g} s: model {model!r} is {state} "
-                    f"(holding {found.mapped_pages} pages{', waiting for ' + last_reason if last_reason else ''})",
-                    EXIT_TIMEOUT,
-                )
-            time.sleep(POLL_S)
+    while True:
+        found = ctx.read_status().model(model)
+        if found is None:
+            raise KvctlError(f"model {model!r} is gone", EXIT_UNKNOWN_MODEL)
+        state = found.state.name.lower()
+        if state in states:
+            return state
+        reason = found.waiting_for if state == "waking" else ""
+        if reason and reason != last_reason:
+            click.echo(f"{model}: waking, waiting for {reason}", err=True)
+            last_reason = reason
+        if time.monotonic() >= deadline:
+            raise KvctlError(
+                f"timed out after {timeout:g} s: model {model!r} is {state} "
+                f"(holding {found.mapped_pages} pages{', waiting for ' + last_reason if last_reason else ''})",
+                EXIT_TIMEOUT,
+            )
+        time.sleep(POLL_S)
 
 
 @click.command()

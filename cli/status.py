@@ -88,6 +88,7 @@ def status_document(ctx: KvctlContext, snap: StatusSnapshot) -> dict[str, Any]:
                 "pages_granted_total": m.pages_granted_total,
                 "pages_returned_total": m.pages_returned_total,
                 "last_grant_us": m.last_grant_us,
+                "waiting_for": m.waiting_for,
             }
             for m in snap.models
         ],

@@ -465,12 +465,8 @@ class ElasticKVCache:
     # ---- shrink ----
 
     def _on_reclaim(self, pages: int, reason: str) -> None:
-        # A lowered limit comes as POLICY (the target, always sent first) and as a RECLAIM of the
-        # pages over it, for clients that read only RECLAIM. The cache follows the target; counting
-        # the RECLAIM too would take the same pages twice when the cache has already shrunk to the
-        # target before the RECLAIM is read (and with an evictor, evict blocks it need not).
-        if reason != "limit":
-            self._reclaim_pages += pages
+        # RECLAIM is budget pressure only; a lowered limit comes as POLICY's target (`_on_target`).
+        self._reclaim_pages += pages
         self._notify()
 
     def _on_target(self, target_pages: int) -> None:

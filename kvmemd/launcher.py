@@ -40,8 +40,8 @@ from kvmem.common.runtime import DaemonPaths
 from kvmem.common.sizes import format_size, parse_size
 from kvmem.common.status import StatusWriter
 from kvmem.device import Device, DeviceError, open_device
+from kvmemd.daemon import Daemon, DaemonConfig, install_signal_handlers
 from kvmemd.metrics import MetricsServer
-from kvmemd.server import Daemon, DaemonConfig, install_signal_handlers
 
 logger = logging.getLogger(__name__)
 

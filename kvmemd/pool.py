@@ -234,15 +234,15 @@ class PagePool:
             self._granted.add(page_id)
             return page
 
-    def supply(self) -> int:
-        """Pages that can be granted without asking any client for pages back.
+    def supply(self) -> tuple[int, int]:
+        """Pages that can be granted without asking any client for pages back: (free, coming).
 
-        Counts every free page (a dirty or foreign-tainted one can be zeroed, or released and
-        made anew), pages being created or zeroed, and pages the budget still allows.
+        `free` counts every free page (a dirty or foreign-tainted one can be zeroed, or released and
+        made anew); `coming`, pages being created or zeroed, and pages the budget still allows.
         """
         with self._lock:
             room = max(0, self.budget_pages - len(self.pages) - self._creating)
-            return self._free_count() + self._creating + self._scrubbing + room
+            return self._free_count(), self._creating + self._scrubbing + room
 
     def set_demand(self, pages_by_uid: dict[int, int]) -> None:
         """Pages the waiting requests still need, by the uid asking."""

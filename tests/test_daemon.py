@@ -59,6 +59,7 @@ def test_grant_and_return(device_kind: str, runtime_dir: Path):
 
 
 def test_limit_denies_and_lowering_it_asks_pages_back(device_kind: str, runtime_dir: Path):
+    """A lowered limit is one message: POLICY, whose target is the limit; no RECLAIM comes with it."""
     with (
         DaemonProcess(runtime_dir, device_kind, "64MiB") as daemon,
         EngineProcess(runtime_dir, "qwen") as engine,
@@ -69,13 +70,20 @@ def test_limit_denies_and_lowering_it_asks_pages_back(device_kind: str, runtime_
         assert got["granted"] == 4 and got["denied"] == "limit"
         assert engine.call("grow", 1, 0)["denied"] == "limit"
         control.set_limit("qwen", 2 * MiB)
-        events = wait_for(lambda: [e for e in engine.call("events")["events"] if e[0] == "reclaim"], what="reclaim")
-        assert events == [["reclaim", 3, "limit"]]
+        policy = ["policy", 1, 1]  # limit 1 page, target 1 page
+
+        def policy_seen() -> list | None:
+            events = engine.call("events")["events"]
+            return events if policy in events else None
+
+        wait_for(policy_seen, what="the lowered limit's POLICY")
         status = wait_for(lambda: (s := model_status(daemon, "qwen")).limit_pages == 1 and s, what="status")
         assert status.target_pages == 1 and status.mapped_pages == 4
         engine.call("return", 3)
         wait_for(lambda: model_status(daemon, "qwen").mapped_pages == 1, what="settled at the limit")
         assert model_status(daemon, "qwen").target_pages == -1
+        # A RECLAIM sent with the POLICY would have been read by now: none was sent.
+        assert [e for e in engine.call("events")["events"] if e[0] == "reclaim"] == []
         control.set_limit("qwen", None)
         assert engine.call("grow", 3)["granted"] == 3
 

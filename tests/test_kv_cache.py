@@ -407,11 +407,11 @@ def test_shrinking_waits_for_the_engine_lock_and_tells_the_engine_what_went_back
     assert sorted(s for slots in unmapped for s in slots) == [0, 2]
 
 
-def test_a_limit_reclaim_read_after_the_target_was_met_takes_nothing_more(session):
-    """A lowered limit comes as a target (POLICY) and as a RECLAIM of the pages over it. When the cache has
-    shrunk to the target before it reads that RECLAIM (the two cross when the machine is loaded), the
-    RECLAIM takes nothing more: the engine's cached blocks on the slot it keeps are not evicted.
-    (The source's hooks are called here as the daemon's messages would call them.)"""
+def test_a_lowered_limit_takes_only_the_pages_over_its_target(session):
+    """A lowered limit comes as one message, POLICY, whose target says how many pages the cache may keep.
+    The cache shrinks to the target and no further: once there, later passes of its background thread
+    take nothing more, and the engine's cached blocks on the slot it keeps are not evicted.
+    (The source's hook is called here as the daemon's POLICY would call it.)"""
     cache = session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
     per_slot, per_growth = cache.blocks_per_slot, cache.pages_per_growth
     assert cache.map_slots([0, 1, 2]) == (None, "")
@@ -427,7 +427,6 @@ def test_a_limit_reclaim_read_after_the_target_was_met_takes_nothing_more(sessio
     cache.evictor = evict
     session.source.on_target(per_growth)  # POLICY: one slot's pages
     wait_for(lambda: cache.stats().mapped_slots == 1, what="the cache at its target")
-    session.source.on_reclaim(2 * per_growth, "limit")  # the same limit's RECLAIM, read late
     time.sleep(0.3)  # several passes of the background thread
     assert (cache.stats().mapped_slots, asked, list(cached)) == (1, [2], [0])
 

@@ -73,6 +73,7 @@ def test_status_json_follows_its_schema_and_reports_exact_figures(daemon: Daemon
         assert (llama["model"], llama["state"], llama["pid"]) == ("llama-8b", "awake", os.getpid())
         assert (llama["mapped_bytes"], llama["used_bytes"], llama["limit_bytes"]) == (16 * MiB, 16 * MiB, None)
         assert (qwen["state"], qwen["pid"], qwen["limit_pages"], qwen["limit_bytes"]) == ("detached", None, 5, 10 * MiB)
+        assert llama["waiting_for"] == qwen["waiting_for"] == ""
 
         table = run(daemon, "status").stdout.splitlines()
         assert table[0].startswith("kvmemd pid ") and "budget 64.0 MiB (32 pages)" in table[1]

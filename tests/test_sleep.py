@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import kvmem
 from kvmem import KVCacheFull
+from kvmem.cli.context import EXIT_TIMEOUT
+from kvmem.cli.main import main as kvctl
 from kvmem.common.errors import ControlError
 from kvmem.control import ControlClient
 from kvmem.kv_cache import ElasticKVCache
@@ -150,6 +153,13 @@ def test_sleeping_under_contention_hands_the_memory_over_and_wake_waits_for_it(d
 
         waiting = wait_for(lambda: "more pages" in (m := big_status())["waiting_for"] and m, what="a reason to wait")
         assert waiting["state"] == "waking" and "32 of 32 pages exist" in waiting["waiting_for"], waiting
+        # One snapshot: shared memory shows the same reason, and `kvctl wake --wait` reports it from there.
+        assert "32 of 32 pages exist" in daemon.status().model("big").waiting_for
+        result = CliRunner().invoke(
+            kvctl, ["--runtime-dir", str(daemon.runtime_dir), "wake", "big", "--wait", "--timeout", "0.2"]
+        )
+        assert result.exit_code == EXIT_TIMEOUT, result.output
+        assert "big: waking, waiting for " in result.stderr and "32 of 32 pages exist" in result.stderr
         assert big.asleep
         other.free(mine)  # the other model's pages become idle: reclaimed for the wake
         wait_for(lambda: not big.asleep, timeout=15, what="the wake to complete")

@@ -74,6 +74,14 @@ DAEMON = DaemonStatus(
     host_tier_capacity_bytes=2**41 + 5,
     sleeps=1008,
     wakes=1009,
+    pages_free_dirty=1010,
+    pages_created_total=1011,
+    pages_released_total=1012,
+    pages_scrubbed_total=1013,
+    out_of_memory_total=1014,
+    host_tier_warm_bytes=2**42 + 7,
+    host_tier_saved_bytes_total=2**43 + 9,
+    host_tier_restored_bytes_total=2**64 - 4,
 )
 # 32 two-byte characters: exactly the 64 bytes of the slot's name field, with no NUL terminator.
 LONGEST_NAME = "é" * 32
@@ -99,6 +107,7 @@ MODELS = {
         saved_pages=19,
         sleeps=20,
         wakes=2**64 - 3,
+        waiting_for="24 more pages: 32 of 32 pages exist, 28 granted",
     ),
     5: ModelStatus(
         model=LONGEST_NAME,
@@ -121,6 +130,7 @@ MODELS = {
         saved_pages=34,
         sleeps=35,
         wakes=36,
+        waiting_for="w" * 56,  # the whole field, with no NUL terminator
     ),
     MAX_SLOTS - 1: ModelStatus(model="last-slot", state=ModelState.DETACHED, mapped_pages=99),
 }
@@ -351,7 +361,7 @@ SLOT_INTS = [f.name for f in ModelStatus.__dataclass_fields__.values() if f.type
 def image(k):
     daemon = DaemonStatus(**{n: k for n in INTS}, started_unix=float(k), device_kind=str(k), device_name=f"dev-{k}")
     models = [
-        ModelStatus(**{n: k for n in SLOT_INTS}, model=f"m{k}-{i}", state=ModelState(1 + k % 5))
+        ModelStatus(**{n: k for n in SLOT_INTS}, model=f"m{k}-{i}", state=ModelState(1 + k % 5), waiting_for=f"w{k}")
         for i in range(MAX_SLOTS)
     ]
     return daemon, models
@@ -373,13 +383,13 @@ def consistent_k(snap) -> int:
     d = snap.daemon
     k = d.daemon_pid
     header_ints = [getattr(d, f.name) for f in dataclasses.fields(d) if f.type in ("int", int)]
-    assert len(header_ints) == 18 and header_ints == [k] * 18, f"torn header: {header_ints}"
+    assert len(header_ints) == 26 and header_ints == [k] * 26, f"torn header: {header_ints}"
     assert (d.started_unix, d.device_kind, d.device_name) == (float(k), str(k), f"dev-{k}")
     assert len(snap.models) == MAX_SLOTS, f"torn image: {len(snap.models)} occupied slots"
     for i, m in enumerate(snap.models):
         slot_ints = [getattr(m, f.name) for f in dataclasses.fields(m) if f.type in ("int", int)]
         assert len(slot_ints) == 18 and slot_ints == [k] * 18, f"torn slot {i} at k={k}: {slot_ints}"
-        assert (m.model, m.state) == (f"m{k}-{i}", ModelState(1 + k % 5)), f"torn slot {i} at k={k}"
+        assert (m.model, m.state, m.waiting_for) == (f"m{k}-{i}", ModelState(1 + k % 5), f"w{k}"), f"torn slot {i}"
     return k
 
 

@@ -28,8 +28,8 @@ from typing import Any
 import posix_ipc
 
 MAGIC = b"KVMEMST\0"
-LAYOUT_VERSION = 2
-HEADER_SIZE = 256
+LAYOUT_VERSION = 3
+HEADER_SIZE = 512
 SLOT_SIZE = 256
 MAX_SLOTS = 64
 SEGMENT_SIZE = HEADER_SIZE + MAX_SLOTS * SLOT_SIZE
@@ -78,6 +78,14 @@ class DaemonStatus:
     host_tier_capacity_bytes: int = _laid_out("Q", 0)
     sleeps: int = _laid_out("Q", 0)
     wakes: int = _laid_out("Q", 0)
+    pages_free_dirty: int = _laid_out("Q", 0)  # free pages still holding a model's data (zeroed before reuse)
+    pages_created_total: int = _laid_out("Q", 0)  # counters since the daemon started
+    pages_released_total: int = _laid_out("Q", 0)
+    pages_scrubbed_total: int = _laid_out("Q", 0)
+    out_of_memory_total: int = _laid_out("Q", 0)  # page creations the driver refused
+    host_tier_warm_bytes: int = _laid_out("Q", 0)  # host memory the tier keeps ready beyond what it holds
+    host_tier_saved_bytes_total: int = _laid_out("Q", 0)
+    host_tier_restored_bytes_total: int = _laid_out("Q", 0)
 
 
 @dataclass
@@ -105,6 +113,8 @@ class ModelStatus:
     saved_pages: int = _laid_out("Q", 0)  # pages of this model's cache in the host tier (offloaded sleep)
     sleeps: int = _laid_out("Q", 0)
     wakes: int = _laid_out("Q", 0)
+    # Why a wake (a restore from the host tier) still waits; "" when it does not. Clipped to the field.
+    waiting_for: str = _laid_out("56s", "")
 
 
 # (field, struct code) in layout order, read off the dataclasses.

@@ -1,0 +1,245 @@
+"""The arbitration policy: who gets pages, who is refused, and whom to ask for pages back.
+
+Design note
+-----------
+`arbitrate` is a pure function: plain data in (the waiting requests, each model's policy and
+holdings, the pool's supply, the clock), a list of decisions out. It sends nothing and changes
+nothing; the daemon (`kvmemd.grants`) carries the decisions out in order. The rules:
+
+- Order. Requests are served models below their guaranteed minimum first, then higher priority,
+  then arrival (`Request.seq`). The order is fixed at the start of a pass.
+- Limit. A model's limit caps what it may hold. A GROW with no room left under it is denied
+  (reason ``limit``); one that fills its room and still wants more gets the room, then a DENY.
+  A wake's restore that meets the limit waits for it to be raised instead (its `waiting_for` says
+  so); it is never denied for the limit before it got any room.
+- Asleep. A GROW from a model that is draining, asleep or waking is denied (``asleep``).
+- Supply. Free pages are granted now, in serving order. Pages the pool is still making (being
+  created or zeroed, or allowed by the budget) are shared out in the same order: a request they
+  cover waits for them. The pool may hand out fewer pages than granted here (a free page may
+  first need zeroing for another user): the daemon grants what it got and the request keeps
+  waiting for the rest, to be decided again on the next pass.
+- Deadline. A request still short at its deadline is denied (``budget``) with the pool's figures.
+- Reclaim. What supply cannot cover is asked back (RECLAIM, reason ``pressure``) from other
+  AWAKE, attached models above their minimum: lowest priority first, then the most idle; first
+  the pages each engine reports idle, then pages it could free by evicting cached blocks. Never
+  below a minimum, never more than a request still lacks beyond what was asked for it already.
+- Asks lapse. Pages asked back and not returned by `asked_until` are forgotten (an `Expire`
+  decision) so that they may be asked for again.
+
+A limit lowered under what a model holds is not arbitrated here: the engine learns its new
+target from POLICY (`kvmemd.control`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from kvmem.common.status import ModelState
+
+# How long an engine has to return pages asked back before the ask may be repeated.
+RECLAIM_DEADLINE_MS = 2_000
+
+
+@dataclass(frozen=True)
+class Share:
+    """A model as the arbiter sees it.
+
+    Attributes:
+        name: The model.
+        state: Its state (only AWAKE models are asked for pages).
+        attached: Whether an engine is connected for it.
+        limit_pages: Its limit, -1 for none.
+        min_pages: Its guaranteed minimum.
+        priority: Higher is served first and asked last.
+        held: Pages its engine holds.
+        used: Of those, pages holding live KV blocks (the rest are idle).
+        asked: Pages asked back and not yet returned.
+        asked_until: When that ask lapses (monotonic seconds).
+    """
+
+    name: str
+    state: ModelState
+    attached: bool
+    limit_pages: int = -1
+    min_pages: int = 0
+    priority: int = 0
+    held: int = 0
+    used: int = 0
+    asked: int = 0
+    asked_until: float = 0.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """A waiting request: `remaining` pages for `model`, arrived as number `seq`."""
+
+    seq: int
+    model: str
+    remaining: int
+    deadline: float
+    restore: bool = False  # a wake's restore from the host tier
+    reclaim_asked: int = 0  # pages already asked back on its behalf
+
+
+@dataclass(frozen=True)
+class Supply:
+    """The pool's side: `free` pages grantable now, `coming` ones being made or allowed by the budget.
+
+    `created`, `budget_pages` and `granted` are the pool's figures, quoted in denials.
+    """
+
+    free: int
+    coming: int
+    created: int
+    budget_pages: int
+    granted: int
+
+
+@dataclass(frozen=True)
+class Expire:
+    """Forget the pages asked of `model`: it did not return them in time; they may be asked again."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Give request `seq` `pages` pages now."""
+
+    seq: int
+    pages: int
+
+
+@dataclass(frozen=True)
+class Deny:
+    """Answer request `seq` with a DENY: its final answer."""
+
+    seq: int
+    reason: str  # "limit", "budget" or "asleep"
+    detail: str
+
+
+@dataclass(frozen=True)
+class Reclaim:
+    """Ask `model` to give `pages` pages back, on behalf of request `seq`."""
+
+    model: str
+    pages: int
+    seq: int
+    reason: str = "pressure"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Request `seq` keeps waiting for `pages` more pages (the pool's demand); `why` is shown for restores."""
+
+    seq: int
+    pages: int
+    why: str = ""
+
+
+Decision = Expire | Grant | Deny | Reclaim | Wait
+
+
+def arbitrate(requests: Sequence[Request], models: Mapping[str, Share], supply: Supply, now: float) -> list[Decision]:
+    """Decide the waiting requests.
+
+    Args:
+        requests: The waiting requests, in any order (`seq` is the arrival order).
+        models: Every model the daemon knows, by name; each request's model must be there.
+        supply: The pool's pages.
+        now: The clock (monotonic seconds), for deadlines and lapsed asks.
+
+    Returns:
+        Decisions in the order to carry them out: `Expire`s first, then per request in serving order
+        its `Grant` (if any), the `Reclaim`s made for it, and its final `Deny` or `Wait`. A request
+        with neither is fully granted.
+    """
+    decisions: list[Decision] = []
+    asked: dict[str, int] = {}
+    for m in models.values():
+        lapsed = m.asked > 0 and now > m.asked_until
+        if lapsed:
+            decisions.append(Expire(m.name))
+        asked[m.name] = 0 if lapsed else m.asked
+    held = {name: m.held for name, m in models.items()}
+    free, coming = supply.free, supply.coming
+    granted_now = 0
+
+    def order(r: Request) -> tuple[bool, int, int]:
+        m = models[r.model]
+        return (m.held >= m.min_pages, -m.priority, r.seq)
+
+    def budget_detail() -> str:
+        return f"{supply.created} of {supply.budget_pages} pages exist, {supply.granted + granted_now} granted"
+
+    for r in sorted(requests, key=order):
+        m = models[r.model]
+        if not r.restore and m.state in (ModelState.DRAINING, ModelState.ASLEEP, ModelState.WAKING):
+            decisions.append(Deny(r.seq, "asleep", f"model {m.name} is {m.state.name.lower()}"))
+            continue
+        room = r.remaining if m.limit_pages < 0 else min(r.remaining, m.limit_pages - held[m.name])
+        if room <= 0 and r.restore:  # the limit was lowered during the wake: wait for it to rise
+            why = f"{r.remaining} pages: the limit of {m.limit_pages} pages leaves no room"
+            decisions.append(Wait(r.seq, 0, why))
+            continue
+        if room <= 0:
+            decisions.append(Deny(r.seq, "limit", f"model {m.name} holds {held[m.name]} pages, its limit"))
+            continue
+        now_pages = min(room, free)
+        if now_pages:
+            decisions.append(Grant(r.seq, now_pages))
+            free -= now_pages
+            held[m.name] += now_pages
+            granted_now += now_pages
+        remaining, room = r.remaining - now_pages, room - now_pages
+        if remaining == 0:
+            continue
+        if room <= 0:
+            decisions.append(Deny(r.seq, "limit", f"model {m.name} reached its limit of {m.limit_pages} pages"))
+            continue
+        if now >= r.deadline:
+            decisions.append(Deny(r.seq, "budget", f"no free page within the wait: {budget_detail()}"))
+            continue
+        covered = min(room, coming)
+        coming -= covered
+        shortfall = room - covered
+        if shortfall > r.reclaim_asked:
+            decisions.extend(_reclaim(r, shortfall - r.reclaim_asked, models, held, asked))
+        why = f"{remaining} more pages: {budget_detail()}" if r.restore else ""
+        decisions.append(Wait(r.seq, room, why))
+    return decisions
+
+
+def _reclaim(
+    r: Request, pages: int, models: Mapping[str, Share], held: dict[str, int], asked: dict[str, int]
+) -> list[Reclaim]:
+    """Ask models other than `r`'s for up to `pages` pages; `held` and `asked` are this pass's, updated."""
+
+    def askable(m: Share) -> int:
+        return max(0, held[m.name] - m.min_pages - asked[m.name])
+
+    candidates = [
+        m
+        for m in models.values()
+        if m.name != r.model and m.attached and m.state == ModelState.AWAKE and askable(m) > 0
+    ]
+    candidates.sort(key=lambda m: (m.priority, -(held[m.name] - m.used)))
+    asks: list[Reclaim] = []
+    total = 0
+    for m in candidates:  # first pass: pages the engines report idle
+        idle = min(held[m.name] - m.used - asked[m.name], askable(m))
+        if idle > 0 and total < pages:
+            take = min(idle, pages - total)
+            asks.append(Reclaim(m.name, take, r.seq))
+            asked[m.name] += take
+            total += take
+    for m in candidates:  # then pages that an engine could free by evicting cached blocks
+        spare = askable(m)
+        if total < pages and spare > 0:
+            take = min(spare, pages - total)
+            asks.append(Reclaim(m.name, take, r.seq))
+            asked[m.name] += take
+            total += take
+    return asks
