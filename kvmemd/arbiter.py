@@ -13,11 +13,22 @@ nothing; the daemon (`kvmemd.grants`) carries the decisions out in order. The ru
   A wake's restore that meets the limit waits for it to be raised instead (its `waiting_for` says
   so); it is never denied for the limit before it got any room.
 - Asleep. A GROW from a model that is draining, asleep or waking is denied (``asleep``).
-- Supply. Free pages are granted now, in serving order. Pages the pool is still making (being
-  created or zeroed, or allowed by the budget) are shared out in the same order: a request they
-  cover waits for them. The pool may hand out fewer pages than granted here (a free page may
-  first need zeroing for another user): the daemon grants what it got and the request keeps
-  waiting for the rest, to be decided again on the next pass.
+- Never servable. A GROW for more than the whole budget less what its model holds is denied at
+  once (``budget``): it could only wait, and hold pages others need, until its deadline. A GROW
+  over its limit is served up to the limit, then denied the rest (``limit``).
+- Whole grants, backfill, then a hold. A GROW is granted in full, when the free pages cover it:
+  pages trickled to a request that cannot complete yet would sit idle in its engine while others
+  wait. A request the free pages cannot complete leaves them to the requests after it that they
+  do complete (backfill), so one large ask does not starve small ones. Once it has waited
+  `BACKFILL_S`, the free pages it needs are held for it (no later request takes them) until they
+  are enough, so small asks cannot starve a large one either. At its deadline it gets what is
+  free for it and a DENY saying why not more. A wake's restore is the exception: its pages are
+  filled from the host tier as they are found, so it takes free pages as they come.
+- Supply. Pages the pool is still making (being created or zeroed, or allowed by the budget) are
+  shared out in serving order: a request they cover waits for them. The pool may hand out fewer
+  pages than granted here (a free page may first need zeroing for another user): the daemon
+  grants what it got and the request keeps waiting for the rest, to be decided again on the
+  next pass.
 - Deadline. A request still short at its deadline is denied (``budget``) with the pool's figures.
 - Reclaim. What supply cannot cover is asked back (RECLAIM, reason ``pressure``) from other
   AWAKE, attached models above their minimum: lowest priority first, then the most idle; first
@@ -39,6 +50,8 @@ from kvmem.common.status import ModelState
 
 # How long an engine has to return pages asked back before the ask may be repeated.
 RECLAIM_DEADLINE_MS = 2_000
+# How long a request that free pages cannot complete lets later requests take them (see the note).
+BACKFILL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,7 @@ class Request:
     deadline: float
     restore: bool = False  # a wake's restore from the host tier
     reclaim_asked: int = 0  # pages already asked back on its behalf
+    started: float = float("-inf")  # when it arrived (monotonic seconds); it may hold free pages BACKFILL_S later
 
 
 @dataclass(frozen=True)
@@ -174,40 +188,73 @@ def arbitrate(requests: Sequence[Request], models: Mapping[str, Share], supply: 
     def budget_detail() -> str:
         return f"{supply.created} of {supply.budget_pages} pages exist, {supply.granted + granted_now} granted"
 
+    def grant(r: Request, pages: int) -> None:
+        nonlocal free, granted_now
+        if pages:
+            decisions.append(Grant(r.seq, pages))
+            free -= pages
+            held[r.model] += pages
+            granted_now += pages
+
     for r in sorted(requests, key=order):
         m = models[r.model]
         if not r.restore and m.state in (ModelState.DRAINING, ModelState.ASLEEP, ModelState.WAKING):
             decisions.append(Deny(r.seq, "asleep", f"model {m.name} is {m.state.name.lower()}"))
             continue
-        room = r.remaining if m.limit_pages < 0 else min(r.remaining, m.limit_pages - held[m.name])
-        if room <= 0 and r.restore:  # the limit was lowered during the wake: wait for it to rise
+        limit_room = r.remaining if m.limit_pages < 0 else m.limit_pages - held[m.name]
+        if limit_room <= 0 and r.restore:  # the limit was lowered during the wake: wait for it to rise
             why = f"{r.remaining} pages: the limit of {m.limit_pages} pages leaves no room"
             decisions.append(Wait(r.seq, 0, why))
             continue
-        if room <= 0:
+        if limit_room <= 0:
             decisions.append(Deny(r.seq, "limit", f"model {m.name} holds {held[m.name]} pages, its limit"))
             continue
-        now_pages = min(room, free)
-        if now_pages:
-            decisions.append(Grant(r.seq, now_pages))
-            free -= now_pages
-            held[m.name] += now_pages
-            granted_now += now_pages
-        remaining, room = r.remaining - now_pages, room - now_pages
-        if remaining == 0:
-            continue
-        if room <= 0:
-            decisions.append(Deny(r.seq, "limit", f"model {m.name} reached its limit of {m.limit_pages} pages"))
-            continue
+        if r.restore:
+            # Filled from the host tier as pages are found: it takes free pages as they come.
+            room = min(r.remaining, limit_room)
+            taken = min(room, free)
+            grant(r, taken)
+            remaining, room = r.remaining - taken, room - taken
+            if remaining == 0:
+                continue
+            if room <= 0:
+                decisions.append(Deny(r.seq, "limit", f"model {m.name} reached its limit of {m.limit_pages} pages"))
+                continue
+            why = f"{remaining} more pages: {budget_detail()}"
+            usable = 0  # it took every free page it could
+        else:
+            room = min(r.remaining, limit_room)  # a GROW over its limit is served up to the limit, then denied
+            budget_room = supply.budget_pages - held[m.name]
+            if room > budget_room:  # more than the whole budget leaves it: it could wait forever
+                detail = (
+                    f"{r.remaining} pages asked; the budget is {supply.budget_pages} pages and model {m.name} "
+                    f"holds {held[m.name]}"
+                )
+                decisions.append(Deny(r.seq, "budget", detail))
+                continue
+            if free >= room:  # whole grants only
+                grant(r, room)
+                if room < r.remaining:
+                    decisions.append(Deny(r.seq, "limit", f"model {m.name} reached its limit of {m.limit_pages} pages"))
+                continue
+            if now >= r.deadline:  # what is free for it, then the answer
+                grant(r, min(room, free))
+                decisions.append(Deny(r.seq, "budget", f"no free page within the wait: {budget_detail()}"))
+                continue
+            # The free pages count towards it (nothing is made or asked back for them); once it has
+            # waited BACKFILL_S they are also held for it, else later requests they complete take them.
+            usable = free
+            if now - r.started >= BACKFILL_S:
+                free = 0
+            why = ""
         if now >= r.deadline:
             decisions.append(Deny(r.seq, "budget", f"no free page within the wait: {budget_detail()}"))
             continue
-        covered = min(room, coming)
+        covered = min(room - usable, coming)
         coming -= covered
-        shortfall = room - covered
+        shortfall = room - usable - covered
         if shortfall > r.reclaim_asked:
             decisions.extend(_reclaim(r, shortfall - r.reclaim_asked, models, held, asked))
-        why = f"{remaining} more pages: {budget_detail()}" if r.restore else ""
         decisions.append(Wait(r.seq, room, why))
     return decisions
 

@@ -96,7 +96,7 @@ class GrantDesk:
         )
         shares = {name: _share(record) for name, record in models.items()}
         requests = [
-            Request(r.seq, r.conn.model.name, r.remaining, r.deadline, r.restore, r.reclaim_asked)
+            Request(r.seq, r.conn.model.name, r.remaining, r.deadline, r.restore, r.reclaim_asked, r.started)
             for r in waiting.values()
         ]
         demand: dict[int, int] = {}

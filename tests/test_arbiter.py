@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvmem.common.status import ModelState
-from kvmemd.arbiter import Deny, Expire, Grant, Reclaim, Request, Share, Supply, Wait, arbitrate
+from kvmemd.arbiter import BACKFILL_S, Deny, Expire, Grant, Reclaim, Request, Share, Supply, Wait, arbitrate
 
 NOW = 100.0
 LATER = NOW + 5.0  # a deadline still ahead
@@ -99,7 +99,7 @@ def test_a_restore_short_of_pages_says_what_it_waits_for():
     ]
 
 
-def test_a_request_still_short_at_its_deadline_is_denied_with_the_budget():
+def test_a_request_still_short_at_its_deadline_gets_what_is_free_and_a_denial_with_the_budget():
     shares = models(share("a"))
     decisions = arbitrate([Request(1, "a", 4, NOW)], shares, supply(free=1, created=30, granted=29), NOW)
     assert decisions == [
@@ -108,9 +108,9 @@ def test_a_request_still_short_at_its_deadline_is_denied_with_the_budget():
     ]
 
 
-def test_a_request_before_its_deadline_waits_for_pages_being_made():
+def test_a_request_before_its_deadline_holds_the_free_page_and_waits_for_pages_being_made():
     decisions = arbitrate([Request(1, "a", 4, LATER)], models(share("a")), supply(free=1, coming=3), NOW)
-    assert decisions == [Grant(1, 1), Wait(1, 3)]
+    assert decisions == [Wait(1, 4)]  # the pool's demand: 4 ready for it; granted in full then
 
 
 def test_several_requests_share_the_free_pages_then_the_coming_ones_then_reclaim():
@@ -119,11 +119,45 @@ def test_several_requests_share_the_free_pages_then_the_coming_ones_then_reclaim
     decisions = arbitrate(requests, shares, supply(free=3, coming=2), NOW)
     assert decisions == [
         Grant(1, 2),
-        Grant(2, 1),
-        Wait(2, 1),  # the one coming page it needs
+        Wait(2, 2),  # it holds the free page left and waits for one coming page
         Reclaim("idle", 1, 3),  # one coming page left for two wanted
         Wait(3, 2),
     ]
+
+
+def test_a_request_for_more_than_the_budget_is_denied_at_once():
+    shares = models(share("greedy", held=4), share("small"))
+    requests = [Request(1, "greedy", 29, LATER), Request(2, "small", 1, LATER)]
+    decisions = arbitrate(requests, shares, supply(free=6, granted=4), NOW)
+    assert decisions == [
+        Deny(1, "budget", "29 pages asked; the budget is 32 pages and model greedy holds 4"),
+        Grant(2, 1),  # nothing is held back for a request that can never be served
+    ]
+
+
+def test_a_young_large_request_leaves_the_free_pages_to_small_ones_it_cannot_use():
+    shares = models(share("big"), share("s1"), share("s2"), share("s3"))
+    requests = [
+        Request(1, "big", 8, LATER, started=NOW),
+        Request(2, "s1", 1, LATER, started=NOW),
+        Request(3, "s2", 1, LATER, started=NOW),
+        Request(4, "s3", 1, LATER, started=NOW),
+    ]
+    decisions = arbitrate(requests, shares, supply(free=4, coming=4), NOW)
+    assert decisions == [Wait(1, 8), Grant(2, 1), Grant(3, 1), Grant(4, 1)]
+
+
+def test_after_the_backfill_window_the_free_pages_are_held_for_the_large_request():
+    shares = models(share("big"), share("s1"), share("s2"))
+    waited = NOW - BACKFILL_S
+    requests = [
+        Request(1, "big", 8, LATER, started=waited),
+        Request(2, "s1", 1, LATER, started=NOW),
+        Request(3, "s2", 1, LATER, started=NOW),
+    ]
+    assert arbitrate(requests, shares, supply(free=4, coming=4), NOW) == [Wait(1, 8), Wait(2, 1), Wait(3, 1)]
+    # Once the free pages cover it, it is granted in full, and the small ones have the rest.
+    assert arbitrate(requests, shares, supply(free=9, coming=1), NOW) == [Grant(1, 8), Grant(2, 1), Wait(3, 1)]
 
 
 def test_reclaim_asks_the_lowest_priority_first_then_the_most_idle():

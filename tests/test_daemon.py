@@ -140,7 +140,7 @@ def test_client_killed_mid_grant_gives_every_page_back(device_kind: str, runtime
         victim = EngineProcess(runtime_dir, "victim")
         assert victim.call("grow", 10)["granted"] == 10
         victim.send("grow", 100, 30)  # the pool creates pages as it goes: the grant takes a while
-        wait_for(lambda: model_status(daemon, "victim").mapped_pages > 10, what="grant under way")
+        wait_for(lambda: daemon.status().daemon.pages_created > 10, what="grant under way")
         victim.kill()
         wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="pages back after SIGKILL")
         assert model_status(daemon, "victim").state == ModelState.DETACHED
@@ -525,3 +525,16 @@ def test_random_grow_return_sequences_keep_accounting_exact(runtime_dir: Path):
             for engine in engines:
                 engine.exit()
         wait_for(lambda: daemon.status().daemon.pages_granted == 0)
+
+
+def test_a_request_for_more_than_the_budget_is_denied_at_once_and_starves_no_one(runtime_dir: Path):
+    with (
+        DaemonProcess(runtime_dir, "host", "16MiB") as daemon,  # 8 pages
+        EngineProcess(runtime_dir, "greedy") as greedy,
+        EngineProcess(runtime_dir, "modest") as modest,
+    ):
+        got = greedy.call("grow", 9)  # more than the whole budget: it could only wait, holding pages
+        assert (got["granted"], got["denied"]) == (0, "budget")
+        assert got["detail"] == "9 pages asked; the budget is 8 pages and model greedy holds 0"
+        assert modest.call("grow", 8)["granted"] == 8
+        wait_for(lambda: daemon.status().model("modest").mapped_pages == 8, what="the status to show the grant")
