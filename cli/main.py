@@ -13,7 +13,7 @@ from kvmem import __version__
 from kvmem.cli.context import KvctlContext
 from kvmem.cli.device import device
 from kvmem.cli.doctor import doctor
-from kvmem.cli.policy import limit, minimum, priority
+from kvmem.cli.policy import forget, limit, minimum, priority
 from kvmem.cli.sleep import sleep, wake
 from kvmem.cli.status import status, top
 from kvmem.common.command_line import OneLineGroup
@@ -84,5 +84,5 @@ def main(click_ctx: click.Context, gpu: int, runtime_dir: str | None) -> None:
     click_ctx.obj = KvctlContext(gpu=gpu, runtime_dir=runtime_dir)
 
 
-for command in (status, top, limit, minimum, priority, sleep, wake, doctor, device):
+for command in (status, top, limit, minimum, priority, forget, sleep, wake, doctor, device):
     main.add_command(command)

@@ -1,4 +1,4 @@
-"""`kvctl limit`, `kvctl min`, `kvctl priority`: a model's share of the daemon's budget.
+"""`kvctl limit`, `kvctl min`, `kvctl priority`, `kvctl forget`: a model's share of the daemon's budget.
 
 A model that is not attached yet may be given a policy; it applies when its engine attaches.
 Sizes are bytes as operators write them (20GB, 20GiB, 512M) or a percentage of the daemon's
@@ -64,11 +64,24 @@ def minimum(ctx: KvctlContext, model: str, size: str) -> None:
     _say_if_detached(ctx, model)
 
 
+@click.command()
+@click.argument("model")
+@pass_context
+def forget(ctx: KvctlContext, model: str) -> None:
+    """Drop MODEL's policy (limit, minimum, priority) while no engine has it attached."""
+    ctx.request("forget", model)
+    click.echo(f"{model}: forgotten", err=True)
+
+
 def _say_if_detached(ctx: KvctlContext, model: str) -> None:
     """A policy for a model no engine has attached is kept for it: say so (a typo shows here)."""
     record = ctx.read_status().model(model)
     if record is None or record.state == ModelState.DETACHED:
-        click.echo(f"note: {model} is not attached; the policy applies when an engine attaches it", err=True)
+        click.echo(
+            f"note: {model} is not attached; the policy applies when an engine attaches it "
+            f"(`kvctl forget {model}` drops it)",
+            err=True,
+        )
 
 
 @click.command(context_settings={"ignore_unknown_options": True})  # so that `priority m -3` is a value

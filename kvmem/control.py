@@ -83,6 +83,10 @@ class ControlClient:
     def wake(self, model: str) -> Any:
         return self.request("wake", model)
 
+    def forget(self, model: str) -> Any:
+        """Drop a detached model's policy (a limit set for a name no engine uses)."""
+        return self.request("forget", model)
+
     def status(self) -> dict[str, Any]:
         return self.request("status")
 

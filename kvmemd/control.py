@@ -95,4 +95,7 @@ class Control:
             daemon.sleep.sleep(record, offload=bool(value))
         elif op == "wake":
             daemon.sleep.wake(record)
+        elif op == "forget":
+            sessions.forget(record)
+            return {"model": name, "state": "forgotten", "waiting_for": ""}
         return {"model": name, "state": record.state.name.lower(), "waiting_for": record.waiting_for}

@@ -30,7 +30,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from kvmem.common import protocol
-from kvmem.common.errors import ProtocolError
+from kvmem.common.errors import ControlError, ProtocolError
 from kvmem.common.layout import KVLayout
 from kvmem.common.protocol import Message, MsgType
 from kvmem.common.status import MAX_SLOTS, ModelState
@@ -72,6 +72,20 @@ class Sessions:
             idle = r.client is None and r.copies_in_flight == 0 and not self.daemon.tier.saved_pages(name)
             if idle and r.limit_pages < 0 and r.min_pages == 0 and r.priority == 0:
                 del self.models[name]
+
+    def forget(self, record: ModelRecord) -> None:
+        """Drop a detached model's record and policy (`kvctl forget`), freeing its status slot.
+
+        Raises:
+            ControlError: An engine is attached, or the daemon still keeps its offloaded cache.
+        """
+        if record.client is not None:
+            raise ControlError(
+                f"model {record.name!r} is attached by pid {record.client.pid}: stop its engine first", "conflict"
+            )
+        if record.copies_in_flight or self.daemon.tier.saved_pages(record.name):
+            raise ControlError(f"model {record.name!r} still has a cache in the host tier", "conflict")
+        del self.models[record.name]
 
     @staticmethod
     def may_manage(uid: int, record: ModelRecord) -> bool:
@@ -252,6 +266,9 @@ class Sessions:
             conn.held.add(page.id)
             mapping.append([old_id, page.id])
         conn.adopt_expected -= len(old_ids)
+        # Adopted pages count as granted to the model, as created ones do: what it returns later
+        # must never exceed what it was granted.
+        conn.model.pages_granted_total += len(mapping)
         self.daemon.loop.send(conn, MsgType.ADOPTED, {"mapping": mapping, "done": conn.adopt_expected == 0})
         self.daemon.status.changed()
         logger.info("model %s: adopted %d pages", conn.model.name, len(mapping))

@@ -205,6 +205,8 @@ def test_daemon_killed_and_restarted_while_clients_hold_pages(device_kind: str, 
             assert len(engine.call("return", "all")["returned"]) == 8
             wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="adopted and new pages returned")
             assert len(new_ids) == 6
+            totals = model_status(daemon, "steady")
+            assert (totals.pages_granted_total, totals.pages_returned_total) == (8, 8)  # the adopted 6 count
             assert engine.exit() == 0
         daemon.stop()
     finally:

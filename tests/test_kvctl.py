@@ -341,7 +341,8 @@ def test_limit_says_what_it_set_and_whether_the_model_is_attached(daemon: Daemon
     assert result.returncode == 0
     assert result.stderr == (
         "typo-model: limit 4.0 MiB (2 pages)\n"
-        "note: typo-model is not attached; the policy applies when an engine attaches it\n"
+        "note: typo-model is not attached; the policy applies when an engine attaches it "
+        "(`kvctl forget typo-model` drops it)\n"
     )
     result = run_process(daemon.runtime_dir, "min", "typo-model", "3MiB")
     assert result.stderr.splitlines()[0] == "typo-model: minimum 4.0 MiB (2 pages)"
@@ -351,3 +352,17 @@ def test_limit_says_what_it_set_and_whether_the_model_is_attached(daemon: Daemon
         assert result.stderr == (
             "attached-model: limit 1.0 GiB (512 pages)\nnote: that is more than the daemon's whole budget, 64.0 MiB\n"
         )
+
+
+def test_forget_drops_a_detached_policy_and_only_that(daemon: DaemonProcess):
+    assert run_process(daemon.runtime_dir, "limit", "typo", "4MiB").returncode == 0
+    assert daemon.status().model("typo") is not None
+    result = run_process(daemon.runtime_dir, "forget", "typo")
+    assert (result.returncode, result.stderr) == (0, "typo: forgotten\n")
+    wait_for(lambda: daemon.status().model("typo") is None, what="the slot to clear")
+    result = run_process(daemon.runtime_dir, "forget", "typo")
+    assert (result.returncode, result.stderr) == (5, "Error: no model named 'typo' is known to this daemon\n")
+    with kvmem.connect("busy", runtime_dir=daemon.runtime_dir):
+        result = run_process(daemon.runtime_dir, "forget", "busy")
+        assert result.returncode == 1
+        assert result.stderr.startswith("Error: model 'busy' is attached by pid ")

@@ -200,7 +200,7 @@ _COUNT = Int(0, 2**40)
 _MODEL = Str(64, MODEL_NAME)
 _PAGE_IDS = IntList(MAX_FDS_PER_MESSAGE)
 
-CONTROL_OPS = ("set_limit", "set_min", "set_priority", "sleep", "wake", "status")
+CONTROL_OPS = ("set_limit", "set_min", "set_priority", "sleep", "wake", "status", "forget")
 # Why a control request failed, so that kvctl can map it to an exit code without reading prose.
 CONTROL_ERROR_CODES = ("invalid", "unknown_model", "not_permitted", "conflict", "no_room")
 DENY_REASONS = ("limit", "budget", "asleep", "shutdown")
