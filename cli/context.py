@@ -7,7 +7,8 @@ Exit codes (also in `kvctl --help`):
     3  no daemon answers for this GPU and runtime directory
     4  not permitted: the model belongs to another user
     5  no such model
-    6  timed out waiting (--wait / --timeout)
+    6  timed out waiting (--wait / --timeout), or the daemon rolled back a drain that did not finish
+    130  interrupted (Ctrl-C); the message says what goes on without kvctl
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ EXIT_NO_DAEMON = 3
 EXIT_NOT_PERMITTED = 4
 EXIT_UNKNOWN_MODEL = 5
 EXIT_TIMEOUT = 6
+EXIT_INTERRUPTED = 130
 
 # A process that started this long after the daemon's recorded start is not the daemon (a reused pid).
 START_TIME_SLACK_S = 2.0

@@ -21,7 +21,8 @@ from kvmem.common.runtime import RUNTIME_DIR_ENV
 
 EPILOG = (
     "Exit codes: 0 success, 1 refused by the daemon (or a doctor check failed), 2 bad usage, "
-    "3 no daemon for this GPU, 4 not permitted, 5 no such model, 6 timed out."
+    "3 no daemon for this GPU, 4 not permitted, 5 no such model, 6 timed out (or a drain rolled back), "
+    "130 interrupted."
 )
 
 

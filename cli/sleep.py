@@ -12,13 +12,33 @@ import time
 
 import click
 
-from kvmem.cli.context import EXIT_TIMEOUT, EXIT_UNKNOWN_MODEL, KvctlContext, KvctlError, pass_context
+from kvmem.cli.context import (
+    EXIT_INTERRUPTED,
+    EXIT_TIMEOUT,
+    EXIT_UNKNOWN_MODEL,
+    KvctlContext,
+    KvctlError,
+    pass_context,
+)
 
 POLL_S = 0.02  # shared memory: free to read
 
 
 def _wait_for_state(ctx: KvctlContext, model: str, states: tuple[str, ...], timeout: float) -> str:
-    """Poll shared memory until MODEL is in one of `states`; report what a wake waits for."""
+    """Poll shared memory until MODEL is in one of `states`; report what a wake waits for.
+
+    Raises:
+        KvctlError: The model is gone (exit 5), `timeout` passed (exit 6), the daemon rolled a sleep
+            back because the drain did not finish (exit 6), or Ctrl-C (exit 130, saying what goes on).
+    """
+    try:
+        return _poll_state(ctx, model, states, timeout)
+    except KeyboardInterrupt:
+        going_on = "keeps draining: `kvctl wake` cancels the sleep" if "asleep" in states else "keeps waking"
+        raise KvctlError(f"interrupted; model {model!r} {going_on}", EXIT_INTERRUPTED) from None
+
+
+def _poll_state(ctx: KvctlContext, model: str, states: tuple[str, ...], timeout: float) -> str:
     deadline = time.monotonic() + timeout
     last_reason = ""
     while True:
@@ -28,6 +48,8 @@ def _wait_for_state(ctx: KvctlContext, model: str, states: tuple[str, ...], time
         state = found.state.name.lower()
         if state in states:
             return state
+        if "asleep" in states and state == "awake":  # the daemon rolled the sleep back
+            raise KvctlError(f"model {model!r}: {found.waiting_for or 'woken'}; it is awake", EXIT_TIMEOUT)
         reason = found.waiting_for if state == "waking" else ""
         if reason and reason != last_reason:
             click.echo(f"{model}: waking, waiting for {reason}", err=True)

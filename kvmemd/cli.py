@@ -99,6 +99,11 @@ def runtime_dir_option(f):
     show_envvar=True, help="Seconds free pages must stay above the high watermark before the surplus is released.",
 )  # fmt: skip
 @click.option(
+    "--drain-timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
+    envvar="KVMEM_DRAIN_TIMEOUT", show_envvar=True,
+    help="Seconds an engine has to drain for `kvctl sleep`; a drain not done by then is rolled back to awake.",
+)  # fmt: skip
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
     envvar="KVMEM_LOG_LEVEL", show_envvar=True, help="How much the daemon logs (to stderr; with --detach, to "
     "<runtime dir>/gpu<N>.log).",
@@ -127,6 +132,7 @@ def start(
     group: str | None,
     reserve: tuple[int, int],
     release_after: float,
+    drain_timeout: float,
     host_tier: str,
     metrics_port: int | None,
     metrics_address: str,
@@ -147,6 +153,7 @@ def start(
         reserve_low=low,
         reserve_high=high,
         release_after=release_after,
+        drain_timeout=drain_timeout,
         host_tier=host_tier,
         metrics_port=metrics_port,
         metrics_address=metrics_address,

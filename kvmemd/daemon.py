@@ -58,6 +58,7 @@ class DaemonConfig:
     release_after: float = 10.0
     cache_exports: bool = True
     host_tier_bytes: int = 0  # the most bytes sleeping models may keep in host memory
+    drain_timeout: float = 30.0  # seconds an engine has to drain for a sleep before it is rolled back
 
 
 class Daemon:
@@ -120,14 +121,15 @@ class Daemon:
             self.tier.run_completions()
             self.tier.trim()
             self.grants.serve_pending()
+            self.sleep.roll_back_stalled_drains(time.monotonic())
             self.status.publish()
         self._shutdown()
 
     def _timeout(self) -> float:
         timeout = self.status.timeout()
-        deadline = self.grants.next_deadline()
-        if deadline is not None:
-            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+        for deadline in (self.grants.next_deadline(), self.sleep.next_drain_deadline()):
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - time.monotonic()))
         return timeout
 
     def _shutdown(self) -> None:

@@ -70,6 +70,7 @@ class StartOptions:
     reserve_low: int = 8
     reserve_high: int = 32
     release_after: float = 10.0
+    drain_timeout: float = 30.0
     host_capacity: int | None = None
     host_tier: str = "50%"  # a size or a percentage of the machine's RAM
     metrics_port: int | None = None  # None: no metrics server
@@ -387,6 +388,7 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
             release_after=options.release_after,
             cache_exports=cache_exports,
             host_tier_bytes=host_tier_bytes,
+            drain_timeout=options.drain_timeout,
         )
         try:
             daemon = Daemon(config, device, listener, status)

@@ -55,7 +55,9 @@ class ModelRecord:
     slept_reported: bool = False
     copies_in_flight: int = 0
     offload_lost: bool = False
-    waiting_for: str = ""  # why a wake (restore) is still waiting, for status
+    # For status: why a wake (restore) still waits, or why the last sleep was rolled back.
+    waiting_for: str = ""
+    drain_deadline: float = float("inf")  # when a drain that has not finished is rolled back (monotonic)
     # Pages asked back and not yet returned (the ask lapses at `asked_until`, monotonic seconds).
     asked: int = 0
     asked_until: float = 0.0

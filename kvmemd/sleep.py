@@ -15,11 +15,18 @@ record's `waiting_for` says why it waits): as pages are found they are filled fr
 sent as RESTORE; WAKE follows the last. A wake without a saved cache is at once AWAKE. A model
 that leaves while asleep loses its saved cache; a wake then says ``restored`` false, as it does
 when any saved page was lost.
+
+A drain that does not finish is never left half-way. An engine has `DaemonConfig.drain_timeout`
+seconds to say SLEPT; if it has not, and no page of it went to the host tier, the sleep is rolled
+back: the engine gets WAKE (restored: it lost nothing), the model is AWAKE again, and its status
+says why (`waiting_for`) until its next sleep or wake. An offloading drain whose copies have begun
+is finishing, not stalled, and goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from kvmem.common import protocol
@@ -58,6 +65,8 @@ class SleepStates:
                 "no_room",
             )
         record.state = ModelState.DRAINING
+        record.drain_deadline = time.monotonic() + self.daemon.config.drain_timeout
+        record.waiting_for = ""
         record.sleep_offload = offload
         record.slept_reported = False
         record.offload_lost = False
@@ -75,6 +84,7 @@ class SleepStates:
             )
         if record.state not in (ModelState.DRAINING, ModelState.ASLEEP):
             return  # awake or waking already
+        record.waiting_for = ""
         record.wakes += 1
         daemon.totals["wakes"] += 1
         saved = daemon.tier.saved_pages(record.name)
@@ -95,6 +105,29 @@ class SleepStates:
         record.state = ModelState.WAKING
         record.waiting_for = ""  # set by the grant desk if the pages are not there at once
         daemon.grants.restore(record.client, saved)
+
+    def next_drain_deadline(self) -> float | None:
+        """The soonest deadline of a drain under way, if any."""
+        deadlines = [r.drain_deadline for r in self.daemon.sessions.models.values() if r.state == ModelState.DRAINING]
+        return min(deadlines, default=None)
+
+    def roll_back_stalled_drains(self, now: float) -> None:
+        """Wake the models whose drain passed its deadline with nothing offloaded (see the design note)."""
+        for record in self.daemon.sessions.models.values():
+            if record.state != ModelState.DRAINING or now < record.drain_deadline or record.client is None:
+                continue
+            if record.copies_in_flight or self.daemon.tier.saved_pages(record.name):
+                continue  # an offload under way: finishing, not stalled
+            timeout = self.daemon.config.drain_timeout
+            logger.warning(
+                "model %s: its drain did not finish within %g s: the sleep is rolled back", record.name, timeout
+            )
+            record.state = ModelState.AWAKE
+            record.drain_deadline = float("inf")
+            record.waiting_for = f"sleep rolled back: the drain did not finish within {timeout:g} s"
+            self.daemon.loop.send(record.client, MsgType.WAKE, {"restored": True})
+            self.daemon.sessions.send_policy(record)
+            self.daemon.status.changed()
 
     def slept(self, conn: Connection, msg: Message) -> None:
         conn.model.slept_reported = True

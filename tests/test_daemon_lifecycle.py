@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
+import kvmem
 from kvmem.common import protocol
 from kvmem.common.errors import DaemonUnavailableError
 from kvmem.common.layout import KVLayout
@@ -20,7 +22,7 @@ from kvmem.common.protocol import MsgType
 from kvmem.common.runtime import DaemonPaths
 from kvmemd.launcher import read_lock_pid
 from tests import fakecuda
-from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm, shm_exists
+from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm, shm_exists, wait_for
 
 UUID_0 = "GPU-fa4ec0da-0000-4000-8000-000000000000"  # the fake's physical device 0
 UUID_1 = "GPU-fa4ec0da-0000-4000-8000-000000000001"
@@ -199,3 +201,47 @@ def test_a_killed_daemon_is_gone_at_once_and_kvmemd_stop_removes_what_it_left(ru
     )
     assert not daemon.paths.socket.exists() and not daemon.paths.lock.exists()
     assert not shm_exists(daemon.paths.shm_name)
+
+
+def test_a_drain_that_does_not_finish_is_rolled_back_to_awake(runtime_dir: Path):
+    geometry = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64}  # 512 blocks a page
+    kvctl = [str(Path(KVMEMD).with_name("kvctl")), "--runtime-dir", str(runtime_dir)]
+    with (
+        DaemonProcess(runtime_dir, "host", "16MiB", "--drain-timeout", "0.5") as daemon,
+        kvmem.connect("stubborn", runtime_dir=runtime_dir) as session,
+    ):
+        cache = session.kv_cache(**geometry, max_tokens=16 * 4096, low_watermark=0, high_watermark=0)
+        kept = cache.alloc(100)  # no drain hook frees them: a discarding sleep cannot finish
+        result = subprocess.run([*kvctl, "sleep", "stubborn", "--wait"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 6
+        assert result.stderr == (
+            "Error: model 'stubborn': sleep rolled back: the drain did not finish within 0.5 s; it is awake\n"
+        )
+        wait_for(lambda: not cache.asleep, what="the cache to be woken")
+        more = cache.alloc(10)  # usable again, its blocks untouched
+        assert not set(more) & set(kept)
+        status = daemon.status().model("stubborn")
+        assert status.state.name == "AWAKE" and status.waiting_for.startswith("sleep rolled back")
+
+
+def test_ctrl_c_while_waiting_for_a_sleep_says_the_model_keeps_draining(runtime_dir: Path):
+    geometry = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64}
+    kvctl = [str(Path(KVMEMD).with_name("kvctl")), "--runtime-dir", str(runtime_dir)]
+    with (
+        DaemonProcess(runtime_dir, "host", "16MiB") as daemon,
+        kvmem.connect("slow", runtime_dir=runtime_dir) as session,
+    ):
+        cache = session.kv_cache(**geometry, max_tokens=16 * 4096, low_watermark=0, high_watermark=0)
+        cache.alloc(100)
+        waiting = subprocess.Popen([*kvctl, "sleep", "slow", "--wait"], stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: daemon.status().model("slow").state.name == "DRAINING", what="the drain")
+            waiting.send_signal(signal.SIGINT)
+            _, stderr = waiting.communicate(timeout=30)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+                waiting.wait()
+        assert waiting.returncode == 130
+        assert stderr == "Error: interrupted; model 'slow' keeps draining: `kvctl wake` cancels the sleep\n"
+        subprocess.run([*kvctl, "wake", "slow", "--wait"], capture_output=True, check=True, timeout=60)
