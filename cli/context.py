@@ -19,6 +19,7 @@ import click
 import psutil
 
 from kvmem.common.errors import ControlError, DaemonPermissionError, DaemonUnavailableError
+from kvmem.common.protocol import check_model_name
 from kvmem.common.runtime import DaemonPaths
 from kvmem.common.sizes import parse_size
 from kvmem.common.status import StatusError, StatusReader, StatusSnapshot
@@ -114,6 +115,21 @@ class KvctlContext:
 
 
 pass_context = click.make_pass_decorator(KvctlContext)
+
+
+class ModelNameType(click.ParamType):
+    """A model name as the daemon accepts it; anything else is bad usage (exit 2), before any request."""
+
+    name = "model"
+
+    def convert(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_model_name(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+MODEL = ModelNameType()
 
 
 def daemon_alive(pid: int, started_unix: float) -> bool:

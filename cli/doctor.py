@@ -171,5 +171,6 @@ def doctor(ctx: KvctlContext, as_json: bool) -> None:
             click.echo(f"{c.status.upper() if c.status == 'fail' else c.status:4}  {c.check}: {c.detail}")
             if c.fix:
                 click.echo(f"      fix: {c.fix}")
-    if any(c.status == "fail" for c in checks):
-        raise SystemExit(EXIT_REFUSED)
+    failed = [c.check for c in checks if c.status == "fail"]
+    if failed:
+        raise KvctlError(f"{len(failed)} check(s) failed: {', '.join(failed)}", EXIT_REFUSED)

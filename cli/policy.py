@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from kvmem.cli.context import EXIT_USAGE, KvctlContext, KvctlError, parse_size_option, pass_context
+from kvmem.cli.context import EXIT_USAGE, MODEL, KvctlContext, KvctlError, parse_size_option, pass_context
 from kvmem.common.sizes import format_size
 from kvmem.common.status import ModelState
 
@@ -20,7 +20,7 @@ NO_LIMIT = ("none", "unlimited", "off")
 
 # ignore_unknown_options: a negative SIZE ("-1GB") is read as a (bad) size, not as an unknown option.
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("model")
+@click.argument("model", type=MODEL)
 @click.argument("size")
 @pass_context
 def limit(ctx: KvctlContext, model: str, size: str) -> None:
@@ -49,7 +49,7 @@ def limit(ctx: KvctlContext, model: str, size: str) -> None:
 
 
 @click.command(name="min", context_settings={"ignore_unknown_options": True})
-@click.argument("model")
+@click.argument("model", type=MODEL)
 @click.argument("size")
 @pass_context
 def minimum(ctx: KvctlContext, model: str, size: str) -> None:
@@ -65,7 +65,7 @@ def minimum(ctx: KvctlContext, model: str, size: str) -> None:
 
 
 @click.command()
-@click.argument("model")
+@click.argument("model", type=MODEL)
 @pass_context
 def forget(ctx: KvctlContext, model: str) -> None:
     """Drop MODEL's policy (limit, minimum, priority) while no engine has it attached."""
@@ -85,7 +85,7 @@ def _say_if_detached(ctx: KvctlContext, model: str) -> None:
 
 
 @click.command(context_settings={"ignore_unknown_options": True})  # so that `priority m -3` is a value
-@click.argument("model")
+@click.argument("model", type=MODEL)
 @click.argument("value", type=click.IntRange(-(2**31), 2**31 - 1))
 @pass_context
 def priority(ctx: KvctlContext, model: str, value: int) -> None:

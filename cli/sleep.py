@@ -16,6 +16,7 @@ from kvmem.cli.context import (
     EXIT_INTERRUPTED,
     EXIT_TIMEOUT,
     EXIT_UNKNOWN_MODEL,
+    MODEL,
     KvctlContext,
     KvctlError,
     pass_context,
@@ -64,7 +65,7 @@ def _poll_state(ctx: KvctlContext, model: str, states: tuple[str, ...], timeout:
 
 
 @click.command()
-@click.argument("model")
+@click.argument("model", type=MODEL)
 @click.option("--offload", is_flag=True, help="Keep the KV cache in the daemon's host tier; wake restores it.")
 @click.option("--wait", is_flag=True, help="Return once the model is asleep (its memory is back in the pool).")
 @click.option("--timeout", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds --wait waits.")
@@ -78,7 +79,7 @@ def sleep(ctx: KvctlContext, model: str, offload: bool, wait: bool, timeout: flo
 
 
 @click.command()
-@click.argument("model")
+@click.argument("model", type=MODEL)
 @click.option("--wait", is_flag=True, help="Return once the model is awake (its cache restored).")
 @click.option("--timeout", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds --wait waits.")
 @pass_context

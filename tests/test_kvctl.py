@@ -151,6 +151,12 @@ def test_errors_are_one_line_with_documented_exit_codes(daemon: DaemonProcess, t
             "Error: SIZE: size '-1GB' is not understood: use e.g. 20GB, 20GiB, 512M, 1048576 or 25%\n",
         ),
         (["limit", "m"], 2, "Error: Missing argument 'SIZE'.\n"),
+        (
+            ["sleep", "modèle"],
+            2,
+            "Error: Invalid value for 'MODEL': model name 'modèle' is not valid: use 1 to 64 ASCII letters, "
+            "digits and . _ : / @ + -, starting with a letter or digit\n",
+        ),
         (["limit", "--gpu"], 2, "Error: Option '--gpu' requires an argument.\n"),
         (["sleep", "idle-policy-only", "--offload"], 1, None),
     ]
@@ -306,6 +312,7 @@ def test_doctor_passes_with_a_daemon_and_says_how_to_fix_a_missing_one(daemon: D
     assert result.exit_code == (0 if fd_ok else 1), result.stdout
     missing = run_process(tmp_path / "nowhere", "doctor")
     assert missing.returncode == 1
+    assert missing.stderr.startswith("Error: ") and "check(s) failed: daemon, socket, status" in missing.stderr
     lines = missing.stdout.splitlines()
     i = next(i for i, line in enumerate(lines) if line.startswith("FAIL  daemon: no kvmemd for GPU 0"))
     assert lines[i + 1] == "      fix: kvmemd start --gpu 0 --detach (or: systemctl start kvmemd@0)"

@@ -659,3 +659,26 @@ def test_offsets_must_pair_with_pages(msg_type: MsgType):
     body = {"pages": [1, 2], "offsets": [0]}
     with pytest.raises(ProtocolError, match=f"{msg_type.name} message has 2 pages but 1 offsets"):
         protocol.validate(msg_type, body, 2 if msg_type in FDS_ALLOWED else 0)
+
+
+@pytest.mark.parametrize(
+    ("served", "name"),
+    [
+        ("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B"),  # valid as it is
+        ("/models/Meta-Llama-3-8B-Instruct", "Meta-Llama-3-8B-Instruct"),  # a local path: its last part
+        ("my model (v2)", "my-model--v2-"),
+        ("日本語モデル", "model-6f7aa479"),  # nothing usable: a digest keeps such names apart
+        ("x" * 100, "x" * 55 + "-09ecb6eb"),
+    ],
+)
+def test_an_engines_name_for_its_model_becomes_a_valid_model_name(served: str, name: str):
+    assert protocol.model_name_from(served) == name
+    assert protocol.check_model_name(name) == name
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 65, "modèle", "-lead", "a b", "a\nb"])
+def test_an_invalid_model_name_is_one_line_naming_the_rule(bad: str):
+    with pytest.raises(ValueError) as info:
+        protocol.check_model_name(bad)
+    assert "\n" not in str(info.value)
+    assert str(info.value).endswith(f"is not valid: use {protocol.MODEL_NAME_RULE}")

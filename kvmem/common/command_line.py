@@ -26,6 +26,9 @@ class OneLineGroup(click.Group):
             code = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:  # --help, --version
             sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare `kvctl`: the help, as bad usage
+            click.echo(exc.ctx.get_help())
+            sys.exit(EXIT_USAGE)
         except click.Abort:
             # Ctrl-C (or EOF at a prompt): commands that leave something running say so themselves.
             click.echo("Error: interrupted", err=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import enum
+import hashlib
 import json
 import os
 import re
@@ -43,6 +44,7 @@ MAX_RETURN_IDS = 4096  # page ids per RETURN message; fits a frame with room to 
 MAX_OFFLOAD_IDS = 1024  # (page id, offset) pairs per OFFLOAD message; fits a frame with room to spare
 MAX_OFFSET = 2**52  # byte offsets of pages in an engine's reservation
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$")
+MODEL_NAME_RULE = "1 to 64 ASCII letters, digits and . _ : / @ + -, starting with a letter or digit"
 _FD_SIZE = array.array("i").itemsize
 
 
@@ -292,6 +294,32 @@ class Message:
 
     def __getitem__(self, key: str) -> Any:
         return self.body[key]
+
+
+def check_model_name(name: str) -> str:
+    """`name` if a daemon accepts it as a model name.
+
+    Raises:
+        ValueError: One line naming the name and the rule.
+    """
+    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        raise ValueError(f"model name {_excerpt(name)} is not valid: use {MODEL_NAME_RULE}")
+    return name
+
+
+def model_name_from(text: str) -> str:
+    """A valid model name made from an engine's own name for its model (vLLM's served model name,
+    often a local path): `text` itself when valid; else its last path component with other
+    characters as ``-``, cut to 55 characters plus ``-`` and 8 hex digits of the SHA-256 of `text`
+    when too long (or ``model-`` and the digits when nothing is left), so that names stay apart."""
+    if MODEL_NAME.match(text):
+        return text
+    digest = hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()[:8]
+    base = text.rstrip("/").rsplit("/", 1)[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9._:@+-]", "-", base).lstrip("._:@+-")
+    if not cleaned.strip("-"):
+        return f"model-{digest}"
+    return cleaned if len(cleaned) <= 64 else f"{cleaned[:55]}-{digest}"
 
 
 def descriptor_count(msg_type: MsgType, body: Mapping[str, Any]) -> int:
