@@ -316,7 +316,7 @@ def test_pages_another_uid_held_are_never_lent_to_another_uid():
                 from kvmem.client import DaemonClient
 
                 with DaemonClient("nobodys-model", runtime_dir=runtime_dir) as client:
-                    pages = client.grow(4, wait=10).pages
+                    pages = client.acquire(4, wait=10).pages
                     assert len(pages) == 4, len(pages)
                     dev = client.device
                     with dev.reserve(4 * client.page_size) as reservation:

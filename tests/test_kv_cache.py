@@ -13,9 +13,12 @@ import torch
 
 import kvmem
 from kvmem import KVCacheFull
-from kvmem.common.layout import KVLayout
+from kvmem.cache import ElasticKVCache
+from kvmem.common.layout import DTYPES, KVLayout
 from kvmem.control import ControlClient
-from kvmem.kv_cache import DTYPES, ElasticKVCache
+from kvmem.device import open_device
+from kvmem.page_source import LocalPageSource, PageListener, Shortfall
+from kvmem.session import Session
 from tests.daemon_support import DaemonProcess, wait_for
 from tests.support import FAKE
 
@@ -128,7 +131,7 @@ def test_alloc_fills_the_fewest_slots_and_never_uses_an_unmapped_one(session):
     again = cache.alloc(50)
     assert again == list(range(100, 150))  # the fullest slot (slot 0) is filled first
     for block in first + again:
-        assert cache.allocator.is_mapped(block // cache.blocks_per_slot)
+        assert cache.is_slot_mapped(block // cache.blocks_per_slot)
     assert cache.stats().mapped_slots == 2
 
 
@@ -153,7 +156,7 @@ def test_shrink_returns_only_empty_slots_after_synchronizing(session):
     assert cache.shrink() == 1
     if session.device.kind == "cuda":
         assert FAKE.counter("cuCtxSynchronize") > synchronizes
-    assert cache.stats().mapped_slots == 2 and not cache.allocator.is_mapped(1)
+    assert cache.stats().mapped_slots == 2 and not cache.is_slot_mapped(1)
     assert bytes(host_view(cache, 0, "k")[:16]) == b"\x09" * 16  # the live block's slot is intact
     # Slot 0's free blocks first; slot 2 is full, so the last block comes from slot 1, mapped anew.
     assert cache.alloc(512) == [*range(1, 512), 512]
@@ -176,9 +179,9 @@ def test_session_close_returns_every_page():
         s = kvmem.local(device=kind, budget="64MiB")
         cache = s.kv_cache(**GEOMETRY, max_tokens=100_000)
         cache.alloc(2000)
-        assert s.source._held
+        assert s.source.held_pages
         cache.close()  # the cache itself gives every page back (the source's close would hide it)
-        assert not s.source._held and cache.reservation.closed
+        assert not s.source.held_pages and cache.reservation.closed
         s.close()
         s.close()
     assert FAKE.counter("live.handles") == 0 and FAKE.counter("live.mappings") == 0
@@ -224,8 +227,8 @@ def test_a_layout_that_does_not_add_up_costs_the_engine_its_connection(daemon: D
     with kvmem.connect("liar", runtime_dir=daemon.runtime_dir, reconnect=False) as s:
         layout = KVLayout.derive(1, 16, 1, 64, "float16", "NHD", s.source.page_size, 1024).to_dict()
         layout["block_bytes"] += 1
-        s.source.client.describe(layout)
-        wait_for(lambda: not s.source.client.connected.is_set(), what="the daemon to drop the engine")
+        s.source.describe(layout)
+        wait_for(lambda: not s.source.connected.is_set(), what="the daemon to drop the engine")
     assert "layout descriptor: block_bytes=2049 does not match the geometry" in daemon.log()
 
 
@@ -364,10 +367,10 @@ def test_compaction_packs_live_blocks_to_the_floor_and_keeps_their_bytes(session
 def test_map_slots_maps_exactly_the_slots_asked_for_and_take_marks_chosen_blocks(session):
     cache = session.kv_cache(**GEOMETRY, max_tokens=4 * 512 * 16, low_watermark=0, high_watermark=0, background=False)
     per_slot = cache.blocks_per_slot
-    assert cache.map_slots([3, 1, 3]) == (None, "")
-    assert [cache.allocator.is_mapped(s) for s in range(4)] == [False, True, False, True]
+    assert cache.map_slots([3, 1, 3]) is None
+    assert [cache.is_slot_mapped(s) for s in range(4)] == [False, True, False, True]
     assert cache.stats().pages_held == 2 * cache.pages_per_growth
-    assert cache.map_slots([1]) == (None, "")  # mapped already: nothing to do
+    assert cache.map_slots([1]) is None  # mapped already: nothing to do
     chosen = [3 * per_slot + 7, per_slot, 3 * per_slot]
     cache.take(chosen)
     host_view(cache, 1, "v")[chosen[0] * cache.block_bytes] = 9  # a chosen block is writable
@@ -387,9 +390,8 @@ def test_map_slots_short_of_budget_maps_the_lowest_slots_asked_for():
     with kvmem.local(device="host", budget="16MiB") as s:  # 8 pages: 2 slots of 4 ranges
         cache = s.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0, background=False)
         assert s.source.sure_pages() == 8
-        reason, detail = cache.map_slots([6, 2, 5])
-        assert (reason, detail) == ("budget", "the local budget of 8 pages")
-        assert [s for s in range(8) if cache.allocator.is_mapped(s)] == [2, 5]
+        assert cache.map_slots([6, 2, 5]) == Shortfall("budget", "the local budget of 8 pages")
+        assert [s for s in range(8) if cache.is_slot_mapped(s)] == [2, 5]
         assert s.source.sure_pages() == 0
 
 
@@ -397,8 +399,7 @@ def test_shrinking_waits_for_the_engine_lock_and_tells_the_engine_what_went_back
     cache = session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
     lock = threading.RLock()
     unmapped: list[list[int]] = []
-    cache.engine_lock = lock
-    cache.on_unmapped = unmapped.append
+    cache.attach_engine(lock, on_unmapped=unmapped.append)
     with lock:  # an engine between counting its free blocks and allocating them
         cache.map_slots([0, 2])  # the background thread sees 2 slots of free blocks past its high watermark
         time.sleep(0.3)
@@ -407,14 +408,31 @@ def test_shrinking_waits_for_the_engine_lock_and_tells_the_engine_what_went_back
     assert sorted(s for slots in unmapped for s in slots) == [0, 2]
 
 
-def test_a_limit_reclaim_read_after_the_target_was_met_takes_nothing_more(session):
+class ListenedSource(LocalPageSource):
+    """A local source that keeps the cache's listener, so that a test can speak as the daemon would."""
+
+    listener: PageListener
+
+    def listen(self, listener: PageListener) -> None:
+        self.listener = listener
+
+
+@pytest.mark.parametrize("kind", ["host", "cuda"])
+def test_a_limit_reclaim_read_after_the_target_was_met_takes_nothing_more(kind: str):
     """A lowered limit comes as a target (POLICY) and as a RECLAIM of the pages over it. When the cache has
     shrunk to the target before it reads that RECLAIM (the two cross when the machine is loaded), the
     RECLAIM takes nothing more: the engine's cached blocks on the slot it keeps are not evicted.
-    (The source's hooks are called here as the daemon's messages would call them.)"""
+    (The cache's listener is called here as the daemon's messages would call it.)"""
+    device = open_device(kind)
+    source = ListenedSource(device, budget_pages=64 * MiB // device.granularity)
+    with Session(source) as session:
+        check_the_late_limit_reclaim(session, source)
+
+
+def check_the_late_limit_reclaim(session: Session, source: ListenedSource) -> None:
     cache = session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
     per_slot, per_growth = cache.blocks_per_slot, cache.pages_per_growth
-    assert cache.map_slots([0, 1, 2]) == (None, "")
+    assert cache.map_slots([0, 1, 2]) is None
     cached = {slot: [slot * per_slot] for slot in range(3)}
     cache.take([b for blocks in cached.values() for b in blocks])
     asked: list[int] = []
@@ -424,10 +442,10 @@ def test_a_limit_reclaim_read_after_the_target_was_met_takes_nothing_more(sessio
         for slot in sorted(cached, reverse=True)[:slots]:
             cache.free(cached.pop(slot))
 
-    cache.evictor = evict
-    session.source.on_target(per_growth)  # POLICY: one slot's pages
+    cache.attach_engine(threading.RLock(), evictor=evict)
+    source.listener.target(per_growth)  # POLICY: one slot's pages
     wait_for(lambda: cache.stats().mapped_slots == 1, what="the cache at its target")
-    session.source.on_reclaim(2 * per_growth, "limit")  # the same limit's RECLAIM, read late
+    source.listener.reclaim(2 * per_growth, "limit")  # the same limit's RECLAIM, read late
     time.sleep(0.3)  # several passes of the background thread
     assert (cache.stats().mapped_slots, asked, list(cached)) == (1, [2], [0])
 
@@ -451,7 +469,7 @@ def test_the_evictor_frees_blocks_so_a_lowered_limit_is_met(daemon: DaemonProces
             for slot in sorted(cached, reverse=True)[:slots]:
                 cache.free(cached.pop(slot))
 
-        cache.evictor = evict
+        cache.attach_engine(threading.RLock(), evictor=evict)
         c.set_limit("evicting", 4 * 2 * MiB)  # one slot's worth of pages
         wait_for(lambda: cache.target_pages == 4, what="the target to reach the cache")
         wait_for(lambda: cache.stats().mapped_slots == 1, what="the cache to settle at the limit")

@@ -10,9 +10,9 @@ import torch
 
 import kvmem
 from kvmem import KVCacheFull
+from kvmem.cache import ElasticKVCache
 from kvmem.common.errors import ControlError
 from kvmem.control import ControlClient
-from kvmem.kv_cache import ElasticKVCache
 from tests.daemon_support import DaemonProcess, wait_for
 from tests.test_kv_cache import host_view
 
