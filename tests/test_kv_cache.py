@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kvmem
+import kvmem.kernels
 from kvmem import KVCacheFull
 from kvmem.cache import ElasticKVCache
 from kvmem.common.layout import DTYPES, KVLayout
@@ -359,6 +360,45 @@ def test_compaction_packs_live_blocks_to_the_floor_and_keeps_their_bytes(session
                 assert block_bytes(cache, layer, kind, block) == expected
     assert cache.compact() == {}  # packed already
     cache.free(new_ids)
+
+
+def test_compaction_moves_every_layers_blocks_in_one_kernel_launch_exactly(monkeypatch: pytest.MonkeyPatch):
+    """On tensors, compaction is one `kvmem.kernels.move_blocks` launch (the Triton interpreter here): each
+    moved block's bytes land exactly at its new id in every layer's K and V, and no other byte of the kept slot
+    changes."""
+    launches = []
+    move_blocks = kvmem.kernels.move_blocks
+
+    def spy(keys, values, src, dst, **options):
+        launches.append((src.tolist(), dst.tolist()))
+        move_blocks(keys, values, src, dst, **options)
+
+    monkeypatch.setattr(kvmem.kernels, "move_blocks", spy)
+    with kvmem.local(device="host", budget="64MiB") as s:
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 8 * 512, low_watermark=0, high_watermark=0, background=False)
+        per_slot = cache.blocks_per_slot
+        ids = cache.alloc(3 * per_slot)
+        assert sorted({b // per_slot for b in ids}) == [0, 1, 2]
+        rng = random.Random(11)
+        first, rest = [b for b in ids if b < per_slot], [b for b in ids if b >= per_slot]
+        live = set(first[:300]) | set(rng.sample(rest, 120))  # slot 0 the fullest: the one kept
+        cache.free(sorted(set(ids) - live))
+        mapped = 3 * cache.slot_bytes
+        generator = torch.Generator().manual_seed(5)
+        views = [host_view(cache, layer, kind)[:mapped] for layer in range(cache.num_layers) for kind in ("k", "v")]
+        for view in views:
+            view.copy_(torch.randint(0, 256, (mapped,), dtype=torch.uint8, generator=generator))
+        before = [view.clone().view(-1, cache.block_bytes) for view in views]
+        moved = cache.compact()
+        assert sorted(moved) == sorted(b for b in live if b >= per_slot)  # every live block off slot 0
+        assert all(dst < per_slot and dst not in live for dst in moved.values())
+        assert launches == [(list(moved), list(moved.values()))]
+        for old, view in zip(before, views, strict=True):
+            expected = old[:per_slot].clone()
+            for src, dst in moved.items():
+                expected[dst] = old[src]
+            assert torch.equal(view[: cache.slot_bytes].view(-1, cache.block_bytes), expected)
+        assert cache.stats().mapped_slots == 1 and cache.get_num_used_blocks() == len(live)
 
 
 # ---- engines that choose their own blocks (map_slots, take, the engine hooks) ----
