@@ -36,9 +36,10 @@ class Shortfall:
     """Why fewer pages or blocks came than were asked for.
 
     Attributes:
-        reason: The daemon's words (`kvmem.common.protocol.DENY_REASONS`: "limit", "budget",
-            "asleep", "shutdown", ...) or the engine's own: "disconnected" (no daemon answered) and
-            "capacity" (the cache's virtual capacity is fully mapped).
+        reason: One of the daemon's words (`kvmem.common.protocol.DENY_REASONS`: "limit", "budget",
+            "asleep", "shutdown") or of the engine's own: "disconnected" (no daemon answered) and
+            "capacity" (the cache's virtual capacity is fully mapped). A cache that sleeps answers
+            "asleep" itself.
         detail: One line for a person, e.g. the limit that was hit.
     """
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from kvmem.cache.state import CacheState
+from kvmem.common.undo import Undo
 from kvmem.page_source import Shortfall
 
 
@@ -108,11 +109,9 @@ class Growth:
             state.source.release(grant.pages[usable * per :])
         targets = targets[:usable]
         pages = grant.pages[: usable * per]
-        try:
+        with Undo() as undo:
+            undo.push(state.source.release, pages)  # `map` undoes its own mappings: the pages are unused
             state.slots.map(targets, pages)
-        except BaseException:
-            state.source.release(pages)  # `map` undid its mappings: the pages are unused
-            raise
         with state.alloc_lock:
             for slot in targets:
                 state.allocator.add_slot(slot)
@@ -129,7 +128,7 @@ class Growth:
     def shrink(self, max_slots: int | None = None) -> int:
         """Unmap and give back up to `max_slots` empty slots (all empty ones by default); how many."""
         state = self.state
-        with state.engine.lock:
+        with state.engine.lock:  # lock order: engine, grow, alloc (kvmem.cache.state)
             with state.grow_lock:
                 with state.alloc_lock:
                     empty = state.allocator.get_empty_slots()

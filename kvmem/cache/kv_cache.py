@@ -58,6 +58,7 @@ from kvmem.cache.sleep import SleepCycle
 from kvmem.cache.slots import SlotMap
 from kvmem.cache.state import CacheState
 from kvmem.common.layout import LAYOUTS, KVLayout
+from kvmem.common.undo import Undo
 from kvmem.page_source import Page, PageSource, Shortfall
 
 logger = logging.getLogger(__name__)
@@ -164,13 +165,16 @@ class ElasticKVCache:
             max_tokens,
             memory,
         )
-        slots = SlotMap(self.device, self._layout)
+        with Undo() as undo:
+            slots = SlotMap(self.device, self._layout)
+            undo.push(slots.close)
+            self.reservation = slots.reservation
+            # The reservation goes back if the views cannot be made.
+            self.k, self.v = tensors.layer_tensors(self.device, self.reservation.address, self._layout, self.dtype)
         self._state = CacheState(source, slots)
         self._growth = Growth(self._state, low_watermark, high_watermark, grow_wait)
         self._sleep = SleepCycle(self._state, sleep_hooks, wake_hooks)
         self._closed = False
-        self.reservation = slots.reservation
-        self.k, self.v = tensors.layer_tensors(self.device, self.reservation.address, self._layout, self.dtype)
         source.listen(_Listener(self._growth, self._sleep))
         source.describe(self._layout.to_dict())
         self._thread = None

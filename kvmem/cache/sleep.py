@@ -84,7 +84,7 @@ class SleepCycle:
         if not offload:
             self._discard_pending = True  # slots go back as they empty (the target is 0 while asleep)
             return
-        with state.engine.lock, state.grow_lock:
+        with state.engine.lock, state.grow_lock:  # lock order: engine, grow, alloc (kvmem.cache.state)
             with state.alloc_lock:
                 empty = set(state.allocator.get_empty_slots())
                 for slot in empty:

@@ -41,6 +41,8 @@ class EngineHooks:
 
 @dataclass
 class CacheCounters:
+    """Growths and shrinks so far, and how long the last growth took (for `ElasticKVCache.stats`)."""
+
     grows: int = 0
     shrinks: int = 0
     last_grow_s: float = 0.0

@@ -129,7 +129,14 @@ class KVLayout:
         Raises:
             ValueError: A bad argument, naming it, or a capacity of less than one token.
         """
-        _check_int("page_size", page_size)
+        for name, value in (
+            ("num_layers", num_layers),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("page_size", page_size),
+        ):
+            _check_int(name, value)
         if dtype not in DTYPE_SIZES:
             raise ValueError(f"layout descriptor: dtype {_short(dtype)} is not one of {', '.join(DTYPES)}")
         block_bytes = block_size * num_kv_heads * head_dim * DTYPE_SIZES[dtype]
