@@ -435,6 +435,20 @@ def test_map_slots_short_of_budget_maps_the_lowest_slots_asked_for():
         assert s.source.sure_pages() == 0
 
 
+def test_the_read_only_view_says_which_slots_are_mapped_and_used():
+    with kvmem.local(device="host", budget="24MiB") as s:  # 12 pages: 3 slots of 4 ranges
+        cache = s.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0, background=False)
+        per_slot = cache.blocks_per_slot
+        assert (cache.sure_pages(), cache.sure_slots(), cache.num_mapped_slots()) == (12, 3, 0)
+        assert cache.map_slots([4, 1]) is None
+        cache.take([4 * per_slot + 9, per_slot + 3, 4 * per_slot + 2])
+        assert (cache.sure_pages(), cache.sure_slots(), cache.num_mapped_slots()) == (4, 1, 2)
+        assert [cache.is_slot_mapped(slot) for slot in range(6)] == [False, True, False, False, True, False]
+        assert cache.slot_usage() == [(4, 2), (1, 1)]  # the fullest first
+        assert cache.used_blocks(4) == [4 * per_slot + 2, 4 * per_slot + 9]
+        assert cache.get_num_free_blocks() == 2 * per_slot - 3 and cache.get_num_used_blocks() == 3
+
+
 def test_shrinking_waits_for_the_engine_lock_and_tells_the_engine_what_went_back(session):
     cache = session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
     lock = threading.RLock()
