@@ -51,14 +51,14 @@ reservation = dev.reserve(64 * client.page_size)
 deadline = time.monotonic() + float(sys.argv[3])
 cycles = 0
 while time.monotonic() < deadline:
-    pages = client.grow(8, wait=1.0).pages
+    pages = client.acquire(8, wait=1.0).pages
     maps = [dev.map(reservation, i * client.page_size, p.physical) for i, p in enumerate(pages)]
     if pages:
         dev.set_access(reservation, 0, len(pages) * client.page_size)
     dev.synchronize()
     for m in maps:
         m.close()
-    client.return_pages(pages)
+    client.release(pages)
     cycles += 1
 print(cycles)
 client.close()
@@ -127,7 +127,7 @@ def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
             client = DaemonClient("bench", runtime_dir=runtime_dir)
             dev, page = client.device, client.page_size
             reservation = dev.reserve(max(SIZES) * page)
-            held = client.grow(max(SIZES)).pages  # warm pages for the in-process baseline
+            held = client.acquire(max(SIZES)).pages  # warm pages for the in-process baseline
             creates_before = daemon.counters()["cuMemCreate"] if kind == "cuda" else None
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             floor_server = subprocess.Popen(
@@ -139,14 +139,14 @@ def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
                 ipc, local, floor, floor_ratio = [], [], [], []
                 for _ in range(samples):
                     t0 = time.perf_counter_ns()
-                    result = client.grow(n, wait=10)
+                    result = client.acquire(n, wait=10)
                     mappings = map_run(dev, reservation, [p.physical for p in result.pages], page)
                     ipc.append((time.perf_counter_ns() - t0) / 1e3)
                     assert len(result.pages) == n, result
                     dev.synchronize()
                     for m in mappings:
                         m.close()
-                    client.return_pages(result.pages)
+                    client.release(result.pages)
 
                     t0 = time.perf_counter_ns()
                     mappings = map_run(dev, reservation, [p.physical for p in held[:n]], page)
@@ -172,7 +172,7 @@ def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
             floor_server.wait(timeout=60)
             if creates_before is not None:
                 out["page_creations_on_grant_path"] = daemon.counters()["cuMemCreate"] - creates_before
-            client.return_pages(list(client.pages.values()))
+            client.release(list(client.pages.values()))
             client.close()
             reservation.close()
 

@@ -125,7 +125,7 @@ def policy_latency(rounds: int = 200) -> dict:
             kvmem.connect("limited", runtime_dir=runtime) as session,
             ControlClient(runtime_dir=runtime) as control,
         ):
-            client = session.source.client
+            client = session.source
             page = client.page_size
             for i in range(rounds):
                 pages = 1 + i % 16

@@ -43,11 +43,11 @@ from typing import Any
 import torch
 
 import kvmem
+from kvmem.cache import KVCacheFull
 from kvmem.common.runtime import DaemonPaths
 from kvmem.common.status import StatusReader
 from kvmem.integrations.transformers import ATTENTION_NAME, KvmemCache
 from kvmem.integrations.transformers.cache import model_geometry
-from kvmem.kv_cache import KVCacheFull
 
 BLOCK_SIZE = 16
 VOCAB = 1024

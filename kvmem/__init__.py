@@ -19,15 +19,15 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _LAZY = {
-    "ElasticKVCache": "kvmem.kv_cache",
-    "KVCacheFull": "kvmem.kv_cache",
+    "ElasticKVCache": "kvmem.cache",
+    "KVCacheFull": "kvmem.cache",
     "Session": "kvmem.session",
     "connect": "kvmem.session",
     "local": "kvmem.session",
 }
 
 if TYPE_CHECKING:
-    from kvmem.kv_cache import ElasticKVCache, KVCacheFull
+    from kvmem.cache import ElasticKVCache, KVCacheFull
     from kvmem.session import Session, connect, local
 
 __all__ = ["ElasticKVCache", "KVCacheFull", "Session", "__version__", "connect", "local"]

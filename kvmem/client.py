@@ -1,24 +1,25 @@
-"""An engine's connection to kvmemd: pages granted as imported `PhysicalPage` objects.
+"""An engine's connection to kvmemd: the page source whose pages the daemon lends.
 
-`DaemonClient` is the low layer under the elastic KV cache: it asks for pages, imports the file
-descriptors the daemon sends, gives pages back, reports usage, and hands the daemon's requests
-(reclaim, policy, sleep, wake) to callbacks. Mapping pages is the caller's business: a page must
-be unmapped (after synchronizing the work that used it) before `return_pages`.
+`DaemonClient` implements `kvmem.page_source.PageSource`: it asks for pages, imports the file
+descriptors the daemon sends as `Page`s, gives pages back, reports usage, and hands the daemon's
+requests (reclaim, policy, sleep, restore, wake) to its one `PageListener`. Mapping pages is the
+caller's business: a page must be unmapped (after synchronizing the work that used it) before
+`release`.
 
-A reader thread receives every message on the connection. Callbacks run on that thread: keep
-them short and never call `grow` from one (it would wait for the thread that runs it).
+A reader thread receives every message on the connection. The listener runs on that thread: its
+methods must be short and never call `acquire` (it would wait for the thread that runs it).
 
 Grant channel. Right after the handshake the client opens a second socket to the daemon, a
-`socketpair` whose other end it sends in a CHANNEL message, and `grow` asks on it and reads the
+`socketpair` whose other end it sends in a CHANNEL message, and `acquire` asks on it and reads the
 answers (GRANT, DENY) itself, on the calling thread: a grant then costs one process wake-up, not
-two (the reader thread's, then the caller's), and never queues behind other messages. One `grow`
-at a time uses the channel; a `grow` that finds it busy (another thread is growing) or gone
+two (the reader thread's, then the caller's), and never queues behind other messages. One
+`acquire` at a time uses the channel; one that finds it busy (another thread is acquiring) or gone
 (reconnecting) asks over the connection and waits for the reader thread, as before.
 
 When the daemon goes away, the client keeps its pages (they stay mapped and usable) and, if
 `reconnect` is on, connects again as soon as a daemon answers, sends its pages back as
-descriptors (ADOPT) and learns their new ids; `ClientPage.id` is updated in place and
-`on_reconnect` is called.
+descriptors (ADOPT) and learns their new ids; `Page.id` is updated in place and `on_reconnect`
+is called.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from kvmem.common import protocol
 from kvmem.common.errors import ConnectionClosed, DaemonRefusedError, DaemonUnavailableError, ProtocolError
 from kvmem.common.protocol import MsgType
 from kvmem.common.runtime import DaemonPaths
-from kvmem.device import Device, DeviceError, PhysicalPage, open_device
+from kvmem.device import Device, DeviceError, open_device
+from kvmem.page_source import Grant, Page, PageListener, Shortfall
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +48,6 @@ DEFAULT_WAIT_S = 5.0
 # The daemon answers a GROW by its deadline; beyond this margin the daemon counts as gone.
 ANSWER_MARGIN_S = 10.0
 RECONNECT_BACKOFF_S = (0.05, 1.0)
-
-
-@dataclass
-class ClientPage:
-    """A page granted to this process. `id` is the daemon's id for it (updated after a restart)."""
-
-    id: int
-    physical: PhysicalPage
 
 
 @dataclass(frozen=True)
@@ -67,20 +61,10 @@ class Policy:
 
 
 @dataclass
-class GrowResult:
-    """The outcome of `grow`: the pages granted and, if fewer than asked, why."""
-
-    pages: list[ClientPage]
-    denied: str | None = None  # "limit", "budget", "asleep", "shutdown", "disconnected"
-    detail: str = ""
-
-
-@dataclass
 class _Waiter:
-    pages: list[ClientPage] = field(default_factory=list)
+    pages: list[Page] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
-    denied: str | None = None
-    detail: str = ""
+    shortfall: Shortfall | None = None
 
 
 class DaemonClient:
@@ -90,17 +74,11 @@ class DaemonClient:
         model: The model's name (one engine per model per daemon).
         gpu: GPU ordinal, selecting the daemon.
         runtime_dir: The daemon's runtime directory (default: `kvmem.common.runtime.default_runtime_dir`).
-        geometry: The KV geometry, for the daemon's status (flat dict of scalars).
         device: The device to import pages on (default: the kind the daemon reports).
         reconnect: Reconnect and re-register pages when the daemon restarts.
-        on_reclaim: ``f(pages, reason)``: the daemon asks for that many free pages back.
-        on_policy: ``f(Policy)``: limit, minimum, priority or target changed.
-        on_sleep: ``f(offload)``: the operator put the model to sleep; with `offload` the pages
-            holding live blocks go back through `offload_pages` and come back on wake.
-        on_restore: ``f(pages, offsets)``: pages restored from the host tier on wake, each to be
-            mapped at the offset it was offloaded from (the pages are held already).
-        on_wake: ``f(restored)``: the operator woke the model; `restored` is False when an
-            offloaded cache was lost (the engine must then treat every block as gone).
+        listener: Where the daemon's requests go (or later through `listen`). A POLICY becomes
+            ``listener.target(target pages, else the limit's)``; without a listener a SLEEP is
+            answered SLEPT at once (nothing holds pages for the model yet).
         on_reconnect: ``f()``: reconnected after a daemon restart; page ids are updated.
 
     Raises:
@@ -114,29 +92,19 @@ class DaemonClient:
         *,
         gpu: int = 0,
         runtime_dir: str | os.PathLike | None = None,
-        geometry: dict[str, Any] | None = None,
         device: Device | None = None,
         reconnect: bool = True,
-        on_reclaim: Callable[[int, str], None] | None = None,
-        on_policy: Callable[[Policy], None] | None = None,
-        on_sleep: Callable[[bool], None] | None = None,
-        on_restore: Callable[[list[ClientPage], list[int]], None] | None = None,
-        on_wake: Callable[[bool], None] | None = None,
+        listener: PageListener | None = None,
         on_reconnect: Callable[[], None] | None = None,
     ):
         self.model = model
         self.paths = DaemonPaths.resolve(runtime_dir, gpu)
-        self.geometry = geometry
         self.reconnect = reconnect
-        self.on_reclaim = on_reclaim
-        self.on_policy = on_policy
-        self.on_sleep = on_sleep
-        self.on_restore = on_restore
-        self.on_wake = on_wake
+        self._listener = listener
         self.on_reconnect = on_reconnect
         self.policy = Policy()
         self.layout: dict[str, Any] | None = None  # the cache's layout descriptor, once described
-        self.pages: dict[int, ClientPage] = {}  # by the daemon's current page id
+        self.pages: dict[int, Page] = {}  # by the daemon's current page id
         self.connected = threading.Event()
         self._lock = threading.RLock()  # guards pages, waiters and sending
         self._waiters: dict[int, _Waiter] = {}
@@ -167,30 +135,38 @@ class DaemonClient:
 
     # ---- requests ----
 
-    def grow(self, pages: int, wait: float = DEFAULT_WAIT_S) -> GrowResult:
-        """Ask for `pages` pages, waiting up to `wait` seconds for the daemon to find them.
+    def listen(self, listener: PageListener) -> None:
+        """Send the daemon's requests to `listener` from now on (the cache registers itself)."""
+        self._listener = listener
 
-        Returns every page granted; `denied` says why the result is short. Out of memory is an
-        outcome, not an exception.
+    def acquire(self, n: int, wait: float = DEFAULT_WAIT_S) -> Grant:
+        """Ask for `n` pages, waiting up to `wait` seconds for the daemon to find them.
+
+        Returns every page granted; its `shortfall` says why it is short (the daemon's DENY reason,
+        or "disconnected"). Out of memory is an outcome, not an exception.
         """
-        if pages < 1:
-            raise ValueError(f"grow({pages}): ask for at least one page")
+        if n < 1:
+            raise ValueError(f"acquire({n}): ask for at least one page")
         if not self.connected.is_set():
-            return GrowResult([], "disconnected", "kvmemd is not connected")
+            return Grant([], Shortfall("disconnected", "kvmemd is not connected"))
         if self._channel_lock.acquire(blocking=False):
             try:
                 if self._channel is not None:
-                    return self._grow_on_channel(self._channel, pages, wait)
+                    return self._acquire_on_channel(self._channel, n, wait)
             finally:
                 self._channel_lock.release()
-        return self._grow_via_reader(pages, wait)
+        return self._acquire_via_reader(n, wait)
 
-    def _grow_on_channel(self, channel: socket.socket, pages: int, wait: float) -> GrowResult:
-        """`grow` over the grant channel, answered on this thread (`_channel_lock` held)."""
+    def sure_pages(self) -> int:
+        """None are sure: the daemon weighs every request against its other models when it comes."""
+        return 0
+
+    def _acquire_on_channel(self, channel: socket.socket, pages: int, wait: float) -> Grant:
+        """`acquire` over the grant channel, answered on this thread (`_channel_lock` held)."""
         req = next(self._req_ids)
         timeout = wait + ANSWER_MARGIN_S
         deadline = time.monotonic() + timeout
-        granted: list[ClientPage] = []
+        granted: list[Page] = []
         try:
             if timeout != self._channel_timeout:
                 # A kernel receive timeout (SO_RCVTIMEO) rather than socket.settimeout, which
@@ -205,10 +181,10 @@ class DaemonClient:
                     protocol.close_fds(msg.fds)
                     raise ProtocolError(f"kvmemd sent {msg.type.name} for request {msg.body.get('req')} on the channel")
                 if msg.type == MsgType.DENY:
-                    return GrowResult(granted, msg["reason"], msg["detail"])
+                    return Grant(granted, Shortfall(msg["reason"], msg["detail"]))
                 granted.extend(self._import(msg))
                 if msg["done"]:
-                    return GrowResult(granted)
+                    return Grant(granted)
                 if time.monotonic() > deadline:
                     raise TimeoutError("kvmemd did not finish the grant in time")
         except (ConnectionClosed, OSError, ProtocolError, DeviceError) as exc:
@@ -221,10 +197,10 @@ class DaemonClient:
                 logger.warning("kvmemd grant channel lost: %s", reason)
             self._channel = None
             channel.close()
-            return GrowResult(granted, "disconnected", f"the grant channel to kvmemd was lost: {reason}")
+            return Grant(granted, Shortfall("disconnected", f"the grant channel to kvmemd was lost: {reason}"))
 
-    def _grow_via_reader(self, pages: int, wait: float) -> GrowResult:
-        """`grow` over the connection: the reader thread collects the answer."""
+    def _acquire_via_reader(self, pages: int, wait: float) -> Grant:
+        """`acquire` over the connection: the reader thread collects the answer."""
         req = next(self._req_ids)
         waiter = _Waiter()
         with self._lock:
@@ -233,20 +209,20 @@ class DaemonClient:
                 self._send(MsgType.GROW, {"req": req, "pages": pages, "wait_ms": int(wait * 1000)})
             except OSError as exc:
                 del self._waiters[req]
-                return GrowResult([], "disconnected", f"kvmemd is not connected: {exc}")
+                return Grant([], Shortfall("disconnected", f"kvmemd is not connected: {exc}"))
         # The daemon answers by its deadline; the margin covers a daemon that died meanwhile.
         waiter.done.wait(wait + ANSWER_MARGIN_S)
         with self._lock:
             self._waiters.pop(req, None)
         if not waiter.done.is_set():
-            return GrowResult(waiter.pages, "disconnected", "no answer from kvmemd")
-        return GrowResult(waiter.pages, waiter.denied, waiter.detail)
+            return Grant(waiter.pages, Shortfall("disconnected", "no answer from kvmemd"))
+        return Grant(waiter.pages, waiter.shortfall)
 
-    def return_pages(self, pages: list[ClientPage]) -> None:
+    def release(self, pages: list[Page]) -> None:
         """Give pages back. They must be unmapped, and no device work may touch them any more."""
         self._give_back(pages, None)
 
-    def offload_pages(self, pages: list[ClientPage], offsets: list[int]) -> None:
+    def offload(self, pages: list[Page], offsets: list[int]) -> None:
         """Give pages back during an offloading sleep; the daemon keeps their contents for `offsets`.
 
         `offsets[i]` is where `pages[i]` was mapped (any integer the engine chooses, unique); on
@@ -257,7 +233,7 @@ class DaemonClient:
             raise ValueError(f"{len(pages)} pages but {len(offsets)} offsets")
         self._give_back(pages, offsets)
 
-    def _give_back(self, pages: list[ClientPage], offsets: list[int] | None) -> None:
+    def _give_back(self, pages: list[Page], offsets: list[int] | None) -> None:
         with self._lock:
             for page in pages:
                 if self.pages.get(page.id) is not page:
@@ -301,7 +277,7 @@ class DaemonClient:
             if self._closing:
                 return
             self._closing = True
-        self._replace_channel(None)  # after any grow still using it (woken by the shutdown)
+        self._replace_channel(None)  # after any acquire still using it (woken by the shutdown)
         with self._lock:
             for page in self.pages.values():
                 page.physical.close()
@@ -342,7 +318,7 @@ class DaemonClient:
                 "version": protocol.PROTOCOL_VERSION,
                 "role": "engine",
                 "model": self.model,
-                "geometry": self.geometry,
+                "geometry": None,  # the cache describes itself with LAYOUT instead
                 "adopt": adopt,
                 "page_size": page_size,
             },
@@ -363,21 +339,21 @@ class DaemonClient:
         return ours
 
     def _try_open_channel(self, sock: socket.socket) -> socket.socket | None:
-        """`_open_channel`, or None (grows then go over the connection) if it cannot be made."""
+        """`_open_channel`, or None (acquires then go over the connection) if it cannot be made."""
         try:
             return self._open_channel(sock)
         except OSError as exc:
-            logger.warning("no grant channel to kvmemd (grows go over the connection): %s", exc)
+            logger.warning("no grant channel to kvmemd (acquires go over the connection): %s", exc)
             return None
 
     def _replace_channel(self, channel: socket.socket | None) -> None:
-        """Make `channel` the grant channel, closing the old one once no grow uses it."""
+        """Make `channel` the grant channel, closing the old one once no acquire uses it."""
         old = self._channel
         if old is not None:
             try:
-                old.shutdown(socket.SHUT_RDWR)  # a grow blocked on it wakes, gives it up
+                old.shutdown(socket.SHUT_RDWR)  # an acquire blocked on it wakes, gives it up
             except OSError:
-                pass  # that grow closed it already
+                pass  # that acquire closed it already
         with self._channel_lock:
             if old is not None:
                 old.close()
@@ -410,27 +386,27 @@ class DaemonClient:
             with self._lock:
                 waiter = self._waiters.get(msg["req"])
             if waiter is not None:
-                waiter.denied, waiter.detail = msg["reason"], msg["detail"]
+                waiter.shortfall = Shortfall(msg["reason"], msg["detail"])
                 waiter.done.set()
         elif msg.type == MsgType.RECLAIM:
-            if self.on_reclaim:
-                self.on_reclaim(msg["pages"], msg["reason"])
+            if self._listener is not None:
+                self._listener.reclaim(msg["pages"], msg["reason"])
         elif msg.type == MsgType.POLICY:
-            self.policy = Policy(**msg.body)
-            if self.on_policy:
-                self.on_policy(self.policy)
+            self.policy = policy = Policy(**msg.body)
+            if self._listener is not None:
+                self._listener.target(policy.target_pages if policy.target_pages >= 0 else policy.limit_pages)
         elif msg.type == MsgType.SLEEP:
-            if self.on_sleep:
-                self.on_sleep(msg["offload"])
+            if self._listener is not None:
+                self._listener.sleep(msg["offload"])
             else:
                 self.slept()  # nothing here holds pages for a model the operator sleeps
         elif msg.type == MsgType.RESTORE:
             pages = self._import(msg)
-            if self.on_restore:
-                self.on_restore(pages, msg["offsets"])
+            if self._listener is not None:
+                self._listener.restore(pages, msg["offsets"])
         elif msg.type == MsgType.WAKE:
-            if self.on_wake:
-                self.on_wake(msg["restored"])
+            if self._listener is not None:
+                self._listener.wake(msg["restored"])
         elif msg.type == MsgType.GOODBYE:
             logger.info("kvmemd says goodbye: %s", msg["reason"])
         elif msg.type == MsgType.ERROR:
@@ -438,11 +414,11 @@ class DaemonClient:
         else:
             logger.warning("unexpected %s from kvmemd", msg.type.name)
 
-    def _import(self, msg: protocol.Message) -> list[ClientPage]:
+    def _import(self, msg: protocol.Message) -> list[Page]:
         """Import the pages of a GRANT or RESTORE, taking over its descriptors; they are held from here on."""
         fds, msg.fds = msg.fds, []  # consumed by the import, closed by it even if it fails
         physicals = self.device.import_pages(fds, self.page_size, consume=True)
-        imported = [ClientPage(page_id, physical) for page_id, physical in zip(msg["pages"], physicals, strict=True)]
+        imported = [Page(page_id, physical) for page_id, physical in zip(msg["pages"], physicals, strict=True)]
         with self._lock:
             for page in imported:
                 self.pages[page.id] = page
@@ -463,7 +439,7 @@ class DaemonClient:
         self.connected.clear()
         with self._lock:
             for waiter in self._waiters.values():
-                waiter.denied, waiter.detail = "disconnected", "the connection to kvmemd was lost"
+                waiter.shortfall = Shortfall("disconnected", "the connection to kvmemd was lost")
                 waiter.done.set()
 
     def _reconnect(self) -> bool:

@@ -1,69 +1,125 @@
 """Where an elastic KV cache gets its physical pages: the daemon, or the process itself.
 
-`DaemonPageSource` asks kvmemd (pages shared with other models under the daemon's limits);
-`LocalPageSource` creates pages on an in-process device under a budget (single-model use, tests).
-Both give pages as objects with a `physical` attribute (a `kvmem.device.PhysicalPage`).
+A page source lends `Page`s and tells one `PageListener` what its lender asks of them. Two
+implement it: `kvmem.client.DaemonClient` (pages from kvmemd, shared with other models under the
+daemon's limits) and `LocalPageSource` (pages created on an in-process device under a budget, for
+single-model use and tests). Getting fewer pages than asked is an outcome, not an error: the
+`Grant` says why in a `Shortfall`.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvmem.client import DaemonClient, Policy
 from kvmem.device import Device, OutOfMemoryError, PhysicalPage
 
 
 @dataclass
-class LocalPage:
+class Page:
+    """A physical page lent to this process.
+
+    Attributes:
+        id: The lender's id for the page. A daemon client updates it in place when it re-registers
+            its pages with a restarted daemon, so whoever holds the record keeps a valid id.
+        physical: The page on the device, to map.
+    """
+
     id: int
     physical: PhysicalPage
 
 
-@dataclass
-class Acquired:
-    """Pages obtained, and why there are fewer than asked (None when all came)."""
+@dataclass(frozen=True)
+class Shortfall:
+    """Why fewer pages or blocks came than were asked for.
 
-    pages: list
-    denied: str | None = None
+    Attributes:
+        reason: One of the daemon's words (`kvmem.common.protocol.DENY_REASONS`: "limit", "budget",
+            "asleep", "shutdown") or of the engine's own: "disconnected" (no daemon answered) and
+            "capacity" (the cache's virtual capacity is fully mapped). A cache that sleeps answers
+            "asleep" itself.
+        detail: One line for a person, e.g. the limit that was hit.
+    """
+
+    reason: str
     detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+@dataclass
+class Grant:
+    """What `PageSource.acquire` got: the pages, and why they are fewer than asked (None if all came)."""
+
+    pages: list[Page] = field(default_factory=list)
+    shortfall: Shortfall | None = None
+
+
+class PageListener(Protocol):
+    """What a page source's lender asks of the pages' user (the cache). The source calls it on its
+    own thread (a daemon client's reader thread): each method only queues work and returns."""
+
+    def reclaim(self, pages: int, reason: str) -> None:
+        """Give back about `pages` free pages (`reason`: "pressure", "limit", ...)."""
+
+    def target(self, target_pages: int) -> None:
+        """Hold at most `target_pages` pages from now on (-1: no target)."""
+
+    def sleep(self, offload: bool) -> None:
+        """The operator put the model to sleep; with `offload` pages with live data go back through
+        `PageSource.offload` and come back through `restore` on wake."""
+
+    def restore(self, pages: list[Page], offsets: list[int]) -> None:
+        """Pages restored from the host tier on wake, each to be mapped at its offset (already held)."""
+
+    def wake(self, restored: bool) -> None:
+        """The operator woke the model; `restored` is False when an offloaded cache was lost."""
 
 
 class PageSource(Protocol):
+    """Lends pages. `device` is where they live, `page_size` their size in bytes, `budget_pages` the
+    most it could ever lend (the daemon's whole budget, or the local budget): a cache's virtual size."""
+
     device: Device
     page_size: int
-    # Set by the cache: f(pages, reason) when pages are asked back; f(target_pages) on a new target;
-    # f(offload) when the operator puts the model to sleep; f(pages, offsets) when offloaded pages
-    # come back; f(restored) when the operator wakes the model. (Called on the client's reader
-    # thread: they only queue work.)
-    on_reclaim: Callable[[int, str], None] | None
-    on_target: Callable[[int], None] | None
-    on_sleep: Callable[[bool], None] | None
-    on_restore: Callable[[list, list[int]], None] | None
-    on_wake: Callable[[bool], None] | None
+    budget_pages: int
 
-    def acquire(self, n: int, wait: float) -> Acquired: ...
+    def listen(self, listener: PageListener) -> None:
+        """Send the lender's requests to `listener` (one listener; the cache registers itself)."""
 
-    def sure_pages(self) -> int: ...
+    def acquire(self, n: int, wait: float) -> Grant:
+        """Up to `n` pages, waiting up to `wait` seconds; the pages are held from here on."""
 
-    def release(self, pages: list) -> None: ...
+    def sure_pages(self) -> int:
+        """Pages `acquire` is sure to grant now, whatever else happens (0 when it cannot know)."""
 
-    def offload(self, pages: list, offsets: list[int]) -> None: ...
+    def release(self, pages: list[Page]) -> None:
+        """Give pages back. They must be unmapped, and no device work may touch them any more."""
 
-    def describe(self, layout: dict) -> None: ...
+    def offload(self, pages: list[Page], offsets: list[int]) -> None:
+        """Give pages back during an offloading sleep; their contents come back on wake at `offsets`."""
 
-    def report_usage(self, used_pages: int) -> None: ...
+    def describe(self, layout: dict) -> None:
+        """Tell the lender how the cache is laid out (`KVLayout.to_dict()`)."""
 
-    def slept(self) -> None: ...
+    def report_usage(self, used_pages: int) -> None:
+        """Tell the lender how many held pages hold live data."""
 
-    def close(self) -> None: ...
+    def slept(self) -> None:
+        """Tell the lender the model drained and gave its pages back after `PageListener.sleep`."""
+
+    def close(self) -> None:
+        """Release every page still held and end the source."""
 
 
 class LocalPageSource:
-    """Pages created on `device` in this process, at most `budget_pages` at a time."""
+    """Pages created on `device` in this process, at most `budget_pages` at a time.
+
+    No operator reaches a local source: its listener hears nothing (no reclaim, target, sleep).
+    """
 
     def __init__(self, device: Device, budget_pages: int, owns_device: bool = True):
         if budget_pages < 1:
@@ -71,45 +127,48 @@ class LocalPageSource:
         self.device = device
         self.page_size = device.granularity
         self.budget_pages = budget_pages
-        self.on_reclaim = None
-        self.on_target = None
-        self.on_sleep = self.on_restore = self.on_wake = None  # no operator without a daemon
         self._owns_device = owns_device
-        self._held: dict[int, LocalPage] = {}
+        self._held: dict[int, Page] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
-    def acquire(self, n: int, wait: float) -> Acquired:
-        pages = []
+    @property
+    def held_pages(self) -> int:
+        """Pages lent and not released yet."""
+        with self._lock:
+            return len(self._held)
+
+    def listen(self, listener: PageListener) -> None:
+        return None  # nothing to tell it
+
+    def acquire(self, n: int, wait: float) -> Grant:
+        grant = Grant()
         with self._lock:
             room = self.budget_pages - len(self._held)
-            for _ in range(min(n, room)):
-                try:
-                    page = LocalPage(next(self._ids), self.device.create_page(self.page_size))
-                except OutOfMemoryError as exc:
-                    return self._record(pages, Acquired(pages, "budget", f"device out of memory: {exc}"))
-                pages.append(page)
-            if len(pages) < n:
-                return self._record(pages, Acquired(pages, "budget", f"the local budget of {self.budget_pages} pages"))
-            return self._record(pages, Acquired(pages))
+            try:
+                for _ in range(min(n, room)):
+                    grant.pages.append(Page(next(self._ids), self.device.create_page(self.page_size)))
+            except OutOfMemoryError as exc:
+                grant.shortfall = Shortfall("budget", f"device out of memory: {exc}")
+            else:
+                if len(grant.pages) < n:
+                    grant.shortfall = Shortfall("budget", f"the local budget of {self.budget_pages} pages")
+            for page in grant.pages:
+                self._held[page.id] = page
+        return grant
 
     def sure_pages(self) -> int:
-        """Pages `acquire` is sure to grant now: what is left of the budget (no one else takes from it)."""
+        """What is left of the budget: no one else takes from it."""
         with self._lock:
             return max(0, self.budget_pages - len(self._held))
 
-    def _record(self, pages: list[LocalPage], result: Acquired) -> Acquired:
-        for page in pages:
-            self._held[page.id] = page
-        return result
-
-    def release(self, pages: list) -> None:
+    def release(self, pages: list[Page]) -> None:
         with self._lock:
             for page in pages:
                 del self._held[page.id]
                 page.physical.close()
 
-    def offload(self, pages: list, offsets: list[int]) -> None:
+    def offload(self, pages: list[Page], offsets: list[int]) -> None:
         raise RuntimeError("a local page source has no host tier to offload to: connect to kvmemd")
 
     def describe(self, layout: dict) -> None:
@@ -128,58 +187,3 @@ class LocalPageSource:
             self._held.clear()
         if self._owns_device:
             self.device.close()
-
-
-class DaemonPageSource:
-    """Pages lent by kvmemd through a `DaemonClient`."""
-
-    def __init__(self, client: DaemonClient):
-        self.client = client
-        self.device = client.device
-        self.page_size = client.page_size
-        self.on_reclaim = None
-        self.on_target = None
-        self.on_sleep = None
-        self.on_restore = None
-        self.on_wake = None
-        client.on_reclaim = lambda pages, reason: self.on_reclaim and self.on_reclaim(pages, reason)
-        client.on_policy = self._policy
-        client.on_sleep = self._sleep
-        client.on_restore = lambda pages, offsets: self.on_restore and self.on_restore(pages, offsets)
-        client.on_wake = lambda restored: self.on_wake and self.on_wake(restored)
-
-    def _sleep(self, offload: bool) -> None:
-        if self.on_sleep is None:
-            self.client.slept()  # no cache holds pages yet: asleep at once
-        else:
-            self.on_sleep(offload)
-
-    def _policy(self, policy: Policy) -> None:
-        if self.on_target is not None:
-            self.on_target(policy.target_pages if policy.target_pages >= 0 else policy.limit_pages)
-
-    def acquire(self, n: int, wait: float) -> Acquired:
-        result = self.client.grow(n, wait=wait)
-        return Acquired(result.pages, result.denied, result.detail)
-
-    def sure_pages(self) -> int:
-        """None are sure: the daemon weighs every request against its other models when it comes."""
-        return 0
-
-    def release(self, pages: list) -> None:
-        self.client.return_pages(pages)
-
-    def offload(self, pages: list, offsets: list[int]) -> None:
-        self.client.offload_pages(pages, offsets)
-
-    def describe(self, layout: dict) -> None:
-        self.client.describe(layout)
-
-    def report_usage(self, used_pages: int) -> None:
-        self.client.report_usage(used_pages)
-
-    def slept(self) -> None:
-        self.client.slept()
-
-    def close(self) -> None:
-        self.client.close()

@@ -15,11 +15,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from kvmem.cache import ElasticKVCache
 from kvmem.client import DaemonClient
 from kvmem.common.sizes import parse_size
 from kvmem.device import open_device
-from kvmem.kv_cache import ElasticKVCache
-from kvmem.page_source import DaemonPageSource, LocalPageSource, PageSource
+from kvmem.page_source import LocalPageSource, PageSource
 
 
 class Session:
@@ -116,7 +116,7 @@ def connect(model: str, gpu: int = 0, runtime_dir: str | os.PathLike | None = No
     Raises:
         kvmem.common.errors.DaemonUnavailableError: No daemon answers (start one with `kvmemd start`).
     """
-    return Session(DaemonPageSource(DaemonClient(model, gpu=gpu, runtime_dir=runtime_dir, **client_options)))
+    return Session(DaemonClient(model, gpu=gpu, runtime_dir=runtime_dir, **client_options))
 
 
 def local(device: str = "auto", budget: int | str | None = None, gpu: int = 0) -> Session:

@@ -39,7 +39,6 @@ class ModelRecord:
     priority: int = 0
     state: ModelState = ModelState.DETACHED
     client: Connection | None = None
-    geometry: dict[str, Any] | None = None
     layout: dict[str, Any] | None = None  # the engine's KVLayout descriptor, once it sent one
     grants: int = 0
     denies: int = 0

@@ -164,7 +164,6 @@ class Sessions:
         conn.model = record
         conn.adopt_expected = msg["adopt"]
         record.client = conn
-        record.geometry = msg["geometry"]
         if record.state != ModelState.ASLEEP:
             record.state = ModelState.AWAKE
         self.daemon.loop.watch_process(conn)

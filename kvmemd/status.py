@@ -11,7 +11,7 @@ Design note
   delay, well inside the 100 ms promised to `kvctl` and engines; the heartbeat at least every
   `HEARTBEAT_S`. A control change is published before its REPLY (`force`).
 - the `status` control op (`as_json`): the same fields (`kvmem.common.status.as_dict`), plus per
-  model its ``geometry`` and ``layout``, which have no room in the segment's fixed slot.
+  model its ``layout``, which has no room in the segment's fixed slot.
 
 `kvctl status`, `top`, `sleep --wait` and `wake --wait`, and the metrics endpoint, read the segment;
 `kvctl doctor` asks for the reply.
@@ -127,14 +127,10 @@ class StatusPublisher:
         self._last_publish = now
 
     def as_json(self) -> dict[str, Any]:
-        """The `status` control op's reply: a snapshot's fields, and each model's geometry and layout."""
+        """The `status` control op's reply: a snapshot's fields, and each model's layout."""
         header, slots = self.snapshot()
         models = self.daemon.sessions.models
         return {
             "daemon": as_dict(header),
-            "models": [
-                as_dict(m) | {"geometry": models[m.model].geometry, "layout": models[m.model].layout}
-                for m in slots
-                if m is not None
-            ],
+            "models": [as_dict(m) | {"layout": models[m.model].layout} for m in slots if m is not None],
         }

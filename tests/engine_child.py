@@ -24,8 +24,9 @@ import random
 import sys
 import threading
 
-from kvmem.client import ClientPage, DaemonClient
+from kvmem.client import DaemonClient
 from kvmem.device import Mapping
+from kvmem.page_source import Page
 
 SLOTS = 4096
 
@@ -34,18 +35,14 @@ class Engine:
     def __init__(self, args: argparse.Namespace):
         self.lock = threading.RLock()
         self.events: list[list] = []
-        self.mapped: dict[int, tuple[ClientPage, Mapping]] = {}  # by id(ClientPage)
-        self.used: set[int] = set()  # id(ClientPage) of pages holding "live data"
+        self.mapped: dict[int, tuple[Page, Mapping]] = {}  # by id(Page)
+        self.used: set[int] = set()  # id(Page) of pages holding "live data"
         self.auto_return = args.auto_return
         self.sleep_returns = args.sleep_returns
         self.client = DaemonClient(
             args.model,
             runtime_dir=args.runtime_dir,
-            geometry={"num_layers": 2, "block_size": 16, "dtype": "float16"},
-            on_reclaim=self.on_reclaim,
-            on_policy=lambda p: self.events.append(["policy", p.limit_pages, p.target_pages]),
-            on_sleep=self.on_sleep,
-            on_wake=lambda restored: self.events.append(["wake", restored]),
+            listener=self,
             on_reconnect=lambda: self.events.append(["reconnect"]),
         )
         self.dev = self.client.device
@@ -53,18 +50,29 @@ class Engine:
         self.reservation = self.dev.reserve(SLOTS * self.page_size)
         self.free_slots = list(range(SLOTS - 1, -1, -1))
 
-    def on_reclaim(self, pages: int, reason: str) -> None:
+    # ---- the client's listener (kvmem.page_source.PageListener), on its reader thread ----
+
+    def reclaim(self, pages: int, reason: str) -> None:
         self.events.append(["reclaim", pages, reason])
         if self.auto_return:
             self.return_pages(pages)
 
-    def on_sleep(self, offload: bool) -> None:
+    def target(self, target_pages: int) -> None:
+        self.events.append(["target", target_pages])
+
+    def sleep(self, offload: bool) -> None:
         self.events.append(["sleep", offload])
         if self.sleep_returns:
             self.return_pages(None)
             self.client.slept()
 
-    def held(self) -> list[ClientPage]:
+    def restore(self, pages: list[Page], offsets: list[int]) -> None:
+        self.events.append(["restore", len(pages)])
+
+    def wake(self, restored: bool) -> None:
+        self.events.append(["wake", restored])
+
+    def held(self) -> list[Page]:
         return sorted(self.client.pages.values(), key=lambda p: p.id)
 
     def map_all(self) -> int:
@@ -91,19 +99,20 @@ class Engine:
                     self.free_slots.append(entry[1].offset // self.page_size)
                     entry[1].close()
             ids = [p.id for p in chosen]
-            self.client.return_pages(chosen)
+            self.client.release(chosen)
             return ids
 
     def run(self, words: list[str]) -> dict:
         cmd = words[0]
         if cmd == "grow":
             wait = float(words[2]) if len(words) > 2 else 5.0
-            result = self.client.grow(int(words[1]), wait=wait)
+            result = self.client.acquire(int(words[1]), wait=wait)
+            shortfall = result.shortfall
             return {
                 "granted": len(result.pages),
                 "ids": [p.id for p in result.pages],
-                "denied": result.denied,
-                "detail": result.detail,
+                "denied": shortfall and shortfall.reason,
+                "detail": shortfall.detail if shortfall else "",
             }
         if cmd == "map":
             return {"mapped": self.map_all()}
@@ -142,10 +151,11 @@ class Engine:
         granted = 0
         denied: dict[str, int] = {}
         for _ in range(iterations):
-            result = self.client.grow(rng.randint(1, 6), wait=rng.choice([0.0, 0.05, 0.2]))
+            result = self.client.acquire(rng.randint(1, 6), wait=rng.choice([0.0, 0.05, 0.2]))
             granted += len(result.pages)
-            if result.denied:
-                denied[result.denied] = denied.get(result.denied, 0) + 1
+            if result.shortfall:
+                reason = result.shortfall.reason
+                denied[reason] = denied.get(reason, 0) + 1
             ids = [p.id for p in self.held()]
             if len(ids) != len(set(ids)):
                 raise AssertionError(f"a page id was granted twice: {ids}")

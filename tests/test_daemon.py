@@ -70,7 +70,7 @@ def test_limit_denies_and_lowering_it_asks_pages_back(device_kind: str, runtime_
         assert got["granted"] == 4 and got["denied"] == "limit"
         assert engine.call("grow", 1, 0)["denied"] == "limit"
         control.set_limit("qwen", 2 * MiB)
-        policy = ["policy", 1, 1]  # limit 1 page, target 1 page
+        policy = ["target", 1]  # POLICY: limit 1 page, so a target of 1 page
 
         def policy_seen() -> list | None:
             events = engine.call("events")["events"]
@@ -326,7 +326,7 @@ def test_pages_another_uid_held_are_never_lent_to_another_uid():
                 from kvmem.client import DaemonClient
 
                 with DaemonClient("nobodys-model", runtime_dir=runtime_dir) as client:
-                    pages = client.grow(4, wait=10).pages
+                    pages = client.acquire(4, wait=10).pages
                     assert len(pages) == 4, len(pages)
                     dev = client.device
                     with dev.reserve(4 * client.page_size) as reservation:

@@ -93,7 +93,7 @@ def test_two_engines_under_kvctl_limit_and_a_sigkill(driver: str, tmp_path: Path
         assert limit.returncode == 0, limit.stderr
         # A lowered limit is one POLICY whose target the engine follows (no RECLAIM).
         events = wait_for(
-            lambda: (ev := alpha.call("events")["events"]) and ["policy", 4, 4] in ev and ev, what="the POLICY"
+            lambda: (ev := alpha.call("events")["events"]) and ["target", 4] in ev and ev, what="the POLICY"
         )
         assert not [e for e in events if e[0] == "reclaim"]
         alpha.call("return", 6)

@@ -224,15 +224,15 @@ def test_a_grow_busy_on_the_channel_leaves_other_threads_served(daemon: DaemonPr
     ):
         assert holder.call("grow", BUDGET_PAGES)["granted"] == BUDGET_PAGES
         results = {}
-        waiting = threading.Thread(target=lambda: results.setdefault("waiting", client.grow(3, wait=60)))
+        waiting = threading.Thread(target=lambda: results.setdefault("waiting", client.acquire(3, wait=60)))
         waiting.start()
         wait_for(lambda: client._channel_lock.locked(), what="the waiting grow to hold the channel")
-        quick = client.grow(1, wait=0)
-        assert (quick.pages, quick.denied) == ([], "budget")
+        quick = client.acquire(1, wait=0)
+        assert (quick.pages, quick.shortfall.reason) == ([], "budget")
         assert waiting.is_alive()
         holder.call("return", 3)
         waiting.join(timeout=30)
         got = results["waiting"]
-        assert (len(got.pages), got.denied) == (3, None)
+        assert (len(got.pages), got.shortfall) == (3, None)
         assert sorted(client.pages) == sorted(p.id for p in got.pages)
-        client.return_pages(got.pages)
+        client.release(got.pages)

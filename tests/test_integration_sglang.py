@@ -281,7 +281,7 @@ def test_buffers_have_sglangs_layout_on_the_kvmem_reservation(session, dtype: to
         assert pool.kv.get_num_used_blocks() == 1
     finally:
         pool.close()
-    assert not session.source._held  # every page is back with the local source (and closed)
+    assert not session.source.held_pages  # every page is back with the local source (and closed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
@@ -347,7 +347,7 @@ def test_unsupported_configurations_are_refused_with_one_clear_error(session):
         make_pool(session, torch.float8_e5m2fnuz)
     with pytest.raises(Unsupported, match="holds the 'nhd' and 'hnd' layouts, not 'page_major'"):
         make_pool(session, kv_cache_layout="page_major")
-    assert not session.caches and not session.source._held  # nothing was made or mapped
+    assert not session.caches and not session.source.held_pages  # nothing was made or mapped
     in_tree = MHATokenToKVPool(**pool_args())
     with pytest.raises(Unsupported, match="allocates from a KvmemMHATokenToKVPool, not a MHATokenToKVPool"):
         make_allocator(in_tree)
@@ -405,18 +405,18 @@ def test_pages_are_mapped_as_tokens_are_allocated_and_go_back_when_freed(session
     pool = make_pool(session)
     allocator = make_allocator(pool)
     try:
-        assert held(pool) == len(session.source._held) == KVMEM_PAGES_PER_SLOT  # the padding page's slot
+        assert held(pool) == session.source.held_pages == KVMEM_PAGES_PER_SLOT  # the padding page's slot
         a = allocator.alloc((PAGES_PER_SLOT - 1) * PAGE)  # fills slot 0
         assert held(pool) == KVMEM_PAGES_PER_SLOT
         b = allocator.alloc(PAGE)  # one more page: kvmem maps slot 1
         assert pages_of(b) == [PAGES_PER_SLOT]
-        assert held(pool) == 2 * KVMEM_PAGES_PER_SLOT == len(session.source._held)
+        assert held(pool) == 2 * KVMEM_PAGES_PER_SLOT == session.source.held_pages
         c = allocator.alloc(2 * PAGES_PER_SLOT * PAGE)  # two whole slots more
         assert held(pool) == 4 * KVMEM_PAGES_PER_SLOT
         assert allocator.held_pages() == 31 + 1 + 64
         allocator.free(c)
         # Slots 2 and 3 are empty: kvmem's background thread unmaps them and returns their pages.
-        wait_for(lambda: len(session.source._held) == 2 * KVMEM_PAGES_PER_SLOT, what="two slots back")
+        wait_for(lambda: session.source.held_pages == 2 * KVMEM_PAGES_PER_SLOT, what="two slots back")
         assert held(pool) == 2 * KVMEM_PAGES_PER_SLOT
         allocator.free(b)
         wait_for(lambda: held(pool) == KVMEM_PAGES_PER_SLOT, what="slot 1 back")
@@ -426,7 +426,7 @@ def test_pages_are_mapped_as_tokens_are_allocated_and_go_back_when_freed(session
         assert held(pool) == KVMEM_PAGES_PER_SLOT
     finally:
         pool.close()
-    assert not session.source._held
+    assert not session.source.held_pages
 
 
 @pytest.mark.parametrize("need_sort", [False, True])  # True: PD disaggregation, where SGLang stages frees

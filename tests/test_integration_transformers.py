@@ -25,6 +25,7 @@ from transformers import (
 )
 
 import kvmem
+from kvmem.cache import KVCacheFull
 from kvmem.control import ControlClient
 from kvmem.device import HostDevice
 from kvmem.integrations.transformers import (
@@ -37,7 +38,6 @@ from kvmem.integrations.transformers import (
     kvmem_continuous_batching,
 )
 from kvmem.integrations.transformers import version as transformers_version
-from kvmem.kv_cache import KVCacheFull
 from kvmem.page_source import LocalPageSource
 from tests.daemon_support import DaemonProcess, wait_for
 

@@ -462,7 +462,7 @@ def test_kvmem_pages_and_vllm_block_ids_line_up_in_the_pool_and_a_deny_costs_no_
         pool.check_backing()
         wait_for(lambda: cache.stats().mapped_slots == 2, what="an empty slot to go back past the watermark")
         # The slot that went back is queued last: vLLM's next blocks come from the one kvmem kept.
-        kept = next(slot for slot in (1, 2) if cache.allocator.is_mapped(slot))
+        kept = next(slot for slot in (1, 2) if cache.is_slot_mapped(slot))
         assert pool.get_num_free_blocks() == 16
         assert {b.block_id // BLOCKS_PER_SLOT for b in pool.get_new_blocks(16)} == {kept}
         pool.check_backing()

@@ -12,10 +12,14 @@ import pytest
 import torch
 
 import kvmem
+import kvmem.kernels
 from kvmem import KVCacheFull
-from kvmem.common.layout import KVLayout
+from kvmem.cache import ElasticKVCache
+from kvmem.common.layout import DTYPES, KVLayout
 from kvmem.control import ControlClient
-from kvmem.kv_cache import DTYPES, ElasticKVCache
+from kvmem.device import open_device
+from kvmem.page_source import LocalPageSource, PageListener, Shortfall
+from kvmem.session import Session
 from tests.daemon_support import DaemonProcess, wait_for
 from tests.support import FAKE
 
@@ -128,7 +132,7 @@ def test_alloc_fills_the_fewest_slots_and_never_uses_an_unmapped_one(session):
     again = cache.alloc(50)
     assert again == list(range(100, 150))  # the fullest slot (slot 0) is filled first
     for block in first + again:
-        assert cache.allocator.is_mapped(block // cache.blocks_per_slot)
+        assert cache.is_slot_mapped(block // cache.blocks_per_slot)
     assert cache.stats().mapped_slots == 2
 
 
@@ -153,7 +157,7 @@ def test_shrink_returns_only_empty_slots_after_synchronizing(session):
     assert cache.shrink() == 1
     if session.device.kind == "cuda":
         assert FAKE.counter("cuCtxSynchronize") > synchronizes
-    assert cache.stats().mapped_slots == 2 and not cache.allocator.is_mapped(1)
+    assert cache.stats().mapped_slots == 2 and not cache.is_slot_mapped(1)
     assert bytes(host_view(cache, 0, "k")[:16]) == b"\x09" * 16  # the live block's slot is intact
     # Slot 0's free blocks first; slot 2 is full, so the last block comes from slot 1, mapped anew.
     assert cache.alloc(512) == [*range(1, 512), 512]
@@ -176,9 +180,9 @@ def test_session_close_returns_every_page():
         s = kvmem.local(device=kind, budget="64MiB")
         cache = s.kv_cache(**GEOMETRY, max_tokens=100_000)
         cache.alloc(2000)
-        assert s.source._held
+        assert s.source.held_pages
         cache.close()  # the cache itself gives every page back (the source's close would hide it)
-        assert not s.source._held and cache.reservation.closed
+        assert not s.source.held_pages and cache.reservation.closed
         s.close()
         s.close()
     assert FAKE.counter("live.handles") == 0 and FAKE.counter("live.mappings") == 0
@@ -224,8 +228,8 @@ def test_a_layout_that_does_not_add_up_costs_the_engine_its_connection(daemon: D
     with kvmem.connect("liar", runtime_dir=daemon.runtime_dir, reconnect=False) as s:
         layout = KVLayout.derive(1, 16, 1, 64, "float16", "NHD", s.source.page_size, 1024).to_dict()
         layout["block_bytes"] += 1
-        s.source.client.describe(layout)
-        wait_for(lambda: not s.source.client.connected.is_set(), what="the daemon to drop the engine")
+        s.source.describe(layout)
+        wait_for(lambda: not s.source.connected.is_set(), what="the daemon to drop the engine")
     assert "layout descriptor: block_bytes=2049 does not match the geometry" in daemon.log()
 
 
@@ -358,16 +362,55 @@ def test_compaction_packs_live_blocks_to_the_floor_and_keeps_their_bytes(session
     cache.free(new_ids)
 
 
+def test_compaction_moves_every_layers_blocks_in_one_kernel_launch_exactly(monkeypatch: pytest.MonkeyPatch):
+    """On tensors, compaction is one `kvmem.kernels.move_blocks` launch (the Triton interpreter here): each
+    moved block's bytes land exactly at its new id in every layer's K and V, and no other byte of the kept slot
+    changes."""
+    launches = []
+    move_blocks = kvmem.kernels.move_blocks
+
+    def spy(keys, values, src, dst, **options):
+        launches.append((src.tolist(), dst.tolist()))
+        move_blocks(keys, values, src, dst, **options)
+
+    monkeypatch.setattr(kvmem.kernels, "move_blocks", spy)
+    with kvmem.local(device="host", budget="64MiB") as s:
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 8 * 512, low_watermark=0, high_watermark=0, background=False)
+        per_slot = cache.blocks_per_slot
+        ids = cache.alloc(3 * per_slot)
+        assert sorted({b // per_slot for b in ids}) == [0, 1, 2]
+        rng = random.Random(11)
+        first, rest = [b for b in ids if b < per_slot], [b for b in ids if b >= per_slot]
+        live = set(first[:300]) | set(rng.sample(rest, 120))  # slot 0 the fullest: the one kept
+        cache.free(sorted(set(ids) - live))
+        mapped = 3 * cache.slot_bytes
+        generator = torch.Generator().manual_seed(5)
+        views = [host_view(cache, layer, kind)[:mapped] for layer in range(cache.num_layers) for kind in ("k", "v")]
+        for view in views:
+            view.copy_(torch.randint(0, 256, (mapped,), dtype=torch.uint8, generator=generator))
+        before = [view.clone().view(-1, cache.block_bytes) for view in views]
+        moved = cache.compact()
+        assert sorted(moved) == sorted(b for b in live if b >= per_slot)  # every live block off slot 0
+        assert all(dst < per_slot and dst not in live for dst in moved.values())
+        assert launches == [(list(moved), list(moved.values()))]
+        for old, view in zip(before, views, strict=True):
+            expected = old[:per_slot].clone()
+            for src, dst in moved.items():
+                expected[dst] = old[src]
+            assert torch.equal(view[: cache.slot_bytes].view(-1, cache.block_bytes), expected)
+        assert cache.stats().mapped_slots == 1 and cache.get_num_used_blocks() == len(live)
+
+
 # ---- engines that choose their own blocks (map_slots, take, the engine hooks) ----
 
 
 def test_map_slots_maps_exactly_the_slots_asked_for_and_take_marks_chosen_blocks(session):
     cache = session.kv_cache(**GEOMETRY, max_tokens=4 * 512 * 16, low_watermark=0, high_watermark=0, background=False)
     per_slot = cache.blocks_per_slot
-    assert cache.map_slots([3, 1, 3]) == (None, "")
-    assert [cache.allocator.is_mapped(s) for s in range(4)] == [False, True, False, True]
+    assert cache.map_slots([3, 1, 3]) is None
+    assert [cache.is_slot_mapped(s) for s in range(4)] == [False, True, False, True]
     assert cache.stats().pages_held == 2 * cache.pages_per_growth
-    assert cache.map_slots([1]) == (None, "")  # mapped already: nothing to do
+    assert cache.map_slots([1]) is None  # mapped already: nothing to do
     chosen = [3 * per_slot + 7, per_slot, 3 * per_slot]
     cache.take(chosen)
     host_view(cache, 1, "v")[chosen[0] * cache.block_bytes] = 9  # a chosen block is writable
@@ -387,18 +430,30 @@ def test_map_slots_short_of_budget_maps_the_lowest_slots_asked_for():
     with kvmem.local(device="host", budget="16MiB") as s:  # 8 pages: 2 slots of 4 ranges
         cache = s.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0, background=False)
         assert s.source.sure_pages() == 8
-        reason, detail = cache.map_slots([6, 2, 5])
-        assert (reason, detail) == ("budget", "the local budget of 8 pages")
-        assert [s for s in range(8) if cache.allocator.is_mapped(s)] == [2, 5]
+        assert cache.map_slots([6, 2, 5]) == Shortfall("budget", "the local budget of 8 pages")
+        assert [s for s in range(8) if cache.is_slot_mapped(s)] == [2, 5]
         assert s.source.sure_pages() == 0
+
+
+def test_the_read_only_view_says_which_slots_are_mapped_and_used():
+    with kvmem.local(device="host", budget="24MiB") as s:  # 12 pages: 3 slots of 4 ranges
+        cache = s.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0, background=False)
+        per_slot = cache.blocks_per_slot
+        assert (cache.sure_pages(), cache.sure_slots(), cache.num_mapped_slots()) == (12, 3, 0)
+        assert cache.map_slots([4, 1]) is None
+        cache.take([4 * per_slot + 9, per_slot + 3, 4 * per_slot + 2])
+        assert (cache.sure_pages(), cache.sure_slots(), cache.num_mapped_slots()) == (4, 1, 2)
+        assert [cache.is_slot_mapped(slot) for slot in range(6)] == [False, True, False, False, True, False]
+        assert cache.slot_usage() == [(4, 2), (1, 1)]  # the fullest first
+        assert cache.used_blocks(4) == [4 * per_slot + 2, 4 * per_slot + 9]
+        assert cache.get_num_free_blocks() == 2 * per_slot - 3 and cache.get_num_used_blocks() == 3
 
 
 def test_shrinking_waits_for_the_engine_lock_and_tells_the_engine_what_went_back(session):
     cache = session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
     lock = threading.RLock()
     unmapped: list[list[int]] = []
-    cache.engine_lock = lock
-    cache.on_unmapped = unmapped.append
+    cache.attach_engine(lock, on_unmapped=unmapped.append)
     with lock:  # an engine between counting its free blocks and allocating them
         cache.map_slots([0, 2])  # the background thread sees 2 slots of free blocks past its high watermark
         time.sleep(0.3)
@@ -407,14 +462,31 @@ def test_shrinking_waits_for_the_engine_lock_and_tells_the_engine_what_went_back
     assert sorted(s for slots in unmapped for s in slots) == [0, 2]
 
 
-def test_a_lowered_limit_takes_only_the_pages_over_its_target(session):
+class ListenedSource(LocalPageSource):
+    """A local source that keeps the cache's listener, so that a test can speak as the daemon would."""
+
+    listener: PageListener
+
+    def listen(self, listener: PageListener) -> None:
+        self.listener = listener
+
+
+@pytest.mark.parametrize("kind", ["host", "cuda"])
+def test_a_lowered_limit_takes_only_the_pages_over_its_target(kind: str):
     """A lowered limit comes as one message, POLICY, whose target says how many pages the cache may keep.
     The cache shrinks to the target and no further: once there, later passes of its background thread
     take nothing more, and the engine's cached blocks on the slot it keeps are not evicted.
-    (The source's hook is called here as the daemon's POLICY would call it.)"""
+    (The cache's listener is called here as the daemon's POLICY would call it.)"""
+    device = open_device(kind)
+    source = ListenedSource(device, budget_pages=64 * MiB // device.granularity)
+    with Session(source) as session:
+        check_the_lowered_limit(session, source)
+
+
+def check_the_lowered_limit(session: Session, source: ListenedSource) -> None:
     cache = session.kv_cache(**GEOMETRY, max_tokens=8 * 512 * 16, low_watermark=0, high_watermark=0)
     per_slot, per_growth = cache.blocks_per_slot, cache.pages_per_growth
-    assert cache.map_slots([0, 1, 2]) == (None, "")
+    assert cache.map_slots([0, 1, 2]) is None
     cached = {slot: [slot * per_slot] for slot in range(3)}
     cache.take([b for blocks in cached.values() for b in blocks])
     asked: list[int] = []
@@ -424,8 +496,8 @@ def test_a_lowered_limit_takes_only_the_pages_over_its_target(session):
         for slot in sorted(cached, reverse=True)[:slots]:
             cache.free(cached.pop(slot))
 
-    cache.evictor = evict
-    session.source.on_target(per_growth)  # POLICY: one slot's pages
+    cache.attach_engine(threading.RLock(), evictor=evict)
+    source.listener.target(per_growth)  # POLICY: one slot's pages
     wait_for(lambda: cache.stats().mapped_slots == 1, what="the cache at its target")
     time.sleep(0.3)  # several passes of the background thread
     assert (cache.stats().mapped_slots, asked, list(cached)) == (1, [2], [0])
@@ -450,7 +522,7 @@ def test_the_evictor_frees_blocks_so_a_lowered_limit_is_met(daemon: DaemonProces
             for slot in sorted(cached, reverse=True)[:slots]:
                 cache.free(cached.pop(slot))
 
-        cache.evictor = evict
+        cache.attach_engine(threading.RLock(), evictor=evict)
         c.set_limit("evicting", 4 * 2 * MiB)  # one slot's worth of pages
         wait_for(lambda: cache.target_pages == 4, what="the target to reach the cache")
         wait_for(lambda: cache.stats().mapped_slots == 1, what="the cache to settle at the limit")

@@ -90,7 +90,7 @@ def test_status_json_follows_its_schema_and_reports_exact_figures(daemon: Daemon
 )
 def test_limit_sizes_reach_status_and_the_client(daemon: DaemonProcess, size: str, pages: int):
     with kvmem.connect("m", runtime_dir=daemon.runtime_dir) as s:
-        client = s.source.client
+        client = s.source
         assert run(daemon, "limit", "m", "2MiB").exit_code == 0  # a limit to change from
         wait_for(lambda: client.policy.limit_pages == 1, what="the first policy")
         result = run(daemon, "limit", "m", size)

@@ -40,6 +40,27 @@ def test_derived_fields_of_a_block_that_divides_the_page():
     assert d.k_offsets == (0, 4 * PAGE) and d.v_offsets == (2 * PAGE, 6 * PAGE)
 
 
+def test_for_tokens_rounds_the_capacity_up_to_whole_slots():
+    geometry = {"num_layers": 2, "block_size": 16, "num_kv_heads": 1, "head_dim": 80, "dtype": "bfloat16"}
+    # 2,560-byte blocks: 4,096 blocks per slot of 5 pages.
+    assert KVLayout.for_tokens(**geometry, layout="NHD", page_size=PAGE, max_tokens=1).max_blocks == 4096
+    assert KVLayout.for_tokens(**geometry, layout="NHD", page_size=PAGE, max_tokens=16 * 4097).max_blocks == 8192
+    # No max_tokens: what the memory holds, every layer's K and V of a token counted (4 ranges of 160 bytes).
+    d = KVLayout.for_tokens(**geometry, layout="HND", page_size=PAGE, memory_bytes=640 * 16 * 4096 * 3)
+    assert (d.max_blocks, d.max_slots, d.num_ranges) == (3 * 4096, 3, 4)
+    with pytest.raises(ValueError, match="max_tokens=0: the cache must hold at least one token"):
+        KVLayout.for_tokens(**geometry, layout="NHD", page_size=PAGE, memory_bytes=639)
+
+
+def test_offsets_of_pages_and_blocks_and_back():
+    d = llama_like(layout="HND", num_kv_heads=1, head_dim=80, max_blocks=3 * 4096, dtype="bfloat16")
+    # Range 3 (V of layer 1), slot 2, page 4 of the slot's 5.
+    offset = d.page_offset(3, 2, 4)
+    assert offset == 3 * d.range_bytes + 2 * 5 * PAGE + 4 * PAGE
+    assert d.locate(offset) == (3, 2, 4) and d.locate(offset + PAGE - 1) == (3, 2, 4)
+    assert d.block_offset(3, 4097) == d.v_offsets[1] + 4097 * 2560
+
+
 def test_derived_fields_of_hnd_and_of_a_block_that_does_not_divide_the_page():
     d = llama_like(layout="HND", num_kv_heads=1, head_dim=80, max_blocks=4096, dtype="bfloat16")
     # 2,560-byte blocks: lcm with 2 MiB pages is 5 pages holding 4,096 blocks.

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 import kvmem
 from kvmem import KVCacheFull
+from kvmem.cache import ElasticKVCache
 from kvmem.cli.context import EXIT_TIMEOUT
 from kvmem.cli.main import main as kvctl
 from kvmem.common.errors import ControlError
 from kvmem.control import ControlClient
-from kvmem.kv_cache import ElasticKVCache
 from tests.daemon_support import DaemonProcess, wait_for
 
 MiB = 1 << 20

@@ -4,7 +4,7 @@ Design note
 -----------
 An `ElasticKVCache` cuts one virtual reservation into ``2 * num_layers`` equal ranges (K0, V0,
 K1, V1, ...), each one layer's K or V tensor; pages are mapped slot by slot at the same offset of
-every range (see `kvmem.kv_cache`). `KVLayout` writes that down as plain numbers: geometry, dtype,
+every range (see `kvmem.cache`). `KVLayout` writes that down as plain numbers: geometry, dtype,
 axis order, the element strides of each layer tensor, the page and slot sizes, and the byte offset
 of every layer's K and V range within the reservation. It travels as JSON (`to_dict` /
 `from_dict`), so it imports neither torch nor anything else that a daemon or a tool might lack.
@@ -110,6 +110,74 @@ class KVLayout:
             **_derived_fields(num_layers, block_size, num_kv_heads, head_dim, dtype, layout, page_size, max_blocks)
         )
 
+    @classmethod
+    def for_tokens(
+        cls,
+        num_layers: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: str,
+        layout: str,
+        page_size: int,
+        max_tokens: int | None = None,
+        memory_bytes: int = 0,
+    ) -> KVLayout:
+        """The descriptor of the smallest cache that holds `max_tokens` tokens in whole slots.
+
+        Args:
+            max_tokens: Tokens the cache must hold; None: as many as `memory_bytes` could hold
+                (every layer's K and V of a token counted).
+
+        Raises:
+            ValueError: A bad argument, naming it, or a capacity of less than one token.
+        """
+        for name, value in (
+            ("num_layers", num_layers),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("page_size", page_size),
+        ):
+            _check_int(name, value)
+        if dtype not in DTYPE_SIZES:
+            raise ValueError(f"layout descriptor: dtype {_short(dtype)} is not one of {', '.join(DTYPES)}")
+        block_bytes = block_size * num_kv_heads * head_dim * DTYPE_SIZES[dtype]
+        if max_tokens is None:
+            max_tokens = memory_bytes // (2 * num_layers * block_bytes) * block_size
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens}: the cache must hold at least one token")
+        blocks_per_slot = _slot_sizes(block_bytes, page_size)[2]
+        max_blocks = -(-max_tokens // block_size)
+        max_slots = -(-max_blocks // blocks_per_slot)
+        return cls.derive(
+            num_layers, block_size, num_kv_heads, head_dim, dtype, layout, page_size, max_slots * blocks_per_slot
+        )
+
+    @property
+    def max_slots(self) -> int:
+        """Slots in each range: ``max_blocks / blocks_per_slot``."""
+        return self.max_blocks // self.blocks_per_slot
+
+    @property
+    def num_ranges(self) -> int:
+        """K and V ranges in the reservation: ``2 * num_layers``."""
+        return 2 * self.num_layers
+
+    def page_offset(self, range_index: int, slot: int, page: int) -> int:
+        """Byte offset in the reservation of page `page` of slot `slot` of range `range_index`."""
+        return range_index * self.range_bytes + slot * self.slot_bytes + page * self.page_size
+
+    def block_offset(self, range_index: int, block: int) -> int:
+        """Byte offset in the reservation of block `block` of range `range_index` (K of layer l: 2l, V: 2l+1)."""
+        return range_index * self.range_bytes + block * self.block_bytes
+
+    def locate(self, offset: int) -> tuple[int, int, int]:
+        """``(range_index, slot, page)`` of the page mapped at byte `offset` (`page_offset`'s inverse)."""
+        range_index, within = divmod(offset, self.range_bytes)
+        slot, page_bytes = divmod(within, self.slot_bytes)
+        return range_index, slot, page_bytes // self.page_size
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -211,9 +279,7 @@ def _derived_fields(
         raise ValueError(f"layout descriptor: layout {_short(layout)} is not one of {', '.join(LAYOUTS)}")
     itemsize = DTYPE_SIZES[dtype]
     block_bytes = block_size * num_kv_heads * head_dim * itemsize
-    pages_per_slot = math.lcm(page_size, block_bytes) // page_size
-    slot_bytes = pages_per_slot * page_size
-    blocks_per_slot = slot_bytes // block_bytes
+    pages_per_slot, slot_bytes, blocks_per_slot = _slot_sizes(block_bytes, page_size)
     if max_blocks % blocks_per_slot:
         raise ValueError(
             f"layout descriptor: max_blocks={max_blocks} is not a whole number of slots of {blocks_per_slot} blocks"
@@ -242,6 +308,14 @@ def _derived_fields(
         "k_offsets": tuple(2 * layer * range_bytes for layer in range(num_layers)),
         "v_offsets": tuple((2 * layer + 1) * range_bytes for layer in range(num_layers)),
     }
+
+
+def _slot_sizes(block_bytes: int, page_size: int) -> tuple[int, int, int]:
+    """``(pages_per_slot, slot_bytes, blocks_per_slot)``: a slot is the least whole number of pages
+    that holds a whole number of blocks."""
+    pages_per_slot = math.lcm(page_size, block_bytes) // page_size
+    slot_bytes = pages_per_slot * page_size
+    return pages_per_slot, slot_bytes, slot_bytes // block_bytes
 
 
 def _check_int(name: str, value: Any) -> None:

@@ -32,8 +32,8 @@ _outcomes: dict[str, str] = {}
 
 def backing(num_blocks: int):
     """A kvmem cache whose block ``b`` backs vLLM block ``b``, with room for every slot."""
+    from kvmem.cache import ElasticKVCache
     from kvmem.device import HostDevice
-    from kvmem.kv_cache import ElasticKVCache
     from kvmem.page_source import LocalPageSource
 
     global _device, _made

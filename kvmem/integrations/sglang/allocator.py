@@ -40,9 +40,9 @@ import torch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.utils import get_num_new_pages
 
+from kvmem.cache import KVCacheFull
 from kvmem.integrations.sglang.pool import KvmemMHATokenToKVPool
 from kvmem.integrations.sglang.version import UnsupportedSglangError
-from kvmem.kv_cache import KVCacheFull
 
 
 class KvmemPagedTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):

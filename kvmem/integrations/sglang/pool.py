@@ -55,11 +55,12 @@ import weakref
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
+from kvmem.cache import ElasticKVCache, KVCacheFull
+from kvmem.client import DaemonClient
 from kvmem.common.layout import DTYPES
 from kvmem.common.status import StatusError, StatusReader
 from kvmem.integrations.sglang.version import UnsupportedSglangError
-from kvmem.kv_cache import ElasticKVCache, KVCacheFull
-from kvmem.page_source import DaemonPageSource, LocalPageSource
+from kvmem.page_source import LocalPageSource, PageSource
 from kvmem.session import Session, from_environment
 
 logger = logging.getLogger(__name__)
@@ -130,9 +131,9 @@ class _Headroom:
     those back before it denies), capped by this model's limit. Only `alloc` knows for sure.
     """
 
-    def __init__(self, kv: ElasticKVCache):
+    def __init__(self, kv: ElasticKVCache, source: PageSource):
         self.kv = kv
-        self.source = kv.source
+        self.source = source
         self._reader: StatusReader | None = None
         self._value = 0
         self._at = -1.0
@@ -140,7 +141,7 @@ class _Headroom:
     def pages(self) -> int:
         if isinstance(self.source, LocalPageSource):
             return max(0, self.source.budget_pages - self.kv.stats().pages_held)
-        if not isinstance(self.source, DaemonPageSource):
+        if not isinstance(self.source, DaemonClient):
             return 0
         now = time.monotonic()
         if now - self._at > _HEADROOM_TTL_S:
@@ -149,7 +150,7 @@ class _Headroom:
         return self._value
 
     def _daemon_pages(self) -> int:
-        client = self.source.client
+        client = self.source
         try:
             if self._reader is None:
                 self._reader = StatusReader(client.paths.shm_name)
@@ -275,7 +276,7 @@ class KvmemMHATokenToKVPool(MHATokenToKVPool):
         self.dq_k_buffer = self.dq_v_buffer = None
         self._kv_buffer_descs = self._build_kv_buffer_descs()
         self._init_data_ptrs_and_strides()
-        self._headroom = _Headroom(kv)
+        self._headroom = _Headroom(kv, self.session.source)
         logger.info(
             "kvmem: SGLang KV pool of %d tokens (%d layers) on a kvmem reservation, %d-token pages",
             self.size,

@@ -48,15 +48,16 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from kvmem.cache import ElasticKVCache, KVCacheFull
 from kvmem.integrations.transformers.cache import (  # checks the transformers version first
     KvmemCacheFull,
     model_geometry,
 )
-from kvmem.kv_cache import ElasticKVCache, KVCacheFull
 from kvmem.session import Session
 
 # isort: off
@@ -110,7 +111,7 @@ class _KvmemPool(CachePool):
             blocks = self.kv.alloc(count)
         except KVCacheFull as exc:
             raise KvmemCacheFull(
-                exc.requested, exc.available, exc.reason, "continuous batching needs more blocks"
+                exc.requested, exc.available, replace(exc.shortfall, detail="continuous batching needs more blocks")
             ) from exc
         self.held.update(blocks)
         for block in blocks:
@@ -242,7 +243,8 @@ class KvmemPagedAttentionCache(PagedAttentionCache):
         try:
             trash_block = kv.alloc(1)[0]
         except KVCacheFull as exc:
-            raise KvmemCacheFull(exc.requested, exc.available, exc.reason, "no block for the padding trash") from exc
+            shortfall = replace(exc.shortfall, detail="no block for the padding trash")
+            raise KvmemCacheFull(exc.requested, exc.available, shortfall) from exc
         for layer in range(num_layers):
             kv.k[layer][trash_block].zero_()
             kv.v[layer][trash_block].zero_()

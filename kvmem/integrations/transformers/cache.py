@@ -48,13 +48,13 @@ step's `update`; ``get_max_length() == -1`` means unbounded; `Cache.reset` calls
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from kvmem.cache import ElasticKVCache, KVCacheFull
 from kvmem.integrations.transformers.version import check_transformers_version
-from kvmem.kv_cache import ElasticKVCache, KVCacheFull
 from kvmem.session import Session
 
 check_transformers_version()  # before importing from transformers: an unsupported release fails here
@@ -68,7 +68,7 @@ ATTENTION_NAME = "kvmem_paged"
 class KvmemCacheFull(KVCacheFull):
     """kvmem could not give the blocks a generation step needs; nothing of the step was written.
 
-    Attributes are those of `KVCacheFull` (requested, available, reason). Free memory (finish or
+    Attributes are those of `KVCacheFull` (requested, available, shortfall, reason). Free memory (finish or
     reset other sequences, raise the model's limit) and `reset()` the cache before using it again.
     """
 
@@ -138,9 +138,11 @@ class _BlockTable:
             raise KvmemCacheFull(
                 exc.requested,
                 exc.available,
-                exc.reason,
-                f"growing {batch} sequence(s) to {tokens} tokens; nothing of this step was written, "
-                "reset() the cache to start again",
+                replace(
+                    exc.shortfall,
+                    detail=f"growing {batch} sequence(s) to {tokens} tokens; nothing of this step was written, "
+                    "reset() the cache to start again",
+                ),
             ) from exc
         if not self.rows:
             self.rows = [[] for _ in range(batch)]

@@ -30,11 +30,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from dataclasses import replace
 
 import torch
 
+from kvmem.cache import ElasticKVCache, KVCacheFull
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError, VllmKVGeometry, geometry_of
-from kvmem.kv_cache import ElasticKVCache, KVCacheFull
 from kvmem.session import Session, from_environment
 
 logger = logging.getLogger(__name__)
@@ -179,11 +180,10 @@ def kvmem_allocate_kv_cache(kv_cache_config, device: torch.device, layout, kerne
     geometry = geometry_of(kv_cache_config, layout, {name: spec.has_layer_views for name, spec in specs.items()})
     cache = _new_cache(session(device), geometry)
     slots = range(cache.max_slots) if profiling else [0]
-    reason, detail = cache.map_slots(slots)
-    if reason is not None:
-        raise KVCacheFull(
-            len(slots) * cache.blocks_per_slot, 0, reason, f"kvmem could not map vLLM's KV cache: {detail}"
-        )
+    shortfall = cache.map_slots(slots)
+    if shortfall is not None:
+        detail = f"kvmem could not map vLLM's KV cache: {shortfall.detail}"
+        raise KVCacheFull(len(slots) * cache.blocks_per_slot, 0, replace(shortfall, detail=detail))
     buf = cache.reservation_tensor()[: geometry.size].view(torch.int8)
     if buf.device != torch.device(device):
         raise RuntimeError(f"kvmem: the reservation is on {buf.device}, but vLLM's KV cache belongs on {device}")

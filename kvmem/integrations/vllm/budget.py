@@ -38,7 +38,6 @@ from typing import Any
 
 from kvmem.integrations.vllm import allocation
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError, blocks_per_slot
-from kvmem.page_source import DaemonPageSource, LocalPageSource
 from kvmem.session import Session
 
 logger = logging.getLogger(__name__)
@@ -77,11 +76,7 @@ def check_parallel_config(vllm_config: Any) -> None:
 
 def budget_bytes(s: Session) -> int:
     """The KV cache's virtual size: the daemon's budget, or a local session's budget."""
-    source = s.source
-    if isinstance(source, LocalPageSource):
-        return source.budget_pages * source.page_size
-    assert isinstance(source, DaemonPageSource)
-    return source.client.budget_pages * source.page_size  # from the daemon's WELCOME
+    return s.source.budget_pages * s.source.page_size
 
 
 def slot_alignment(kv_cache_specs: dict[str, Any], page_size: int) -> int:

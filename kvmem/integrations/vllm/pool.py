@@ -67,7 +67,7 @@ from collections.abc import Callable, Iterable, Sequence
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
-from kvmem.kv_cache import ElasticKVCache
+from kvmem.cache import ElasticKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +118,7 @@ class KvmemBlockPool(BlockPool):
         with self.engine_lock:
             if not self._hold_null():
                 logger.warning("kvmem: no page for vLLM's null block yet; the engine waits for memory")
-        cache.engine_lock = self.engine_lock
-        cache.evictor = self._evict
-        cache.on_unmapped = self._unmapped
+        cache.attach_engine(self.engine_lock, evictor=self._evict, on_unmapped=self._unmapped)
         cache.sleep_hooks.append(self._drain)
         cache.wake_hooks.append(self._resume)
 
@@ -132,21 +130,20 @@ class KvmemBlockPool(BlockPool):
         return range(start, start + (self._last_slot_blocks if slot == self._last_slot else self._bps))
 
     def _mapped_blocks(self) -> int:
-        allocator = self.kv_cache.allocator
-        mapped = allocator.get_num_mapped_slots() * self._bps
-        if allocator.is_mapped(self._last_slot):
+        cache = self.kv_cache
+        mapped = cache.num_mapped_slots() * self._bps
+        if cache.is_slot_mapped(self._last_slot):
             mapped -= self._bps - self._last_slot_blocks
         return mapped
 
     def _sure_blocks(self) -> int:
         """Free blocks on unmapped slots the page source is sure to back (a local budget's room)."""
         cache = self.kv_cache
-        room = cache.source.sure_pages() // cache.pages_per_growth
+        room = cache.sure_slots()
         if room <= 0:
             return 0
-        allocator = cache.allocator
-        unmapped = self._last_slot + 1 - allocator.get_num_mapped_slots()
-        last_unmapped = not allocator.is_mapped(self._last_slot)
+        unmapped = self._last_slot + 1 - cache.num_mapped_slots()
+        last_unmapped = not cache.is_slot_mapped(self._last_slot)
         full = unmapped - last_unmapped
         sure = min(room, full) * self._bps
         if last_unmapped and room > full:
@@ -184,22 +181,22 @@ class KvmemBlockPool(BlockPool):
     # ---- growth ----
 
     def _may_grow(self) -> bool:
-        return self.kv_cache.source.sure_pages() > 0 or time.monotonic() >= self._deny_until
+        return self.kv_cache.sure_pages() > 0 or time.monotonic() >= self._deny_until
 
     def _grow(self, slots: list[int]) -> None:
-        reason, detail = self.kv_cache.map_slots(slots, wait=GROW_WAIT_S)
-        if reason is not None and reason != "asleep":
+        shortfall = self.kv_cache.map_slots(slots, wait=GROW_WAIT_S)
+        if shortfall is not None and shortfall.reason != "asleep":
             self._deny_until = time.monotonic() + DENY_BACKOFF_S
-            logger.debug("kvmem: %d slots asked for, short (%s: %s)", len(slots), reason, detail)
+            logger.debug("kvmem: %d slots asked for, short (%s)", len(slots), shortfall)
 
     def _hold_null(self) -> bool:
         """Hold the null block (map slot 0 if need be); whether it is held."""
         if self._null_held:
             return True
         cache = self.kv_cache
-        if not cache.allocator.is_mapped(0) and self._may_grow():
+        if not cache.is_slot_mapped(0) and self._may_grow():
             self._grow([0])
-        if not cache.allocator.is_mapped(0):
+        if not cache.is_slot_mapped(0):
             return False
         cache.take([self.null_block.block_id])
         self._held[self.null_block.block_id] = 1
@@ -212,7 +209,7 @@ class KvmemBlockPool(BlockPool):
         with self.engine_lock:
             if num_blocks <= 0 or self._asleep or not self._may_grow():
                 return
-            is_mapped = self.kv_cache.allocator.is_mapped
+            is_mapped = self.kv_cache.is_slot_mapped
             if self._mapped_blocks() == self.num_gpu_blocks:
                 return
             head = itertools.islice(self.free_block_queue.iter_blocks_after(None), num_blocks)
@@ -224,7 +221,7 @@ class KvmemBlockPool(BlockPool):
         """Arrange the free queue so that its first `num_blocks` blocks are on mapped slots: map
         their slots, and send blocks whose slots were denied to the end of the queue."""
         queue = self.free_block_queue
-        is_mapped = self.kv_cache.allocator.is_mapped
+        is_mapped = self.kv_cache.is_slot_mapped
         picked: list[KVCacheBlock] = []
         deferred: list[KVCacheBlock] = []
         while len(picked) < num_blocks:
@@ -366,11 +363,11 @@ class KvmemBlockPool(BlockPool):
             AssertionError: Naming the first block whose state disagrees.
         """
         with self.engine_lock:
-            allocator = self.kv_cache.allocator
+            cache = self.kv_cache
             queued = {block.block_id for block in self.free_block_queue.get_all_free_blocks()}
             for block in self.blocks:
                 block_id = block.block_id
-                slot_mapped = allocator.is_mapped(block_id // self._bps)
+                slot_mapped = cache.is_slot_mapped(block_id // self._bps)
                 should_hold = self._null_held if block.is_null else not self._idle(block)
                 if bool(self._held[block_id]) != should_hold:
                     raise AssertionError(f"kvmem: block {block_id} held={self._held[block_id]} but {block!r}")
@@ -378,7 +375,7 @@ class KvmemBlockPool(BlockPool):
                     raise AssertionError(f"kvmem: block {block_id} is in use on an unmapped slot")
                 if not block.is_null and (block_id in queued) != (block.ref_cnt == 0):
                     raise AssertionError(f"kvmem: block {block_id} queued={block_id in queued} with {block!r}")
-            used = allocator.get_num_used_blocks()
+            used = cache.get_num_used_blocks()
             if used != sum(self._held):
                 raise AssertionError(f"kvmem: the cache has {used} blocks in use, the pool holds {sum(self._held)}")
 
@@ -390,14 +387,14 @@ class KvmemBlockPool(BlockPool):
         with self.engine_lock:
             if self._asleep:
                 return
-            allocator = self.kv_cache.allocator
+            cache = self.kv_cache
             emptied = 0
-            for slot, used in reversed(allocator.get_slot_usage()):  # the emptiest first
+            for slot, used in reversed(cache.slot_usage()):  # the emptiest first
                 if emptied >= slots:
                     break
                 if not used:
                     continue
-                blocks = [self.blocks[i] for i in allocator.get_used_blocks(slot) if i < self.num_gpu_blocks]
+                blocks = [self.blocks[i] for i in cache.used_blocks(slot) if i < self.num_gpu_blocks]
                 if any(b.ref_cnt or b.is_null or b.block_id in self._reuse_watchers for b in blocks):
                     continue
                 for block in blocks:
@@ -413,7 +410,7 @@ class KvmemBlockPool(BlockPool):
             queue = self.free_block_queue
             moved = []
             for slot in slots:
-                if self.kv_cache.allocator.is_mapped(slot):
+                if self.kv_cache.is_slot_mapped(slot):
                     continue
                 for block_id in self._slot_blocks(slot):
                     block = self.blocks[block_id]

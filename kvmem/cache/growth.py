@@ -1,0 +1,178 @@
+"""Growth and shrink of an elastic KV cache: watermarks, the daemon's target and reclaims.
+
+Growth maps whole slots with pages from the source: ahead of demand on the background thread
+(keeping the mapped free blocks between the low and the high watermark), on demand in `alloc`
+when the free blocks run out, or exactly the slots an engine that picks its own blocks asks for.
+Shrink gives whole empty slots back: beyond the high watermark by a slot or more, when the daemon
+reclaims pages, and down to the daemon's target (0 while asleep). A slot with a live block is
+never unmapped; when the daemon wants more slots than are empty, the engine's evictor is asked to
+drop blocks first.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kvmem.cache.state import CacheState
+from kvmem.common.undo import Undo
+from kvmem.page_source import Shortfall
+
+
+class Growth:
+    """The growth and shrink policy of one cache (see the module docstring).
+
+    Attributes:
+        low_watermark: Below this many mapped free blocks the background thread grows...
+        high_watermark: ...up to this many (plus less than a slot); a slot or more beyond it shrinks.
+        grow_wait: Seconds an on-demand growth waits for the daemon's pages.
+        target_pages: The daemon's target for this model's pages (-1: none).
+        reclaim_pages: Pages the daemon asked back and has not got yet.
+    """
+
+    def __init__(self, state: CacheState, low_watermark: int | None, high_watermark: int | None, grow_wait: float):
+        self.state = state
+        self.blocks_per_slot = state.slots.layout.blocks_per_slot
+        self.per_growth = state.slots.pages_per_growth
+        self.low_watermark = self.blocks_per_slot // 2 if low_watermark is None else low_watermark
+        self.high_watermark = max(
+            self.low_watermark, self.blocks_per_slot if high_watermark is None else high_watermark
+        )
+        self.grow_wait = grow_wait
+        self.target_pages = -1
+        self.reclaim_pages = 0
+
+    # ---- the daemon's requests (reader thread: record and wake the background thread) ----
+
+    def reclaim(self, pages: int, reason: str) -> None:
+        # RECLAIM is budget pressure only: a lowered limit comes as POLICY, whose target the cache
+        # follows (set_target), so every RECLAIM counts.
+        self.reclaim_pages += pages
+        self.state.notify()
+
+    def set_target(self, target_pages: int) -> None:
+        self.target_pages = target_pages
+        self.state.notify()
+
+    def effective_target(self) -> int:
+        """Pages the cache may hold now: -1 for no target, 0 while asleep."""
+        return 0 if self.state.asleep else self.target_pages
+
+    def over_target(self) -> bool:
+        held = len(self.state.slots.mapped) * self.per_growth
+        return 0 <= self.effective_target() < held
+
+    def wants_shrink(self) -> bool:
+        """Whether emptied slots should go back now (a reclaim is pending or the cache is over target)."""
+        return self.reclaim_pages > 0 or self.over_target()
+
+    # ---- growth ----
+
+    def grow_for(self, blocks: int) -> Shortfall | None:
+        """Grow until `blocks` blocks are free, or growth is refused (then why)."""
+        state = self.state
+        with state.grow_lock:
+            short = blocks - state.allocator.get_num_free_blocks()
+            if short <= 0:
+                return None
+            return self.grow_slots(-(-short // self.blocks_per_slot), self.grow_wait)
+
+    def map_slots(self, wanted: list[int], wait: float) -> Shortfall | None:
+        """Map those of `wanted` (sorted slot numbers) not mapped yet; why not all, if so."""
+        state = self.state
+        with state.grow_lock:
+            with state.alloc_lock:
+                todo = [slot for slot in wanted if not state.allocator.is_mapped(slot)]
+            if not todo:
+                return None
+            return self.grow_slots(len(todo), wait, targets=todo)
+
+    def grow_slots(self, slots: int, wait: float, targets: list[int] | None = None) -> Shortfall | None:
+        """Map `slots` more slots (grow lock held); why fewer, if so.
+
+        `targets` are the unmapped slots to map, in order (default: the lowest unmapped ones); a
+        short grant maps the first of them.
+        """
+        state = self.state
+        if targets is None:
+            with state.alloc_lock:
+                targets = state.allocator.get_unmapped_slots(slots)
+        if not targets:
+            return Shortfall("capacity", f"all {state.slots.layout.max_slots} slots of the virtual capacity are mapped")
+        per = self.per_growth
+        t0 = time.perf_counter()
+        grant = state.source.acquire(len(targets) * per, wait)
+        usable = len(grant.pages) // per
+        if len(grant.pages) % per:  # a partial growth unit is of no use: give it back
+            state.source.release(grant.pages[usable * per :])
+        targets = targets[:usable]
+        pages = grant.pages[: usable * per]
+        with Undo() as undo:
+            undo.push(state.source.release, pages)  # `map` undoes its own mappings: the pages are unused
+            state.slots.map(targets, pages)
+        with state.alloc_lock:
+            for slot in targets:
+                state.allocator.add_slot(slot)
+        if targets:
+            state.counters.grows += 1
+            state.counters.last_grow_s = time.perf_counter() - t0
+            state.report_usage()
+        if usable < slots:
+            return grant.shortfall or Shortfall("capacity")
+        return None
+
+    # ---- shrink ----
+
+    def shrink(self, max_slots: int | None = None) -> int:
+        """Unmap and give back up to `max_slots` empty slots (all empty ones by default); how many."""
+        state = self.state
+        with state.engine.lock:  # lock order: engine, grow, alloc (kvmem.cache.state)
+            with state.grow_lock:
+                with state.alloc_lock:
+                    empty = state.allocator.get_empty_slots()
+                    chosen = empty if max_slots is None else empty[:max_slots]
+                    for slot in chosen:
+                        state.allocator.remove_slot(slot)  # from here no alloc can hand out its blocks
+                if not chosen:
+                    return 0
+                unmapped = state.slots.unmap(chosen)
+                state.source.release([page for entry in unmapped for page in entry.pages])
+                state.counters.shrinks += 1
+                state.report_usage()
+            if state.engine.on_unmapped is not None:
+                state.engine.on_unmapped(chosen)
+            return len(chosen)
+
+    def shrink_as_asked(self) -> None:
+        """Give back what the daemon's reclaims and target ask for, evicting the engine's droppable
+        blocks first if too few slots are empty."""
+        state = self.state
+        want_slots = 0
+        if self.reclaim_pages > 0:
+            want_slots = -(-self.reclaim_pages // self.per_growth)
+        if self.over_target():
+            excess = len(state.slots.mapped) * self.per_growth - self.effective_target()
+            want_slots = max(want_slots, -(-excess // self.per_growth))
+        if want_slots:
+            with state.engine.lock:
+                short = want_slots - len(state.allocator.get_empty_slots())
+                if short > 0 and state.engine.evictor is not None and not state.asleep:
+                    state.engine.evictor(short)  # the engine frees what it can drop, so that slots empty
+                done = self.shrink(want_slots)
+            self.reclaim_pages = max(0, self.reclaim_pages - done * self.per_growth)
+
+    # ---- the background thread's step ----
+
+    def keep_watermarks(self) -> None:
+        """Shrink a surplus of a slot or more beyond the high watermark; grow below the low one."""
+        state = self.state
+        surplus = state.allocator.get_num_free_blocks() - self.high_watermark
+        if surplus >= self.blocks_per_slot:
+            # A whole slot or more beyond the high watermark: give empty slots back, so an idle
+            # cache shrinks to its live blocks plus the watermark. (Growth stops at the high
+            # watermark plus less than a slot, so the two never chase each other.)
+            self.shrink(surplus // self.blocks_per_slot)
+        if state.allocator.get_num_free_blocks() < self.low_watermark and not self.over_target():
+            with state.grow_lock:
+                short = self.high_watermark - state.allocator.get_num_free_blocks()
+                if short > 0:
+                    self.grow_slots(-(-short // self.blocks_per_slot), wait=0.0)

@@ -1,0 +1,96 @@
+"""What the parts of an elastic KV cache share: the page source, the slots, the block allocator,
+the locks that guard them, and the hooks of an engine that chooses its own blocks.
+
+Lock order (a lock is only ever taken while holding those before it, never after):
+
+1. `EngineHooks.lock`: the engine's own lock (vLLM's pool lends it). Every unmapping (shrink,
+   sleep) holds it, so an engine that counts its free blocks and then allocates under it never
+   sees them vanish in between.
+2. `CacheState.grow_lock`: one mapper or unmapper at a time; guards `CacheState.slots`.
+3. `CacheState.alloc_lock`: the allocator's state; held only for bookkeeping, never across a
+   device call or a request to the page source, so `alloc`/`free` never wait on the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+from kvmem.block_allocator import BlockAllocator
+from kvmem.cache.slots import SlotMap
+from kvmem.page_source import PageSource
+
+
+@dataclass
+class EngineHooks:
+    """Hooks of an engine with a block pool of its own (see `ElasticKVCache.attach_engine`).
+
+    Attributes:
+        lock: Held around every unmapping (lock order: first).
+        evictor: ``f(slots)``: free blocks the engine can drop, so that that many more slots empty.
+        on_unmapped: ``f(slots)``: these slots went back (called after the unmapping, no lock held).
+    """
+
+    lock: AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    evictor: Callable[[int], None] | None = None
+    on_unmapped: Callable[[list[int]], None] | None = None
+
+
+@dataclass
+class CacheCounters:
+    """Growths and shrinks so far, and how long the last growth took (for `ElasticKVCache.stats`)."""
+
+    grows: int = 0
+    shrinks: int = 0
+    last_grow_s: float = 0.0
+
+
+class CacheState:
+    """The state the cache's parts share (see the module docstring for the lock order).
+
+    Attributes:
+        source: Where pages come from and go back to.
+        slots: The reservation and its mapped slots (guarded by `grow_lock`).
+        allocator: Block bookkeeping (guarded by `alloc_lock`); replaced when a wake loses the cache.
+        engine: The engine's hooks.
+        asleep: From the sleep request until the wake is complete.
+        counters: Grows and shrinks, for `stats`.
+    """
+
+    def __init__(self, source: PageSource, slots: SlotMap):
+        self.source = source
+        self.slots = slots
+        layout = slots.layout
+        self.allocator = BlockAllocator(layout.blocks_per_slot, layout.max_slots)
+        self.alloc_lock = threading.Lock()
+        self.grow_lock = threading.Lock()
+        self.engine = EngineHooks()
+        self.asleep = False
+        self.counters = CacheCounters()
+        self._reported_used_slots = 0
+        self._wake = threading.Condition()
+
+    def notify(self) -> None:
+        """Wake the background thread."""
+        with self._wake:
+            self._wake.notify()
+
+    def wait(self, timeout: float) -> None:
+        """Sleep on the background thread until `notify` or `timeout` seconds."""
+        with self._wake:
+            self._wake.wait(timeout=timeout)
+
+    def report_usage(self) -> None:
+        """Tell the source how many pages hold live blocks, if that changed (not on the hot path)."""
+        with self.alloc_lock:
+            used_slots = self.allocator.get_num_mapped_slots() - len(self.allocator.get_empty_slots())
+        if used_slots != self._reported_used_slots:
+            self._reported_used_slots = used_slots
+            self.source.report_usage(used_slots * self.slots.pages_per_growth)
+
+    def forget_usage(self) -> None:
+        """The source counts no page in use any more (they all left with an offloading sleep)."""
+        self._reported_used_slots = 0
