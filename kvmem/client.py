@@ -37,9 +37,10 @@ from typing import Any
 
 from kvmem.common import protocol
 from kvmem.common.errors import ConnectionClosed, DaemonRefusedError, DaemonUnavailableError, ProtocolError
-from kvmem.common.protocol import MsgType
+from kvmem.common.protocol import MsgType, check_model_name
 from kvmem.common.runtime import DaemonPaths
 from kvmem.device import Device, DeviceError, open_device
+from kvmem.device.cuda import gpu_uuid
 from kvmem.page_source import Grant, Page, PageListener, Shortfall
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,18 @@ class _Waiter:
     pages: list[Page] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     shortfall: Shortfall | None = None
+
+
+def _daemon_paths(runtime_dir: str | os.PathLike | None, gpu: int, uuid: str | None) -> DaemonPaths:
+    """Where this process's GPU `gpu` has its daemon: by UUID when a GPU daemon serves it, else by
+    ordinal (a host-memory daemon, or none: connecting then says so; a GPU daemon found there that
+    serves another GPU is refused at WELCOME)."""
+    if uuid is not None:
+        try:
+            return DaemonPaths.for_uuid(runtime_dir, uuid)
+        except DaemonUnavailableError:
+            pass  # no GPU daemon for it in this directory: see what the ordinal's socket holds
+    return DaemonPaths.resolve(runtime_dir, gpu)
 
 
 class DaemonClient:
@@ -97,8 +110,11 @@ class DaemonClient:
         listener: PageListener | None = None,
         on_reconnect: Callable[[], None] | None = None,
     ):
-        self.model = model
-        self.paths = DaemonPaths.resolve(runtime_dir, gpu)
+        self.model = check_model_name(model)
+        # This process's GPU `gpu` as CUDA_VISIBLE_DEVICES numbers it here, known to the daemons by its
+        # UUID (None without a usable GPU: then only a host-memory daemon, found by ordinal, can serve).
+        self.gpu, self.gpu_uuid = gpu, gpu_uuid(gpu)
+        self.paths = _daemon_paths(runtime_dir, gpu, self.gpu_uuid)
         self.reconnect = reconnect
         self._listener = listener
         self.on_reconnect = on_reconnect
@@ -119,7 +135,9 @@ class DaemonClient:
             welcome = self._handshake(self._sock, adopt=0, page_size=0)
             if device is not None and device.kind != welcome["device_kind"]:
                 raise DaemonRefusedError(f"daemon serves a {welcome['device_kind']} device, not {device.kind}")
-            self.device = device or open_device(welcome["device_kind"], welcome["device_ordinal"])
+            self._check_gpu(welcome)
+            # The device in this process's numbering: the daemon's ordinal is its own.
+            self.device = device or open_device(welcome["device_kind"], gpu)
         except BaseException:
             self._sock.close()
             raise
@@ -310,6 +328,16 @@ class DaemonClient:
             except OSError:
                 pass  # disconnected meanwhile: the reader thread reconnects
 
+    def _check_gpu(self, welcome: protocol.Message) -> None:
+        """A GPU daemon must serve this process's GPU `gpu`: the same UUID, whatever the ordinals."""
+        served = welcome["device_uuid"]
+        if welcome["device_kind"] == "cuda" and served != self.gpu_uuid:
+            mine = f"is {self.gpu_uuid}" if self.gpu_uuid else "cannot be opened here"
+            raise DaemonRefusedError(
+                f"kvmemd at {self.paths.socket} serves GPU {served}, but this process's GPU {self.gpu} {mine} "
+                "(CUDA_VISIBLE_DEVICES numbers GPUs per process): start kvmemd for this GPU, or connect to its daemon"
+            )
+
     def _handshake(self, sock: socket.socket, adopt: int, page_size: int) -> protocol.Message:
         protocol.send_message(
             sock,
@@ -445,19 +473,23 @@ class DaemonClient:
     def _reconnect(self) -> bool:
         """Connect again and re-register every held page; False if the client is closing."""
         backoff = RECONNECT_BACKOFF_S[0]
+        failures = 0
         while not self._closing:
+            sock = None
             try:
                 sock = self.paths.connect()
-            except DaemonUnavailableError:
-                time.sleep(backoff)
-                backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
-                continue
-            try:
                 self._adopt_pages(sock)
             except (ConnectionError, OSError, ProtocolError) as exc:
-                logger.warning("re-registering with kvmemd failed: %s", exc)
-                sock.close()
+                # A daemon that is stopping still accepts for a moment and then closes: say it once per
+                # outage (then at debug), and back off the same way as when nothing listens.
+                if not isinstance(exc, DaemonUnavailableError):
+                    failures += 1
+                    level = logging.WARNING if failures == 1 else logging.DEBUG
+                    logger.log(level, "re-registering with kvmemd failed (retrying with back-off): %s", exc)
+                if sock is not None:
+                    sock.close()
                 time.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
                 continue
             with self._lock:
                 old, self._sock = self._sock, sock
@@ -476,6 +508,7 @@ class DaemonClient:
         with self._lock:
             held = list(self.pages.values())
         welcome = self._handshake(sock, adopt=len(held), page_size=self.page_size)
+        self._check_gpu(welcome)
         if held and welcome["page_size"] != self.page_size:
             raise DaemonRefusedError(f"daemon's pages are {welcome['page_size']} bytes, ours {self.page_size}")
         self.client_id, self.slot = welcome["client_id"], welcome["slot"]

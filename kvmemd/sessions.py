@@ -186,6 +186,7 @@ class Sessions:
                 "page_size": config.page_size,
                 "device_kind": device.kind,
                 "device_ordinal": device.ordinal,
+                "device_uuid": device.uuid,
                 "budget_pages": config.budget_pages,
             },
         )

@@ -184,8 +184,10 @@ class EngineProcess:
         return self.proc.pid
 
     def kill(self) -> None:
+        """SIGKILL; what the engine wrote on stderr is kept in `proc_stderr`."""
         self.proc.kill()
         self.proc.wait(timeout=30)
+        self.proc_stderr = self.proc.stderr.read()
         self._close_pipes()
 
     def exit(self) -> int:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -245,3 +248,47 @@ def test_ctrl_c_while_waiting_for_a_sleep_says_the_model_keeps_draining(runtime_
         assert waiting.returncode == 130
         assert stderr == "Error: interrupted; model 'slow' keeps draining: `kvctl wake` cancels the sleep\n"
         subprocess.run([*kvctl, "wake", "slow", "--wait"], capture_output=True, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "modèle"])
+def test_an_engine_with_an_invalid_model_name_is_told_the_rule_before_connecting(name: str, tmp_path: Path):
+    with pytest.raises(ValueError) as info:
+        kvmem.connect(name, runtime_dir=tmp_path / "no-daemon-here")  # the name is checked first
+    assert str(info.value).endswith(
+        "is not valid: use 1 to 64 ASCII letters, digits and . _ : / @ + -, starting with a letter or digit"
+    )
+
+
+def test_an_invalid_kvmem_model_for_an_engine_integration_is_one_line(monkeypatch: pytest.MonkeyPatch):
+    from kvmem.integrations.vllm import allocation
+
+    monkeypatch.setenv("KVMEM_MODEL", "my model")
+    with pytest.raises(RuntimeError, match=r"^kvmem: KVMEM_MODEL: model name 'my model' is not valid: use "):
+        allocation.model_name()
+
+
+def test_a_client_that_cannot_re_register_says_so_once_and_backs_off(runtime_dir: Path):
+    daemon = DaemonProcess(runtime_dir, "host", "16MiB")
+    engine = EngineProcess(runtime_dir, "patient")
+    assert engine.call("grow", 1)["granted"] == 1
+    daemon.kill()
+    # Something that accepts and hangs up at once, where the daemon was: every re-registration fails.
+    daemon.paths.socket.unlink()
+    impostor = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    impostor.bind(str(daemon.paths.socket))
+    impostor.listen(64)
+    accepted = 0
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            if select.select([impostor], [], [], 0.1)[0]:
+                impostor.accept()[0].close()
+                accepted += 1
+    finally:
+        impostor.close()
+        engine.kill()
+        cleanup_shm(daemon.paths.shm_name)
+    stderr = engine.proc_stderr
+    assert accepted >= 2  # it kept trying
+    assert accepted <= 8  # with back-off (50 ms doubling to 1 s), not every 50 ms
+    assert stderr.count("re-registering with kvmemd failed") == 1, stderr

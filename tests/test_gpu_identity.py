@@ -12,8 +12,10 @@ import sys
 
 import pytest
 
+from kvmem.common.runtime import DaemonPaths
 from kvmem.device.cuda import format_uuid
 from tests import fakecuda
+from tests.daemon_support import DaemonProcess, EngineProcess, cleanup_shm, wait_for
 
 PROBE = """
 import json
@@ -61,3 +63,41 @@ def test_no_visible_gpu_is_no_device():
 @pytest.mark.parametrize("raw", [bytes(range(16)), bytes(range(16)).decode("latin-1")])
 def test_uuids_are_written_as_nvidia_smi_writes_them(raw):
     assert format_uuid(raw) == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"
+
+
+def test_an_engine_finds_the_daemon_of_the_gpu_it_uses_whatever_its_ordinal(tmp_path):
+    # The host's GPU 1 has a daemon; an engine in a "container" that sees only that GPU calls it cuda:0.
+    runtime_dir = tmp_path / "rt"
+    two_gpus = fakecuda.child_env(FAKECUDA_DEVICE_COUNT="2")
+    only_gpu_1 = fakecuda.child_env(FAKECUDA_DEVICE_COUNT="2", CUDA_VISIBLE_DEVICES="1")
+    try:
+        with (
+            DaemonProcess(runtime_dir, "cuda", "16MiB", env=two_gpus, gpu=1) as daemon,
+            EngineProcess(runtime_dir, "contained", env=only_gpu_1) as engine,
+        ):
+            assert engine.call("grow", 2)["granted"] == 2
+            wait_for(lambda: (m := daemon.status().model("contained")) and m.mapped_pages == 2, what="the grant")
+    finally:
+        cleanup_shm(DaemonPaths.resolve(runtime_dir, 1).shm_name)
+
+
+def test_an_engine_never_takes_the_daemon_of_another_gpu_that_has_its_ordinal(tmp_path):
+    # Only the host's GPU 0 has a daemon (gpu0.sock); the engine's cuda:0 is the host's GPU 1.
+    runtime_dir = tmp_path / "rt"
+    code = f"import kvmem; kvmem.connect('lost', runtime_dir={str(runtime_dir)!r})"
+    only_gpu_1 = fakecuda.child_env(FAKECUDA_DEVICE_COUNT="2", CUDA_VISIBLE_DEVICES="1")
+    try:
+        with DaemonProcess(runtime_dir, "cuda", "16MiB", env=fakecuda.child_env(FAKECUDA_DEVICE_COUNT="2")) as daemon:
+            result = subprocess.run([sys.executable, "-c", code], env=only_gpu_1, capture_output=True, text=True)
+            assert result.returncode == 1
+            assert result.stderr.strip().splitlines()[-1] == (
+                f"kvmem.common.errors.DaemonRefusedError: kvmemd at {daemon.paths.socket} serves GPU "
+                "GPU-fa4ec0da-0000-4000-8000-000000000000, but this process's GPU 0 is "
+                "GPU-fa4ec0da-0000-4000-8000-000000000001 (CUDA_VISIBLE_DEVICES numbers GPUs per process): start "
+                "kvmemd for this GPU, or connect to its daemon"
+            )
+            # The refusal comes once WELCOME names the daemon's GPU: the name stays known, detached, holding nothing.
+            lost = daemon.status().model("lost")
+            assert lost is None or (lost.state.name, lost.mapped_pages) == ("DETACHED", 0)
+    finally:
+        cleanup_shm(DaemonPaths.resolve(runtime_dir, 0).shm_name)

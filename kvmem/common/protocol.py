@@ -33,7 +33,7 @@ from typing import Any
 
 from kvmem.common.errors import ConnectionClosed, DaemonRefusedError, ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: WELCOME names the daemon's GPU by UUID
 MAGIC = b"KVMM"
 HEADER = struct.Struct("!4sBBHI")
 MAX_FRAME = 64 * 1024
@@ -241,6 +241,7 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
         "page_size": Int(1, 2**40),
         "device_kind": Str(16),
         "device_ordinal": Int(0, 1024),
+        "device_uuid": Optional(Str(64)),
         "budget_pages": _COUNT,
     },
     MsgType.GRANT: {"req": _REQ, "pages": _PAGE_IDS, "done": Bool()},

@@ -95,6 +95,22 @@ def format_uuid(raw: bytes | str) -> str:
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def gpu_uuid(ordinal: int) -> str | None:
+    """The UUID of this process's GPU `ordinal` (as CUDA_VISIBLE_DEVICES numbers it), or None when no
+    driver loads or there is no such GPU. Makes no context: cheap enough to ask before connecting."""
+    if cu is None:
+        return None
+    try:
+        check("cuInit", cu.cuInit(0))
+        if not 0 <= ordinal < check("cuDeviceGetCount", cu.cuDeviceGetCount()):
+            return None
+        return format_uuid(
+            check("cuDeviceGetUuid", cu.cuDeviceGetUuid(check("cuDeviceGet", cu.cuDeviceGet(ordinal)))).bytes
+        )
+    except RuntimeError:  # DeviceError, or no libcuda.so.1 (cuda.pathfinder's DynamicLibNotFoundError)
+        return None
+
+
 class CudaDevice(Device):
     """GPU `ordinal`'s memory through the CUDA driver's VMM API.
 

@@ -58,6 +58,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from kvmem.cache import ElasticKVCache, KVCacheFull
 from kvmem.client import DaemonClient
 from kvmem.common.layout import DTYPES
+from kvmem.common.protocol import check_model_name, model_name_from
 from kvmem.common.status import StatusError, StatusReader
 from kvmem.integrations.sglang.version import UnsupportedSglangError
 from kvmem.page_source import LocalPageSource, PageSource
@@ -83,13 +84,19 @@ def model_name(label: str | None) -> str:
         RuntimeError: Neither KVMEM_MODEL nor SGLang's served model name is known.
     """
     base = os.environ.get("KVMEM_MODEL")
-    if not base:
+    if base:
+        try:
+            check_model_name(base)
+        except ValueError as exc:
+            raise RuntimeError(f"kvmem: KVMEM_MODEL: {exc}") from None
+    else:
         from sglang.srt.runtime_context import get_server_args
 
         server_args = get_server_args()
         base = getattr(server_args, "served_model_name", None) or getattr(server_args, "model_path", None)
-    if not base:
-        raise RuntimeError("kvmem: no model name for the daemon; set KVMEM_MODEL")
+        if not base:
+            raise RuntimeError("kvmem: no model name for the daemon; set KVMEM_MODEL")
+        base = model_name_from(base)  # SGLang falls back to the model's path, often long or not a name
     with _names_lock:
         name = base
         if name in _names_used:

@@ -35,6 +35,7 @@ from dataclasses import replace
 import torch
 
 from kvmem.cache import ElasticKVCache, KVCacheFull
+from kvmem.common.protocol import check_model_name, model_name_from
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError, VllmKVGeometry, geometry_of
 from kvmem.session import Session, from_environment
 
@@ -47,14 +48,18 @@ profiling = False  # set by `budget` while vLLM profiles memory: allocations are
 
 
 def model_name(vllm_config=None) -> str:
-    """KVMEM_MODEL, else vLLM's served model name (its first one) from `vllm_config` or the current one.
+    """KVMEM_MODEL, else vLLM's served model name (its first one) from `vllm_config` or the current one,
+    made a valid daemon model name (vLLM falls back to the model's path, often long or not a name).
 
     Raises:
-        RuntimeError: Neither is known (no vLLM config and no KVMEM_MODEL).
+        RuntimeError: Neither is known (no vLLM config and no KVMEM_MODEL), or KVMEM_MODEL is not a valid name.
     """
     name = os.environ.get("KVMEM_MODEL")
     if name:
-        return name
+        try:
+            return check_model_name(name)
+        except ValueError as exc:
+            raise RuntimeError(f"kvmem: KVMEM_MODEL: {exc}") from None
     from vllm.config import get_current_vllm_config_or_none
 
     config = vllm_config or get_current_vllm_config_or_none()
@@ -63,7 +68,7 @@ def model_name(vllm_config=None) -> str:
         served = served[0] if served else None
     if not served:
         raise RuntimeError("kvmem: no model name for the daemon; set KVMEM_MODEL")
-    return served
+    return model_name_from(served)
 
 
 def session(device: torch.device, vllm_config=None) -> Session:
