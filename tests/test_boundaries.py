@@ -58,3 +58,13 @@ def test_an_unknown_name_is_an_attribute_error():
         assert "no attribute 'no_such_name'" in str(exc)
     else:
         raise AssertionError("kvmem.no_such_name did not raise AttributeError")
+
+
+def test_the_device_layer_exports_what_the_readme_lists():
+    # CudaDevice is loaded on first use (its module imports cuda-bindings), but it is there by name.
+    from kvmem.device import CudaDevice, HostDevice, open_device
+    from kvmem.device.cuda import CudaDevice as defined
+
+    assert CudaDevice is defined and callable(open_device) and HostDevice.kind == "host"
+    modules = loaded_after("import kvmem.device")
+    assert "kvmem.device.cuda" not in modules
