@@ -63,7 +63,7 @@ class PageListener(Protocol):
     own thread (a daemon client's reader thread): each method only queues work and returns."""
 
     def reclaim(self, pages: int, reason: str) -> None:
-        """Give back about `pages` free pages (`reason`: "pressure", "limit", ...)."""
+        """Give back about `pages` free pages (`reason`: "pressure", budget pressure from other models)."""
 
     def target(self, target_pages: int) -> None:
         """Hold at most `target_pages` pages from now on (-1: no target)."""
