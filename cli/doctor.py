@@ -75,6 +75,10 @@ def check_socket(ctx: KvctlContext) -> Check:
         st = path.stat()
     except FileNotFoundError:
         return Check("socket", "fail", f"{path} does not exist", f"start kvmemd for GPU {ctx.gpu}")
+    except PermissionError:  # the runtime directory itself is closed to this user
+        return Check(
+            "socket", "fail", f"{path.parent} is not open to you (uid {os.geteuid()})", _access_fix(path.parent)
+        )
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o007:
         return Check(

@@ -254,6 +254,10 @@ def test_not_permitted_is_exit_4_for_the_socket_and_for_another_users_model(tmp_
             )
             code, stderr = as_user(40003, 40003, kvctl_as(runtime, "sleep", "theirs"))
             assert code == 4 and stderr.startswith("Error: not permitted: ") and stderr.count("\n") == 1, stderr
+            # doctor is for exactly this user: it reports (daemon, socket, status) instead of failing itself
+            code, stderr = as_user(40003, 40003, kvctl_as(runtime, "doctor"))
+            assert code == 1 and stderr.startswith("Error: ") and "check(s) failed: " in stderr, stderr
+            assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
             assert daemon.status().model("theirs").limit_pages == -1
         finally:
             os.write(release_w, b"x")
