@@ -120,6 +120,7 @@ class DaemonClient:
         self.on_reconnect = on_reconnect
         self.policy = Policy()
         self.layout: dict[str, Any] | None = None  # the cache's layout descriptor, once described
+        self.drains = False  # whether the engine declared a drain hook (`declare_drain_hook`)
         self.pages: dict[int, Page] = {}  # by the daemon's current page id
         self.connected = threading.Event()
         self._lock = threading.RLock()  # guards pages, waiters and sending
@@ -284,6 +285,11 @@ class DaemonClient:
     def slept(self) -> None:
         """Tell the daemon the engine has drained and returned its pages after a sleep request."""
         self._send_if_connected(MsgType.SLEPT, {})
+
+    def declare_drain_hook(self) -> None:
+        """Tell the daemon the engine can drain for a sleep (it registered a hook); kept across reconnects."""
+        self.drains = True
+        self._send_if_connected(MsgType.DRAIN, {"hook": True})
 
     def close(self) -> None:
         """End the session. Pages still held are released here; their memory stays alive while mapped.
@@ -498,6 +504,8 @@ class DaemonClient:
             self.connected.set()
             if self.layout is not None:
                 self.describe(self.layout)
+            if self.drains:
+                self.declare_drain_hook()
             logger.info("reconnected to kvmemd with %d pages", len(self.pages))
             if self.on_reconnect:
                 self.on_reconnect()

@@ -111,6 +111,9 @@ class PageSource(Protocol):
     def slept(self) -> None:
         """Tell the lender the model drained and gave its pages back after `PageListener.sleep`."""
 
+    def declare_drain_hook(self) -> None:
+        """Tell the lender the engine can drain (it registered a sleep hook): only then may it sleep."""
+
     def close(self) -> None:
         """Release every page still held and end the source."""
 
@@ -179,6 +182,9 @@ class LocalPageSource:
 
     def slept(self) -> None:
         return None
+
+    def declare_drain_hook(self) -> None:
+        return None  # no operator without a daemon
 
     def close(self) -> None:
         with self._lock:

@@ -44,7 +44,7 @@ class Session:
         """
         self._sleep_hooks.append(hook)
         for cache in self.caches:
-            cache.sleep_hooks.append(hook)
+            cache.add_sleep_hook(hook)
         return hook
 
     def on_wake(self, hook: Callable[[bool], None]) -> Callable[[bool], None]:

@@ -101,6 +101,7 @@ class Daemon:
                 MsgType.USAGE: self.sessions.usage,
                 MsgType.ADOPT: self.sessions.adopt,
                 MsgType.SLEPT: self.sleep.slept,
+                MsgType.DRAIN: self.sleep.drain,
                 MsgType.OFFLOAD: self.sleep.offload,
                 MsgType.LAYOUT: self.sessions.layout,
                 MsgType.CHANNEL: self.sessions.channel,

@@ -93,6 +93,7 @@ class Connection:
     held: set[int] = field(default_factory=set)
     used_pages: int = 0
     adopt_expected: int = 0
+    drains: bool = False  # the engine declared a drain hook (DRAIN): it may be put to sleep holding pages
     channel: GrantChannel | None = None
     outbox: deque[Outgoing] = field(default_factory=deque)
     writing: bool = False  # registered for EVENT_WRITE: the outbox waits for room

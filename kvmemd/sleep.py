@@ -16,7 +16,9 @@ sent as RESTORE; WAKE follows the last. A wake without a saved cache is at once 
 that leaves while asleep loses its saved cache; a wake then says ``restored`` false, as it does
 when any saved page was lost.
 
-A drain that does not finish is never left half-way. An engine has `DaemonConfig.drain_timeout`
+Only an engine that declared a drain hook (DRAIN) is put to sleep while it holds pages: one that
+did not may still be using them, and taking them would crash it. A drain that does not finish is
+never left half-way. An engine has `DaemonConfig.drain_timeout`
 seconds to say SLEPT; if it has not, and no page of it went to the host tier, the sleep is rolled
 back: the engine gets WAKE (restored: it lost nothing), the model is AWAKE again, and its status
 says why (`waiting_for`) until its next sleep or wake. An offloading drain whose copies have begun
@@ -58,6 +60,15 @@ class SleepStates:
             raise ControlError(f"model {record.name!r} is waking; put it to sleep once it is awake", "conflict")
         if record.state != ModelState.AWAKE:
             return  # draining or asleep already
+        if record.held and not record.client.drains:
+            # Its engine may still be using its pages: taking them would crash it (a GPU engine's
+            # context would be poisoned by an illegal address). Only an engine that can drain sleeps.
+            raise ControlError(
+                f"model {record.name!r} cannot sleep: its engine registered no drain hook and holds "
+                f"{record.held} pages it may still be using (an engine integration registers one: "
+                "session.on_sleep)",
+                "conflict",
+            )
         if offload and record.held > tier.room_pages():
             raise ControlError(
                 f"the host tier has room for {tier.room_pages()} pages, model {record.name!r} holds "
@@ -128,6 +139,10 @@ class SleepStates:
             self.daemon.loop.send(record.client, MsgType.WAKE, {"restored": True})
             self.daemon.sessions.send_policy(record)
             self.daemon.status.changed()
+
+    def drain(self, conn: Connection, msg: Message) -> None:
+        """DRAIN: the engine registered a drain hook (an engine cannot take one back)."""
+        conn.drains = conn.drains or msg["hook"]
 
     def slept(self, conn: Connection, msg: Message) -> None:
         conn.model.slept_reported = True

@@ -45,6 +45,8 @@ class Engine:
             listener=self,
             on_reconnect=lambda: self.events.append(["reconnect"]),
         )
+        if self.sleep_returns:  # it drains (returns everything) when put to sleep
+            self.client.declare_drain_hook()
         self.dev = self.client.device
         self.page_size = self.client.page_size
         self.reservation = self.dev.reserve(SLOTS * self.page_size)

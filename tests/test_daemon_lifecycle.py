@@ -27,8 +27,8 @@ from kvmemd.launcher import read_lock_pid
 from tests import fakecuda
 from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm, shm_exists, wait_for
 
-UUID_0 = "GPU-fa4ec0da-0000-4000-8000-000000000000"  # the fake's physical device 0
-UUID_1 = "GPU-fa4ec0da-0000-4000-8000-000000000001"
+UUID_0 = fakecuda.gpu_uuid(0)  # the fake's physical device 0 in this test session
+UUID_1 = fakecuda.gpu_uuid(1)
 
 
 @pytest.fixture
@@ -213,8 +213,9 @@ def test_a_drain_that_does_not_finish_is_rolled_back_to_awake(runtime_dir: Path)
         DaemonProcess(runtime_dir, "host", "16MiB", "--drain-timeout", "0.5") as daemon,
         kvmem.connect("stubborn", runtime_dir=runtime_dir) as session,
     ):
+        session.on_sleep(lambda offload: None)  # a drain hook that frees nothing: the sleep cannot finish
         cache = session.kv_cache(**geometry, max_tokens=16 * 4096, low_watermark=0, high_watermark=0)
-        kept = cache.alloc(100)  # no drain hook frees them: a discarding sleep cannot finish
+        kept = cache.alloc(100)
         result = subprocess.run([*kvctl, "sleep", "stubborn", "--wait"], capture_output=True, text=True, timeout=60)
         assert result.returncode == 6
         assert result.stderr == (
@@ -234,6 +235,7 @@ def test_ctrl_c_while_waiting_for_a_sleep_says_the_model_keeps_draining(runtime_
         DaemonProcess(runtime_dir, "host", "16MiB") as daemon,
         kvmem.connect("slow", runtime_dir=runtime_dir) as session,
     ):
+        session.on_sleep(lambda offload: None)  # a drain hook that frees nothing: the drain goes on
         cache = session.kv_cache(**geometry, max_tokens=16 * 4096, low_watermark=0, high_watermark=0)
         cache.alloc(100)
         waiting = subprocess.Popen([*kvctl, "sleep", "slow", "--wait"], stderr=subprocess.PIPE, text=True)
@@ -292,3 +294,22 @@ def test_a_client_that_cannot_re_register_says_so_once_and_backs_off(runtime_dir
     assert accepted >= 2  # it kept trying
     assert accepted <= 8  # with back-off (50 ms doubling to 1 s), not every 50 ms
     assert stderr.count("re-registering with kvmemd failed") == 1, stderr
+
+
+def test_an_engine_without_a_drain_hook_is_never_put_to_sleep_holding_pages(runtime_dir: Path):
+    geometry = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64}
+    kvctl = [str(Path(KVMEMD).with_name("kvctl")), "--runtime-dir", str(runtime_dir)]
+    with DaemonProcess(runtime_dir, "host", "16MiB") as daemon, kvmem.connect("hookless", runtime_dir=runtime_dir) as s:
+        cache = s.kv_cache(**geometry, max_tokens=16 * 4096, low_watermark=0, high_watermark=0)
+        for offload in ([], ["--offload"]):
+            cache.alloc(1)
+            result = subprocess.run([*kvctl, "sleep", "hookless", *offload], capture_output=True, text=True)
+            assert result.returncode == 1
+            assert result.stderr == (
+                "Error: model 'hookless' cannot sleep: its engine registered no drain hook and holds 4 pages it "
+                "may still be using (an engine integration registers one: session.on_sleep)\n"
+            )
+            assert daemon.status().model("hookless").state.name == "AWAKE" and not cache.asleep
+        s.on_sleep(lambda offload: None)  # now it can drain: the sleep is accepted
+        result = subprocess.run([*kvctl, "sleep", "hookless", "--offload", "--wait"], capture_output=True, text=True)
+        assert (result.returncode, result.stderr) == (0, "hookless: asleep\n")

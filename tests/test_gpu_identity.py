@@ -41,16 +41,16 @@ def probe(**env: str) -> list:
 
 def test_each_physical_gpu_has_its_own_uuid():
     assert probe(FAKECUDA_DEVICE_COUNT="2") == [
-        ["GPU-fa4ec0da-0000-4000-8000-000000000000", "kvmem fakecuda device 0"],
-        ["GPU-fa4ec0da-0000-4000-8000-000000000001", "kvmem fakecuda device 1"],
+        [fakecuda.gpu_uuid(0), "kvmem fakecuda device 0"],
+        [fakecuda.gpu_uuid(1), "kvmem fakecuda device 1"],
         "GPU 2 does not exist: the driver sees 2 GPU(s)",
     ]
 
 
 def test_cuda_visible_devices_renumbers_but_the_uuid_stays():
     assert probe(FAKECUDA_DEVICE_COUNT="3", CUDA_VISIBLE_DEVICES="2,0") == [
-        ["GPU-fa4ec0da-0000-4000-8000-000000000002", "kvmem fakecuda device 2"],
-        ["GPU-fa4ec0da-0000-4000-8000-000000000000", "kvmem fakecuda device 0"],
+        [fakecuda.gpu_uuid(2), "kvmem fakecuda device 2"],
+        [fakecuda.gpu_uuid(0), "kvmem fakecuda device 0"],
         "GPU 2 does not exist: the driver sees 2 GPU(s)",
     ]
 
@@ -92,9 +92,8 @@ def test_an_engine_never_takes_the_daemon_of_another_gpu_that_has_its_ordinal(tm
             assert result.returncode == 1
             assert result.stderr.strip().splitlines()[-1] == (
                 f"kvmem.common.errors.DaemonRefusedError: kvmemd at {daemon.paths.socket} serves GPU "
-                "GPU-fa4ec0da-0000-4000-8000-000000000000, but this process's GPU 0 is "
-                "GPU-fa4ec0da-0000-4000-8000-000000000001 (CUDA_VISIBLE_DEVICES numbers GPUs per process): start "
-                "kvmemd for this GPU, or connect to its daemon"
+                f"{fakecuda.gpu_uuid(0)}, but this process's GPU 0 is {fakecuda.gpu_uuid(1)} (CUDA_VISIBLE_DEVICES "
+                "numbers GPUs per process): start kvmemd for this GPU, or connect to its daemon"
             )
             # The refusal comes once WELCOME names the daemon's GPU: the name stays known, detached, holding nothing.
             lost = daemon.status().model("lost")

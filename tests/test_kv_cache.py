@@ -313,6 +313,7 @@ def test_sleep_returns_every_page_as_blocks_drain_and_wake_serves_again(daemon: 
         kvmem.connect("sleeper", runtime_dir=daemon.runtime_dir) as s,
         ControlClient(runtime_dir=daemon.runtime_dir) as c,
     ):
+        s.on_sleep(lambda offload: None)  # a drain hook; the test frees the blocks itself below
         cache = s.kv_cache(**GEOMETRY, max_tokens=20 * 512 * 16, low_watermark=0, high_watermark=0)
         ids = cache.alloc(2 * 512)
         c.sleep("sleeper")

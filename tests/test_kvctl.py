@@ -114,6 +114,7 @@ def test_a_lowered_limit_is_acted_on_min_and_priority_show(daemon: DaemonProcess
 
 def test_sleep_and_wake_through_the_cli(daemon: DaemonProcess):
     with kvmem.connect("napper", runtime_dir=daemon.runtime_dir) as s:
+        s.on_sleep(lambda offload: None)  # a drain hook that frees nothing (see the discarding sleep below)
         cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
         cache.alloc(100)
         result = run(daemon, "sleep", "napper", "--offload", "--wait")
@@ -122,8 +123,8 @@ def test_sleep_and_wake_through_the_cli(daemon: DaemonProcess):
         result = run(daemon, "wake", "napper", "--wait")
         assert (result.exit_code, result.stderr) == (0, "napper: awake\n")
         wait_for(lambda: not cache.asleep, what="the cache to wake")
-        # A discarding sleep cannot finish while the engine keeps its blocks (it registered no drain
-        # hook): --wait gives up after --timeout with exit 6 and says what it is stuck on.
+        # A discarding sleep cannot finish while the engine keeps its blocks (its drain hook frees
+        # none): --wait gives up after --timeout with exit 6 and says what it is stuck on.
         result = run(daemon, "sleep", "napper", "--wait", "--timeout", "0.3")
         assert result.exit_code == 6
         assert result.stderr == "Error: timed out after 0.3 s: model 'napper' is draining (holding 4 pages)\n"

@@ -54,6 +54,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.OFFLOAD: {"pages": [3, 9], "offsets": [0, 2 << 20]},
     MsgType.LAYOUT: {"layout": {"version": 1, "shape": [1024, 16, 1, 64]}},
     MsgType.CHANNEL: {},
+    MsgType.DRAIN: {"hook": True},
     MsgType.WELCOME: {
         "version": 1,
         "client_id": 77,
@@ -384,7 +385,7 @@ GOOD_PAYLOAD = GOOD[HEADER.size :]
             "length does not match",
         ),
         (frame(0, b"{}"), "unknown message type 0"),
-        (frame(11, b"{}"), "unknown message type 11"),
+        (frame(12, b"{}"), "unknown message type 12"),
         (frame(19, b"{}"), "unknown message type 19"),
         (frame(32, b"{}"), "unknown message type 32"),
         (frame(255, b"{}"), "unknown message type 255"),

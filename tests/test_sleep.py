@@ -132,6 +132,7 @@ def test_sleeping_under_contention_hands_the_memory_over_and_wake_waits_for_it(d
         kvmem.connect("other", runtime_dir=daemon.runtime_dir) as other_session,
         ControlClient(runtime_dir=daemon.runtime_dir) as control,
     ):
+        big_session.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
         big = big_session.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0, grow_wait=0.2)
         other = other_session.kv_cache(
             **GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0, grow_wait=0.2
@@ -173,6 +174,7 @@ def test_an_offload_the_host_tier_cannot_hold_is_refused(tmp_path: Path):
         kvmem.connect("huge", runtime_dir=daemon.runtime_dir) as s,
         ControlClient(runtime_dir=daemon.runtime_dir) as control,
     ):
+        s.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
         cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
         cache.alloc(512)  # 4 pages = 8 MiB
         with pytest.raises(ControlError, match="the host tier has room for 2 pages, model 'huge' holds 4"):
@@ -184,6 +186,7 @@ def test_an_offload_the_host_tier_cannot_hold_is_refused(tmp_path: Path):
 def test_an_engine_that_exits_asleep_frees_its_saved_cache(daemon: DaemonProcess):
     with ControlClient(runtime_dir=daemon.runtime_dir) as control:
         with kvmem.connect("leaver", runtime_dir=daemon.runtime_dir) as s:
+            s.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
             cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
             cache.alloc(512)
             control.sleep("leaver", offload=True)

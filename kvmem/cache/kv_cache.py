@@ -177,6 +177,8 @@ class ElasticKVCache:
         self._closed = False
         source.listen(_Listener(self._growth, self._sleep))
         source.describe(self._layout.to_dict())
+        if self._sleep.sleep_hooks:
+            source.declare_drain_hook()
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self._run, name="kvmem-cache-growth", daemon=True)
@@ -411,10 +413,17 @@ class ElasticKVCache:
         engine = self._state.engine
         engine.lock, engine.evictor, engine.on_unmapped = lock, evictor, on_unmapped
 
+    def add_sleep_hook(self, hook: Callable[[bool], None]) -> None:
+        """Run ``hook(offload)`` when the operator puts the model to sleep (see `Session.on_sleep`), and
+        tell the daemon the engine can drain: a model whose engine registered none is never put to sleep
+        while it holds pages (its engine could still be using them)."""
+        self._sleep.sleep_hooks.append(hook)
+        self._state.source.declare_drain_hook()
+
     @property
-    def sleep_hooks(self) -> list[Callable[[bool], None]]:
-        """``f(offload)``, run when the operator puts the model to sleep (see `Session.on_sleep`)."""
-        return self._sleep.sleep_hooks
+    def sleep_hooks(self) -> tuple[Callable[[bool], None], ...]:
+        """The sleep hooks (`add_sleep_hook` adds one)."""
+        return tuple(self._sleep.sleep_hooks)
 
     @property
     def wake_hooks(self) -> list[Callable[[bool], None]]:

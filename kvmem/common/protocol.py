@@ -66,6 +66,7 @@ class MsgType(enum.IntEnum):
     OFFLOAD = 8
     LAYOUT = 9
     CHANNEL = 10
+    DRAIN = 11
     # daemon -> client
     WELCOME = 20
     GRANT = 21
@@ -234,6 +235,7 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
     MsgType.LAYOUT: {"layout": Json(max_depth=2)},
     # The engine's grant channel: one end of a socketpair, as the message's one descriptor.
     MsgType.CHANNEL: {},
+    MsgType.DRAIN: {"hook": Bool()},
     MsgType.WELCOME: {
         "version": Int(0, 255),
         "client_id": _COUNT,

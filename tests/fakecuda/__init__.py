@@ -109,6 +109,18 @@ def load() -> FakeCuda:
     return FakeCuda(build())
 
 
+# This test session's fake GPUs: their UUIDs carry a seed of the session's own (fakecuda.c), so
+# that test sessions running at once on one machine never hold "the same GPU" (kvmemd refuses a
+# second daemon for a GPU machine-wide). Set before the fake is loaded; children inherit it.
+UUID_SEED = int(os.environ.setdefault("FAKECUDA_UUID_SEED", str(os.getpid() % 0xFFFFFF + 1)))
+
+
+def gpu_uuid(physical: int) -> str:
+    """The UUID the fake gives physical device `physical` in this session, as nvidia-smi writes it."""
+    s = UUID_SEED & 0xFFFFFF
+    return f"GPU-fa4ec0da-{s >> 8:04x}-40{s & 0xFF:02x}-8000-{physical:012x}"
+
+
 def child_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
     """An environment in which a child process's cuda-bindings loads the fake."""
     env = dict(os.environ if base is None else base)

@@ -403,8 +403,9 @@ static CUresult fake_cuDeviceGetName(char *name, int len, CUdevice dev) {
     return CUDA_SUCCESS;
 }
 
-/* A device's UUID: 16 bytes, fixed per physical device (fa4ec0da-0000-4000-8000-0000000000NN),
-   whichever ordinal CUDA_VISIBLE_DEVICES gives it. cuda-bindings 13 asks for the _v2 ABI
+/* A device's UUID: 16 bytes, fixed per physical device (fa4ec0da-SSSS-4SSS-8000-0000000000NN, S from
+   FAKECUDA_UUID_SEED), whichever ordinal CUDA_VISIBLE_DEVICES gives it. Test sessions that run at the
+   same time on one machine give their fakes different seeds, so their daemons hold different GPUs. cuda-bindings 13 asks for the _v2 ABI
    (version 11040, which also names MIG instances); it takes (CUuuid *, CUdevice). */
 static CUresult fake_cuDeviceGetUuid(CUuuid *uuid, CUdevice dev) {
     count(C_cuDeviceGetUuid);
@@ -412,7 +413,11 @@ static CUresult fake_cuDeviceGetUuid(CUuuid *uuid, CUdevice dev) {
     if (!uuid) return CUDA_ERROR_INVALID_VALUE;
     if (dev < 0 || dev >= g_device_count) return CUDA_ERROR_INVALID_DEVICE;
     static const unsigned char stem[16] = {0xfa, 0x4e, 0xc0, 0xda, 0, 0, 0x40, 0, 0x80, 0, 0, 0, 0, 0, 0, 0};
+    unsigned long seed = (unsigned long)env_size("FAKECUDA_UUID_SEED", 0) & 0xffffffUL;
     memcpy(uuid->bytes, stem, 16);
+    uuid->bytes[4] = (char)(seed >> 16);
+    uuid->bytes[5] = (char)(seed >> 8);
+    uuid->bytes[7] = (char)seed;
     uuid->bytes[15] = (char)g_physical[dev];
     return CUDA_SUCCESS;
 }

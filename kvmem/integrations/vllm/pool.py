@@ -119,7 +119,7 @@ class KvmemBlockPool(BlockPool):
             if not self._hold_null():
                 logger.warning("kvmem: no page for vLLM's null block yet; the engine waits for memory")
         cache.attach_engine(self.engine_lock, evictor=self._evict, on_unmapped=self._unmapped)
-        cache.sleep_hooks.append(self._drain)
+        cache.add_sleep_hook(self._drain)
         cache.wake_hooks.append(self._resume)
 
     # ---- counts ----
