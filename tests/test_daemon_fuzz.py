@@ -50,7 +50,7 @@ PAGE_SIZE = 2 << 20  # the host device's granularity, the daemon's default page 
 FUZZ_MODELS = ("fuzz-a", "fuzz-b", "fuzz-c")
 CLIENT_TYPES = (MsgType.HELLO, MsgType.GROW, MsgType.RETURN, MsgType.USAGE, MsgType.ADOPT, MsgType.CONTROL)
 DAEMON_TYPES = tuple(t for t in MsgType if t >= MsgType.WELCOME)
-ENGINE_ACCEPTS = {MsgType.GROW, MsgType.USAGE, MsgType.SLEPT}  # valid ones are served, not refused
+ENGINE_ACCEPTS = {MsgType.GROW, MsgType.USAGE, MsgType.SLEPT, MsgType.DRAIN}  # valid ones are served, not refused
 FUZZ = settings(
     max_examples=150,
     deadline=None,
@@ -75,6 +75,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
     MsgType.OFFLOAD: {"pages": [0], "offsets": [0]},
     MsgType.LAYOUT: {"layout": {"version": 1, "shape": [1024, 16, 1, 64]}},
     MsgType.CHANNEL: {},
+    MsgType.DRAIN: {"hook": True},
     MsgType.WELCOME: {
         "version": PROTOCOL_VERSION,
         "client_id": 1,
@@ -82,6 +83,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
         "page_size": PAGE_SIZE,
         "device_kind": "host",
         "device_ordinal": 0,
+        "device_uuid": None,
         "budget_pages": 16,
     },
     MsgType.GRANT: {"req": 1, "pages": [0, 1], "done": True},
