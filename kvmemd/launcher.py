@@ -10,8 +10,8 @@ user's ``/tmp/kvmem-<uid>`` would each hold a lock for "GPU 0" and promise its m
 daemon also binds an abstract Unix socket named after the GPU's UUID (`gpu_lock_name`): the kernel
 lets one socket hold a name, drops it when the process dies however it dies, and the name is the
 same for every user and directory in the network namespace. (Containers with their own network
-namespace do not see each other's names: deploy one daemon per GPU on the host network, see
-examples/deploy.) Host-memory daemons have no GPU to guard and may run side by side.
+namespace do not see each other's names: run GPU daemons in the host's network namespace.)
+Host-memory daemons have no GPU to guard and may run side by side.
 
 The device is what the operator asked for: ``--device cuda`` (the default) fails when the GPU is
 not usable, it never turns into host memory; ``--device host`` serves host memory.
