@@ -490,6 +490,7 @@ def receive_expected(sock: socket.socket, msg_type: MsgType) -> Message:
 
 
 def close_fds(fds: Sequence[int]) -> None:
+    """Close descriptors received or handed over and not kept (each at most once; a closed one is skipped)."""
     for fd in fds:
         try:
             os.close(fd)

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvmem.common.protocol import close_fds
 from kvmem.common.undo import Undo
 from kvmem.device.errors import (
     AlreadyMappedError,
@@ -56,15 +57,6 @@ if TYPE_CHECKING:
     from typing import Self
 
 logger = logging.getLogger(__name__)
-
-
-def _close_quietly(fds: Sequence[int]) -> None:
-    """Close descriptors this device was given and cannot use (each at most once)."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # already closed: nothing left to release
 
 
 class Access(enum.IntEnum):
@@ -465,12 +457,12 @@ class Device(ABC):
         for fd in fds:
             if not isinstance(fd, int) or fd < 0:
                 if consume:
-                    _close_quietly([f for f in fds if isinstance(f, int) and f >= 0])
+                    close_fds([f for f in fds if isinstance(f, int) and f >= 0])
                 raise InvalidArgumentError(f"file descriptor {fd!r} is not a non-negative integer")
         pages: list[PhysicalPage] = []
         with self._lock, Undo() as undo:
             if consume:  # descriptors not yet taken over by a page are closed on failure
-                undo.push(lambda: _close_quietly(fds[len(pages) :]))
+                undo.push(lambda: close_fds(fds[len(pages) :]))
             self._check_size("page size", size)
             self._check_open()
             self._backend_enter()
