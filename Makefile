@@ -61,13 +61,14 @@ test-vllm: $(VLLM_STAMP)
 # SGLang's engine needs sgl_kernel, which has no CPU build on PyPI, but its KV pools and allocators run
 # on device="cpu": SGLang goes in with --no-deps (its full dependency set pulls CUDA kernels, flashinfer,
 # ...), on the torch it pins (a CUDA build that runs on CPU), plus the light dependencies that importing
-# sglang.srt.mem_cache.memory_pool / .allocator / sglang.srt.platforms actually needs, found by importing
-# them until nothing was missing; pins are SGLang 0.5.23's own where it has one.
+# sglang.srt.mem_cache.memory_pool / .allocator / sglang.srt.platforms / .managers.scheduler (the drain
+# tests) actually needs, found by importing them until nothing was missing; pins are SGLang 0.5.23's
+# own where it has one.
 SGLANG_VENV ?= .venv-sglang
 SGLANG_STAMP := $(SGLANG_VENV)/.kvmem-installed
 SGLANG_LIGHT_DEPS := orjson pybase64 requests starlette msgspec pydantic pyzmq tqdm ipython aiohttp dill einops \
 	gguf partial_json_parser transformers==5.19.0 apache-tvm-ffi==0.1.11 sentencepiece==0.2.1 \
-	compressed-tensors==0.18.0 openai==2.8.0
+	compressed-tensors==0.18.0 openai==2.8.0 setproctitle "uvicorn>=0.51" fastapi
 
 $(SGLANG_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(SGLANG_VENV)
@@ -78,7 +79,7 @@ $(SGLANG_STAMP): pyproject.toml Makefile
 	touch $(SGLANG_STAMP)
 
 test-sglang: $(SGLANG_STAMP)
-	$(SGLANG_VENV)/bin/python -m pytest tests/test_integration_sglang.py
+	$(SGLANG_VENV)/bin/python -m pytest tests/test_integration_sglang.py tests/test_integration_sglang_drain.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_device.py --update-readme
