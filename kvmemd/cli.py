@@ -122,6 +122,11 @@ def runtime_dir_option(f):
     "--metrics-address", default="127.0.0.1", show_default=True, envvar="KVMEM_METRICS_ADDRESS", show_envvar=True,
     help="Address the metrics server listens on.",
 )  # fmt: skip
+@click.option(
+    "--node-name", envvar="KVMEM_NODE_NAME", show_envvar=True,
+    help="The machine's name in a fleet, a `node` label on every metric (e.g. Kubernetes' spec.nodeName). "
+    "Default: no such label.",
+)  # fmt: skip
 @click.option("--detach", is_flag=True, help="Run in the background; return once the daemon serves.")
 def start(
     gpu: int,
@@ -136,6 +141,7 @@ def start(
     host_tier: str,
     metrics_port: int | None,
     metrics_address: str,
+    node_name: str | None,
     log_level: str,
     detach: bool,
 ) -> None:
@@ -157,6 +163,7 @@ def start(
         host_tier=host_tier,
         metrics_port=metrics_port,
         metrics_address=metrics_address,
+        node_name=node_name or None,
     )
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s kvmemd[%(process)d] %(levelname)s %(message)s", stream=sys.stderr

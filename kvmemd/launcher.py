@@ -41,7 +41,7 @@ from kvmem.common.sizes import format_size, parse_size
 from kvmem.common.status import StatusWriter
 from kvmem.device import Device, DeviceError, open_device
 from kvmemd.daemon import Daemon, DaemonConfig, install_signal_handlers
-from kvmemd.metrics import MetricsServer
+from kvmemd.metrics import MetricsServer, fleet_labels
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class StartOptions:
     host_tier: str = "50%"  # a size or a percentage of the machine's RAM
     metrics_port: int | None = None  # None: no metrics server
     metrics_address: str = "127.0.0.1"
+    node_name: str | None = None  # the `node` label of every metric (None: no such label)
 
 
 def read_lock_pid(paths: DaemonPaths) -> int | None:
@@ -397,7 +398,8 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
         install_signal_handlers(daemon)
         if options.metrics_port is not None:
             try:
-                metrics = MetricsServer(paths.shm_name, options.metrics_port, options.metrics_address)
+                labels = fleet_labels(options.gpu, device.uuid, options.node_name)
+                metrics = MetricsServer(paths.shm_name, options.metrics_port, labels, options.metrics_address)
             except OSError as exc:
                 raise StartError(
                     f"--metrics-port {options.metrics_port}: cannot listen on {options.metrics_address}: {exc.strerror}"
