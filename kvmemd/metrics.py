@@ -93,20 +93,21 @@ class StatusCollector(Collector):
             counter.add_metric(values, value)
             yield counter
 
+        by_model = [*names, "model"]
         per_model = {
-            "mapped": GaugeMetricFamily("kvmem_model_mapped_bytes", "Memory granted to the model.", labels=[*names, "model"]),
-            "used": GaugeMetricFamily("kvmem_model_used_bytes", "Memory holding live KV blocks.", labels=[*names, "model"]),
-            "limit": GaugeMetricFamily("kvmem_model_limit_bytes", "The model's limit.", labels=[*names, "model"]),
-            "min": GaugeMetricFamily("kvmem_model_min_bytes", "The model's guaranteed minimum.", labels=[*names, "model"]),
-            "saved": GaugeMetricFamily("kvmem_model_saved_bytes", "Its cache in the host tier.", labels=[*names, "model"]),
-            "priority": GaugeMetricFamily("kvmem_model_priority", "The model's priority.", labels=[*names, "model"]),
+            "mapped": GaugeMetricFamily("kvmem_model_mapped_bytes", "Memory granted to the model.", labels=by_model),
+            "used": GaugeMetricFamily("kvmem_model_used_bytes", "Memory holding live KV blocks.", labels=by_model),
+            "limit": GaugeMetricFamily("kvmem_model_limit_bytes", "The model's limit.", labels=by_model),
+            "min": GaugeMetricFamily("kvmem_model_min_bytes", "The model's guaranteed minimum.", labels=by_model),
+            "saved": GaugeMetricFamily("kvmem_model_saved_bytes", "Its cache in the host tier.", labels=by_model),
+            "priority": GaugeMetricFamily("kvmem_model_priority", "The model's priority.", labels=by_model),
         }
-        state = GaugeMetricFamily("kvmem_model_state", "1 for the model's current state.", labels=[*names, "model", "state"])
+        state = GaugeMetricFamily("kvmem_model_state", "1 for the model's current state.", labels=[*by_model, "state"])
         counters = {
-            "grants": CounterMetricFamily("kvmem_model_grants", "Grow requests served.", labels=[*names, "model"]),
-            "denies": CounterMetricFamily("kvmem_model_denies", "Grow requests denied.", labels=[*names, "model"]),
-            "reclaims": CounterMetricFamily("kvmem_model_reclaims", "Page requests sent.", labels=[*names, "model"]),
-            "sleeps": CounterMetricFamily("kvmem_model_sleeps", "Times put to sleep.", labels=[*names, "model"]),
+            "grants": CounterMetricFamily("kvmem_model_grants", "Grow requests served.", labels=by_model),
+            "denies": CounterMetricFamily("kvmem_model_denies", "Grow requests denied.", labels=by_model),
+            "reclaims": CounterMetricFamily("kvmem_model_reclaims", "Page requests sent.", labels=by_model),
+            "sleeps": CounterMetricFamily("kvmem_model_sleeps", "Times put to sleep.", labels=by_model),
         }
         for m in snap.models:
             label = [*values, m.model]
