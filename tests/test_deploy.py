@@ -218,8 +218,9 @@ def test_engine_pods_mount_what_the_daemon_shares_where_the_daemon_has_it():
     env = env_of(container)
     assert env["KVMEM"] == "1" and env["KVMEM_RUNTIME_DIR"] == runtime_dir
     volumes = {v["name"]: v for v in spec["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert volumes[mounts[runtime_dir]]["hostPath"]["path"] == runtime_dir
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert volumes[mounts[runtime_dir]["name"]]["hostPath"]["path"] == runtime_dir
+    assert mounts[runtime_dir]["readOnly"] is True  # test_an_engine_reaches_its_daemon_through_read_only_mounts
     assert gid in spec["securityContext"]["supplementalGroups"]
     assert not spec.get("hostNetwork") and not spec.get("hostPID")  # an engine needs neither
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -265,6 +266,35 @@ def test_a_daemon_in_its_own_pid_namespace_refuses_engines_it_cannot_see(tmp_pat
     assert outer.returncode == 0, (tmp_path / "kvmemd.log").read_text()
     assert not paths.socket.exists() and not shm_exists(paths.shm_name)
     assert daemon.pid != 1
+
+
+def test_an_engine_reaches_its_daemon_through_read_only_mounts(tmp_path: Path):
+    """engine-pod.yaml mounts the runtime directory (and, for readers of the status, /dev/shm)
+    read-only: connecting to a socket needs no write to the file system. An engine in a mount
+    namespace where both are read-only bind mounts at the daemon's paths gets pages and reads status."""
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("unshare --mount is not available to this user here")
+    with DaemonProcess(tmp_path / "rt", "host", "64MiB", "--reserve", "0", "0") as daemon:
+        rt = daemon.runtime_dir
+        engine = (
+            "import sys, kvmem; from kvmem.common.status import StatusReader; "
+            "s = kvmem.connect('ro-engine', runtime_dir=sys.argv[1]); "
+            "c = s.kv_cache(num_layers=2, block_size=16, num_kv_heads=2, head_dim=64, max_tokens=16 * 4096); "
+            "ids = c.alloc(600); r = StatusReader(s.source.paths.shm_name); "
+            "print(r.snapshot().model('ro-engine').mapped_pages > 0); r.close(); "
+            "open(sys.argv[1] + '/written', 'w')"
+        )
+        script = (
+            f"mount --bind {rt} {rt} && mount -o remount,bind,ro {rt} && "
+            "mount --bind /dev/shm /dev/shm && mount -o remount,bind,ro /dev/shm && "
+            f'exec {sys.executable} -c "{engine}" {rt}'
+        )
+        result = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+        assert result.stdout == "True\n", result.stderr
+        # It got pages and read its status; the one write it tried failed: the mounts were read-only.
+        assert result.stderr.rstrip().endswith(f"OSError: [Errno 30] Read-only file system: '{rt}/written'")
+        wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="the exited engine's pages to return")
 
 
 # ---- Grafana ----
