@@ -246,6 +246,25 @@ def _uuid_link(paths: DaemonPaths, uuid: str) -> Iterator[None]:
                 os.unlink(link)
 
 
+def notify_service_manager(state: str) -> None:
+    """Tell systemd `state` (e.g. ``READY=1``) when it asked to be told: a ``Type=notify`` unit.
+
+    The protocol is sd_notify(3)'s: one datagram of newline-separated assignments to the Unix socket
+    that $NOTIFY_SOCKET names, an abstract one if the name starts with ``@``. Without the variable
+    there is no one to tell; a failure to tell is logged (systemd then times the start out).
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    target = "\0" + address[1:] if address.startswith("@") else address
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(target)
+            sock.sendall(state.encode())
+        except OSError as exc:
+            logger.warning("cannot notify the service manager at %s: %s", address, exc.strerror)
+
+
 def _open_device(options: StartOptions) -> Device:
     try:
         return open_device(options.device, options.gpu, host_capacity=options.host_capacity)
@@ -419,5 +438,7 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
         )
         if ready is not None:
             ready(os.getpid())
+        # systemd's `systemctl start kvmemd@N` returns once the daemon serves, or fails with it.
+        notify_service_manager(f"READY=1\nSTATUS=serving GPU {options.gpu} ({device.kind}) at {paths.socket}")
         daemon.run()
         logger.info("kvmemd stopped")

@@ -106,13 +106,25 @@ def test_the_systemd_unit_exposure_is_at_most_4(tmp_path: Path, drop_in: bool):
         assert "Service may allocate Internet sockets" in result.stdout
 
 
+def test_kvmemd_tells_systemd_when_it_serves(tmp_path: Path):
+    """Type=notify: the daemon sends READY=1 to $NOTIFY_SOCKET once its socket accepts engines."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(tmp_path / "notify"))
+        manager.settimeout(30)
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+        with DaemonProcess(tmp_path / "rt", "host", "64MiB", env=env) as daemon:
+            message = manager.recv(4096).decode()
+            assert message == f"READY=1\nSTATUS=serving GPU 0 (host) at {daemon.paths.socket}"
+
+
 def test_the_systemd_unit_serves_the_gpu_only_and_restarts_on_failure():
     settings = [line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and line[0] != "#"]
     values: dict[str, list[str]] = {}
     for key, value in settings:
         values.setdefault(key, []).append(value)
     assert values["ExecStart"] == ["/opt/kvmem/bin/kvmemd start --device cuda --gpu %i"]
-    assert values["Restart"] == ["on-failure"] and values["RuntimeDirectoryPreserve"] == ["yes"]
+    assert values["Type"] == ["notify"] and values["Restart"] == ["on-failure"]
+    assert values["RuntimeDirectoryPreserve"] == ["yes"]
     assert values["PrivateNetwork"] == ["no"]  # the GPU's lock is in the host's network namespace
     assert values["RestrictAddressFamilies"] == ["AF_UNIX"] and values["IPAddressDeny"] == ["any"]
     devices = {v.split()[0] for v in values["DeviceAllow"]}
