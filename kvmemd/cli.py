@@ -21,6 +21,7 @@ from kvmemd.launcher import (
     DAEMON_DEVICE_KINDS,
     StartError,
     StartOptions,
+    lock_holder_pid,
     read_lock_pid,
     remove_stale_files,
     run_daemon,
@@ -239,6 +240,18 @@ def stop(gpu: int, runtime_dir: str | None, timeout: float) -> None:
         return
     if pid <= 0:
         raise click.ClickException(f"the lock file {paths.lock} holds no pid; stop the daemon by hand")
+    # Signal the holder as this PID namespace sees it: the file's pid is the daemon's own view, which
+    # in a container of its own is 1 (here: init).
+    holder = lock_holder_pid(paths)
+    if holder is None:
+        if read_lock_pid(paths) is None:
+            click.echo(f"kvmemd for GPU {gpu} stopped meanwhile", err=True)
+            return
+        raise click.ClickException(
+            f"kvmemd for GPU {gpu} (pid {pid} in its own PID namespace) runs where this process cannot see it: "
+            "stop it where it runs (its container or pod)"
+        )
+    pid = holder
     try:
         os.kill(pid, signal.SIGTERM)
     except PermissionError:

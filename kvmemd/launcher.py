@@ -96,6 +96,30 @@ def read_lock_pid(paths: DaemonPaths) -> int | None:
         os.close(fd)
 
 
+def lock_holder_pid(paths: DaemonPaths) -> int | None:
+    """The pid, in this process's PID namespace, of the process holding `paths`' lock, from /proc/locks;
+    None if no lock is held or its holder is not visible here.
+
+    The pid in the lock file is the daemon's own view of itself: in a container with a PID namespace
+    of its own that is 1, which on the host is init. /proc/locks names the holder as the reader's
+    namespace sees it (Linux translates it; a holder outside that namespace is not shown or shown as
+    0), as "N: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> ..." with major and minor in hex.
+    """
+    try:
+        st = os.stat(paths.lock)
+        with open("/proc/locks") as locks:
+            lines = locks.readlines()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device and fields[4].isdigit():
+            pid = int(fields[4])
+            return pid if pid > 0 else None
+    return None
+
+
 def remove_stale_files(paths: DaemonPaths) -> list[str]:
     """Remove what a daemon killed without cleaning up left in `paths`; what was removed.
 

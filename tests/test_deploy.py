@@ -27,6 +27,7 @@ import kvmem
 from kvmem.cli.doctor import CHECKS
 from kvmem.common.errors import DaemonRefusedError
 from kvmem.common.runtime import DaemonPaths
+from kvmemd.launcher import lock_holder_pid
 from tests.daemon_support import KVMEMD, DaemonProcess, shm_exists, wait_for
 from tests.support import REPO
 
@@ -249,7 +250,7 @@ def test_a_daemon_in_its_own_pid_namespace_refuses_engines_it_cannot_see(tmp_pat
     pid 0, and without a pid the daemon could not hold a dead socket's pages back until its process
     exits. Such an engine is refused with the fix; kvctl (holding no pages) is still served."""
     unshare = shutil.which("unshare")
-    probe = subprocess.run([unshare or "unshare", "--pid", "--fork", "true"], capture_output=True) if unshare else None
+    probe = subprocess.run([unshare, "--pid", "--fork", "true"], capture_output=True) if unshare else None
     if probe is None or probe.returncode != 0:
         pytest.skip("unshare --pid is not available to this user here")
     runtime_dir = tmp_path / "rt"
@@ -269,6 +270,12 @@ def test_a_daemon_in_its_own_pid_namespace_refuses_engines_it_cannot_see(tmp_pat
         status = subprocess.run(kvctl, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["models"] == []  # the refused engine left nothing behind
+        # `kvmemd stop` from here signals the daemon as this namespace sees it, not the file's pid 1.
+        assert paths.lock.read_text().strip() == "1" and lock_holder_pid(paths) == daemon.pid
+        stop = subprocess.run([KVMEMD, "stop", "--runtime-dir", runtime_dir], capture_output=True, text=True)
+        assert stop.returncode == 0, stop.stderr
+        assert stop.stderr == f"kvmemd for GPU 0 stopped (pid {daemon.pid})\n"
+        outer.wait(timeout=30)
     finally:
         if outer.poll() is None:
             for child in psutil.Process(outer.pid).children():
@@ -278,6 +285,28 @@ def test_a_daemon_in_its_own_pid_namespace_refuses_engines_it_cannot_see(tmp_pat
     assert outer.returncode == 0, (tmp_path / "kvmemd.log").read_text()
     assert not paths.socket.exists() and not shm_exists(paths.shm_name)
     assert daemon.pid != 1
+
+
+def test_kvmemd_stop_refuses_a_daemon_outside_its_pid_namespace(tmp_path: Path):
+    """From a PID namespace that cannot see the daemon, the lock file's pid means nothing (or another
+    process): `kvmemd stop` says where to stop it and signals no one."""
+    unshare = shutil.which("unshare")
+    probe = (
+        subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True) if unshare else None
+    )
+    if probe is None or probe.returncode != 0:
+        pytest.skip("unshare --pid --mount-proc is not available to this user here")
+    with DaemonProcess(tmp_path / "rt", "host", "64MiB") as daemon:
+        stop = subprocess.run(
+            [unshare, "--pid", "--fork", "--mount-proc", KVMEMD, "stop", "--runtime-dir", daemon.runtime_dir],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert stop.returncode == 1
+        assert stop.stderr == (
+            f"Error: kvmemd for GPU 0 (pid {daemon.pid} in its own PID namespace) runs where this process cannot "
+            "see it: stop it where it runs (its container or pod)\n"
+        )
+        assert daemon.proc.poll() is None  # still serving
 
 
 def test_an_engine_reaches_its_daemon_through_read_only_mounts(tmp_path: Path):
