@@ -14,12 +14,12 @@ sample.
 
 Fleet labels. Every series carries the daemon's GPU, so that one Prometheus can hold a fleet's
 daemons side by side and a dashboard can pick a GPU: ``gpu_uuid`` (the GPU's UUID, what identifies
-a daemon, `kvmemd.launcher.gpu_lock_name`), ``gpu`` (the ordinal the daemon was started with, as
-``nvidia-smi`` numbers it on the host) and, where the operator gives one (``--node-name``, e.g. the
-node's name from Kubernetes' downward API), ``node``. A host-memory daemon serves no GPU: its
-``gpu_uuid`` is ``host`` (it has no UUID, and several may run side by side, told apart by ``gpu``).
-These are fixed for the daemon's life, so they are constant labels on every family rather than
-something read from the status segment (which holds no UUID).
+a daemon, `kvmemd.launcher.gpu_lock_name`), ``gpu`` (the ordinal the daemon was started with:
+nvidia-smi's index where CUDA_DEVICE_ORDER=PCI_BUS_ID, as deploy/ sets) and, where the operator
+gives one (``--node-name``, e.g. the node's name from Kubernetes' downward API), ``node``. A
+host-memory daemon serves no GPU: its ``gpu_uuid`` is ``host`` (it has no UUID, and several may run
+side by side, told apart by ``gpu``). These are fixed for the daemon's life, so they are constant
+labels on every family rather than something read from the status segment (which holds no UUID).
 """
 
 from __future__ import annotations
