@@ -147,6 +147,15 @@ class Sessions:
         name = msg["model"]
         if name is None:
             raise ProtocolError("an engine's HELLO must name its model")
+        if conn.pid == 0:
+            # SO_PEERCRED gives the peer's pid in the daemon's PID namespace, 0 when it is not visible
+            # there (an engine in a container of its own, the daemon not on the host's PID namespace).
+            # Without a pid there is no pidfd: pages of an engine that closed its socket but still maps
+            # them could not be held back until it exits, and would reach another model.
+            raise ProtocolError(
+                "kvmemd cannot see this engine's process (it runs in another PID namespace): run kvmemd in the "
+                "host's PID namespace (Kubernetes: hostPID: true; docker: --pid=host)"
+            )
         if msg["adopt"] and msg["page_size"] != config.page_size:
             raise ProtocolError(
                 f"client holds pages of {msg['page_size']} bytes; this daemon's pages are {config.page_size}"

@@ -415,5 +415,5 @@ def test_importing_the_integration_on_an_unsupported_release_fails_naming_the_ra
         "kvmem.integrations.transformers.version.UnsupportedTransformersError: "
         "kvmem's transformers integration supports "
         f"transformers {SUPPORTED} (it relies on internals checked against that range); transformers 5.19.0 is "
-        "installed. Install a supported release: pip install 'kvmem[transformers]'"
+        f"installed. Install a supported release: pip install 'transformers{SUPPORTED}'"
     )

@@ -1,6 +1,6 @@
 """kvmem for SGLang: the KV pool and paged allocator on kvmem, switched on by KVMEM=1.
 
-    pip install kvmem sglang        # kvmem registers an sglang.srt.platforms entry point
+    pip install . sglang==0.5.23    # kvmem from its clone registers an sglang.srt.platforms entry point
     KVMEM=1 KVMEM_MODEL=llama-8b python -m sglang.launch_server --page-size 16 ...   # pages from kvmemd
     KVMEM=1 KVMEM_DEVICE=host KVMEM_BUDGET=8GiB SGLANG_USE_CPU_ENGINE=1 ...          # CPU, no daemon
 

@@ -46,7 +46,8 @@ def check_transformers_version(version: str | None = None) -> str:
         _installed,
         UnsupportedTransformersError,
         relies_on="it relies on internals checked against that range",
-        remedy="Install a supported release: pip install 'kvmem[transformers]'",
+        # Not kvmem's extra: kvmem is on no package index, so `pip install 'kvmem[transformers]'` fails.
+        remedy=f"Install a supported release: pip install 'transformers{SUPPORTED}'",
         version=version,
-        install_hint=" (pip install 'kvmem[transformers]')",
+        install_hint=f" (pip install 'transformers{SUPPORTED}')",
     )

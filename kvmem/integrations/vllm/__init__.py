@@ -1,6 +1,6 @@
 """kvmem for vLLM: an elastic KV cache for a real vLLM engine, switched on by KVMEM=1.
 
-    pip install kvmem vllm          # the plugin is registered through an entry point
+    pip install . vllm==0.32.0      # kvmem from its clone; the plugin is registered through an entry point
     KVMEM=1 KVMEM_MODEL=llama-8b vllm serve ...                      # pages from kvmemd
     KVMEM=1 KVMEM_DEVICE=host KVMEM_BUDGET=8GiB vllm serve ...       # no daemon (CPU vLLM)
 
