@@ -499,6 +499,8 @@ class ElasticKVCache:
             self.k = self.v = None  # the tensors must not outlive the mappings
             unmapped = state.slots.unmap(sorted(state.slots.mapped))
             returned = [page for entry in unmapped for page in entry.pages] + self._sleep.drop_restoring()
+            returned += state.spare
+            state.spare = []
             if returned:
                 state.source.release(returned)
             state.slots.close()
