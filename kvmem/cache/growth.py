@@ -65,14 +65,13 @@ class Growth:
         self._last_growth = float("-inf")
 
     def _ramp(self) -> int:
-        """Slots the growth about to happen should map at least (grow lock held): a growth soon after
-        the previous one means demand is rising."""
-        now = time.monotonic()
-        if now - self._last_growth <= RAMP_S:
+        """Slots the growth about to happen should map at least (grow lock held): a growth needed soon
+        after the previous one ended means demand is rising."""
+        since = time.monotonic() - self._last_growth
+        if since <= RAMP_S:
             self.burst = min(self.burst * RAMP, MAX_BURST)
-        elif now - self._last_growth > DECAY_S:
+        elif since > DECAY_S:
             self.burst = 1
-        self._last_growth = now
         return self.burst
 
     def headroom(self) -> int:
@@ -159,6 +158,7 @@ class Growth:
             for slot in targets:
                 state.allocator.add_slot(slot)
         if targets:
+            self._last_growth = time.monotonic()  # when it ended: a slow grant is no pause in demand
             state.counters.grows += 1
             state.counters.last_grow_s = time.perf_counter() - t0
             state.report_usage()
