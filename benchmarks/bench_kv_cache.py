@@ -123,7 +123,9 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
             for model in ("a", "b"):
                 if model == "b":  # A's engine left: its pages are zeroed ahead, in the background
                     t0 = time.perf_counter()
-                    while daemon.status().daemon.pages_free_dirty and time.perf_counter() - t0 < 30:
+                    while time.perf_counter() - t0 < 60 and (
+                        (h := daemon.status().daemon).pages_free_dirty or h.pages_free < h.pages_created
+                    ):
                         time.sleep(0.01)
                     zeroing_s = time.perf_counter() - t0
                 rng = random.Random(seed)

@@ -552,10 +552,12 @@ def test_departed_models_pages_are_zeroed_ahead_in_the_background(device_kind: s
             a.call("map")
             a.call("write", 0xAB)
             a.call("return", "all")
-            head = daemon.status().daemon
-            assert head.pages_free_dirty + head.pages_free_clean >= 6
             assert a.exit() == 0
-        head = wait_for(lambda: (h := daemon.status().daemon).pages_free_dirty == 0 and h, what="zeroed ahead")
+        head = wait_for(
+            lambda: (h := daemon.status().daemon).pages_free == 6 and h.pages_free_dirty == 0 and h,
+            timeout=60,
+            what="A's pages back and zeroed ahead",
+        )
         assert head.pages_scrubbed_total == 6 and head.pages_free_clean == 6
         with EngineProcess(runtime_dir, "tenant-b") as b:
             got_b = b.call("grow", 6)
