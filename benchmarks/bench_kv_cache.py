@@ -103,7 +103,8 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
     """Default settings, the cache's own growth: two models in turn grow by `gib` GiB each.
 
     The daemon runs with `reserve` (empty: its defaults), the cache with its background thread and
-    default watermarks. Requests arrive as an engine admits them: an alloc of 1-64 blocks (16-1024
+    default watermarks; each model starts once the daemon's reserve (sized from its growth unit) is
+    warm. Requests arrive as an engine admits them: an alloc of 1-64 blocks (16-1024
     tokens), then 1 ms of modeled compute, until `gib` GiB of blocks are live. Model A grows first,
     frees everything and closes; then model B grows the same way on the pages A gave back, which
     must be zeroed before B may see them (pages changing model); B starts once the daemon has zeroed
@@ -135,6 +136,12 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                 waits = []
                 with kvmem.connect(model, runtime_dir=runtime_dir) as session:
                     cache = session.kv_cache(**GEOMETRY, max_tokens=4 * blocks_wanted * 16)
+                    # Steady state: the daemon's reserve, sized from this engine's growth unit once
+                    # its LAYOUT arrived, is warm before the first request (two growth units).
+                    t0 = time.perf_counter()
+                    unit = cache.pages_per_growth
+                    while time.perf_counter() - t0 < 60 and daemon.status().daemon.pages_free_clean < 2 * unit:
+                        time.sleep(0.01)
                     live: list[list[int]] = []
                     t_start = time.perf_counter()
                     while cache.get_num_used_blocks() < blocks_wanted:

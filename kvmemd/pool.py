@@ -75,6 +75,8 @@ logger = logging.getLogger(__name__)
 BACKOFF_S = 1.0
 # The most pages zeroed together: their memsets are queued, then one synchronize ends them all.
 SCRUB_BATCH = 32
+# The most pages created together (their memsets, where needed, end with one synchronize).
+CREATE_BATCH = 16
 
 
 @dataclass
@@ -371,8 +373,8 @@ class PagePool:
         return None
 
     def _next_action(self) -> tuple[str, int | list[int] | None]:
-        """Pick the worker's next job (called with the lock held): a page id to release, a batch of
-        page ids to zero, or None."""
+        """Pick the worker's next job (called with the lock held): how many pages to create, a batch
+        of page ids to zero, a page id to release, or None to wait."""
         now = time.monotonic()
         free = self._free_count()
         room = self.budget_pages - len(self.pages) - self._creating
@@ -386,7 +388,7 @@ class PagePool:
             if batch:
                 return "scrub", batch
             if room > 0:
-                return "create", None
+                return "create", min(want - ready, room, CREATE_BATCH)
             page_id = self._pop_dirty(other_than=uid)
             if page_id is None:
                 page_id = self._pop_clean(other_than=uid)
@@ -398,7 +400,7 @@ class PagePool:
             if free + self._creating >= self.reserve_high or room <= 0:
                 self._refilling = False
             elif can_act:
-                return "create", None
+                return "create", min(self.reserve_high - free - self._creating, room, CREATE_BATCH)
         clean = sum(len(ids) for ids in self._clean.values())
         if clean < self.reserve_low:
             page_id = self._pop_dirty()
@@ -432,17 +434,17 @@ class PagePool:
                     self._lock.wait(timeout=self._wait_timeout())
                     action, page_id = self._next_action()
                 if self._stop:
-                    for one in page_id if isinstance(page_id, list) else [page_id]:
-                        if one is not None:  # put it back: close() destroys every page
+                    if action in ("scrub", "release"):  # put it back: close() destroys every page
+                        for one in page_id if action == "scrub" else [page_id]:
                             self._put_back(one)
                     return
                 if action == "create":
-                    self._creating += 1
+                    self._creating += page_id  # for a creation: how many pages
                 elif action == "scrub":
                     self._scrubbing += len(page_id)
             try:
                 if action == "create":
-                    self._create()
+                    self._create(page_id)
                 elif action == "scrub":
                     self._scrub(page_id)
                 else:
@@ -456,17 +458,13 @@ class PagePool:
                         self._scrubbing -= len(page_id)
                         for one in page_id:  # still dirty: they go back as they were
                             self._put_back(one)
-                    elif page_id is not None:
+                    elif action == "release":
                         self._put_back(page_id)
                     self._backoff_until = time.monotonic() + BACKOFF_S
 
     def _free_id(self, page_id: int) -> None:
         with self._lock:
             heapq.heappush(self._free_ids, page_id)
-
-    def _creation_failed(self) -> None:
-        with self._lock:
-            self._creating -= 1
 
     def _put_back(self, page_id: int) -> None:
         page = self.pages[page_id]
@@ -483,18 +481,51 @@ class PagePool:
             return max(0.01, self.release_after - (now - self._surplus_since))
         return 1.0
 
-    def _create(self) -> None:
+    def _create(self, count: int) -> None:
+        """Create `count` pages (counted in `_creating` by the caller): each made, mapped and given
+        access one by one, then, where the driver does not promise zeros, every memset queued and one
+        synchronize for the batch before any of them becomes grantable."""
+        made: list[Page] = []
+        try:
+            for _ in range(count):
+                page = self._make_page()
+                if page is None:  # out of memory: the backoff is set
+                    break
+                made.append(page)
+            if made and not self.device.zeroes_new_pages:
+                # The driver does not promise zeroed memory: it may hold another process's data.
+                for page in made:
+                    self.device.memset(page.mapping.address, 0, self.page_size)
+                self.device.synchronize()
+        except BaseException:
+            self.device.synchronize()  # no memset may still run on the pages about to be released
+            for page in made:
+                self._destroy(page)
+                self._free_id(page.id)
+            made = []
+            raise
+        finally:
+            with self._lock:
+                self._creating -= count
+                for page in made:
+                    self.pages[page.id] = page
+                    self._clean.setdefault(None, []).append(page.id)
+                self._counters["created"] += len(made)
+        if made:
+            self._notify()
+
+    def _make_page(self) -> Page | None:
+        """One new page, mapped in the daemon's reservation with access set; None if the device is out
+        of memory (then the worker backs off)."""
         try:
             physical = self.device.create_page(self.page_size)
         except OutOfMemoryError:
             with self._lock:
-                self._creating -= 1
                 self._counters["oom"] += 1
                 self._backoff_until = time.monotonic() + BACKOFF_S
             logger.warning("device out of memory below the budget: %d pages exist", len(self.pages))
-            return
+            return None
         with Undo() as undo:
-            undo.push(self._creation_failed)
             undo.push(physical.close)  # after the unmap below: release while mapped would keep it alive
             with self._lock:
                 page_id = self._allocate_id()
@@ -503,16 +534,7 @@ class PagePool:
             mapping = self.device.map(self.reservation, offset, physical)
             undo.push(mapping.close)
             self.device.set_access(self.reservation, offset, self.page_size)
-            if not self.device.zeroes_new_pages:
-                # The driver does not promise zeroed memory: it may hold another process's data.
-                self.device.memset(mapping.address, 0, self.page_size)
-                self.device.synchronize()
-        with self._lock:
-            self._creating -= 1
-            self.pages[page_id] = Page(page_id, physical, mapping)
-            self._clean.setdefault(None, []).append(page_id)
-            self._counters["created"] += 1
-        self._notify()
+        return Page(page_id, physical, mapping)
 
     def _scrub(self, page_ids: list[int]) -> None:
         """Zero a batch of dirty pages (taken off `_dirty` by the caller, so nothing can take them).

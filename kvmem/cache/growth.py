@@ -35,8 +35,10 @@ RAMP = 4
 MAX_BURST = 16
 DECAY_S = 2.0
 # How long the background thread's growth waits for the daemon (an alloc with mapped free blocks
-# never waits for it: the background thread holds only the grow lock meanwhile).
-BACKGROUND_WAIT_S = 0.5
+# never waits for it: the background thread holds only the grow lock meanwhile). Long enough for
+# a burst to be granted whole while the daemon makes its pages; short enough that a reclaim
+# (RECLAIM_DEADLINE_MS, 2 s), which the same thread answers, is not kept waiting past its deadline.
+BACKGROUND_WAIT_S = 1.0
 
 
 class Growth:
