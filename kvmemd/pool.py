@@ -299,7 +299,8 @@ class PagePool:
                 budget_pages=self.budget_pages,
                 created=len(self.pages),
                 free_clean=sum(len(ids) for ids in self._clean.values()),
-                free_dirty=sum(len(ids) for ids in self._dirty.values()),
+                # Pages being zeroed are free, and dirty until their synchronize: no page goes missing.
+                free_dirty=sum(len(ids) for ids in self._dirty.values()) + self._scrubbing,
                 granted=len(self._granted),
                 pages_created_total=self._counters["created"],
                 pages_released_total=self._counters["released"],
