@@ -75,6 +75,7 @@ class CacheState:
         self.spare: list[Page] = []
         self._reported_used_slots = 0
         self._wake = threading.Condition()
+        self.wake_pending = False  # an alloc woke the background thread, which has not run since
 
     def release_spare(self) -> None:
         """Give back the spare pages (grow lock held): the cache shrinks, sleeps or closes."""
