@@ -4,6 +4,11 @@ Growth maps whole slots with pages from the source: ahead of demand on the backg
 (keeping the mapped free blocks between the low and the high watermark), on demand in `alloc`
 when the free blocks run out, or exactly the slots an engine that picks its own blocks asks for.
 
+Shrink gives whole empty slots back: beyond the high watermark by a slot or more, when the daemon
+reclaims pages, and down to the daemon's target (0 while asleep). A slot with a live block is
+never unmapped; when the daemon wants more slots than are empty, the engine's evictor is asked to
+drop blocks first.
+
 Adaptive growth. Each growth costs one set-access call per K and V range whatever the number of
 slots it maps (a run of slots is contiguous in every range), so when demand rises the cache grows
 by several slots at once: a growth needed within `RAMP_S` of the previous one grows `RAMP` times as
@@ -14,10 +19,6 @@ beyond the plain high watermark is shrunk as before.
 Short grants. A grant that does not make a whole growth unit (the daemon gave what was free at the
 deadline) is kept, unmapped (`CacheState.spare`), and topped up by the next growth: returning it
 and asking again would only make the daemon grant the same pages twice.
-Shrink gives whole empty slots back: beyond the high watermark by a slot or more, when the daemon
-reclaims pages, and down to the daemon's target (0 while asleep). A slot with a live block is
-never unmapped; when the daemon wants more slots than are empty, the engine's evictor is asked to
-drop blocks first.
 """
 
 from __future__ import annotations
