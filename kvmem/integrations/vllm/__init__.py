@@ -34,7 +34,7 @@ import os
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError
 from kvmem.integrations.vllm.version import SUPPORTED, UnsupportedVllmError, check_vllm_version
 
-# Modules holding a name `allocate_kv_cache` bound to vLLM's function (vllm 0.32.0): the definition
+# Modules holding a name `allocate_kv_cache` bound to vLLM's function (vllm 0.32.0 and 0.33.0): the definition
 # in v1/worker/utils.py, and `from vllm.v1.worker.utils import allocate_kv_cache` in
 # v1/worker/gpu_model_runner.py (GPUModelRunner, which the CPU model runner subclasses),
 # v1/worker/gpu/attn_utils.py (the model-runner-v2 path) and v1/hisparse/binding.py.
@@ -44,7 +44,7 @@ PATCHED_MODULES = (
     "vllm.v1.worker.gpu.attn_utils",
     "vllm.v1.hisparse.binding",
 )
-# Worker classes whose own `determine_available_memory` answers the KV cache's size (vllm 0.32.0):
+# Worker classes whose own `determine_available_memory` answers the KV cache's size (vllm 0.32.0, 0.33.0):
 # the GPU worker, and the CPU worker, which overrides it.
 WORKERS = (("vllm.v1.worker.gpu_worker", "Worker"), ("vllm.v1.worker.cpu_worker", "CPUWorker"))
 
@@ -80,12 +80,14 @@ def register() -> None:
         except ImportError:  # a build without this platform's worker (e.g. the CPU one on a GPU build)
             continue
         workers.append(_expect(module, class_name))
-    kv_cache_utils = importlib.import_module("vllm.v1.core.kv_cache_utils")
+    from kvmem.integrations.vllm.compat import ADAPTER  # the installed release's (`compat`)
+
+    num_blocks_module = importlib.import_module(ADAPTER.num_blocks_module)
     coordinator = importlib.import_module("vllm.v1.core.kv_cache_coordinator")
     scheduler = importlib.import_module("vllm.v1.core.sched.scheduler")
     for module in modules:
         _expect(module, "allocate_kv_cache")
-    _expect(kv_cache_utils, "may_override_num_blocks")
+    _expect(num_blocks_module, "may_override_num_blocks")
     _expect(coordinator, "BlockPool")
     _expect(_expect(coordinator, "KVCacheCoordinator"), "get_num_blocks_to_allocate")
     _expect(_expect(scheduler, "Scheduler"), "schedule")
@@ -99,8 +101,8 @@ def register() -> None:
         stock = worker.__dict__.get("determine_available_memory")
         if stock is not None and not hasattr(stock, "__kvmem_stock__"):
             worker.determine_available_memory = budget.with_kvmem_budget(stock)
-    if not hasattr(kv_cache_utils.may_override_num_blocks, "__kvmem_stock__"):
-        kv_cache_utils.may_override_num_blocks = budget.whole_slots(kv_cache_utils.may_override_num_blocks)
+    if not hasattr(num_blocks_module.may_override_num_blocks, "__kvmem_stock__"):
+        num_blocks_module.may_override_num_blocks = budget.whole_slots(num_blocks_module.may_override_num_blocks)
     pool.set_backing(allocation.cache_for_pool)
     pool.install_scheduler_patches()
 
