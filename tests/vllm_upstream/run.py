@@ -197,6 +197,10 @@ def run_pass(root: Path, hf_cache: Path, kvmem_pool: bool, outcomes: Path) -> di
     return result
 
 
+# At least this share of vLLM's selected tests must pass with its own pool for the comparison to count.
+MIN_STOCK_PASS_FRACTION = 0.5
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=REPO / ".vllm-upstream", help="default: %(default)s")
@@ -208,8 +212,18 @@ def main() -> int:
     hf_cache = work / "hf-cache"
     write_model_configs(hf_cache)
     stock = run_pass(root, hf_cache, False, work / "outcomes-stock.json")
-    kvmem = run_pass(root, hf_cache, True, work / "outcomes-kvmem.json")
     passed = sorted(k for k, v in stock["outcomes"].items() if v == "passed")
+    # The comparison means something only where vLLM's own tests run here: with most of them failing
+    # on vLLM's own pool (a broken test environment), "every test that passes with it passes with
+    # kvmem's" would hold of almost nothing. vLLM 0.32: 780 of 830 pass on this machine.
+    if len(passed) < MIN_STOCK_PASS_FRACTION * len(stock["outcomes"]):
+        print(
+            f"vLLM {release}'s own tests: only {len(passed)} of {len(stock['outcomes'])} pass with vLLM's own block "
+            "pool here, so comparing kvmem's pool with it proves nothing: fix the test environment first "
+            f"(outcomes in {work / 'outcomes-stock.json'})"
+        )
+        return 1
+    kvmem = run_pass(root, hf_cache, True, work / "outcomes-kvmem.json")
     lost = [k for k in passed if kvmem["outcomes"].get(k) != "passed"]
     gained = sorted(k for k, v in kvmem["outcomes"].items() if v == "passed" and k not in passed)
     print(
