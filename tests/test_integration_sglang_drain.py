@@ -7,9 +7,10 @@ running status, chunked-prefill and diffusion state from its own `init_*` method
 `RadixCache` and `ReqToTokenPool` over kvmem's pool and allocator, its metrics reporter, KV-events
 publisher and grammar manager, and running requests prepared by `ScheduleBatch.prepare_for_extend`
 as its prefill does. What runs is SGLang's: `ingest_requests` (wrapped by kvmem), `pause_generation`,
-`flush_cache`, `continue_generation`, the retraction and the radix cache. The configuration flags
-that select SGLang's plain path (no overlap, no disaggregation, no hierarchical cache) and a request
-receiver with no incoming requests are the only things set by hand. The daemon is a real kvmemd
+`flush_cache`, `continue_generation`, the retraction and the radix cache. Set by hand: the
+configuration flags that select SGLang's plain path (no overlap, disaggregation, hierarchical cache,
+priorities, drafts or external corpus), one-rank process groups, and a request receiver with no
+incoming requests. The daemon is a real kvmemd
 process and the operator's commands are real `kvctl` runs.
 
 Geometry as in test_integration_sglang.py: 32-token SGLang pages of 64 KiB, 32 of them per kvmem

@@ -86,12 +86,11 @@ class DrainRequest:
 class SchedulerDrain:
     """kvmem's sleep and wake for the pools of one SGLang scheduler; see the module docstring.
 
-    Made by `drain_for`. `pools` are the kvmem pools it drains (empty where SGLang cannot be drained).
+    Made by `drain_for`, with the kvmem pools it drains (none where SGLang cannot be drained).
     """
 
     def __init__(self, scheduler, pools: list[KvmemMHATokenToKVPool]):
         self.scheduler = scheduler
-        self.pools = pools
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._pending: deque[DrainRequest] = deque()  # in order; the scheduler thread pops
