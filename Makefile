@@ -66,13 +66,17 @@ test-vllm: $(VLLM_STAMP)
 # importing its scheduler, KV-cache, worker and model-runner modules and collecting its tests/v1/core tests
 # need, found by importing them until nothing was missing (vLLM 0.33.0's own pins where it has one).
 # Its compiled ops are CUDA builds, so no model runs: the integration tests that run one skip, saying so.
+# compressed-tensors (and loguru, which it imports): vLLM's model registry inspects an architecture by
+# importing its model module in a subprocess, and qwen3_next.py reaches compressed_tensors through the
+# quantization layers; without it ModelConfig("Qwen/Qwen3-Next-80B-A3B-Instruct") fails "failed to be
+# inspected" and so do 3 of 0.33's scheduler tests (test_streaming_lookahead_hashes_follow_recomputed_kv).
 VLLM033_VENV ?= .venv-vllm033
 VLLM033_STAMP := $(VLLM033_VENV)/.kvmem-installed
 VLLM033_LIGHT_DEPS := packaging regex cachetools psutil sentencepiece numpy requests tqdm blake3 py-cpuinfo \
 	'transformers>=5.16.1,<5.21.0' tokenizers safetensors protobuf pydantic msgspec pyzmq cloudpickle pyyaml \
 	einops cbor2 pybase64 prometheus_client pillow aiohttp openai-harmony openai uvloop xgrammar==0.2.8 \
 	'fastapi>=0.133.0,<0.137.0' partial-json-parser 'llguidance>=1.7.0,<1.8.0' httpx 'anthropic>=0.71.0' uvicorn \
-	watchfiles 'orjson>=3.11.6'
+	watchfiles 'orjson>=3.11.6' compressed-tensors==0.17.0 loguru
 
 $(VLLM033_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VLLM033_VENV)

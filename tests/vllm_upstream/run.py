@@ -55,7 +55,13 @@ SPLIT_TEST_PATHS = (
 
 # The models the tests above build a ModelConfig for (vllm 0.32.0): the default ModelConfig model,
 # Qwen/Qwen3-0.6B; Qwen/Qwen1.5-7B in test_kv_cache_utils.py; facebook/opt-125m in
-# tests/v1/kv_connector/unit/utils.py. Values from the models' public config.json files.
+# tests/v1/kv_connector/unit/utils.py. vLLM 0.33.0 adds facebook/opt-350m (test_priority_preemption_bug.py)
+# and Qwen/Qwen3-Next-80B-A3B-Instruct (test_scheduler.py's test_streaming_lookahead_hashes_follow_recomputed_kv;
+# vLLM inspects its architecture by importing qwen3_next.py, which needs compressed-tensors: the 0.33 venv
+# installs it). Values from the models' public config.json files. Not here: llava-hf/llava-1.5-7b-hf, which
+# the multimodal scheduler tests name (48 in 0.32, 62 in 0.33): vLLM's llava.py imports its Pixtral encoder,
+# which imports mistral_common and transformers' Pixtral image processor, which imports torchvision, which
+# cannot load beside CPU torch; so those tests fail with either pool, with or without its config.
 MODEL_CONFIGS = {
     "Qwen/Qwen3-0.6B": {
         "architectures": ["Qwen3ForCausalLM"],
@@ -123,6 +129,64 @@ MODEL_CONFIGS = {
         "layer_norm_elementwise_affine": True,
         "init_std": 0.02,
         "layerdrop": 0.0,
+    },
+    "facebook/opt-350m": {
+        "architectures": ["OPTForCausalLM"],
+        "model_type": "opt",
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "ffn_dim": 4096,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 512,
+        "do_layer_norm_before": False,
+        "activation_function": "relu",
+        "torch_dtype": "float16",
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "dropout": 0.1,
+        "attention_dropout": 0.0,
+        "enable_bias": True,
+        "layer_norm_elementwise_affine": True,
+        "init_std": 0.02,
+        "layerdrop": 0.0,
+    },
+    "Qwen/Qwen3-Next-80B-A3B-Instruct": {
+        "architectures": ["Qwen3NextForCausalLM"],
+        "model_type": "qwen3_next",
+        "hidden_size": 2048,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "head_dim": 256,
+        "full_attention_interval": 4,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32,
+        "linear_value_head_dim": 128,
+        "num_experts": 512,
+        "num_experts_per_tok": 10,
+        "moe_intermediate_size": 512,
+        "shared_expert_intermediate_size": 512,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "vocab_size": 151936,
+        "max_position_embeddings": 262144,
+        "rope_theta": 10000000,
+        "partial_rotary_factor": 0.25,
+        "rms_norm_eps": 1e-06,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
     },
 }
 REVISION = "0" * 40  # the snapshot name of the offline cache's entries
