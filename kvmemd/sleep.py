@@ -36,7 +36,7 @@ from kvmem.common.errors import ControlError, ProtocolError
 from kvmem.common.protocol import Message, MsgType
 from kvmem.common.status import ModelState
 from kvmem.device import DeviceError
-from kvmemd.host_tier import TierFullError
+from kvmemd.host_tier import BATCH_PAGES, TierFullError
 from kvmemd.records import Connection, GrowRequest, ModelRecord
 
 if TYPE_CHECKING:
@@ -164,7 +164,15 @@ class SleepStates:
         if len(set(msg["offsets"])) != len(page_ids):
             raise ProtocolError("OFFLOAD names the same offset twice")
         daemon.sessions.take_back(conn, msg)
-        # From here the copy job owns the pages: they go back to the pool when it is done.
+        # From here the copy jobs own the pages: each batch goes back to the pool when its job is
+        # done. Batches are copied as they come (pipelined; see kvmemd.host_tier).
+        for start in range(0, len(page_ids), BATCH_PAGES):
+            batch = page_ids[start : start + BATCH_PAGES]
+            self._save_batch(conn, batch, msg["offsets"][start : start + BATCH_PAGES])
+
+    def _save_batch(self, conn: Connection, page_ids: list[int], offsets: list[int]) -> None:
+        daemon = self.daemon
+        record = conn.model
         record.copies_in_flight += 1
 
         def saved(error: Exception | None) -> None:
@@ -178,20 +186,23 @@ class SleepStates:
             self._maybe_asleep(record)
 
         try:
-            daemon.tier.save(record.name, [daemon.pool.address_of(p) for p in page_ids], msg["offsets"], saved)
+            daemon.tier.save(record.name, [daemon.pool.address_of(p) for p in page_ids], offsets, saved)
         except (TierFullError, DeviceError) as exc:
             logger.error("model %s: cannot save %d pages, their contents are lost: %s", record.name, len(page_ids), exc)
             saved(exc)
 
     def restore_pages(self, r: GrowRequest, page_ids: list[int]) -> None:
-        """Pages granted to a wake's restore: the copy job owns them until they are filled; `_restored` sends them."""
+        """Pages granted to a wake's restore: a copy job per batch owns them until they are filled;
+        `_restored` sends each batch as soon as it is (the engine maps it while the next is copied)."""
         record = r.conn.model
-        record.copies_in_flight += 1
-        self.daemon.tier.restore(
-            record.name,
-            [self.daemon.pool.address_of(p) for p in page_ids],
-            lambda offsets, error: self._restored(r, page_ids, offsets, error),
-        )
+        for start in range(0, len(page_ids), BATCH_PAGES):
+            batch = page_ids[start : start + BATCH_PAGES]
+            record.copies_in_flight += 1
+            self.daemon.tier.restore(
+                record.name,
+                [self.daemon.pool.address_of(p) for p in batch],
+                lambda offsets, error, batch=batch: self._restored(r, batch, offsets, error),
+            )
 
     def _restored(self, r: GrowRequest, page_ids: list[int], offsets: list[int], error: Exception | None) -> None:
         """A batch of a wake's pages is filled from the tier: send it, and WAKE after the last."""

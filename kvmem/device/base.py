@@ -22,7 +22,11 @@ CUDA_ERROR_ILLEGAL_ADDRESS); on the host it would kill the process with SIGSEGV.
 
 Thread safety: one re-entrant lock per device guards the bookkeeping and the backend call it
 describes, so a background thread may map while another unmaps. Memsets and copies hold the lock
-too, so memory cannot be unmapped under a copy that was validated against it.
+too, so memory cannot be unmapped under a copy that was validated against it. The batched copies
+(`copy_device_to_host_many`, `copy_host_to_device_many`) are the one exception: they validate
+under the lock, then copy without it so that several batches run at once (a page's copy overlaps
+another thread's mapping work); while a batch is in flight its mappings and host buffers are
+*busy*: an unmap, an access change or a free of any of them waits until the batch is over.
 
 Synchronization rule: unmapping does not wait for GPU work that still reads or writes the range
 (neither cuMemUnmap nor cuMemRelease synchronize). Whoever unmaps must first synchronize the
@@ -322,6 +326,11 @@ class Device(ABC):
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        # Notified whenever a batched copy ends (see the module docstring); waits release `_lock`.
+        self._copies_done = threading.Condition(self._lock)
+        # Batched copies in flight: id -> (ids of the mappings they touch, host ranges [lo, hi)).
+        self._in_flight: dict[int, tuple[set[int], list[tuple[int, int]]]] = {}
+        self._next_batch = 0
         self._closed = False
         # Reservations by base address; _bases is sorted for address lookups.
         self._bases: list[int] = []
@@ -516,6 +525,7 @@ class Device(ABC):
             self._check_reservation(reservation)
             self._check_offset(offset)
             covered = self._whole_mappings(reservation, offset, size)
+            self._wait_not_busy(mappings={id(m) for m in covered})
             self._backend_set_access(reservation.address + offset, size, access)
             for mapping in covered:
                 mapping.access = access
@@ -557,6 +567,40 @@ class Device(ABC):
             if host.nbytes:
                 self._backend_copy_dtoh(host.ctypes.data, src, host.nbytes)
 
+    def copy_device_to_host_many(self, copies: Sequence[tuple[Any, int]]) -> None:
+        """Fill each writable host buffer ``dst`` with the bytes at device address ``src``, for
+        every ``(dst, src)`` of `copies`: several pages in one call.
+
+        Every range is checked before any copy starts (a bad one raises and nothing is copied).
+        The copies then run without the device lock, so other threads' device calls (and another
+        batch) proceed meanwhile; the mappings and host buffers involved stay busy until the
+        batch is over (unmapping, changing access or freeing them waits). Each copy is over when
+        this returns: on CUDA each is a synchronous cuMemcpyDtoH into (pinned) host memory.
+        """
+        hosts = [(_host_buffer(dst, writable=True), src) for dst, src in copies]
+        batch = self._start_batch([(src, host.nbytes) for host, src in hosts], [h for h, _ in hosts], Access.READ)
+        try:
+            for host, src in hosts:
+                if host.nbytes:
+                    self._backend_copy_dtoh(host.ctypes.data, src, host.nbytes)
+        finally:
+            self._end_batch(batch)
+
+    def copy_host_to_device_many(self, copies: Sequence[tuple[int, Any]]) -> None:
+        """Copy host buffer ``src`` to device address ``dst``, for every ``(dst, src)`` of `copies`.
+
+        The same contract as `copy_device_to_host_many` (checked first, copied without the
+        device lock, the ranges busy meanwhile); on CUDA each is a synchronous cuMemcpyHtoD.
+        """
+        hosts = [(dst, _host_buffer(src, writable=False)) for dst, src in copies]
+        batch = self._start_batch([(dst, host.nbytes) for dst, host in hosts], [h for _, h in hosts], Access.READ_WRITE)
+        try:
+            for dst, host in hosts:
+                if host.nbytes:
+                    self._backend_copy_htod(dst, host.ctypes.data, host.nbytes)
+        finally:
+            self._end_batch(batch)
+
     def allocate_host_buffer(self, size: int) -> HostBuffer:
         """Host memory of `size` bytes for copies with this device (pinned on CUDA).
 
@@ -588,6 +632,8 @@ class Device(ABC):
         with self._lock:
             if self._closed:
                 return
+            while self._in_flight:  # no memory may go away under a batched copy
+                self._copies_done.wait()
             self._backend_synchronize()
             for address in list(self._bases):
                 self._free_reservation(self._reservations[address])
@@ -626,6 +672,7 @@ class Device(ABC):
         with self._lock:
             if mapping._closed:
                 return
+            self._wait_not_busy(mappings={id(mapping)})
             reservation = mapping.reservation
             self._backend_unmap(mapping.address, mapping.size, mapping.page._handle)
             i = bisect.bisect_left(reservation._offsets, mapping.offset)
@@ -637,6 +684,7 @@ class Device(ABC):
         with self._lock:
             if buffer._closed:
                 return
+            self._wait_not_busy(host=(buffer.address, buffer.address + buffer.size))
             buffer.array = None  # views taken earlier must not be used after this
             self._backend_host_free(buffer.address, buffer.size)
             buffer._closed = True
@@ -652,6 +700,41 @@ class Device(ABC):
             reservation._closed = True
             self._bases.remove(reservation.address)
             del self._reservations[reservation.address]
+
+    # ---- batched copies in flight ----
+
+    def _start_batch(self, ranges: list[tuple[int, int]], hosts: list[np.ndarray], need: Access) -> int:
+        """Check every device range of a batched copy and mark its mappings and host buffers busy."""
+        with self._lock:
+            self._check_open()
+            mappings: set[int] = set()
+            for address, size in ranges:
+                mappings.update(id(m) for m in self._check_device_range(address, size, need))
+            host_ranges = [(h.ctypes.data, h.ctypes.data + h.nbytes) for h in hosts if h.nbytes]
+            batch = self._next_batch
+            self._next_batch += 1
+            self._in_flight[batch] = (mappings, host_ranges)
+            return batch
+
+    def _end_batch(self, batch: int) -> None:
+        with self._lock:
+            del self._in_flight[batch]
+            self._copies_done.notify_all()
+
+    def _wait_not_busy(self, mappings: set[int] = frozenset(), host: tuple[int, int] | None = None) -> None:
+        """Wait (the lock released meanwhile) until no batched copy in flight touches `mappings` or
+        overlaps the host range `host` (called with the lock held)."""
+
+        def busy() -> bool:
+            for touched, host_ranges in self._in_flight.values():
+                if not touched.isdisjoint(mappings):
+                    return True
+                if host is not None and any(lo < host[1] and host[0] < hi for lo, hi in host_ranges):
+                    return True
+            return False
+
+        while self._in_flight and busy():
+            self._copies_done.wait()
 
     # ---- validation ----
 
@@ -698,12 +781,13 @@ class Device(ABC):
             )
         return covered
 
-    def _check_device_range(self, address: int, size: int, need: Access) -> None:
-        """Refuse a memset/copy range unless it is mapped with at least `need` access."""
+    def _check_device_range(self, address: int, size: int, need: Access) -> list[Mapping]:
+        """Refuse a memset/copy range unless it is mapped with at least `need` access; the
+        mappings that cover it."""
         if not isinstance(address, int) or not isinstance(size, int) or size < 0:
             raise InvalidArgumentError(f"bad device range: address={address!r} size={size!r}")
         if size == 0:
-            return
+            return []
         i = bisect.bisect_right(self._bases, address) - 1
         reservation = self._reservations[self._bases[i]] if i >= 0 else None
         if reservation is None or address + size > reservation.end:
@@ -714,6 +798,7 @@ class Device(ABC):
         end = start + size
         j = bisect.bisect_right(reservation._offsets, start) - 1
         cursor = start
+        covered: list[Mapping] = []
         while cursor < end:
             if j < 0 or j >= len(reservation._mappings):
                 break
@@ -725,7 +810,9 @@ class Device(ABC):
                     f"device range at {reservation.address + cursor:#x} is mapped with access "
                     f"{mapping.access.name}, needs {need.name}: call set_access first"
                 )
+            covered.append(mapping)
             cursor = mapping.offset + mapping.size
             j += 1
         if cursor < end:
             raise IllegalAddressError(f"device address {reservation.address + cursor:#x} is not mapped")
+        return covered
