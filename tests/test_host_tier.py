@@ -36,7 +36,7 @@ def pages_in(device: Device, n: int):
     pages = [device.create_page() for _ in range(n)]
     mappings = [device.map(reservation, i * g, page) for i, page in enumerate(pages)]
     device.set_access(reservation, 0, n * g)
-    return reservation, pages, mappings
+    return reservation, mappings  # the device closes the pages at the end
 
 
 def test_batches_saved_and_restored_exactly_and_a_failing_batch_keeps_nothing():
@@ -44,7 +44,7 @@ def test_batches_saved_and_restored_exactly_and_a_failing_batch_keeps_nothing():
     g = device.granularity
     completions = Completions()
     tier = HostTier(device, g, capacity=PAGES * g, notify=completions.ready.set)
-    reservation, pages, mappings = pages_in(device, PAGES)
+    reservation, mappings = pages_in(device, PAGES)
     data = [os.urandom(g) for _ in range(PAGES)]
     for i, payload in enumerate(data):
         device.copy_host_to_device(reservation.address + i * g, payload)
