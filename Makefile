@@ -129,6 +129,7 @@ test-sglang: $(SGLANG_STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_device.py --update-readme
 	$(BIN)/python benchmarks/bench_daemon.py --update-readme
+	$(BIN)/python benchmarks/bench_pool_create.py --update-readme
 	$(BIN)/python benchmarks/bench_kv_cache.py --update-readme
 	$(BIN)/python benchmarks/bench_allocator.py --update-readme
 	$(BIN)/python benchmarks/bench_sleep.py --update-readme

@@ -350,7 +350,9 @@ class Device(ABC):
     def _backend_free(self, address: int, size: int) -> None: ...
 
     @abstractmethod
-    def _backend_create(self, size: int) -> Any: ...
+    def _backend_create(self, size: int) -> Any:
+        """A new physical allocation. Called WITHOUT the device lock (several threads create at once,
+        see `create_page`): it must guard any state of its own."""
 
     @abstractmethod
     def _backend_enter(self) -> None:
@@ -442,7 +444,20 @@ class Device(ABC):
         self._check_size("page size", size)
         with self._lock:
             self._check_open()
-            page = PhysicalPage(self, self._backend_create(size), size, imported=False)
+        # The allocation runs without the device lock, so that several threads create pages at
+        # once (the daemon's pool creates in parallel: kvmemd.pool). It touches none of the
+        # bookkeeping; the new page is registered below. CUDA driver calls on distinct objects
+        # may run concurrently from several threads: the driver API reference singles out graph
+        # objects as the ones that are not internally synchronized (CUDA Driver API, "Graph object
+        # thread safety"), and cuda.core's "Concurrency and Thread Safety" page allows any
+        # concurrent use of distinct objects, subject to shared driver state (a new allocation
+        # shares none with others). No per-call statement for cuMemCreate was found.
+        handle = self._backend_create(size)
+        with self._lock:
+            if self._closed:  # closed meanwhile: nothing may outlive the device
+                self._backend_release(handle)
+                raise ClosedError(f"{type(self).__name__} was closed while a page was being created")
+            page = PhysicalPage(self, handle, size, imported=False)
             self._pages[id(page)] = page
             return page
 

@@ -116,7 +116,8 @@ class HostDevice(Device):
         self.name = "host memory"
         self._charged = 0
 
-    # The lock of the base class is held in every _backend_* call.
+    # The lock of the base class is held in every _backend_* call but `_backend_create`, and the copies
+    # of the batched copies (Device.copy_device_to_host_many).
 
     def _backend_memory_info(self) -> MemoryInfo:
         free = min(self.capacity - self._charged, psutil.virtual_memory().available)
@@ -141,20 +142,29 @@ class HostDevice(Device):
             raise _os_error("munmap")
 
     def _backend_create(self, size: int) -> _HostAllocation:
-        if self._charged + size > self.capacity:
-            raise OutOfMemoryError(
-                f"host device capacity exhausted: {self._charged} of {self.capacity} bytes in use, "
-                f"{size} more requested"
-            )
-        fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        # Called without the device lock (Device.create_page): the capacity is charged under it,
+        # first, and the memory is made outside it, so that threads creating pages zero them in
+        # parallel (posix_fallocate zeroes the 2 MiB in the kernel, most of a creation's cost).
+        with self._lock:
+            if self._charged + size > self.capacity:
+                raise OutOfMemoryError(
+                    f"host device capacity exhausted: {self._charged} of {self.capacity} bytes in use, "
+                    f"{size} more requested"
+                )
+            self._charged += size
         try:
-            os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
+            fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.close(fd)
+                raise
         except OSError as exc:
-            os.close(fd)
+            with self._lock:
+                self._charged -= size
             cls = OutOfMemoryError if exc.errno in (errno.ENOMEM, errno.ENOSPC) else DeviceError
             raise cls(f"memfd allocation of {size} bytes failed: {exc.strerror}") from exc
-        self._charged += size
         return _HostAllocation(memfd=fd, size=size, charged=True)
 
     def _backend_enter(self) -> None:
