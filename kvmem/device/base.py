@@ -42,7 +42,7 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -410,6 +410,11 @@ class Device(ABC):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def copies_in_flight(self) -> int:
+        """Batched copies running now (`copy_device_to_host_many`, `copy_host_to_device_many`)."""
+        return len(self._in_flight)
+
     def memory_info(self) -> MemoryInfo:
         """Free and total device memory in bytes."""
         with self._lock:
@@ -736,7 +741,7 @@ class Device(ABC):
             del self._in_flight[batch]
             self._copies_done.notify_all()
 
-    def _wait_not_busy(self, mappings: set[int] = frozenset(), host: tuple[int, int] | None = None) -> None:
+    def _wait_not_busy(self, mappings: Collection[int] = (), host: tuple[int, int] | None = None) -> None:
         """Wait (the lock released meanwhile) until no batched copy in flight touches `mappings` or
         overlaps the host range `host` (called with the lock held)."""
 
