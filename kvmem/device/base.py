@@ -541,11 +541,14 @@ class Device(ABC):
         access = Access(access)
         self._check_size("access range size", size)
         with self._lock:
-            self._check_open()
-            self._check_reservation(reservation)
-            self._check_offset(offset)
-            covered = self._whole_mappings(reservation, offset, size)
-            self._wait_not_busy(mappings={id(m) for m in covered})
+            while True:  # checked again after each wait: the lock was released meanwhile
+                self._check_open()
+                self._check_reservation(reservation)
+                self._check_offset(offset)
+                covered = self._whole_mappings(reservation, offset, size)
+                if not self._busy(mappings={id(m) for m in covered}):
+                    break
+                self._copies_done.wait()
             self._backend_set_access(reservation.address + offset, size, access)
             for mapping in covered:
                 mapping.access = access
@@ -650,10 +653,10 @@ class Device(ABC):
     def close(self) -> None:
         """Close everything this device made that is still open, then the device. Idempotent."""
         with self._lock:
+            while self._in_flight and not self._closed:  # no memory may go away under a batched copy
+                self._copies_done.wait()
             if self._closed:
                 return
-            while self._in_flight:  # no memory may go away under a batched copy
-                self._copies_done.wait()
             self._backend_synchronize()
             for address in list(self._bases):
                 self._free_reservation(self._reservations[address])
@@ -690,9 +693,10 @@ class Device(ABC):
 
     def _unmap(self, mapping: Mapping) -> None:
         with self._lock:
+            while not mapping._closed and self._busy(mappings={id(mapping)}):
+                self._copies_done.wait()
             if mapping._closed:
                 return
-            self._wait_not_busy(mappings={id(mapping)})
             reservation = mapping.reservation
             self._backend_unmap(mapping.address, mapping.size, mapping.page._handle)
             i = bisect.bisect_left(reservation._offsets, mapping.offset)
@@ -702,9 +706,10 @@ class Device(ABC):
 
     def _free_host_buffer(self, buffer: HostBuffer) -> None:
         with self._lock:
+            while not buffer._closed and self._busy(host=(buffer.address, buffer.address + buffer.size)):
+                self._copies_done.wait()
             if buffer._closed:
                 return
-            self._wait_not_busy(host=(buffer.address, buffer.address + buffer.size))
             buffer.array = None  # views taken earlier must not be used after this
             self._backend_host_free(buffer.address, buffer.size)
             buffer._closed = True
@@ -715,7 +720,9 @@ class Device(ABC):
             if reservation._closed:
                 return
             for mapping in list(reversed(reservation._mappings)):
-                self._unmap(mapping)
+                self._unmap(mapping)  # may wait for a batched copy, the lock released meanwhile
+            if reservation._closed:  # closed by another thread while this one waited
+                return
             self._backend_free(reservation.address, reservation.size)
             reservation._closed = True
             self._bases.remove(reservation.address)
@@ -741,20 +748,16 @@ class Device(ABC):
             del self._in_flight[batch]
             self._copies_done.notify_all()
 
-    def _wait_not_busy(self, mappings: Collection[int] = (), host: tuple[int, int] | None = None) -> None:
-        """Wait (the lock released meanwhile) until no batched copy in flight touches `mappings` or
-        overlaps the host range `host` (called with the lock held)."""
-
-        def busy() -> bool:
-            for touched, host_ranges in self._in_flight.values():
-                if not touched.isdisjoint(mappings):
-                    return True
-                if host is not None and any(lo < host[1] and host[0] < hi for lo, hi in host_ranges):
-                    return True
-            return False
-
-        while self._in_flight and busy():
-            self._copies_done.wait()
+    def _busy(self, mappings: Collection[int] = (), host: tuple[int, int] | None = None) -> bool:
+        """Whether a batched copy in flight touches `mappings` (ids) or overlaps the host range
+        `host` (called with the lock held). A caller that must wait uses ``_copies_done.wait()``,
+        which releases the lock, and checks its object again afterwards: it may have changed."""
+        for touched, host_ranges in self._in_flight.values():
+            if not touched.isdisjoint(mappings):
+                return True
+            if host is not None and any(lo < host[1] and host[0] < hi for lo, hi in host_ranges):
+                return True
+        return False
 
     # ---- validation ----
 
