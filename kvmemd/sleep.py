@@ -5,16 +5,18 @@ Design note
 `kvctl sleep` sends SLEEP; the engine drains (its integration's hook stops admission and
 finishes or preempts work), returns its pages and says SLEPT. DRAINING becomes ASLEEP once the
 engine said SLEPT and every offload copy is done. With ``--offload`` it returns the pages that
-hold live blocks as OFFLOAD, with the offset each was mapped at, and the daemon copies them to its
-host tier (`kvmemd.host_tier`) before they go back to the pool. An offloading sleep that the host
-tier cannot hold is refused up front.
+hold live blocks as OFFLOAD, with the offset each was mapped at, a batch at a time as it unmaps
+them, and the daemon copies each batch to its host tier (`kvmemd.host_tier`, in jobs of
+`BATCH_PAGES`, started as the batch arrives) before its pages go back to the pool. An offloading
+sleep that the host tier cannot hold is refused up front.
 
 `kvctl wake` of an offloaded model is a restore request that waits in line with the GROWs
 (`kvmemd.grants`; it may wait for memory, and reclaim from others, like any request, and its
-record's `waiting_for` says why it waits): as pages are found they are filled from the tier and
-sent as RESTORE; WAKE follows the last. A wake without a saved cache is at once AWAKE. A model
-that leaves while asleep loses its saved cache; a wake then says ``restored`` false, as it does
-when any saved page was lost.
+record's `waiting_for` says why it waits): as pages are found they are filled from the tier, a
+job of `BATCH_PAGES` at a time, and each job's pages are sent as RESTORE as soon as they are
+filled (the engine maps them while the next are copied); WAKE follows the last. A wake without a
+saved cache is at once AWAKE. A model that leaves while asleep loses its saved cache; a wake then
+says ``restored`` false, as it does when any saved page was lost.
 
 Only an engine that declared a drain hook (DRAIN) is put to sleep while it holds pages: one that
 did not may still be using them, and taking them would crash it. A drain that does not finish is
