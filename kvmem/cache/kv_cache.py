@@ -315,6 +315,11 @@ class ElasticKVCache:
         return self._growth.effective_target()
 
     @property
+    def reclaim_pages(self) -> int:
+        """Pages the daemon asked back (RECLAIM) that no slot given back has answered yet."""
+        return self._growth.reclaim_pages
+
+    @property
     def asleep(self) -> bool:
         """Whether the model sleeps (from the sleep request until its wake is complete)."""
         return self._state.asleep
