@@ -11,8 +11,11 @@ this project's machine:
 - VLLM_CPU_OMP_THREADS_BIND="auto" asserts "Not enough allowed NUMA nodes" for TP=2 on a
   one-node machine; explicit CPU lists ("0|1": rank 0 on CPU 0, rank 1 on CPU 1) work.
 - A server takes ~3 GB of RAM (TP=2 ~4.7 GB) and 40-100 s to answer on two shared cores.
-- After SIGTERM a TP=2 server leaves /dev/shm/vllm_dist_* segments behind, and a killed engine
-  core /dev/shm/sem.mp-* semaphores: `remove_stale_shm` removes those no live process maps.
+- After SIGTERM a TP=2 server leaves /dev/shm/vllm_dist_* segments behind, a killed engine core
+  /dev/shm/sem.mp-* semaphores, and a killed server the 160-250 MB psm_* segments of vLLM's
+  shared-memory message queues (Python's `multiprocessing.shared_memory` names; the resource
+  tracker that would unlink them dies with the server): `remove_stale_shm` removes those, made
+  since the tests started, that no live process maps.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tests.daemon_support import wait_for
 
 MiB = 1 << 20
 SHM = Path("/dev/shm")
-VLLM_SHM_PREFIXES = ("vllm_dist_", "sem.mp-")
+VLLM_SHM_PREFIXES = ("vllm_dist_", "sem.mp-", "psm_")
 
 
 def tiny_llama(out: Path) -> Path:
