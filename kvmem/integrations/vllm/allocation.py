@@ -23,8 +23,8 @@ pool; that cache is mapped whole, and replaced by the real one.
 
 The session is opened once per process, from the environment: KVMEM_DEVICE=host with
 KVMEM_BUDGET for `kvmem.local` (no daemon), else `kvmem.connect` to the daemon of the worker's
-GPU (on CPU, the host daemon serving as GPU <local rank>) in KVMEM_RUNTIME_DIR, as model KVMEM_MODEL or else vLLM's
-served model name. It is closed at exit, returning every page.
+GPU (on CPU, the host daemon serving as GPU <the worker's local rank>) in KVMEM_RUNTIME_DIR, as
+model KVMEM_MODEL or else vLLM's served model name. It is closed at exit, returning every page.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ it by name with plain values (slot numbers, flags), never with pages.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from collections.abc import Iterable
@@ -56,7 +57,13 @@ class RankFollower:
         self._events: list[list[Any]] = []  # ["sleep", offload] / ["woke", restored], oldest first
         self._drained = threading.Event()
         self._sleep_waiting = False
-        self._hold(range(cache.max_slots))
+        self._closing = False
+        # Held around a map and the holding of its blocks: the cache's background thread unmaps only
+        # under it (`attach_engine`), so it never sees a slot just mapped and not yet held as empty.
+        self._engine_lock = threading.RLock()
+        cache.attach_engine(self._engine_lock)
+        with self._engine_lock:
+            self._hold(range(cache.max_slots))
         cache.add_sleep_hook(self._on_sleep)
         cache.wake_hooks.append(self._on_wake)
 
@@ -82,8 +89,9 @@ class RankFollower:
 
     def map(self, slots: list[int], wait: float) -> dict[str, Any]:
         """Map these slots (as many as the daemon grants, lowest first); which of them are mapped now."""
-        shortfall = self.cache.map_slots(slots, wait=wait)
-        self._hold(slots)
+        with self._engine_lock:
+            shortfall = self.cache.map_slots(slots, wait=wait)
+            self._hold(slots)
         return {
             "mapped": [slot for slot in slots if self.cache.is_slot_mapped(slot)],
             "shortfall": None if shortfall is None else [shortfall.reason, shortfall.detail],
@@ -92,11 +100,12 @@ class RankFollower:
     def unmap(self, slots: list[int]) -> int:
         """Unmap these slots and give their pages back (the scheduler holds no block on them)."""
         cache = self.cache
-        blocks = [block for slot in slots if cache.is_slot_mapped(slot) for block in cache.used_blocks(slot)]
-        if blocks:
-            cache.free(blocks)
-        # Only slots the scheduler released are ever empty here (`_hold`), so this takes exactly them.
-        return cache.shrink()
+        with self._engine_lock:
+            blocks = [block for slot in slots if cache.is_slot_mapped(slot) for block in cache.used_blocks(slot)]
+            if blocks:
+                cache.free(blocks)
+            # Only slots the scheduler released are ever empty here (`_hold`), so this takes exactly them.
+            return cache.shrink()
 
     def poll(self) -> dict[str, Any]:
         """The daemon's wishes for this rank since the last poll (the sleep and wake events once each)."""
@@ -119,8 +128,17 @@ class RankFollower:
 
     # ---- the cache's hooks (its background thread) ----
 
+    def release(self) -> None:
+        """The worker exits: a sleep waiting for the scheduler goes on, so that the cache can close
+        (`ElasticKVCache.close` joins the thread that runs the sleep)."""
+        with self._lock:
+            self._closing = True
+            self._drained.set()
+
     def _on_sleep(self, offload: bool) -> None:
         with self._lock:
+            if self._closing:
+                return
             self._sleep_waiting = True
             self._events.append(["sleep", offload])
         waited = 0.0
@@ -160,6 +178,15 @@ def follower(rank: int) -> RankFollower:
     if _follower is None or _follower.cache is not cache:
         _follower = RankFollower(cache, rank)
     return _follower
+
+
+def _release() -> None:
+    if _follower is not None:
+        _follower.release()
+
+
+# Registered after `allocation`'s `close` (this module is imported later), so it runs first.
+atexit.register(_release)
 
 
 def kvmem_rank(self, op: str, *args: Any) -> Any:

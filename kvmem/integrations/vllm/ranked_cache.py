@@ -111,10 +111,6 @@ def for_scheduler(num_blocks: int) -> RankedCache:
     return _current
 
 
-def current() -> RankedCache | None:
-    return _current
-
-
 class RankedCache:
     """The scheduler's view of its ranks' caches (see the module docstring).
 
@@ -363,8 +359,9 @@ def handling_ticks(stock):
     """Wrap `EngineCoreProc._handle_client_request`: a WAKEUP carrying `TICK` runs `maintain`."""
 
     def _handle_client_request(self, request_type, request):
-        if request is TICK or (isinstance(request, str) and request == TICK):
-            if _current is not None:
+        if isinstance(request, str) and request == TICK:
+            # Not once the engine shuts down: its executor may be gone.
+            if _current is not None and getattr(self, "is_running", lambda: True)():
                 _current.on_tick()
             return None
         return stock(self, request_type, request)
