@@ -267,6 +267,13 @@ def test_a_limit_on_one_rank_holds_the_whole_model_and_no_rank_keeps_a_slot_the_
     _, b = servers
     kvctl(runtime, 1, "limit", "llama-b", "8MiB")  # 2 slots on GPU 1; GPU 0 has no limit
     try:
+        # What B holds from earlier requests (cached blocks) goes down to the limit first.
+        wait_for(
+            lambda: models(runtime, 1)["llama-b"]["mapped_pages"] <= 4,
+            timeout=30,
+            interval=0.2,
+            what="B to settle under GPU 1's limit",
+        )
         with Sampler(*daemons) as sampler:
             out = b.complete_all(LOAD, 32)  # 5 slots wanted on each rank
         assert out == reference["b"]["load"]
