@@ -138,9 +138,6 @@ class Growth:
                 state.source.release([page for entry in unmapped for page in entry.pages])
                 state.counters.shrinks += 1
                 state.report_usage()
-            # Any slot given back answers a pending reclaim, whoever chose it (the watermark, the
-            # engine through `ElasticKVCache.shrink`, or `shrink_as_asked`).
-            self.reclaim_pages = max(0, self.reclaim_pages - len(chosen) * self.per_growth)
             if state.engine.on_unmapped is not None:
                 state.engine.on_unmapped(chosen)
             return len(chosen)
@@ -160,7 +157,8 @@ class Growth:
                 short = want_slots - len(state.allocator.get_empty_slots())
                 if short > 0 and state.engine.evictor is not None and not state.asleep:
                     state.engine.evictor(short)  # the engine frees what it can drop, so that slots empty
-                self.shrink(want_slots)
+                done = self.shrink(want_slots)
+            self.reclaim_pages = max(0, self.reclaim_pages - done * self.per_growth)
 
     # ---- the background thread's step ----
 
