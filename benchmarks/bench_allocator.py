@@ -4,9 +4,15 @@ Geometry: Llama-3-8B-like (32 layers, 8 KV heads, head dim 128, fp16) with block
 a block is 16 * 8 * 128 * 2 B = 32 KiB per layer's K or V; a 2 MiB page holds 64 blocks, the
 blocks per slot. 1024 slots are mapped (65536 blocks).
 
-The baseline is the free list of vLLM's static block pool: a `collections.deque` of block ids,
-alloc(n) pops n from the left, free(ids) extends it on the right. Both sides are called the same
-way, as bound methods `alloc(n)` and `free(ids)` (kvmem's `BlockAllocator` directly, no lock).
+The baseline of the bare allocator is the fastest plain free list found here: a list of block ids,
+alloc(n) slices n off its tail, free(ids) extends it (about twice as fast as vLLM's deque popped in a
+Python loop). Both sides are called the same way, as bound methods `alloc(n)` and `free(ids)`
+(kvmem's `BlockAllocator` directly, no lock).
+
+The engine paths: what engines call, `ElasticKVCache.alloc`/`free` (its lock, its growth checks),
+and vLLM's way (its own free queue picks the ids, then `take`/`free` tell kvmem), against the list,
+the same list behind a lock (the least a free list shared with a growth thread must do) and the
+deque, all in alternating chunks of the same as-allocated workload.
 
 Steady state: half the blocks are live. One operation is alloc(n) plus one free of n blocks, for
 n = 1, 16 and 256, in three workloads:
@@ -36,6 +42,7 @@ import json
 import random
 import statistics
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -43,7 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, replace_readme_section, run_header  # noqa: E402
+from benchmarks.common import load, machine, replace_readme_section, run_header, spread  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE_BYTES, BLOCK_TOKENS = 32, 8, 128, 2, 16
 PAGE_BYTES = 2 << 20
@@ -72,6 +79,43 @@ class FreeList:
         self._free.extend(block_ids)
 
 
+class ListFreeList:
+    """The fastest plain free list found here: a list of ids, alloc slices its tail off, free extends it
+    (about twice the deque popped in a Python loop)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self._free = list(range(num_blocks))
+
+    def alloc(self, n: int) -> list[int]:
+        free = self._free
+        ids = free[-n:] if n else []
+        del free[len(free) - len(ids) :]
+        return ids
+
+    def free(self, block_ids: list[int]) -> None:
+        self._free.extend(block_ids)
+
+
+class LockedListFreeList(ListFreeList):
+    """`ListFreeList` behind a lock: the least a free list shared with another thread must do (an
+    elastic cache shares its blocks with its growth thread)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks)
+        self._lock = threading.Lock()
+
+    def alloc(self, n: int) -> list[int]:
+        with self._lock:
+            free = self._free
+            ids = free[-n:] if n else []
+            del free[len(free) - len(ids) :]
+            return ids
+
+    def free(self, block_ids: list[int]) -> None:
+        with self._lock:
+            self._free.extend(block_ids)
+
+
 def load_allocator_class(path: Path | None) -> type:
     if path is None:
         from kvmem.block_allocator import BlockAllocator
@@ -85,7 +129,7 @@ def load_allocator_class(path: Path | None) -> type:
 
 def make(side: str, allocator_class: type) -> object:
     if side == "baseline":
-        return FreeList(SLOTS * BLOCKS_PER_SLOT)
+        return ListFreeList(SLOTS * BLOCKS_PER_SLOT)
     a = allocator_class(BLOCKS_PER_SLOT, SLOTS)
     for slot in range(SLOTS):
         a.add_slot(slot)
@@ -173,6 +217,113 @@ def scattered(alloc, free, live: list[int], picks: list[list[int]], n: int) -> i
 STEPS = {"as allocated": as_allocated, "reversed": reversed_order, "scattered": scattered}
 
 
+# The engine paths: an ElasticKVCache of one layer (the hot path does not depend on the layer count)
+# with blocks of 32 KiB, 64 per page, CACHE_SLOTS slots mapped, its background thread running.
+CACHE_SLOTS = 256
+CACHE_GEOMETRY = {"num_layers": 1, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
+ENGINE_SIDES = ("cache alloc/free", "cache take/free", "deque", "list", "locked list")
+
+
+def engine_cache(session):
+    """A cache with `CACHE_SLOTS` slots mapped, whose watermarks never grow nor shrink it while timed."""
+    blocks = CACHE_SLOTS * BLOCKS_PER_SLOT
+    cache = session.kv_cache(
+        **CACHE_GEOMETRY, max_tokens=blocks * 16, low_watermark=0, high_watermark=blocks, grow_wait=10
+    )
+    if cache.map_slots(range(CACHE_SLOTS)) is not None:
+        raise SystemExit("bench_allocator: could not map the cache's slots")
+    return cache
+
+
+def engine_sides(sessions: list) -> dict[str, tuple]:
+    """Each side as (alloc(n), free(ids)), the way engines call them, and what to close after."""
+    blocks = CACHE_SLOTS * BLOCKS_PER_SLOT
+    sides: dict[str, tuple] = {}
+    cache = engine_cache(sessions[0])
+    sides["cache alloc/free"] = (cache.alloc, cache.free, cache)
+    # vLLM's way: the engine's own free queue picks the ids, kvmem is told with take() and free().
+    picker = engine_cache(sessions[1])
+    queue = deque(range(blocks))
+    popleft, take, cache_free, extend = queue.popleft, picker.take, picker.free, queue.extend
+
+    def take_alloc(n: int) -> list[int]:
+        ids = [popleft() for _ in range(n)]
+        take(ids)
+        return ids
+
+    def take_free(ids: list[int]) -> None:
+        cache_free(ids)
+        extend(ids)
+
+    sides["cache take/free"] = (take_alloc, take_free, picker)
+    for name, cls in (("deque", FreeList), ("list", ListFreeList), ("locked list", LockedListFreeList)):
+        baseline = cls(blocks)
+        sides[name] = (baseline.alloc, baseline.free, None)
+    return sides
+
+
+def run_engine_pair(n: int, ops: int, seed: int) -> dict[str, float]:
+    """One repetition of the as-allocated workload on every engine side, in alternating chunks."""
+    import kvmem
+
+    pool_size = int(CACHE_SLOTS * BLOCKS_PER_SLOT * OCCUPANCY) // n
+    rng = random.Random(seed)
+    steps = [rng.randrange(pool_size) for _ in range(max(ops // 2, 2 * pool_size) + ops)]
+    warm, timed = steps[:-ops], steps[-ops:]
+    chunk = max(1, ops // CHUNKS)
+    budget = 4 * CACHE_SLOTS * PAGE_BYTES
+    with kvmem.local(device="host", budget=budget) as one, kvmem.local(device="host", budget=budget) as two:
+        sides = engine_sides([one, two])
+        state = {}
+        for name, (alloc, free, _) in sides.items():
+            pool = [alloc(n) for _ in range(pool_size)]
+            as_allocated(alloc, free, pool, warm, n)
+            state[name] = (alloc, free, pool)
+        elapsed = dict.fromkeys(sides, 0)
+        order = list(sides)
+        gc.collect()
+        gc.disable()
+        try:
+            for c, start in enumerate(range(0, ops, chunk)):
+                part = timed[start : start + chunk]
+                for name in order[c % len(order) :] + order[: c % len(order)]:  # rotate who goes first
+                    alloc, free, pool = state[name]
+                    elapsed[name] += as_allocated(alloc, free, pool, part, n)
+        finally:
+            gc.enable()
+        for _, _, cache in sides.values():
+            if cache is not None:
+                cache.close()
+    return {name: ops / (elapsed[name] / 1e9) for name in sides}
+
+
+def bench_engine_paths(repeats: int, scale: float) -> dict:
+    out: dict = {}
+    for n, base_ops in BATCHES.items():
+        ops = max(100, int(base_ops * scale))
+        runs = []
+        for r in range(repeats):
+            rates = run_engine_pair(n, ops, seed=7000 * n + r)
+            rates["load"] = load()[0]
+            runs.append(rates)
+        entry: dict = {"batch": n, "ops_per_repeat": ops, "loads": [run["load"] for run in runs]}
+        for name in ENGINE_SIDES:
+            entry[name] = {"ops_per_s": round(statistics.median(run[name] for run in runs))}
+        for kvmem_side in ("cache alloc/free", "cache take/free"):
+            for baseline in ("deque", "list", "locked list"):
+                entry[f"{kvmem_side} / {baseline}"] = spread([run[kvmem_side] / run[baseline] for run in runs])
+        out[f"{n} blocks"] = entry
+        print(
+            f"engine paths, batch {n:>3}: "
+            + ", ".join(f"{name} {entry[name]['ops_per_s']:,}" for name in ENGINE_SIDES)
+            + f"; alloc/free vs locked list {entry['cache alloc/free / locked list']['median']:.2f}x, "
+            f"vs list {entry['cache alloc/free / list']['median']:.2f}x; take/free vs deque "
+            f"{entry['cache take/free / deque']['median']:.2f}x",
+            flush=True,
+        )
+    return out
+
+
 def bench(allocator_class: type, repeats: int, scale: float, workloads: list[str]) -> dict:
     out: dict = {}
     for workload in workloads:
@@ -204,7 +355,7 @@ def bench(allocator_class: type, repeats: int, scale: float, workloads: list[str
 
 def table(result: dict) -> str:
     lines = [
-        "| workload | batch | kvmem ops/s | free list ops/s | kvmem / free list | goal |",
+        "| workload | batch | BlockAllocator ops/s | list free list ops/s | BlockAllocator / list | goal |",
         "|---|---|---|---|---|---|",
     ]
     for e in result["batches"].values():
@@ -218,9 +369,41 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def engine_table(result: dict) -> str:
+    lines = [
+        "| batch | cache alloc/free ops/s | take/free ops/s | locked list | list | deque | "
+        "alloc/free vs locked list | alloc/free vs list | take/free vs deque | goal (vs locked list) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(e: dict, key: str) -> str:
+        r = e[key]
+        return f"{r['median']:.2f}x ({r['min']:.2f} to {r['max']:.2f})"
+
+    for e in result["engine_paths"].values():
+        goal = 1.0 if e["batch"] >= 16 else 0.7
+        met = "met" if e["cache alloc/free / locked list"]["median"] >= goal else "not met"
+        lines.append(
+            f"| {e['batch']} | {e['cache alloc/free']['ops_per_s']:,} | {e['cache take/free']['ops_per_s']:,} | "
+            f"{e['locked list']['ops_per_s']:,} | {e['list']['ops_per_s']:,} | {e['deque']['ops_per_s']:,} | "
+            f"{ratio(e, 'cache alloc/free / locked list')} | {ratio(e, 'cache alloc/free / list')} | "
+            f"{ratio(e, 'cache take/free / deque')} | >= {goal:.1f}x, {met} |"
+        )
+    return "\n".join(lines)
+
+
 def update_readme(result: dict) -> None:
     detail = f"Python {result['machine']['python']}, median of {result['repeats']} repetitions"
-    replace_readme_section("bench_allocator", f"{run_header(result['machine'], detail)}\n\n{table(result)}\n")
+    text = f"{run_header(result['machine'], detail)}\n\n"
+    if "engine_paths" in result:
+        text += (
+            "**Through the engine paths** (`ElasticKVCache.alloc`/`free`, and vLLM's way: its own queue picks "
+            "the ids, then `take`/`free`), as allocated, against plain free lists in the same chunks "
+            "(median ratio, lowest to highest over repetitions):\n\n" + engine_table(result) + "\n\n"
+        )
+    if "batches" in result:
+        text += "**The bare `BlockAllocator`** (no lock) against the list free list:\n\n" + table(result) + "\n"
+    replace_readme_section("bench_allocator", text)
 
 
 def main() -> int:
@@ -228,6 +411,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the timed operations per repetition")
     parser.add_argument("--workloads", default=",".join(STEPS), help=f"comma-separated, of: {', '.join(STEPS)}")
+    parser.add_argument("--engine-only", action="store_true", help="only the engine paths (cache alloc/free, take)")
     parser.add_argument("--impl", type=Path, help="benchmark the BlockAllocator of this file instead (e.g. an old one)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_allocator.json")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the table in benchmarks/README.md")
@@ -256,11 +440,16 @@ def main() -> int:
         },
         "operation": "alloc(n) plus one free of n blocks",
         "repeats": args.repeats,
-        "batches": bench(load_allocator_class(args.impl), args.repeats, args.scale, workloads),
     }
+    if not args.engine_only:
+        result["batches"] = bench(load_allocator_class(args.impl), args.repeats, args.scale, workloads)
+    result["engine_paths"] = bench_engine_paths(args.repeats, args.scale)
+    result["load_at_end"] = load()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
+    if "batches" in result:
+        print(table(result))
+    print(engine_table(result))
     print(f"wrote {args.out}")
     if args.update_readme:
         update_readme(result)

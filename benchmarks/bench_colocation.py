@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, percentile, replace_readme_section, run_header  # noqa: E402
+from benchmarks.common import load, machine, percentile, replace_readme_section, run_header, spread  # noqa: E402
 
 # A KV geometry whose 2 MiB pages fill at a few thousand tokens: 2 layers, 8 KV heads of 64, fp16.
 GEOMETRY = {"num_layers": 2, "block_size": 16, "num_kv_heads": 8, "head_dim": 64, "dtype": "float16"}
@@ -242,12 +242,14 @@ def plot(results: list[dict], path: Path) -> None:
 
 def table(results: list[dict]) -> str:
     rows = [
-        "| setting | requests | queueing p50 / p99 s | TTFT p50 / p99 s | throughput tok/s | waited for memory |",
-        "|---|---|---|---|---|---|",
+        "| setting | seed | load | requests | queueing p50 / p99 s | TTFT p50 / p99 s | throughput tok/s "
+        "| waited for memory |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rows.append(
-            f"| {r['setting']} | {r['completed']}/{r['requests']} | {r['queueing_s_p50']} / {r['queueing_s_p99']} | "
+            f"| {r['setting']} | {r.get('seed', '')} | {r.get('load', '')} | {r['completed']}/{r['requests']} | "
+            f"{r['queueing_s_p50']} / {r['queueing_s_p99']} | "
             f"{r['ttft_s_p50']} / {r['ttft_s_p99']} | {r['throughput_tokens_per_s']} | {r['waited_for_memory']} |"
         )
     return "\n".join(rows)
@@ -261,6 +263,9 @@ def main() -> None:
     parser.add_argument("--total", default="96MiB", help="KV memory of all engines together (default 96MiB).")
     parser.add_argument("--duration", type=float, default=20.0, help="Seconds of arrivals (default 20).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="Repetitions, each a static and an elastic run (default 3)."
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_colocation.json")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "bench_colocation.png")
     parser.add_argument("--update-readme", action="store_true")
@@ -271,20 +276,29 @@ def main() -> None:
         parser.error(f"--total: {exc}")
     if args.duration <= 0:
         parser.error(f"--duration {args.duration:g}: it must be positive")
-    trace = make_trace(args.engines, args.duration, args.seed)
-    results = [
-        static(args.engines, total, trace, args.duration),
-        elastic(args.engines, total, trace, args.duration),
-    ]
-    static_run, elastic_run = results
-    ratios = {
-        "ttft_p99_static_over_elastic": round(static_run["ttft_s_p99"] / max(elastic_run["ttft_s_p99"], 1e-9), 2),
-        "ttft_p50_static_over_elastic": round(static_run["ttft_s_p50"] / max(elastic_run["ttft_s_p50"], 1e-9), 2),
-        "throughput_elastic_over_static": round(
-            elastic_run["throughput_tokens_per_s"] / static_run["throughput_tokens_per_s"], 2
-        ),
-    }
     m = machine()
+    runs = []  # per repetition: (static, elastic), run in alternating order under the same load
+    for rep in range(args.repeats):
+        trace = make_trace(args.engines, args.duration, args.seed + rep)
+        order = ("static", "elastic") if rep % 2 == 0 else ("elastic", "static")
+        pair = {}
+        for name in order:
+            setting = static if name == "static" else elastic
+            pair[name] = setting(args.engines, total, trace, args.duration)
+            pair[name]["load"] = load()[0]
+            pair[name]["seed"] = args.seed + rep
+        runs.append(pair)
+        print(table([pair["static"], pair["elastic"]]), flush=True)
+
+    def ratio_spread(key: str, numerator: str, denominator: str) -> dict:
+        return spread([r[numerator][key] / max(r[denominator][key], 1e-9) for r in runs])
+
+    ratios = {
+        "ttft_p99_static_over_elastic": ratio_spread("ttft_s_p99", "static", "elastic"),
+        "ttft_p50_static_over_elastic": ratio_spread("ttft_s_p50", "static", "elastic"),
+        "throughput_elastic_over_static": ratio_spread("throughput_tokens_per_s", "elastic", "static"),
+    }
+    results = [runs[0]["static"], runs[0]["elastic"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -301,7 +315,11 @@ def main() -> None:
                     "rates_per_s": [RATE_HIGH, RATE_LOW],
                     "burst_s": BURST_S,
                 },
-                "results": [{k: v for k, v in r.items() if k not in ("memory", "ttft")} for r in results],  # plotted
+                "runs": [
+                    {name: {k: v for k, v in r.items() if k not in ("memory", "ttft")} for name, r in pair.items()}
+                    for pair in runs
+                ],  # the memory and TTFT series are plotted (first repetition)
+                "load_at_end": load(),
                 "ratios": ratios,
             },
             indent=1,
@@ -309,7 +327,7 @@ def main() -> None:
         + "\n"
     )
     plot(results, args.plot)
-    text = table(results)
+    text = table([r[name] for r in runs for name in ("static", "elastic")])
     print(text)
     print(json.dumps(ratios))
     print(f"results: {args.out}\nplot: {args.plot}")
@@ -317,9 +335,13 @@ def main() -> None:
         header = run_header(
             m,
             f"{args.engines} engines, {format_size(total)} of KV memory in all, {args.duration:g} s of arrivals, "
-            f"seed {args.seed}",
+            f"{args.repeats} repetitions (seeds {args.seed}..{args.seed + args.repeats - 1}, static and elastic "
+            "in alternating order)",
         )
-        ratio_lines = "\n".join(f"- `{k}`: {v}" for k, v in ratios.items())
+        ratio_lines = "\n".join(
+            f"- `{k}`: median {v['median']}, lowest {v['min']}, highest {v['max']} (each repetition: {v['all']})"
+            for k, v in ratios.items()
+        )
         replace_readme_section("bench_colocation", f"{header}\n\n{text}\n\n{ratio_lines}\n")
 
 

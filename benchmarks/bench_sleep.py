@@ -6,14 +6,18 @@ data, then `ControlClient.sleep(offload=True)` is timed until the daemon's statu
 and `wake()` until the cache is usable again (pages granted, bytes copied back, mapped at the
 same offsets, access set). A sample of blocks is checked to be bit-identical after the wake.
 
-The baseline, in the same run, is a plain memcpy of the same bytes between two buffers that are
-already faulted in (numpy `copyto`: the fastest copy this machine does), and for context a memcpy
+The baseline is a plain memcpy of the same bytes between two buffers whose every page was written
+first (numpy `copyto` into a destination filled beforehand: not `np.zeros`, whose memory the
+allocator hands back untouched, so that a copy into it pays a page fault per page and makes a weak
+baseline). It is timed interleaved with the cycles, in the same process: memcpy, sleep, memcpy,
+wake, memcpy, sleep, ... Each sleep and wake is divided by the memcpy just before it; the JSON
+keeps every pair, the load average at each, and the median and spread. For context only: a memcpy
 into fresh memory (what a first copy into a newly allocated host buffer pays in page faults).
-Goal: sleep and wake each at >= 0.5x the plain memcpy bandwidth.
+Goal: sleep and wake each at >= 0.5x the memcpy between touched buffers.
 
-    python benchmarks/bench_sleep.py [--sizes 1GiB,8GiB] [--out FILE] [--update-readme]
+    python benchmarks/bench_sleep.py [--sizes 1GiB,8GiB] [--cycles N] [--out FILE] [--update-readme]
 
-A size needs about 2.5x its bytes of free RAM (pages, tier, baseline buffers); a size that does
+A size needs about 4x its bytes of free RAM (pages, tier, two baseline buffers); a size that does
 not fit is reported as skipped.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +38,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, replace_readme_section, run_header  # noqa: E402
+from benchmarks.common import load, machine, replace_readme_section, run_header, spread  # noqa: E402
 
 # One layer per K and V of 4 KV heads x 128 dims, fp16, 16-token blocks: 16 KiB blocks, 128 per page.
 GEOMETRY = {"num_layers": 4, "block_size": 16, "num_kv_heads": 4, "head_dim": 128, "dtype": "float16"}
@@ -41,24 +46,35 @@ POLL_S = 0.0005
 CHUNK = 64 << 20  # the engine fills its cache with random bytes this many at a time
 
 
-def memcpy_seconds(size: int, fresh_destination: bool) -> float:
-    src = np.full(size, 7, dtype=np.uint8)
-    if fresh_destination:
-        # A new anonymous mapping, as the kernel hands it out: the copy faults every page in.
-        # (Not np.empty: the allocator may hand back memory an earlier buffer already touched.)
-        region = mmap.mmap(-1, size)
+class Memcpy:
+    """The baseline: a copy of `size` bytes between two buffers whose every page is already written."""
+
+    def __init__(self, size: int):
+        self.src = np.full(size, 7, dtype=np.uint8)
+        self.dst = np.empty(size, dtype=np.uint8)
+        self.dst.fill(1)  # write every page: the copies below pay no page fault
+
+    def seconds(self) -> float:
         t0 = time.perf_counter()
-        np.copyto(np.frombuffer(region, dtype=np.uint8), src)
-        elapsed = time.perf_counter() - t0
-        region.close()
-        return elapsed
-    dst = np.zeros(size, dtype=np.uint8)
+        np.copyto(self.dst, self.src)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.src = self.dst = None
+
+
+def memcpy_fresh_seconds(size: int) -> float:
+    """A copy into a new anonymous mapping, as the kernel hands it out: it faults every page in (context only)."""
+    src = np.full(size, 7, dtype=np.uint8)
+    region = mmap.mmap(-1, size)
     t0 = time.perf_counter()
-    np.copyto(dst, src)
-    return time.perf_counter() - t0
+    np.copyto(np.frombuffer(region, dtype=np.uint8), src)
+    elapsed = time.perf_counter() - t0
+    region.close()
+    return elapsed
 
 
-def sleep_and_wake(size: int, runtime_dir: Path) -> dict:
+def sleep_and_wake(size: int, runtime_dir: Path, cycles: int) -> dict:
     import kvmem
     from kvmem.control import ControlClient
     from tests.daemon_support import DaemonProcess, wait_for
@@ -92,14 +108,22 @@ def sleep_and_wake(size: int, runtime_dir: Path) -> dict:
         mapped = cache.stats().mapped_bytes
         wait_for(lambda: daemon.status().model("sleeper").used_pages * daemon.status().daemon.page_size == mapped)
 
-        cycles = []
-        for _ in range(2):  # the first sleep fills a cold tier; the second reuses its warm memory
+        memcpy = Memcpy(mapped)
+        memcpy.seconds()  # warm-up
+        pairs = []
+        # The first sleep fills a cold tier; the next ones reuse its warm memory. Each sleep and
+        # wake comes right after a memcpy of the same bytes: A B A B, under the same load.
+        for _ in range(cycles):
+            copy_before_sleep = memcpy.seconds()
+            load_sleep = load()[0]
             t0 = time.perf_counter()
             control.sleep("sleeper", offload=True)
             while daemon.status().model("sleeper").state.name != "ASLEEP":
                 time.sleep(POLL_S)
             sleep_s = time.perf_counter() - t0
             saved = daemon.status().model("sleeper").saved_pages * daemon.status().daemon.page_size
+            copy_before_wake = memcpy.seconds()
+            load_wake = load()[0]
             t0 = time.perf_counter()
             control.wake("sleeper")
             while cache.asleep:
@@ -108,8 +132,20 @@ def sleep_and_wake(size: int, runtime_dir: Path) -> dict:
             after = {b: bytes(cache.device.read(cache.block_address(0, "v", b), cache.block_bytes)) for b in sample}
             if after != before or saved != mapped:
                 raise SystemExit("bench_sleep: the cache did not come back bit-identical")
-            cycles.append({"sleep_s": sleep_s, "wake_s": wake_s})
-        return {"bytes": mapped, "cold": cycles[0], "warm": cycles[1]}
+            pairs.append(
+                {
+                    "memcpy_before_sleep_s": copy_before_sleep,
+                    "sleep_s": sleep_s,
+                    "sleep_vs_memcpy": copy_before_sleep / sleep_s,
+                    "load_at_sleep": load_sleep,
+                    "memcpy_before_wake_s": copy_before_wake,
+                    "wake_s": wake_s,
+                    "wake_vs_memcpy": copy_before_wake / wake_s,
+                    "load_at_wake": load_wake,
+                }
+            )
+        memcpy.close()
+        return {"bytes": mapped, "cycles": pairs}
 
 
 def policy_latency(rounds: int = 200) -> dict:
@@ -144,18 +180,27 @@ def policy_latency(rounds: int = 200) -> dict:
     }
 
 
-def run_size(size: int) -> dict:
+def run_size(size: int, cycles: int) -> dict:
     available = psutil.virtual_memory().available
-    if available < 2.5 * size:
-        return {"size": size, "skipped": f"needs ~{2.5 * size / 2**30:.1f} GiB free, {available / 2**30:.1f} available"}
-    plain = min(memcpy_seconds(size, fresh_destination=False) for _ in range(3))
-    fresh = min(memcpy_seconds(size, fresh_destination=True) for _ in range(2))
+    if available < 4 * size:
+        return {"size": size, "skipped": f"needs ~{4 * size / 2**30:.1f} GiB free, {available / 2**30:.1f} available"}
+    fresh = min(memcpy_fresh_seconds(size) for _ in range(2))
     with tempfile.TemporaryDirectory(prefix="kvmem-bench-sleep-") as tmp:
-        kv = sleep_and_wake(size, Path(tmp) / "rt")
-    for cycle in (kv["cold"], kv["warm"]):
-        cycle["sleep_vs_memcpy"] = plain / cycle["sleep_s"]
-        cycle["wake_vs_memcpy"] = plain / cycle["wake_s"]
-    return {"size": size, **kv, "memcpy_s": plain, "memcpy_fresh_s": fresh}
+        kv = sleep_and_wake(size, Path(tmp) / "rt", cycles)
+    pairs = kv["cycles"]
+    summary = {"cold": pairs[0]}
+    warm = pairs[1:]
+    if warm:
+        summary["warm"] = {
+            "sleep_s": statistics.median(p["sleep_s"] for p in warm),
+            "wake_s": statistics.median(p["wake_s"] for p in warm),
+            "memcpy_s": statistics.median(
+                p[k] for p in warm for k in ("memcpy_before_sleep_s", "memcpy_before_wake_s")
+            ),
+            "sleep_vs_memcpy": spread([p["sleep_vs_memcpy"] for p in warm]),
+            "wake_vs_memcpy": spread([p["wake_vs_memcpy"] for p in warm]),
+        }
+    return {"size": size, **kv, **summary, "memcpy_fresh_s": fresh}
 
 
 def table(result: dict) -> str:
@@ -174,24 +219,32 @@ def table(result: dict) -> str:
         def rate(seconds: float, size: int = r["bytes"]) -> str:
             return f"{seconds * 1e3:.0f} ms ({size / seconds / 2**30:.1f} GiB/s)"
 
-        for name in ("cold", "warm"):
-            c = r[name]
-            rows.append(
-                f"| {gib:g} GiB | {name} | {rate(c['sleep_s'])} | {rate(c['wake_s'])} | "
-                f"{c['sleep_vs_memcpy']:.2f}x | {c['wake_vs_memcpy']:.2f}x |"
-            )
-        notes.append(
-            f"{gib:g} GiB baselines: memcpy between touched buffers {rate(r['memcpy_s'])}; into a new "
-            f"mapping {rate(r['memcpy_fresh_s'])}."
+        cold = r["cold"]
+        rows.append(
+            f"| {gib:g} GiB | cold (first sleep) | {rate(cold['sleep_s'])} | {rate(cold['wake_s'])} | "
+            f"{cold['sleep_vs_memcpy']:.2f}x | {cold['wake_vs_memcpy']:.2f}x |"
         )
+        if "warm" in r:
+            w = r["warm"]
+            s, k = w["sleep_vs_memcpy"], w["wake_vs_memcpy"]
+            rows.append(
+                f"| {gib:g} GiB | warm (median of {len(r['cycles']) - 1}) | {rate(w['sleep_s'])} | "
+                f"{rate(w['wake_s'])} | {s['median']:.2f}x ({s['min']:.2f} to {s['max']:.2f}) | "
+                f"{k['median']:.2f}x ({k['min']:.2f} to {k['max']:.2f}) |"
+            )
+            notes.append(
+                f"{gib:g} GiB: memcpy between touched buffers, interleaved, median {rate(w['memcpy_s'])}; "
+                f"into a new mapping (context) {rate(r['memcpy_fresh_s'])}."
+            )
     return "\n".join(
         [
             *rows,
             "",
             *notes,
             "",
-            "Goal: sleep and wake each >= 0.5x the memcpy between touched buffers. *cold*: the first sleep, "
-            "whose host tier memory is new; *warm*: the next one, reusing the tier memory the wake freed.",
+            "Goal: sleep and wake each >= 0.5x the memcpy between touched buffers (each sleep or wake divided "
+            "by the memcpy timed just before it; median, lowest to highest). *cold*: the first sleep, whose host "
+            "tier memory is new; *warm*: the next ones, reusing the tier memory the wake freed.",
             "",
             f"`kvctl limit` to the engine holding the new limit ({latency['rounds']} changes): p50 "
             f"{latency['p50_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms, max {latency['max_ms']:.2f} ms "
@@ -203,6 +256,7 @@ def table(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1GiB,8GiB", help="Comma-separated sizes (default: 1GiB,8GiB).")
+    parser.add_argument("--cycles", type=int, default=4, help="Sleep/wake cycles per size (default: 4).")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_sleep.json")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
@@ -213,8 +267,9 @@ def main() -> int:
     result["policy_latency"] = policy_latency()
     print(json.dumps(result["policy_latency"]), flush=True)
     for size in sizes:
-        result["runs"].append(run_size(size))
+        result["runs"].append(run_size(size, args.cycles))
         print(json.dumps(result["runs"][-1]), flush=True)
+    result["load_at_end"] = load()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -18,8 +19,23 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def load() -> list[float]:
+    """The machine's load average (1, 5, 15 min): record it beside every figure, the machine is shared."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def spread(values: list[float]) -> dict:
+    """Median, lowest and highest of `values` (ratios of interleaved pairs), for a JSON result."""
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "all": [round(v, 3) for v in values],
+    }
+
+
 def machine() -> dict:
-    """CPU, cores, Python, commit and date of this run."""
+    """CPU, cores, Python, commit, date and load average of this run."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
@@ -40,11 +56,15 @@ def machine() -> dict:
         "python": platform.python_version(),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
+        "load_at_start": load(),
     }
 
 
 def run_header(m: dict, detail: str) -> str:
-    return f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores), {detail}."
+    load_text = ""
+    if "load_at_start" in m:
+        load_text = f", load average {m['load_at_start'][0]:.1f} at the start"
+    return f"Latest run: {m['date']}, commit `{m['commit']}`, {m['cpu']} ({m['cores']} cores){load_text}, {detail}."
 
 
 def replace_readme_section(name: str, text: str) -> None:

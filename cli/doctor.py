@@ -153,20 +153,32 @@ def check_fd_limit(daemon: dict | None) -> Check:
     return Check("fd-limit", "ok", f"open files limited to {shown} (enough for {pages} pages + {FD_HEADROOM})")
 
 
+CHECKS = ("driver", "daemon", "socket", "status", "shm", "fd-limit")
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.option(
+    "--check", "only", type=click.Choice(CHECKS), multiple=True,
+    help="Run only this check (repeatable), e.g. `--check daemon` for a liveness probe. Default: all.",
+)  # fmt: skip
 @pass_context
-def doctor(ctx: KvctlContext, as_json: bool) -> None:
+def doctor(ctx: KvctlContext, as_json: bool, only: tuple[str, ...]) -> None:
     """Check the driver and VMM support, the daemon, socket and shared-memory permissions, /dev/shm
-    space and the open-files limit; print the fix for each failure."""
-    daemon_check, daemon = check_daemon(ctx)
+    space and the open-files limit; print the fix for each failure. Exit 1 if a check fails."""
+    wanted = set(only or CHECKS)
+    daemon_check, daemon = check_daemon(ctx) if wanted & {"daemon", "fd-limit"} else (None, None)
     checks = [
-        check_driver(ctx.gpu),
-        daemon_check,
-        check_socket(ctx),
-        check_status_segment(ctx),
-        check_shm_space(),
-        check_fd_limit(daemon),
+        check()
+        for name, check in (
+            ("driver", lambda: check_driver(ctx.gpu)),
+            ("daemon", lambda: daemon_check),
+            ("socket", lambda: check_socket(ctx)),
+            ("status", lambda: check_status_segment(ctx)),
+            ("shm", check_shm_space),
+            ("fd-limit", lambda: check_fd_limit(daemon)),
+        )
+        if name in wanted
     ]
     if as_json:
         click.echo(json.dumps([asdict(c) for c in checks], indent=2))

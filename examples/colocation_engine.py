@@ -46,7 +46,7 @@ import kvmem
 from kvmem.cache import KVCacheFull
 from kvmem.common.runtime import DaemonPaths
 from kvmem.common.status import StatusReader
-from kvmem.integrations.transformers import ATTENTION_NAME, KvmemCache
+from kvmem.integrations.transformers import ATTENTION_NAME, CACHE_ARGUMENT, KvmemCache
 from kvmem.integrations.transformers.cache import model_geometry
 
 BLOCK_SIZE = 16
@@ -194,7 +194,7 @@ class Engine:
                 out = self.model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
-                    past_key_values=cache,
+                    **{CACHE_ARGUMENT: cache},
                     max_new_tokens=request["new_tokens"],
                     do_sample=False,
                     eos_token_id=None,

@@ -188,7 +188,8 @@ class BlockAllocator:
         """Mark chosen free blocks as in use: for an engine that picks its own block ids (vLLM's
         block pool), instead of `alloc`'s page-aware order.
 
-        Python work per slot touched and per block taken (the slot's free ids are filtered).
+        Python work per slot touched; a run of blocks that lies side by side among its slot's free
+        ids (what a free queue hands out) is checked and taken with one slice.
 
         Raises:
             ValueError: A block is out of range, on an unmapped slot, already in use, or given
@@ -202,7 +203,7 @@ class BlockAllocator:
             if not 0 <= block < self.max_blocks:
                 raise ValueError(f"block {block} is out of range (0..{self.max_blocks - 1})")
         # Check every run first, so that a refused batch takes nothing.
-        runs: list[tuple[int, list[int]]] = []  # (slot, its ids), ascending
+        runs: list[tuple[int, list[int], int]] = []  # (slot, its ids, where they start in its free ids)
         i = 0
         while i < len(ids):
             slot = ids[i] // bps
@@ -210,17 +211,27 @@ class BlockAllocator:
             run = ids[i:j]
             if not self._mapped[slot]:
                 raise ValueError(f"block {run[0]} is not on a mapped slot")
-            free = set(self._free_in[slot])
-            for k, block in enumerate(run):
-                if k and block == run[k - 1]:
-                    raise ValueError(f"block {block} is given twice")
-                if block not in free:
-                    raise ValueError(f"block {block} is already in use")
-            runs.append((slot, run))
+            free_ids = self._free_in[slot]
+            k = bisect_left(free_ids, run[0])
+            if free_ids[k : k + len(run)] != run:
+                # The common case (the run lies side by side among the slot's free ids, as the
+                # blocks an engine's queue hands out do) is checked by that one comparison; this
+                # is the general one, with the error.
+                free = set(free_ids)
+                for m, block in enumerate(run):
+                    if m and block == run[m - 1]:
+                        raise ValueError(f"block {block} is given twice")
+                    if block not in free:
+                        raise ValueError(f"block {block} is already in use")
+                k = -1
+            runs.append((slot, run, k))
             i = j
-        for slot, run in runs:
-            taken = set(run)
-            self._free_in[slot] = [b for b in self._free_in[slot] if b not in taken]  # stays ascending
+        for slot, run, k in runs:
+            if k >= 0:
+                del self._free_in[slot][k : k + len(run)]  # stays ascending
+            else:
+                taken = set(run)
+                self._free_in[slot] = [b for b in self._free_in[slot] if b not in taken]  # stays ascending
             used = self._used[slot]
             self._used[slot] = used + len(run)
             self._out_of_bucket(slot, used)

@@ -21,6 +21,7 @@ from kvmemd.launcher import (
     DAEMON_DEVICE_KINDS,
     StartError,
     StartOptions,
+    lock_holder_pid,
     read_lock_pid,
     remove_stale_files,
     run_daemon,
@@ -122,6 +123,11 @@ def runtime_dir_option(f):
     "--metrics-address", default="127.0.0.1", show_default=True, envvar="KVMEM_METRICS_ADDRESS", show_envvar=True,
     help="Address the metrics server listens on.",
 )  # fmt: skip
+@click.option(
+    "--node-name", envvar="KVMEM_NODE_NAME", show_envvar=True,
+    help="The machine's name in a fleet, a `node` label on every metric (e.g. Kubernetes' spec.nodeName). "
+    "Default: no such label.",
+)  # fmt: skip
 @click.option("--detach", is_flag=True, help="Run in the background; return once the daemon serves.")
 def start(
     gpu: int,
@@ -136,6 +142,7 @@ def start(
     host_tier: str,
     metrics_port: int | None,
     metrics_address: str,
+    node_name: str | None,
     log_level: str,
     detach: bool,
 ) -> None:
@@ -157,6 +164,7 @@ def start(
         host_tier=host_tier,
         metrics_port=metrics_port,
         metrics_address=metrics_address,
+        node_name=node_name or None,
     )
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s kvmemd[%(process)d] %(levelname)s %(message)s", stream=sys.stderr
@@ -232,6 +240,18 @@ def stop(gpu: int, runtime_dir: str | None, timeout: float) -> None:
         return
     if pid <= 0:
         raise click.ClickException(f"the lock file {paths.lock} holds no pid; stop the daemon by hand")
+    # Signal the holder as this PID namespace sees it: the file's pid is the daemon's own view, which
+    # in a container of its own is 1 (here: init).
+    holder = lock_holder_pid(paths)
+    if holder is None:
+        if read_lock_pid(paths) is None:
+            click.echo(f"kvmemd for GPU {gpu} stopped meanwhile", err=True)
+            return
+        raise click.ClickException(
+            f"kvmemd for GPU {gpu} (pid {pid} in its own PID namespace) runs where this process cannot see it: "
+            "stop it where it runs (its container or pod)"
+        )
+    pid = holder
     try:
         os.kill(pid, signal.SIGTERM)
     except PermissionError:

@@ -41,7 +41,7 @@ from kvmem.common.sizes import format_size, parse_size
 from kvmem.common.status import StatusWriter
 from kvmem.device import Device, DeviceError, open_device
 from kvmemd.daemon import Daemon, DaemonConfig, install_signal_handlers
-from kvmemd.metrics import MetricsServer
+from kvmemd.metrics import MetricsServer, fleet_labels
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class StartOptions:
     host_tier: str = "50%"  # a size or a percentage of the machine's RAM
     metrics_port: int | None = None  # None: no metrics server
     metrics_address: str = "127.0.0.1"
+    node_name: str | None = None  # the `node` label of every metric (None: no such label)
 
 
 def read_lock_pid(paths: DaemonPaths) -> int | None:
@@ -93,6 +94,30 @@ def read_lock_pid(paths: DaemonPaths) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def lock_holder_pid(paths: DaemonPaths) -> int | None:
+    """The pid, in this process's PID namespace, of the process holding `paths`' lock, from /proc/locks;
+    None if no lock is held or its holder is not visible here.
+
+    The pid in the lock file is the daemon's own view of itself: in a container with a PID namespace
+    of its own that is 1, which on the host is init. /proc/locks names the holder as the reader's
+    namespace sees it (Linux translates it; a holder outside that namespace is not shown or shown as
+    0), as "N: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> ..." with major and minor in hex.
+    """
+    try:
+        st = os.stat(paths.lock)
+        with open("/proc/locks") as locks:
+            lines = locks.readlines()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device and fields[4].isdigit():
+            pid = int(fields[4])
+            return pid if pid > 0 else None
+    return None
 
 
 def remove_stale_files(paths: DaemonPaths) -> list[str]:
@@ -243,6 +268,25 @@ def _uuid_link(paths: DaemonPaths, uuid: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             if os.readlink(link) == f"../{paths.socket.name}":
                 os.unlink(link)
+
+
+def notify_service_manager(state: str) -> None:
+    """Tell systemd `state` (e.g. ``READY=1``) when it asked to be told: a ``Type=notify`` unit.
+
+    The protocol is sd_notify(3)'s: one datagram of newline-separated assignments to the Unix socket
+    that $NOTIFY_SOCKET names, an abstract one if the name starts with ``@``. Without the variable
+    there is no one to tell; a failure to tell is logged (systemd then times the start out).
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    target = "\0" + address[1:] if address.startswith("@") else address
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(target)
+            sock.sendall(state.encode())
+        except OSError as exc:
+            logger.warning("cannot notify the service manager at %s: %s", address, exc.strerror)
 
 
 def _open_device(options: StartOptions) -> Device:
@@ -397,7 +441,8 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
         install_signal_handlers(daemon)
         if options.metrics_port is not None:
             try:
-                metrics = MetricsServer(paths.shm_name, options.metrics_port, options.metrics_address)
+                labels = fleet_labels(options.gpu, device.uuid, options.node_name)
+                metrics = MetricsServer(paths.shm_name, options.metrics_port, labels, options.metrics_address)
             except OSError as exc:
                 raise StartError(
                     f"--metrics-port {options.metrics_port}: cannot listen on {options.metrics_address}: {exc.strerror}"
@@ -417,5 +462,7 @@ def run_daemon(options: StartOptions, ready: Callable[[int], object] | None = No
         )
         if ready is not None:
             ready(os.getpid())
+        # systemd's `systemctl start kvmemd@N` returns once the daemon serves, or fails with it.
+        notify_service_manager(f"READY=1\nSTATUS=serving GPU {options.gpu} ({device.kind}) at {paths.socket}")
         daemon.run()
         logger.info("kvmemd stopped")

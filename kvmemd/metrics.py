@@ -11,6 +11,15 @@ thing the status does not carry, the grant latency distribution, is a prometheus
 Names follow Prometheus conventions: base units (bytes, seconds), ``_total`` on counters, one
 ``model`` label on per-model series. A model without a limit has no ``kvmem_model_limit_bytes``
 sample.
+
+Fleet labels. Every series carries the daemon's GPU, so that one Prometheus can hold a fleet's
+daemons side by side and a dashboard can pick a GPU: ``gpu_uuid`` (the GPU's UUID, what identifies
+a daemon, `kvmemd.launcher.gpu_lock_name`), ``gpu`` (the ordinal the daemon was started with:
+nvidia-smi's index where CUDA_DEVICE_ORDER=PCI_BUS_ID, as deploy/ sets) and, where the operator
+gives one (``--node-name``, e.g. the node's name from Kubernetes' downward API), ``node``. A
+host-memory daemon serves no GPU: its ``gpu_uuid`` is ``host`` (it has no UUID, and several may run
+side by side, told apart by ``gpu``). These are fixed for the daemon's life, so they are constant
+labels on every family rather than something read from the status segment (which holds no UUID).
 """
 
 from __future__ import annotations
@@ -28,13 +37,23 @@ from kvmem.common.status import ModelState, StatusError, StatusReader
 # From a few hundred microseconds (pages ready in the pool) to seconds (waiting for a reclaim).
 GRANT_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 STATES = [s.name.lower() for s in ModelState if s is not ModelState.EMPTY]
+HOST_UUID_LABEL = "host"  # the gpu_uuid of a host-memory daemon (see the design note)
+
+
+def fleet_labels(gpu: int, uuid: str | None, node: str | None = None) -> dict[str, str]:
+    """The labels every series of the daemon for ordinal `gpu` carries (`uuid` None: a host daemon)."""
+    labels = {"gpu": str(gpu), "gpu_uuid": uuid if uuid is not None else HOST_UUID_LABEL}
+    if node:
+        labels["node"] = node
+    return labels
 
 
 class StatusCollector(Collector):
     """Gauges and counters read off the daemon's status segment at each scrape."""
 
-    def __init__(self, shm_name: str):
+    def __init__(self, shm_name: str, labels: dict[str, str]):
         self.shm_name = shm_name
+        self.names, self.values = list(labels), list(labels.values())
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -45,17 +64,21 @@ class StatusCollector(Collector):
         d = snap.daemon
         page = d.page_size
 
+        names, values = self.names, self.values
+
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, value=value)
+            family = GaugeMetricFamily(name, doc, labels=names)
+            family.add_metric(values, value)
+            return family
 
         yield gauge("kvmem_budget_bytes", "Most memory the daemon hands out.", d.budget_pages * page)
         yield gauge("kvmem_page_size_bytes", "Bytes per page.", page)
         yield gauge("kvmem_pages_created", "Pages that exist (free and granted).", d.pages_created)
-        pages = GaugeMetricFamily("kvmem_pages", "Pages by state.", labels=["state"])
-        pages.add_metric(["free_clean"], d.pages_free_clean)
-        pages.add_metric(["free_dirty"], d.pages_free - d.pages_free_clean)
-        pages.add_metric(["granted"], d.pages_granted)
-        pages.add_metric(["quarantined"], d.pages_quarantined)
+        pages = GaugeMetricFamily("kvmem_pages", "Pages by state.", labels=[*names, "state"])
+        pages.add_metric([*values, "free_clean"], d.pages_free_clean)
+        pages.add_metric([*values, "free_dirty"], d.pages_free - d.pages_free_clean)
+        pages.add_metric([*values, "granted"], d.pages_granted)
+        pages.add_metric([*values, "quarantined"], d.pages_quarantined)
         yield pages
         yield gauge("kvmem_host_tier_used_bytes", "Sleeping models' pages kept in host memory.", d.host_tier_used_bytes)
         yield gauge("kvmem_host_tier_capacity_bytes", "Capacity of the host tier.", d.host_tier_capacity_bytes)
@@ -66,25 +89,28 @@ class StatusCollector(Collector):
             ("kvmem_sleeps", "Models put to sleep.", d.sleeps),
             ("kvmem_wakes", "Models woken.", d.wakes),
         ):
-            yield CounterMetricFamily(name, doc, value=value)
+            counter = CounterMetricFamily(name, doc, labels=names)
+            counter.add_metric(values, value)
+            yield counter
 
+        by_model = [*names, "model"]
         per_model = {
-            "mapped": GaugeMetricFamily("kvmem_model_mapped_bytes", "Memory granted to the model.", labels=["model"]),
-            "used": GaugeMetricFamily("kvmem_model_used_bytes", "Memory holding live KV blocks.", labels=["model"]),
-            "limit": GaugeMetricFamily("kvmem_model_limit_bytes", "The model's limit.", labels=["model"]),
-            "min": GaugeMetricFamily("kvmem_model_min_bytes", "The model's guaranteed minimum.", labels=["model"]),
-            "saved": GaugeMetricFamily("kvmem_model_saved_bytes", "Its cache in the host tier.", labels=["model"]),
-            "priority": GaugeMetricFamily("kvmem_model_priority", "The model's priority.", labels=["model"]),
+            "mapped": GaugeMetricFamily("kvmem_model_mapped_bytes", "Memory granted to the model.", labels=by_model),
+            "used": GaugeMetricFamily("kvmem_model_used_bytes", "Memory holding live KV blocks.", labels=by_model),
+            "limit": GaugeMetricFamily("kvmem_model_limit_bytes", "The model's limit.", labels=by_model),
+            "min": GaugeMetricFamily("kvmem_model_min_bytes", "The model's guaranteed minimum.", labels=by_model),
+            "saved": GaugeMetricFamily("kvmem_model_saved_bytes", "Its cache in the host tier.", labels=by_model),
+            "priority": GaugeMetricFamily("kvmem_model_priority", "The model's priority.", labels=by_model),
         }
-        state = GaugeMetricFamily("kvmem_model_state", "1 for the model's current state.", labels=["model", "state"])
+        state = GaugeMetricFamily("kvmem_model_state", "1 for the model's current state.", labels=[*by_model, "state"])
         counters = {
-            "grants": CounterMetricFamily("kvmem_model_grants", "Grow requests served.", labels=["model"]),
-            "denies": CounterMetricFamily("kvmem_model_denies", "Grow requests denied.", labels=["model"]),
-            "reclaims": CounterMetricFamily("kvmem_model_reclaims", "Page requests sent.", labels=["model"]),
-            "sleeps": CounterMetricFamily("kvmem_model_sleeps", "Times put to sleep.", labels=["model"]),
+            "grants": CounterMetricFamily("kvmem_model_grants", "Grow requests served.", labels=by_model),
+            "denies": CounterMetricFamily("kvmem_model_denies", "Grow requests denied.", labels=by_model),
+            "reclaims": CounterMetricFamily("kvmem_model_reclaims", "Page requests sent.", labels=by_model),
+            "sleeps": CounterMetricFamily("kvmem_model_sleeps", "Times put to sleep.", labels=by_model),
         }
         for m in snap.models:
-            label = [m.model]
+            label = [*values, m.model]
             per_model["mapped"].add_metric(label, m.mapped_pages * page)
             per_model["used"].add_metric(label, m.used_pages * page)
             if m.limit_pages >= 0:
@@ -93,7 +119,7 @@ class StatusCollector(Collector):
             per_model["saved"].add_metric(label, m.saved_pages * page)
             per_model["priority"].add_metric(label, m.priority)
             for name in STATES:
-                state.add_metric([m.model, name], 1.0 if m.state.name.lower() == name else 0.0)
+                state.add_metric([*values, m.model, name], 1.0 if m.state.name.lower() == name else 0.0)
             for key, family in counters.items():
                 family.add_metric(label, getattr(m, key))
         yield from per_model.values()
@@ -102,17 +128,19 @@ class StatusCollector(Collector):
 
 
 class MetricsServer:
-    """The HTTP endpoint: `/metrics` on `address:port` (port 0 picks a free one). Stop with `close()`."""
+    """The HTTP endpoint: `/metrics` on `address:port` (port 0 picks a free one), every series carrying
+    `labels` (`fleet_labels`). Stop with `close()`."""
 
-    def __init__(self, shm_name: str, port: int, address: str = "127.0.0.1"):
+    def __init__(self, shm_name: str, port: int, labels: dict[str, str], address: str = "127.0.0.1"):
         self.registry = CollectorRegistry()
-        self.registry.register(StatusCollector(shm_name))
+        self.registry.register(StatusCollector(shm_name, labels))
         self.grant_latency = Histogram(
             "kvmem_grant_latency_seconds",
             "Time from a grow request to its last page granted.",
+            labelnames=list(labels),
             buckets=GRANT_LATENCY_BUCKETS,
             registry=self.registry,
-        )
+        ).labels(**labels)
         self._server: WSGIServer
         self._thread: threading.Thread
         self._server, self._thread = start_http_server(port, addr=address, registry=self.registry)

@@ -26,17 +26,32 @@ event loop:
   (`set_demand`); the worker zeroes that uid's dirty pages, creates pages under the budget, or
   releases pages tainted by other uids to make room;
 - refill: when the free pages fall below `reserve_low`, it creates pages up to `reserve_high`,
-  and keeps at least `reserve_low` of them clean by zeroing dirty ones;
+  and keeps at least `reserve_low` of them clean by zeroing dirty ones, one at a time, oldest
+  first (the rest may go back to their owner with no zeroing at all);
+- ahead of demand: the dirty pages of models with no engine attached (`set_attached`) are zeroed
+  in batches, every one of them: their next holder is another model, or an engine starting afresh;
 - trim: when the free pages stay above `reserve_high` for `release_after` seconds, it releases
   the surplus to the driver (dirty pages first: they would need zeroing anyway), so memory goes
   back to the rest of the GPU.
 After any page becomes grantable the worker calls `notify()` so the event loop serves waiters.
 
+Reserve size. The watermarks given are a floor: the daemon raises them to what the attached
+engines grow by (`set_growth_unit`: one growth unit of the largest engine's KV layout, one page
+per layer's K and V times the pages of a slot), low to one unit and high to two, so that a growth
+finds its pages created and zeroed and neither cuMemCreate nor a memset runs while it waits.
+
+Zeroing runs in batches of up to `SCRUB_BATCH` pages: one memset per page, then one synchronize
+for the batch, and only then do the pages count as clean. The security invariant (a page that
+changes tenant is zeroed before the new tenant can see it) is enforced in two places: `take`
+hands a model only its own dirty pages or clean ones, and a page leaves `_dirty` for `_clean`
+only in `_scrub`, after the synchronize that ends its memset (while zeroed it is in neither list,
+so nothing can take it).
+
 Each page's descriptor is exported once and kept (`export_fd`) when the fd limit allows, so a
 grant costs no export call; the kernel duplicates the descriptor into the receiving process.
 
 Invariant (under `_lock`): every page id is in exactly one of `_clean[uid]`, `_dirty[owner]`,
-`_granted`, or is the one page the worker is zeroing or releasing; `len(pages)` plus the pages being
+`_granted`, or among the pages the worker is zeroing or releasing; `len(pages)` plus the pages being
 created never exceeds the budget, except for pages adopted after a restart.
 """
 
@@ -58,6 +73,10 @@ logger = logging.getLogger(__name__)
 # After the driver reports out-of-memory below our budget (other GPU users hold memory), or a
 # device call fails, the worker waits this long before trying again.
 BACKOFF_S = 1.0
+# The most pages zeroed together: their memsets are queued, then one synchronize ends them all.
+SCRUB_BATCH = 32
+# The most pages created together (their memsets, where needed, end with one synchronize).
+CREATE_BATCH = 16
 
 
 @dataclass
@@ -119,6 +138,7 @@ class PagePool:
         self.device = device
         self.page_size = page_size
         self.budget_pages = budget_pages
+        self._reserve_floor = (reserve_low, reserve_high)
         self.reserve_low = min(reserve_low, budget_pages)
         self.reserve_high = min(reserve_high, budget_pages)
         self.release_after = release_after
@@ -137,6 +157,7 @@ class PagePool:
         self._creating = 0
         self._scrubbing = 0
         self._demand: dict[int, int] = {}
+        self._attached: set[str] = set()  # models with an engine attached (see `set_attached`)
         self._refilling = True
         self._surplus_since: float | None = None
         self._backoff_until = 0.0
@@ -211,6 +232,7 @@ class PagePool:
             self._demand
             or free + self._creating < self.reserve_low
             or (clean < self.reserve_low and len(self._dirty) > 0)
+            or any(owner not in self._attached for owner in self._dirty)
             or (free > self.reserve_high and self._surplus_since is None)
         ):
             self._lock.notify()
@@ -252,13 +274,33 @@ class PagePool:
                 self._demand = demand
                 self._lock.notify()
 
+    def set_growth_unit(self, pages: int) -> None:
+        """Size the warm reserve for engines that grow by `pages` pages at a time (0: none attached).
+
+        Low watermark: the configured one or one growth unit, whichever is more; high: the
+        configured one or two units. Never more than the budget.
+        """
+        low, high = self._reserve_floor
+        with self._lock:
+            self.reserve_low = min(max(low, pages), self.budget_pages)
+            self.reserve_high = min(max(high, 2 * pages), self.budget_pages)
+            self._lock.notify()
+
+    def set_attached(self, models: set[str]) -> None:
+        """The models whose engine is attached now: the dirty pages of all others are zeroed ahead."""
+        with self._lock:
+            self._attached = set(models)
+            if any(owner not in self._attached for owner in self._dirty):
+                self._lock.notify()
+
     def stats(self) -> PoolStats:
         with self._lock:
             return PoolStats(
                 budget_pages=self.budget_pages,
                 created=len(self.pages),
                 free_clean=sum(len(ids) for ids in self._clean.values()),
-                free_dirty=sum(len(ids) for ids in self._dirty.values()),
+                # Pages being zeroed are free, and dirty until their synchronize: no page goes missing.
+                free_dirty=sum(len(ids) for ids in self._dirty.values()) + self._scrubbing,
                 granted=len(self._granted),
                 pages_created_total=self._counters["created"],
                 pages_released_total=self._counters["released"],
@@ -308,6 +350,16 @@ class PagePool:
                     return page_id
         return None
 
+    def _pop_dirty_batch(self, n: int, uid: int | None = None) -> list[int]:
+        """Up to `n` of the oldest dirty pages (of `uid`, if given)."""
+        batch = []
+        while len(batch) < n:
+            page_id = self._pop_dirty(uid=uid)
+            if page_id is None:
+                break
+            batch.append(page_id)
+        return batch
+
     def _pop_clean(self, other_than: int | None = None) -> int | None:
         """The coldest clean page, tainted ones first (not of `other_than` nor fresh, if given)."""
         for key in sorted(self._clean, key=lambda k: (k is None, k or 0)):  # tainted pages first
@@ -321,8 +373,9 @@ class PagePool:
                 return page_id
         return None
 
-    def _next_action(self) -> tuple[str, int | None]:
-        """Pick the worker's next job (called with the lock held)."""
+    def _next_action(self) -> tuple[str, int | list[int] | None]:
+        """Pick the worker's next job (called with the lock held): how many pages to create, a batch
+        of page ids to zero, a page id to release, or None to wait."""
         now = time.monotonic()
         free = self._free_count()
         room = self.budget_pages - len(self.pages) - self._creating
@@ -332,11 +385,11 @@ class PagePool:
             ready = fresh + len(self._clean.get(uid, ())) + self._creating + self._scrubbing
             if want <= ready or not can_act:
                 continue
-            page_id = self._pop_dirty(uid=uid)
-            if page_id is not None:
-                return "scrub", page_id
+            batch = self._pop_dirty_batch(min(want - ready, SCRUB_BATCH), uid=uid)
+            if batch:
+                return "scrub", batch
             if room > 0:
-                return "create", None
+                return "create", min(want - ready, room, CREATE_BATCH)
             page_id = self._pop_dirty(other_than=uid)
             if page_id is None:
                 page_id = self._pop_clean(other_than=uid)
@@ -348,12 +401,19 @@ class PagePool:
             if free + self._creating >= self.reserve_high or room <= 0:
                 self._refilling = False
             elif can_act:
-                return "create", None
+                return "create", min(self.reserve_high - free - self._creating, room, CREATE_BATCH)
         clean = sum(len(ids) for ids in self._clean.values())
         if clean < self.reserve_low:
             page_id = self._pop_dirty()
             if page_id is not None:
-                return "scrub", page_id
+                return "scrub", [page_id]
+        for owner in self._dirty:
+            if owner not in self._attached:  # its next holder is another model: zero ahead, in batches
+                ids = self._dirty[owner]
+                batch, ids[:] = ids[:SCRUB_BATCH], ids[SCRUB_BATCH:]
+                if not ids:
+                    del self._dirty[owner]
+                return "scrub", batch
         if free > self.reserve_high:
             if self._surplus_since is None:
                 self._surplus_since = now
@@ -375,16 +435,17 @@ class PagePool:
                     self._lock.wait(timeout=self._wait_timeout())
                     action, page_id = self._next_action()
                 if self._stop:
-                    if page_id is not None:  # put it back: close() destroys every page
-                        self._put_back(page_id)
+                    if action in ("scrub", "release"):  # put it back: close() destroys every page
+                        for one in page_id if action == "scrub" else [page_id]:
+                            self._put_back(one)
                     return
                 if action == "create":
-                    self._creating += 1
+                    self._creating += page_id  # for a creation: how many pages
                 elif action == "scrub":
-                    self._scrubbing += 1
+                    self._scrubbing += len(page_id)
             try:
                 if action == "create":
-                    self._create()
+                    self._create(page_id)
                 elif action == "scrub":
                     self._scrub(page_id)
                 else:
@@ -395,18 +456,16 @@ class PagePool:
                 logger.exception("page pool: %s failed", action)
                 with self._lock:
                     if action == "scrub":
-                        self._scrubbing -= 1
-                    if page_id is not None:
+                        self._scrubbing -= len(page_id)
+                        for one in page_id:  # still dirty: they go back as they were
+                            self._put_back(one)
+                    elif action == "release":
                         self._put_back(page_id)
                     self._backoff_until = time.monotonic() + BACKOFF_S
 
     def _free_id(self, page_id: int) -> None:
         with self._lock:
             heapq.heappush(self._free_ids, page_id)
-
-    def _creation_failed(self) -> None:
-        with self._lock:
-            self._creating -= 1
 
     def _put_back(self, page_id: int) -> None:
         page = self.pages[page_id]
@@ -423,18 +482,51 @@ class PagePool:
             return max(0.01, self.release_after - (now - self._surplus_since))
         return 1.0
 
-    def _create(self) -> None:
+    def _create(self, count: int) -> None:
+        """Create `count` pages (counted in `_creating` by the caller): each made, mapped and given
+        access one by one, then, where the driver does not promise zeros, every memset queued and one
+        synchronize for the batch before any of them becomes grantable."""
+        made: list[Page] = []
+        try:
+            for _ in range(count):
+                page = self._make_page()
+                if page is None:  # out of memory: the backoff is set
+                    break
+                made.append(page)
+            if made and not self.device.zeroes_new_pages:
+                # The driver does not promise zeroed memory: it may hold another process's data.
+                for page in made:
+                    self.device.memset(page.mapping.address, 0, self.page_size)
+                self.device.synchronize()
+        except BaseException:
+            self.device.synchronize()  # no memset may still run on the pages about to be released
+            for page in made:
+                self._destroy(page)
+                self._free_id(page.id)
+            made = []
+            raise
+        finally:
+            with self._lock:
+                self._creating -= count
+                for page in made:
+                    self.pages[page.id] = page
+                    self._clean.setdefault(None, []).append(page.id)
+                self._counters["created"] += len(made)
+        if made:
+            self._notify()
+
+    def _make_page(self) -> Page | None:
+        """One new page, mapped in the daemon's reservation with access set; None if the device is out
+        of memory (then the worker backs off)."""
         try:
             physical = self.device.create_page(self.page_size)
         except OutOfMemoryError:
             with self._lock:
-                self._creating -= 1
                 self._counters["oom"] += 1
                 self._backoff_until = time.monotonic() + BACKOFF_S
             logger.warning("device out of memory below the budget: %d pages exist", len(self.pages))
-            return
+            return None
         with Undo() as undo:
-            undo.push(self._creation_failed)
             undo.push(physical.close)  # after the unmap below: release while mapped would keep it alive
             with self._lock:
                 page_id = self._allocate_id()
@@ -443,26 +535,24 @@ class PagePool:
             mapping = self.device.map(self.reservation, offset, physical)
             undo.push(mapping.close)
             self.device.set_access(self.reservation, offset, self.page_size)
-            if not self.device.zeroes_new_pages:
-                # The driver does not promise zeroed memory: it may hold another process's data.
-                self.device.memset(mapping.address, 0, self.page_size)
-                self.device.synchronize()
-        with self._lock:
-            self._creating -= 1
-            self.pages[page_id] = Page(page_id, physical, mapping)
-            self._clean.setdefault(None, []).append(page_id)
-            self._counters["created"] += 1
-        self._notify()
+        return Page(page_id, physical, mapping)
 
-    def _scrub(self, page_id: int) -> None:
-        page = self.pages[page_id]
-        self.device.memset(page.mapping.address, 0, self.page_size)
-        self.device.synchronize()  # zeroed for real before anyone else can be granted the page
+    def _scrub(self, page_ids: list[int]) -> None:
+        """Zero a batch of dirty pages (taken off `_dirty` by the caller, so nothing can take them).
+
+        Invariant: a page becomes clean (grantable to another model) only here, after the
+        synchronize that ends its memset: zeroed for real before anyone else can be granted it.
+        """
+        pages = [self.pages[page_id] for page_id in page_ids]
+        for page in pages:
+            self.device.memset(page.mapping.address, 0, self.page_size)
+        self.device.synchronize()  # one wait for the whole batch
         with self._lock:
-            self._scrubbing -= 1
-            page.owner = None
-            self._clean.setdefault(page.uid, []).append(page_id)
-            self._counters["scrubbed"] += 1
+            self._scrubbing -= len(pages)
+            for page in pages:
+                page.owner = None
+                self._clean.setdefault(page.uid, []).append(page.id)
+            self._counters["scrubbed"] += len(pages)
         self._notify()
 
     def _release(self, page_id: int) -> None:

@@ -117,6 +117,7 @@ class Sessions:
             # The saved cache is only of use to the engine that saved it.
             if self.daemon.tier.discard(record.name):
                 record.offload_lost = True
+            self.size_reserve()
         self.daemon.status.changed()
 
     def pages_back(self, model_name: str, page_ids: list[int], routine: bool = False) -> None:
@@ -147,6 +148,15 @@ class Sessions:
         name = msg["model"]
         if name is None:
             raise ProtocolError("an engine's HELLO must name its model")
+        if conn.pid == 0:
+            # SO_PEERCRED gives the peer's pid in the daemon's PID namespace, 0 when it is not visible
+            # there (an engine in a container of its own, the daemon not on the host's PID namespace).
+            # Without a pid there is no pidfd: pages of an engine that closed its socket but still maps
+            # them could not be held back until it exits, and would reach another model.
+            raise ProtocolError(
+                "kvmemd cannot see this engine's process (it runs in another PID namespace): run kvmemd in the "
+                "host's PID namespace (Kubernetes: hostPID: true; docker: --pid=host)"
+            )
         if msg["adopt"] and msg["page_size"] != config.page_size:
             raise ProtocolError(
                 f"client holds pages of {msg['page_size']} bytes; this daemon's pages are {config.page_size}"
@@ -164,6 +174,7 @@ class Sessions:
         conn.model = record
         conn.adopt_expected = msg["adopt"]
         record.client = conn
+        self.size_reserve()
         if record.state != ModelState.ASLEEP:
             record.state = ModelState.AWAKE
         self.daemon.loop.watch_process(conn)
@@ -245,7 +256,23 @@ class Sessions:
         if layout.page_size != page_size:
             raise ProtocolError(f"layout has {layout.page_size}-byte pages; this daemon's are {page_size}")
         conn.model.layout = layout.to_dict()
+        self.size_reserve()
         self.daemon.status.changed()
+
+    def size_reserve(self) -> None:
+        """Tell the pool which models have an engine attached (the dirty pages of the others are
+        zeroed ahead of demand) and size its warm reserve for those engines: their largest growth
+        unit (one slot in every layer's K and V range: ``pages_per_slot * 2 * num_layers`` pages)."""
+        unit = max(
+            (
+                r.layout["pages_per_slot"] * 2 * r.layout["num_layers"]
+                for r in self.models.values()
+                if r.client is not None and r.layout is not None
+            ),
+            default=0,
+        )
+        self.daemon.pool.set_growth_unit(unit)
+        self.daemon.pool.set_attached({r.name for r in self.models.values() if r.client is not None})
 
     def adopt(self, conn: Connection, msg: Message) -> None:
         """Pages a client held across a daemon restart: import them and give them new ids."""

@@ -453,6 +453,22 @@ def test_take_of_a_whole_slot_leaves_it_full_and_out_of_every_bucket():
     assert a.free([7, 4, 5, 6]) == [1]
 
 
+def test_take_in_batches_side_by_side_in_the_free_ids_or_not():
+    a = allocator(8, 2, (0, 1))
+    a.take([2, 5])  # in use: 2 and 5
+    a.take([3, 4, 6, 1])  # side by side among slot 0's free ids (0, 1, 3, 4, 6, 7): one slice
+    assert a.get_used_blocks(0) == [1, 2, 3, 4, 5, 6]
+    a.take([15, 9, 12])  # not side by side among slot 1's free ids: the general path
+    assert a.get_used_blocks(1) == [9, 12, 15]
+    assert counts(a) == (7, 9, 2)
+    assert a.alloc(3) == [0, 7, 8]  # the fuller slot 0 first
+    with pytest.raises(ValueError, match="block 10 is given twice"):
+        a.take([10, 10])
+    with pytest.raises(ValueError, match="block 9 is already in use"):
+        a.take([9, 10])
+    assert counts(a) == (4, 12, 2)
+
+
 def test_take_of_nothing_is_a_no_op():
     a = allocator(4, 4, (0,))
     a.take([])

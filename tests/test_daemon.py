@@ -477,17 +477,22 @@ def _alive(pid: int) -> bool:
 def test_warm_reserve_refills_and_surplus_is_released(runtime_dir: Path):
     args = ("--reserve", "2", "4", "--release-after", "0.3")
     with DaemonProcess(runtime_dir, "cuda", "64MiB", *args) as daemon, EngineProcess(runtime_dir, "m") as engine:
+        # The status segment is published at most every STATUS_MIN_INTERVAL_S, so a snapshot can
+        # predate the last call: each wait names a running total only the awaited event can reach.
         wait_for(lambda: daemon.status().daemon.pages_free_clean == 4, what="the reserve to fill")
         assert daemon.counters()["cuMemCreate"] == 4
         assert engine.call("grow", 4)["granted"] == 4
         # The reserve refills in the background; the grant itself created nothing.
-        wait_for(lambda: daemon.status().daemon.pages_free == 4, what="the refill")
+        wait_for(lambda: daemon.status().daemon.pages_created_total == 8, what="the refill")
         assert engine.call("grow", 2)["granted"] == 2
-        creates = daemon.counters()["cuMemCreate"]
+        assert daemon.counters()["cuMemCreate"] == 8
         engine.call("return", "all")
-        wait_for(lambda: daemon.status().daemon.pages_created == 4, what="surplus pages to be released")
+        # 8 pages free, 4 above reserve_high: after --release-after, those 4 are released.
+        wait_for(lambda: daemon.status().daemon.pages_released_total == 4, what="surplus pages to be released")
+        status = daemon.status().daemon
+        assert status.pages_created == 4 and status.pages_free == 4
         counters = daemon.counters()
-        assert counters["cuMemRelease"] == counters["cuMemCreate"] - 4 >= creates - 4
+        assert counters["cuMemCreate"] == 8 and counters["cuMemRelease"] == 4
         assert counters["live.charged_bytes"] == 4 * PAGE
 
 
@@ -540,3 +545,49 @@ def test_a_request_for_more_than_the_budget_is_denied_at_once_and_starves_no_one
         assert got["detail"] == "9 pages asked; the budget is 8 pages and model greedy holds 0"
         assert modest.call("grow", 8)["granted"] == 8
         wait_for(lambda: daemon.status().model("modest").mapped_pages == 8, what="the status to show the grant")
+
+
+def test_departed_models_pages_are_zeroed_ahead_in_the_background(device_kind: str, runtime_dir: Path):
+    # A's engine goes away holding dirty pages: the daemon zeroes every one of them before anyone
+    # asks, so B's grant needs no zeroing on its path, and B reads zeros.
+    with DaemonProcess(runtime_dir, device_kind, "16MiB", "--reserve", "0", "0") as daemon:
+        with EngineProcess(runtime_dir, "tenant-a") as a:
+            got_a = a.call("grow", 6)
+            assert got_a["granted"] == 6
+            a.call("map")
+            a.call("write", 0xAB)
+            a.call("return", "all")
+            assert a.exit() == 0
+        head = wait_for(
+            lambda: (h := daemon.status().daemon).pages_scrubbed_total >= 6 and h.pages_free_dirty == 0 and h,
+            timeout=60,
+            what="A's pages back and zeroed ahead",
+        )
+        assert head.pages_scrubbed_total == 6 and head.pages_free_clean == head.pages_free == head.pages_created
+        with EngineProcess(runtime_dir, "tenant-b") as b:
+            got_b = b.call("grow", 6)
+            assert sorted(got_b["ids"]) == sorted(got_a["ids"])  # the very same pages
+            b.call("map")
+            assert sorted(b.call("read")["pages"].values()) == [[0, True]] * 6
+            assert daemon.status().daemon.pages_scrubbed_total == 6  # none zeroed on the grant path
+            assert b.exit() == 0
+
+
+def test_the_reserve_is_sized_from_the_attached_engines_growth_unit(runtime_dir: Path):
+    import kvmem
+
+    # 32 layers, 2 MiB pages of 64 blocks: one slot of every K and V range is a 64-page growth unit.
+    geometry = {"num_layers": 32, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
+    with DaemonProcess(runtime_dir, "host", "1GiB", "--release-after", "0.2") as daemon:
+        wait_for(lambda: daemon.status().daemon.pages_created == 32, what="the default reserve (8, 32)")
+        with kvmem.connect("big", runtime_dir=runtime_dir) as session:
+            cache = session.kv_cache(**geometry, max_tokens=64 * 16 * 16, background=False)
+            assert cache.pages_per_growth == 64
+            # Raised to one unit low, two units high: 128 pages made and kept free.
+            wait_for(lambda: daemon.status().daemon.pages_created == 128, what="a reserve of two growth units")
+            ids = cache.alloc(64)  # one growth unit, granted from the reserve
+            head = daemon.status().daemon
+            assert head.pages_granted == 64 and head.pages_created == 128  # no page made for it
+            cache.free(ids)
+        # The engine left: the reserve falls back to the configured watermarks, surplus released.
+        wait_for(lambda: daemon.status().daemon.pages_created == 32, what="the surplus released")

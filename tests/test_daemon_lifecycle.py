@@ -232,7 +232,9 @@ def test_ctrl_c_while_waiting_for_a_sleep_says_the_model_keeps_draining(runtime_
     geometry = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64}
     kvctl = [str(Path(KVMEMD).with_name("kvctl")), "--runtime-dir", str(runtime_dir)]
     with (
-        DaemonProcess(runtime_dir, "host", "16MiB") as daemon,
+        # A drain timeout far beyond the test: on a loaded machine the default 30 s could roll the sleep
+        # back (kvctl then exits 6, not 130) before kvctl has handled the interrupt.
+        DaemonProcess(runtime_dir, "host", "16MiB", "--drain-timeout", "600") as daemon,
         kvmem.connect("slow", runtime_dir=runtime_dir) as session,
     ):
         session.on_sleep(lambda offload: None)  # a drain hook that frees nothing: the drain goes on

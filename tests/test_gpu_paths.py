@@ -156,7 +156,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 import kvmem
-from kvmem.integrations.transformers import KvmemCache
+from kvmem.integrations.transformers import CACHE_ARGUMENT, KvmemCache
 
 assert torch.cuda.is_available(), "CUDA torch is needed for this test"
 torch.manual_seed(0)
@@ -172,12 +172,12 @@ greedy = GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=None,
 for attn in ("sdpa", "eager", "kvmem_paged"):
     model.set_attn_implementation("sdpa" if attn == "kvmem_paged" else attn)
     expected = model.generate(ids, attention_mask=mask, generation_config=greedy,
-                              past_key_values=DynamicCache(config=config))
+                              **{CACHE_ARGUMENT: DynamicCache(config=config)})
     model.set_attn_implementation(attn)
     with (kvmem.local(device="cuda", budget="256MiB") as session,
           KvmemCache(session, config, max_tokens=4096, low_watermark=0, high_watermark=0) as cache):
         assert cache.kv.k[0].is_cuda, "the kvmem blocks are not on the GPU"
-        got = model.generate(ids, attention_mask=mask, generation_config=greedy, past_key_values=cache)
+        got = model.generate(ids, attention_mask=mask, generation_config=greedy, **{CACHE_ARGUMENT: cache})
     assert torch.equal(got, expected), f"{attn}: {got.tolist()} != {expected.tolist()}"
 print("ok")
 """

@@ -29,6 +29,7 @@ from kvmem.cache import KVCacheFull
 from kvmem.control import ControlClient
 from kvmem.device import HostDevice
 from kvmem.integrations.transformers import (
+    CACHE_ARGUMENT,
     SUPPORTED,
     KvmemCache,
     KvmemCacheFull,
@@ -40,6 +41,10 @@ from kvmem.integrations.transformers import (
 from kvmem.integrations.transformers import version as transformers_version
 from kvmem.page_source import LocalPageSource
 from tests.daemon_support import DaemonProcess, wait_for
+
+# kvmem passes the cache by the installed release's keyword (CACHE_ARGUMENT): 5.24's deprecation of
+# the old one must never fire here.
+pytestmark = pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
 
 PROMPTS = [
     [5, 6, 7, 8, 9, 10, 11],
@@ -96,7 +101,7 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def generate(model: torch.nn.Module, attn: str, cache, new_tokens: int = NEW_TOKENS) -> torch.Tensor:
     model.set_attn_implementation(attn)
     ids, mask = padded_batch()
-    return model.generate(ids, attention_mask=mask, generation_config=greedy(new_tokens), past_key_values=cache)
+    return model.generate(ids, attention_mask=mask, generation_config=greedy(new_tokens), **{CACHE_ARGUMENT: cache})
 
 
 def reference(model: torch.nn.Module, attn: str = "sdpa", new_tokens: int = NEW_TOKENS) -> torch.Tensor:
@@ -128,10 +133,10 @@ def test_greedy_tokens_equal_dynamic_cache(model: torch.nn.Module, attn: str, se
 def test_paged_attention_without_padding_uses_its_own_causal_rule(llama: torch.nn.Module, session: kvmem.Session):
     llama.set_attn_implementation("sdpa")
     prompt = torch.tensor([PROMPTS[2]])
-    expected = llama.generate(prompt, generation_config=greedy(), past_key_values=DynamicCache(config=llama.config))
+    expected = llama.generate(prompt, generation_config=greedy(), **{CACHE_ARGUMENT: DynamicCache(config=llama.config)})
     llama.set_attn_implementation("kvmem_paged")
     with KvmemCache(session, llama.config, max_tokens=4096) as cache:
-        got = llama.generate(prompt, generation_config=greedy(), past_key_values=cache)
+        got = llama.generate(prompt, generation_config=greedy(), **{CACHE_ARGUMENT: cache})
     assert torch.equal(got, expected)
 
 
@@ -232,7 +237,7 @@ def test_a_borrowed_prefix_is_not_recomputed_and_gives_the_same_tokens(
     prompt = torch.tensor([[*range(3, 35), 40, 41, 42]])  # a 32-token prefix (two blocks) and 3 more
     kv = session.kv_cache(2, 16, 2, HEAD_DIM, torch.float32, max_tokens=4096)
     with KvmemCache(kv, llama.config) as first:
-        expected = llama.generate(prompt, generation_config=greedy(), past_key_values=first)
+        expected = llama.generate(prompt, generation_config=greedy(), **{CACHE_ARGUMENT: first})
         prefix = first.take_prefix(32)
     assert kv.get_num_used_blocks() == 2  # the rest went back; the prefix is the caller's now
     computed = []
@@ -242,7 +247,7 @@ def test_a_borrowed_prefix_is_not_recomputed_and_gives_the_same_tokens(
     try:
         with KvmemCache(kv, llama.config) as second:
             second.borrow_prefix(prefix, 32)
-            got = llama.generate(prompt, generation_config=greedy(), past_key_values=second)
+            got = llama.generate(prompt, generation_config=greedy(), **{CACHE_ARGUMENT: second})
             assert second.table.rows[0][:2] == prefix
     finally:
         hook.remove()
@@ -394,11 +399,23 @@ def test_the_installed_transformers_is_in_the_supported_range():
     assert (
         SUPPORTED
         == f">={transformers_version.RELEASES.minimum},<{transformers_version.RELEASES.maximum}"
-        == ">=5.20.2,<5.24"
+        == ">=5.23.0,<5.25"
     )
 
 
-@pytest.mark.parametrize("version", ["5.20.1", "5.24.0", "6.0.0", "4.57.6"])
+def test_generate_takes_the_cache_by_the_installed_releases_keyword():
+    """5.24 renamed generate's ``past_key_values`` to ``cache`` (the old name warns); 5.23 knows only the old one."""
+    from kvmem.integrations.transformers.version import cache_argument
+
+    assert [cache_argument(v) for v in ("5.23.0", "5.24.0", "5.24.1", "5.25.0")] == [
+        "past_key_values", "cache", "cache", "cache",
+    ]  # fmt: skip
+    import transformers
+
+    assert cache_argument(transformers.__version__) == CACHE_ARGUMENT
+
+
+@pytest.mark.parametrize("version", ["5.22.2", "5.25.0", "6.0.0", "4.57.6"])
 def test_a_version_outside_the_range_fails_loudly_naming_it(version: str):
     with pytest.raises(
         UnsupportedTransformersError, match=rf"supports transformers {SUPPORTED} .*{version} is installed"
@@ -415,5 +432,5 @@ def test_importing_the_integration_on_an_unsupported_release_fails_naming_the_ra
         "kvmem.integrations.transformers.version.UnsupportedTransformersError: "
         "kvmem's transformers integration supports "
         f"transformers {SUPPORTED} (it relies on internals checked against that range); transformers 5.19.0 is "
-        "installed. Install a supported release: pip install 'kvmem[transformers]'"
+        f"installed. Install a supported release: pip install 'transformers{SUPPORTED}'"
     )

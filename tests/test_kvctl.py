@@ -42,7 +42,8 @@ def free_port() -> int:
 @pytest.fixture
 def daemon(tmp_path: Path):
     port = free_port()
-    with DaemonProcess(tmp_path / "rt", "host", "64MiB", "--reserve", "0", "0", "--metrics-port", str(port)) as d:
+    extra = ("--reserve", "0", "0", "--metrics-port", str(port), "--node-name", "node-a")
+    with DaemonProcess(tmp_path / "rt", "host", "64MiB", *extra) as d:
         d.metrics_port = port
         yield d
 
@@ -324,6 +325,24 @@ def test_doctor_passes_with_a_daemon_and_says_how_to_fix_a_missing_one(daemon: D
     assert any(line.startswith("FAIL  socket: ") for line in lines)
 
 
+def test_doctor_check_runs_only_the_named_checks_as_the_kubernetes_probes_do(daemon: DaemonProcess, tmp_path: Path):
+    """deploy/kubernetes/kvmemd.yaml probes with `kvctl doctor --check ...`: exit 0 while the daemon
+    serves, 1 (the named checks failing) once it is gone."""
+    probe = ["doctor", "--json", "--check", "daemon", "--check", "socket", "--check", "status"]
+    result = run_process(daemon.runtime_dir, *probe)
+    assert result.returncode == 0, result.stderr
+    assert [(c["check"], c["status"]) for c in json.loads(result.stdout)] == [
+        ("daemon", "ok"), ("socket", "ok"), ("status", "ok"),
+    ]  # fmt: skip
+    daemon.stop()
+    result = run_process(daemon.runtime_dir, "doctor", "--check", "daemon")
+    assert result.returncode == 1
+    assert result.stderr == "Error: 1 check(s) failed: daemon\n"
+    assert result.stdout.startswith("FAIL  daemon: no kvmemd for GPU 0")
+    result = run_process(daemon.runtime_dir, "doctor", "--check", "gpu")
+    assert result.returncode == 2 and "'gpu' is not one of" in result.stderr
+
+
 def test_metrics_endpoint_is_scraped_and_parsed(daemon: DaemonProcess):
     with kvmem.connect("scraped", runtime_dir=daemon.runtime_dir) as s:
         cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
@@ -333,9 +352,13 @@ def test_metrics_endpoint_is_scraped_and_parsed(daemon: DaemonProcess):
         with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as response:
             text = response.read().decode()
     samples = {}
+    # Every series names its daemon: a host daemon's gpu_uuid is "host", gpu its --gpu, node its --node-name.
+    fleet = {"gpu": "0", "gpu_uuid": "host", "node": "node-a"}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+            assert {k: sample.labels.get(k) for k in fleet} == fleet, sample
+            own = {k: v for k, v in sample.labels.items() if k not in fleet and k != "le"}
+            samples[sample.name, tuple(sorted(own.items()))] = sample.value
     model = (("model", "scraped"),)
     assert samples["kvmem_budget_bytes", ()] == 64 * MiB
     assert samples["kvmem_pages", (("state", "granted"),)] == 8

@@ -6,8 +6,9 @@
 #
 # The GPU machine has Python 3.12, torch 2.11 (CUDA 13), triton 3.6, cuda-bindings, numpy, click, psutil,
 # prometheus-client, pytest, hypothesis and transformers 5.17 with its requirements, and no network. It
-# lacks: posix_ipc; a transformers in kvmem's range (pyproject: >=5.20.2,<5.24); of that release's
-# requirements, only huggingface-hub (5.23 needs >=1.31, 5.17 accepted >=1.5: the rest are the same);
+# lacks: posix_ipc; a transformers in kvmem's range (pyproject: >=5.23.0,<5.25; the newest, 5.24.0); of
+# that release's requirements, only huggingface-hub (5.24 needs >=1.31, as 5.23 did; 5.17 accepted >=1.5:
+# the rest are the same);
 # click at the huggingface-hub's floor (>=8.4.2); setuptools, to install kvmem from the tree offline.
 # The wheels go in with --no-deps, so the pins were chosen against each other's requirements; hub 1.31's
 # hf-xet (>=1.5.2) and httpx serve downloads only, and are taken as the machine has them.
@@ -19,7 +20,7 @@ LIMIT_MIB=64
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PINS=(
     posix_ipc==1.3.2
-    transformers==5.23.0
+    transformers==5.24.0
     huggingface-hub==1.31.0
     click==8.4.2
     setuptools==84.2.1

@@ -3,10 +3,22 @@
 Growth maps whole slots with pages from the source: ahead of demand on the background thread
 (keeping the mapped free blocks between the low and the high watermark), on demand in `alloc`
 when the free blocks run out, or exactly the slots an engine that picks its own blocks asks for.
+
 Shrink gives whole empty slots back: beyond the high watermark by a slot or more, when the daemon
 reclaims pages, and down to the daemon's target (0 while asleep). A slot with a live block is
 never unmapped; when the daemon wants more slots than are empty, the engine's evictor is asked to
 drop blocks first.
+
+Adaptive growth. Each growth costs one set-access call per K and V range whatever the number of
+slots it maps (a run of slots is contiguous in every range), so when demand rises the cache grows
+by several slots at once: a growth needed within `RAMP_S` of the previous one grows `RAMP` times as
+many slots (up to `MAX_BURST`), and the high watermark rises with it, so those slots are not given
+straight back. After `DECAY_S` with no growth the burst falls back to one slot, and the surplus
+beyond the plain high watermark is shrunk as before.
+
+Short grants. A grant that does not make a whole growth unit (the daemon gave what was free at the
+deadline) is kept, unmapped (`CacheState.spare`), and topped up by the next growth: returning it
+and asking again would only make the daemon grant the same pages twice.
 """
 
 from __future__ import annotations
@@ -16,6 +28,18 @@ import time
 from kvmem.cache.state import CacheState
 from kvmem.common.undo import Undo
 from kvmem.page_source import Shortfall
+
+# A growth needed within RAMP_S seconds of the previous one grows RAMP times as many slots, up to
+# MAX_BURST; DECAY_S seconds without a growth bring the burst back to one slot.
+RAMP_S = 0.5
+RAMP = 4
+MAX_BURST = 16
+DECAY_S = 2.0
+# How long the background thread's growth waits for the daemon (an alloc with mapped free blocks
+# never waits for it: the background thread holds only the grow lock meanwhile). Long enough for
+# a burst to be granted whole while the daemon makes its pages; short enough that a reclaim
+# (RECLAIM_DEADLINE_MS, 2 s), which the same thread answers, is not kept waiting past its deadline.
+BACKGROUND_WAIT_S = 1.0
 
 
 class Growth:
@@ -40,6 +64,24 @@ class Growth:
         self.grow_wait = grow_wait
         self.target_pages = -1
         self.reclaim_pages = 0
+        self.burst = 1  # slots per growth now (see the module docstring)
+        self._last_growth = float("-inf")
+
+    def _ramp(self) -> int:
+        """Slots the growth about to happen should map at least (grow lock held): a growth needed soon
+        after the previous one ended means demand is rising."""
+        since = time.monotonic() - self._last_growth
+        if since <= RAMP_S:
+            self.burst = min(self.burst * RAMP, MAX_BURST)
+        elif since > DECAY_S:
+            self.burst = 1
+        return self.burst
+
+    def headroom(self) -> int:
+        """The high watermark now: the configured one, plus the slots a rising demand grows by."""
+        if time.monotonic() - self._last_growth > DECAY_S:
+            self.burst = 1
+        return self.high_watermark + (self.burst - 1) * self.blocks_per_slot
 
     # ---- the daemon's requests (reader thread: record and wake the background thread) ----
 
@@ -74,7 +116,11 @@ class Growth:
             short = blocks - state.allocator.get_num_free_blocks()
             if short <= 0:
                 return None
-            return self.grow_slots(-(-short // self.blocks_per_slot), self.grow_wait)
+            self._ramp()  # an alloc that must grow: demand outran the background thread
+            shortfall = self.grow_slots(-(-short // self.blocks_per_slot), self.grow_wait)
+        if self.burst > 1:
+            state.notify()  # the background thread grows the rest of the burst ahead of the next allocs
+        return shortfall
 
     def map_slots(self, wanted: list[int], wait: float) -> Shortfall | None:
         """Map those of `wanted` (sorted slot numbers) not mapped yet; why not all, if so."""
@@ -100,12 +146,14 @@ class Growth:
             return Shortfall("capacity", f"all {state.slots.layout.max_slots} slots of the virtual capacity are mapped")
         per = self.per_growth
         t0 = time.perf_counter()
-        grant = state.source.acquire(len(targets) * per, wait)
-        usable = len(grant.pages) // per
-        if len(grant.pages) % per:  # a partial growth unit is of no use: give it back
-            state.source.release(grant.pages[usable * per :])
+        # Pages kept from a short grant count towards this growth: ask only for the rest.
+        want = len(targets) * per - len(state.spare)
+        grant = state.source.acquire(want, wait) if want > 0 else None
+        got = state.spare + (grant.pages if grant is not None else [])
+        usable = min(len(got) // per, len(targets))
+        state.spare = got[usable * per :]  # a partial growth unit waits for the next growth
         targets = targets[:usable]
-        pages = grant.pages[: usable * per]
+        pages = got[: usable * per]
         with Undo() as undo:
             undo.push(state.source.release, pages)  # `map` undoes its own mappings: the pages are unused
             state.slots.map(targets, pages)
@@ -113,11 +161,12 @@ class Growth:
             for slot in targets:
                 state.allocator.add_slot(slot)
         if targets:
+            self._last_growth = time.monotonic()  # when it ended: a slow grant is no pause in demand
             state.counters.grows += 1
             state.counters.last_grow_s = time.perf_counter() - t0
             state.report_usage()
         if usable < slots:
-            return grant.shortfall or Shortfall("capacity")
+            return (grant.shortfall if grant is not None else None) or Shortfall("capacity")
         return None
 
     # ---- shrink ----
@@ -132,6 +181,7 @@ class Growth:
                     chosen = empty if max_slots is None else empty[:max_slots]
                     for slot in chosen:
                         state.allocator.remove_slot(slot)  # from here no alloc can hand out its blocks
+                state.release_spare()  # shrinking: no growth will need them
                 if not chosen:
                     return 0
                 unmapped = state.slots.unmap(chosen)
@@ -165,14 +215,25 @@ class Growth:
     def keep_watermarks(self) -> None:
         """Shrink a surplus of a slot or more beyond the high watermark; grow below the low one."""
         state = self.state
-        surplus = state.allocator.get_num_free_blocks() - self.high_watermark
+        high = self.headroom()
+        surplus = state.allocator.get_num_free_blocks() - high
         if surplus >= self.blocks_per_slot:
             # A whole slot or more beyond the high watermark: give empty slots back, so an idle
             # cache shrinks to its live blocks plus the watermark. (Growth stops at the high
-            # watermark plus less than a slot, so the two never chase each other.)
+            # watermark plus less than a slot, so the two never chase each other; the burst's
+            # extra headroom lasts until it decays.)
             self.shrink(surplus // self.blocks_per_slot)
         if state.allocator.get_num_free_blocks() < self.low_watermark and not self.over_target():
             with state.grow_lock:
-                short = self.high_watermark - state.allocator.get_num_free_blocks()
-                if short > 0:
-                    self.grow_slots(-(-short // self.blocks_per_slot), wait=0.0)
+                free = state.allocator.get_num_free_blocks()
+                if free >= self.low_watermark:
+                    return  # an alloc grew meanwhile
+                needed = -(-(self.high_watermark - free) // self.blocks_per_slot)
+                slots = max(self._ramp(), needed)
+                wait = min(self.grow_wait, BACKGROUND_WAIT_S)
+                mapped = state.allocator.get_num_mapped_slots()
+                shortfall = self.grow_slots(slots, wait)
+                if shortfall is not None and slots > needed and state.allocator.get_num_mapped_slots() == mapped:
+                    # The burst was refused outright (more than the budget leaves): what is needed.
+                    self.burst = 1
+                    self.grow_slots(needed, wait)

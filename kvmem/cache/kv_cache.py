@@ -173,6 +173,7 @@ class ElasticKVCache:
             self.k, self.v = tensors.layer_tensors(self.device, self.reservation.address, self._layout, self.dtype)
         self._state = CacheState(source, slots)
         self._growth = Growth(self._state, low_watermark, high_watermark, grow_wait)
+        self._low_watermark = self._growth.low_watermark  # read on every alloc
         self._sleep = SleepCycle(self._state, sleep_hooks, wake_hooks)
         self._closed = False
         source.listen(_Listener(self._growth, self._sleep))
@@ -332,10 +333,20 @@ class ElasticKVCache:
         Raises:
             KVCacheFull: Not `n` blocks to be had (limit, budget, capacity); nothing is allocated.
         """
+        state = self._state
+        # The hot path (bench_allocator's engine paths): one lock, no other call when mapped free
+        # blocks suffice. The checks below are the same as the slow path's, written out.
+        if n > 0 and not self._closed and not state.asleep:
+            with state.alloc_lock:
+                allocator = state.allocator  # read under the lock: a wake may replace it
+                if allocator.get_num_free_blocks() >= n:
+                    ids = allocator.alloc(n)
+                    if allocator.get_num_free_blocks() < self._low_watermark:
+                        self._wake_growth()
+                    return ids
         if n < 0:
             raise ValueError(f"alloc({n}): n must be >= 0")
         self._check_open()
-        state = self._state
         if state.asleep:
             raise KVCacheFull(n, 0, ASLEEP)
         with state.alloc_lock:
@@ -350,16 +361,25 @@ class ElasticKVCache:
 
     def _alloc_locked(self, n: int) -> list[int]:
         ids = self._state.allocator.alloc(n)
-        if self._thread is not None and self._state.allocator.get_num_free_blocks() < self._growth.low_watermark:
-            self._state.notify()
+        if self._state.allocator.get_num_free_blocks() < self._low_watermark:
+            self._wake_growth()
         return ids
+
+    def _wake_growth(self) -> None:
+        """Wake the background thread to grow (alloc lock held): once until it has run, not on every
+        alloc while the free blocks stay below the low watermark (a notify costs more than an alloc)."""
+        state = self._state
+        if self._thread is not None and not state.wake_pending:
+            state.wake_pending = True
+            state.notify()
 
     def free(self, block_ids: list[int]) -> None:
         """Give blocks back. Emptied slots are returned in the background when above target."""
-        with self._state.alloc_lock:
-            emptied = self._state.allocator.free(block_ids)
+        state = self._state
+        with state.alloc_lock:
+            emptied = state.allocator.free(block_ids)
         if emptied and self._growth.wants_shrink():
-            self._state.notify()
+            state.notify()
 
     def map_slots(self, slots: Iterable[int], wait: float | None = None) -> Shortfall | None:
         """Map these page slots (those not mapped yet), for an engine that chooses its own blocks.
@@ -456,6 +476,7 @@ class ElasticKVCache:
         state = self._state
         while not self._closed:
             state.wait(0.05)
+            state.wake_pending = False  # from here an alloc below the low watermark wakes it again
             if self._closed:
                 return
             try:
@@ -508,6 +529,8 @@ class ElasticKVCache:
             self.k = self.v = None  # the tensors must not outlive the mappings
             unmapped = state.slots.unmap(sorted(state.slots.mapped))
             returned = [page for entry in unmapped for page in entry.pages] + self._sleep.drop_restoring()
+            returned += state.spare
+            state.spare = []
             if returned:
                 state.source.release(returned)
             state.slots.close()

@@ -81,6 +81,8 @@ class SleepCycle:
         state = self.state
         state.asleep = True
         run_hooks(self.sleep_hooks, offload)  # the engine stops admission, finishes or preempts work
+        with state.grow_lock:
+            state.release_spare()
         if not offload:
             self._discard_pending = True  # slots go back as they empty (the target is 0 while asleep)
             return

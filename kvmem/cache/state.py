@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from kvmem.block_allocator import BlockAllocator
 from kvmem.cache.slots import SlotMap
-from kvmem.page_source import PageSource
+from kvmem.page_source import Page, PageSource
 
 
 @dataclass
@@ -70,8 +70,18 @@ class CacheState:
         self.engine = EngineHooks()
         self.asleep = False
         self.counters = CacheCounters()
+        # Pages granted that do not make a whole growth unit yet (a short grant): kept, unmapped, and
+        # topped up by the next growth rather than returned and asked for again. Guarded by grow_lock.
+        self.spare: list[Page] = []
         self._reported_used_slots = 0
         self._wake = threading.Condition()
+        self.wake_pending = False  # an alloc woke the background thread, which has not run since
+
+    def release_spare(self) -> None:
+        """Give back the spare pages (grow lock held): the cache shrinks, sleeps or closes."""
+        if self.spare:
+            spare, self.spare = self.spare, []
+            self.source.release(spare)
 
     def notify(self) -> None:
         """Wake the background thread."""

@@ -9,7 +9,8 @@
 2. Write the ``config.json`` of every model those tests name into an offline HuggingFace cache
    (`MODEL_CONFIGS`, the public configs' values; no weights are needed): vLLM's `ModelConfig`
    reads it, with ``HF_HUB_OFFLINE=1``.
-3. Run the test files (`TEST_PATHS`) twice in vLLM's test tree, with the `kvmem_vllm_pool_plugin`
+3. Run the test files (`TEST_PATHS`, and `SPLIT_TEST_PATHS` where the release has them) twice
+   in vLLM's test tree, with the `kvmem_vllm_pool_plugin`
    pytest plugin recording every outcome: once with vLLM's stock `BlockPool`, once with
    `KvmemBlockPool` in its place (``KVMEM_VLLM_POOL=1``), each pool backed by a kvmem cache whose
    state is checked against vLLM's after every test.
@@ -44,6 +45,12 @@ TEST_PATHS = (
     "tests/v1/core/test_deferred_block_free.py",
     "tests/v1/core/test_kv_sharing.py",
     "tests/v1/core/test_priority_preemption_bug.py",
+)
+# vLLM 0.33 split kv_cache_utils.py, and its tests with it: the KV-cache-utils tests of 0.32's
+# test_kv_cache_utils.py are in these files there too. Run where the release has them.
+SPLIT_TEST_PATHS = (
+    "tests/v1/core/test_kv_cache_planning.py",
+    "tests/v1/core/test_kv_cache_config_builder.py",
 )
 
 # The models the tests above build a ModelConfig for (vllm 0.32.0): the default ModelConfig model,
@@ -163,6 +170,11 @@ def write_model_configs(cache: Path) -> None:
         (snapshot / "config.json").write_text(json.dumps(config, indent=1))
 
 
+def selected_paths(root: Path) -> list[str]:
+    """`TEST_PATHS`, and those of `SPLIT_TEST_PATHS` that this release's tree holds."""
+    return [*TEST_PATHS, *(path for path in SPLIT_TEST_PATHS if (root / path).is_file())]
+
+
 def run_pass(root: Path, hf_cache: Path, kvmem_pool: bool, outcomes: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVMEM")}  # no KVMEM=1 plugin here
     env.update(
@@ -179,10 +191,14 @@ def run_pass(root: Path, hf_cache: Path, kvmem_pool: bool, outcomes: Path) -> di
     started = time.monotonic()
     # Tests that need weights, GPUs or other packages fail with either pool: the exit status is
     # not the verdict, the comparison of outcomes is.
-    subprocess.run([*command, *TEST_PATHS], cwd=root, env=env, stdout=subprocess.DEVNULL, check=False)
+    subprocess.run([*command, *selected_paths(root)], cwd=root, env=env, stdout=subprocess.DEVNULL, check=False)
     result = json.loads(outcomes.read_text())
     result["seconds"] = time.monotonic() - started
     return result
+
+
+# At least this share of vLLM's selected tests must pass with its own pool for the comparison to count.
+MIN_STOCK_PASS_FRACTION = 0.5
 
 
 def main() -> int:
@@ -196,12 +212,22 @@ def main() -> int:
     hf_cache = work / "hf-cache"
     write_model_configs(hf_cache)
     stock = run_pass(root, hf_cache, False, work / "outcomes-stock.json")
-    kvmem = run_pass(root, hf_cache, True, work / "outcomes-kvmem.json")
     passed = sorted(k for k, v in stock["outcomes"].items() if v == "passed")
+    # The comparison means something only where vLLM's own tests run here: with most of them failing
+    # on vLLM's own pool (a broken test environment), "every test that passes with it passes with
+    # kvmem's" would hold of almost nothing. vLLM 0.32: 780 of 830 pass on this machine.
+    if len(passed) < MIN_STOCK_PASS_FRACTION * len(stock["outcomes"]):
+        print(
+            f"vLLM {release}'s own tests: only {len(passed)} of {len(stock['outcomes'])} pass with vLLM's own block "
+            "pool here, so comparing kvmem's pool with it proves nothing: fix the test environment first "
+            f"(outcomes in {work / 'outcomes-stock.json'})"
+        )
+        return 1
+    kvmem = run_pass(root, hf_cache, True, work / "outcomes-kvmem.json")
     lost = [k for k in passed if kvmem["outcomes"].get(k) != "passed"]
     gained = sorted(k for k, v in kvmem["outcomes"].items() if v == "passed" and k not in passed)
     print(
-        f"vLLM {release}'s own tests ({', '.join(TEST_PATHS)}): {len(stock['outcomes'])} run; "
+        f"vLLM {release}'s own tests ({', '.join(selected_paths(root))}): {len(stock['outcomes'])} run; "
         f"{len(passed)} pass with vLLM's block pool ({stock['seconds']:.0f} s), "
         f"{len(passed) - len(lost)} of them with kvmem's "
         f"({kvmem['kvmem_pools']} kvmem pools, {kvmem['seconds']:.0f} s); "

@@ -1,6 +1,6 @@
 """kvmem for SGLang: the KV pool and paged allocator on kvmem, switched on by KVMEM=1.
 
-    pip install kvmem sglang        # kvmem registers an sglang.srt.platforms entry point
+    pip install . sglang==0.5.23    # kvmem from its clone registers an sglang.srt.platforms entry point
     KVMEM=1 KVMEM_MODEL=llama-8b python -m sglang.launch_server --page-size 16 ...   # pages from kvmemd
     KVMEM=1 KVMEM_DEVICE=host KVMEM_BUDGET=8GiB SGLANG_USE_CPU_ENGINE=1 ...          # CPU, no daemon
 
@@ -13,7 +13,8 @@ installing kvmem beside SGLang changes nothing. With KVMEM=1 it names `platform.
 whose import checks the SGLang version (`version.SUPPORTED`) and the device and fails loudly
 (`UnsupportedSglangError`) rather than letting SGLang run without kvmem. That platform returns
 `KvmemMHATokenToKVPool` (pool.py) and `KvmemPagedTokenToKVPoolAllocator` (allocator.py) from
-SGLang's official hooks. Another platform plugin active at the same time makes SGLang ask for
+SGLang's official hooks; `kvctl sleep` and `wake` are carried out on SGLang's scheduler thread
+(drain.py). Another platform plugin active at the same time makes SGLang ask for
 SGLANG_PLATFORM; SGLANG_PLATFORM=kvmem selects this one.
 
 This module imports nothing from SGLang or torch: SGLang imports every platform plugin's module.

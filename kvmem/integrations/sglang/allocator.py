@@ -41,6 +41,7 @@ from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.utils import get_num_new_pages
 
 from kvmem.cache import KVCacheFull
+from kvmem.integrations.sglang.drain import install_scheduler_drain
 from kvmem.integrations.sglang.pool import KvmemMHATokenToKVPool
 from kvmem.integrations.sglang.version import UnsupportedSglangError
 
@@ -67,6 +68,7 @@ class KvmemPagedTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):
                 "(decode context parallelism widens SGLang's allocator pages; it is not supported)"
             )
         kvcache.claim(self)
+        install_scheduler_drain()  # kvctl sleep drains SGLang's scheduler (drain.py)
         self.kv = kvcache.kv
         # Which kvmem blocks this allocator holds (stash and requests), for `clear`; CPU, like kvmem's ids.
         self._held = torch.zeros(self.kv.max_blocks, dtype=torch.bool)
@@ -146,6 +148,12 @@ class KvmemPagedTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):
         self.kv.free(ids.tolist())  # also refuses duplicates within the batch, before changing anything
         self._held[ids] = False
         self._num_held -= ids.numel()
+
+    def forget_pages(self) -> None:
+        """kvmem freed every block (an offloaded cache was lost on wake): hold nothing, free nothing."""
+        self._held.zero_()
+        self._num_held = 0
+        self.free_pages = torch.empty((0,), dtype=torch.int64, device=self.device)
 
     def clear(self) -> None:
         """Give every page this allocator holds back to kvmem and start empty (SGLang's flush and resize)."""

@@ -26,8 +26,9 @@ is a row of the buffers; that costs only virtual addresses. The buffers' address
 them stay valid while memory comes and goes.
 
 Nothing is mapped up front except the padding page (block 0, taken from kvmem for the pool's
-lifetime): memory is mapped as `KvmemPagedTokenToKVPoolAllocator` (allocator.py) takes blocks for
-SGLang's requests and goes back as they are freed. A pool used without that allocator would hand
+lifetime, except while a discarding `kvctl sleep` has every page back: drain.py): memory is mapped
+as `KvmemPagedTokenToKVPoolAllocator` (allocator.py) takes blocks for SGLang's requests and goes
+back as they are freed. A pool used without that allocator would hand
 SGLang unmapped rows, so `set_kv_buffer` refuses to run until the allocator has claimed the pool.
 
 Not supported (refused with `UnsupportedSglangError` at construction): page size 1 (SGLang then
@@ -55,13 +56,13 @@ import weakref
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from kvmem.cache import ElasticKVCache, KVCacheFull
+from kvmem.cache import ElasticKVCache
 from kvmem.client import DaemonClient
 from kvmem.common.layout import DTYPES
 from kvmem.common.protocol import check_model_name, model_name_from
 from kvmem.common.status import StatusError, StatusReader
 from kvmem.integrations.sglang.version import UnsupportedSglangError
-from kvmem.page_source import LocalPageSource, PageSource
+from kvmem.page_source import LocalPageSource, PageSource, Shortfall
 from kvmem.session import Session, from_environment
 
 logger = logging.getLogger(__name__)
@@ -204,6 +205,8 @@ class KvmemMHATokenToKVPool(MHATokenToKVPool):
         self._model_name: str | None = None  # the daemon model name of a session this pool opened
         self._allocator = None
         self._headroom: _Headroom | None = None
+        self.padding_held = False  # SGLang page 0 (kvmem block 0) is taken from kvmem
+        self.drain = None  # the SchedulerDrain that sleeps and wakes this pool (drain.py), once attached
         super().__init__(*args, **kwargs)
         _live_pools.add(self)
 
@@ -258,12 +261,9 @@ class KvmemMHATokenToKVPool(MHATokenToKVPool):
                 raise UnsupportedSglangError(
                     f"kvmem's reservation is on {where or 'no torch device'}, but SGLang's KV pool is on {device}"
                 )
-            padding = kv.alloc(1)  # SGLang page 0, the padding page: held for the pool's lifetime
-            if padding != [0]:
-                raise RuntimeError(f"kvmem handed out block {padding} first, not block 0 (allocator order changed?)")
-        except KVCacheFull as exc:
-            self._close_kv()
-            raise UnsupportedSglangError(f"kvmem cannot map even SGLang's padding page: {exc}") from exc
+            shortfall = self.take_padding_page()
+            if shortfall is not None:
+                raise UnsupportedSglangError(f"kvmem cannot map even SGLang's padding page: {shortfall}")
         except BaseException:
             self._close_kv()
             raise
@@ -298,6 +298,41 @@ class KvmemMHATokenToKVPool(MHATokenToKVPool):
         anywhere in it stay rows) and the allocator's cap follows `config`."""
         return None
 
+    @classmethod
+    def open_pools(cls) -> list[KvmemMHATokenToKVPool]:
+        """The kvmem pools of this process that are not closed."""
+        return [pool for pool in _live_pools if pool.kv is not None]
+
+    @property
+    def allocator(self):
+        """The `KvmemPagedTokenToKVPoolAllocator` that claimed the pool, or None."""
+        return self._allocator
+
+    # ---- the padding page (SGLang page 0) ----
+
+    def take_padding_page(self) -> Shortfall | None:
+        """Map kvmem's block 0 and hold it as SGLang's padding page; why not, if it cannot be had.
+
+        Raises:
+            ValueError: Block 0 is in use (only the pool may hold it).
+        """
+        shortfall = self.kv.map_slots([0])
+        if shortfall is not None:
+            return shortfall
+        self.kv.take([0])
+        self.padding_held = True
+        return None
+
+    def release_padding_page(self) -> None:
+        """Give the padding page back to kvmem (a discarding sleep: nothing may run until it is
+        taken again)."""
+        self.kv.free([0])
+        self.padding_held = False
+
+    def forget_padding_page(self) -> None:
+        """kvmem freed every block (an offloaded cache was lost): the padding page is not held."""
+        self.padding_held = False
+
     # ---- the allocator's side ----
 
     def claim(self, allocator) -> None:
@@ -330,6 +365,9 @@ class KvmemMHATokenToKVPool(MHATokenToKVPool):
     # ---- lifecycle ----
 
     def _close_kv(self) -> None:
+        if self.drain is not None:
+            self.drain.abandon(self)  # before kv.close, which waits for a sleep hook to return
+            self.drain = None
         if self._headroom is not None:
             self._headroom.close()
             self._headroom = None

@@ -6,7 +6,7 @@
     session = kvmem.connect(model="llama-8b")                  # or kvmem.local(...)
     model.set_attn_implementation("kvmem_paged")              # optional: read blocks in place
     with KvmemCache(session, model.config) as cache:
-        out = model.generate(input_ids, attention_mask=mask, past_key_values=cache)
+        out = model.generate(input_ids, attention_mask=mask, cache=cache)  # past_key_values= before 5.24
 
     with kvmem_continuous_batching(model, session, max_tokens=65_536, block_size=16):
         results = model.generate_batch(prompts, continuous_batching_config=ContinuousBatchingConfig(page_size=16))
@@ -25,10 +25,13 @@ from __future__ import annotations
 from kvmem.integrations.transformers.version import (
     SUPPORTED,
     UnsupportedTransformersError,
+    cache_argument,
     check_transformers_version,
 )
 
-check_transformers_version()
+# The keyword `generate` takes a cache by in the installed release ("cache" from 5.24), for code
+# that runs on every supported release: model.generate(..., **{CACHE_ARGUMENT: cache}).
+CACHE_ARGUMENT = cache_argument(check_transformers_version())
 
 from kvmem.integrations.transformers import attention  # noqa: E402  (after the version check)
 from kvmem.integrations.transformers.attention import kvmem_paged_attention  # noqa: E402
@@ -39,6 +42,7 @@ attention.register()
 
 __all__ = [
     "ATTENTION_NAME",
+    "CACHE_ARGUMENT",
     "SUPPORTED",
     "KvmemCache",
     "KvmemCacheFull",

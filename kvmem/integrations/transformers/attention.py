@@ -27,7 +27,7 @@ token) gets zeros, never NaN.
 Without a `KvmemCache` (a forward without cache, or continuous batching, which passes its own
 ``cache``) the call is passed to transformers' sdpa attention, which takes the same mask.
 
-Facts about transformers relied on (5.23.0): an attention function is called as
+Facts about transformers relied on (5.23.0 and 5.24.0): an attention function is called as
 ``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)`` with query
 ``[batch, heads, query_len, head_dim]`` and returns ``(output [batch, query_len, heads, head_dim],
 weights or None)`` (`integrations/sdpa_attention.py`); `AttentionInterface.register` and

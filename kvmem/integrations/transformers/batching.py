@@ -2,7 +2,7 @@
 
 Design note
 -----------
-transformers' `PagedAttentionCache` (generation/continuous_batching/cache.py, 5.23.0) keeps the
+transformers' `PagedAttentionCache` (generation/continuous_batching/cache.py, 5.23.0, 5.24.0) keeps the
 whole cache in one flat tensor made up front, cut into *sectors* that a `CachePool` hands to
 *cache allocators*; the full-attention allocator cuts a sector into blocks laid out block-major
 (``[L0 K | L0 V | L1 K | L1 V]`` per block), with two never-allocated "trash" sectors first for

@@ -38,7 +38,7 @@ boundary, so new tokens go to new blocks) nor freed.
 Not supported (they raise): beam search (`reorder_cache`), cropping (assisted decoding) and batch
 re-indexing, which would need shared blocks and copy-on-write.
 
-Facts about transformers relied on (transformers 5.23.0, `cache_utils.py`): `Cache(layers=...)`
+Facts about transformers relied on (transformers 5.23.0 and 5.24.0, `cache_utils.py`): `Cache(layers=...)`
 calls each layer's ``update(key_states, value_states)`` with ``[batch, kv_heads, new, head_dim]``
 states; `get_mask_sizes(query_length)` returns ``(kv_length, kv_offset)`` and is called before the
 step's `update`; ``get_max_length() == -1`` means unbounded; `Cache.reset` calls each layer's
@@ -304,7 +304,8 @@ class KvmemLayer(CacheLayerMixin):
 
 
 class KvmemCache(Cache):
-    """A transformers `Cache` on kvmem blocks, for ``model.generate(..., past_key_values=cache)``.
+    """A transformers `Cache` on kvmem blocks, for ``model.generate(..., cache=cache)`` (before 5.24:
+    ``past_key_values=cache``).
 
     Blocks are allocated as the sequences grow and given back on `reset()`, `close()` or when the
     object is garbage-collected. With ``attn_implementation="kvmem_paged"`` attention reads the

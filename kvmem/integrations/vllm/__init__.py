@@ -1,6 +1,6 @@
 """kvmem for vLLM: an elastic KV cache for a real vLLM engine, switched on by KVMEM=1.
 
-    pip install kvmem vllm          # the plugin is registered through an entry point
+    pip install . vllm==0.32.0      # kvmem from its clone; the plugin is registered through an entry point
     KVMEM=1 KVMEM_MODEL=llama-8b vllm serve ...                      # pages from kvmemd
     KVMEM=1 KVMEM_DEVICE=host KVMEM_BUDGET=8GiB vllm serve ...       # no daemon (CPU vLLM)
 
@@ -39,7 +39,7 @@ import os
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError
 from kvmem.integrations.vllm.version import SUPPORTED, UnsupportedVllmError, check_vllm_version
 
-# Modules holding a name `allocate_kv_cache` bound to vLLM's function (vllm 0.32.0): the definition
+# Modules holding a name `allocate_kv_cache` bound to vLLM's function (vllm 0.32.0 and 0.33.0): the definition
 # in v1/worker/utils.py, and `from vllm.v1.worker.utils import allocate_kv_cache` in
 # v1/worker/gpu_model_runner.py (GPUModelRunner, which the CPU model runner subclasses),
 # v1/worker/gpu/attn_utils.py (the model-runner-v2 path) and v1/hisparse/binding.py.
@@ -49,7 +49,7 @@ PATCHED_MODULES = (
     "vllm.v1.worker.gpu.attn_utils",
     "vllm.v1.hisparse.binding",
 )
-# Worker classes whose own `determine_available_memory` answers the KV cache's size (vllm 0.32.0):
+# Worker classes whose own `determine_available_memory` answers the KV cache's size (vllm 0.32.0, 0.33.0):
 # the GPU worker, and the CPU worker, which overrides it.
 WORKERS = (("vllm.v1.worker.gpu_worker", "Worker"), ("vllm.v1.worker.cpu_worker", "CPUWorker"))
 
@@ -88,12 +88,14 @@ def register() -> None:
     engine_core = importlib.import_module("vllm.v1.engine.core")
     _expect(_expect(engine_core, "EngineCore"), "_initialize_kv_caches")
     _expect(_expect(engine_core, "EngineCoreProc"), "_handle_client_request")
-    kv_cache_utils = importlib.import_module("vllm.v1.core.kv_cache_utils")
+    from kvmem.integrations.vllm.compat import ADAPTER  # the installed release's (`compat`)
+
+    num_blocks_module = importlib.import_module(ADAPTER.num_blocks_module)
     coordinator = importlib.import_module("vllm.v1.core.kv_cache_coordinator")
     scheduler = importlib.import_module("vllm.v1.core.sched.scheduler")
     for module in modules:
         _expect(module, "allocate_kv_cache")
-    _expect(kv_cache_utils, "may_override_num_blocks")
+    _expect(num_blocks_module, "may_override_num_blocks")
     _expect(coordinator, "BlockPool")
     _expect(_expect(coordinator, "KVCacheCoordinator"), "get_num_blocks_to_allocate")
     _expect(_expect(scheduler, "Scheduler"), "schedule")
@@ -113,8 +115,8 @@ def register() -> None:
         core._initialize_kv_caches = ranked_cache.binding_engine_core(core._initialize_kv_caches)
     if not hasattr(proc._handle_client_request, "__kvmem_stock__"):
         proc._handle_client_request = ranked_cache.handling_ticks(proc._handle_client_request)
-    if not hasattr(kv_cache_utils.may_override_num_blocks, "__kvmem_stock__"):
-        kv_cache_utils.may_override_num_blocks = budget.whole_slots(kv_cache_utils.may_override_num_blocks)
+    if not hasattr(num_blocks_module.may_override_num_blocks, "__kvmem_stock__"):
+        num_blocks_module.may_override_num_blocks = budget.whole_slots(num_blocks_module.may_override_num_blocks)
     pool.set_backing(allocation.cache_for_pool)
     pool.install_scheduler_patches()
 

@@ -5,9 +5,10 @@ Design note
 vLLM sizes its KV cache once, at start: the engine core asks each worker how many bytes the KV
 cache may take (`Worker.determine_available_memory`, `vllm/v1/worker/gpu_worker.py`; on CPU
 `CPUWorker`, `vllm/v1/worker/cpu_worker.py`), turns bytes into blocks
-(`vllm/v1/core/kv_cache_utils.py` `get_kv_cache_config_from_groups`, through
-`may_override_num_blocks`) and allocates them. Without kvmem that number is most of the device
-(`gpu_memory_utilization` after a profile run) or `kv_cache_memory_bytes`, reserved for good.
+(`get_kv_cache_config_from_groups`, through `may_override_num_blocks`, both in
+`vllm/v1/core/kv_cache_utils.py` in 0.32 and `kv_cache_planning.py` in 0.33: `compat`) and
+allocates them. Without kvmem that number is most of the device (`gpu_memory_utilization` after
+a profile run) or `kv_cache_memory_bytes`, reserved for good.
 
 With kvmem it is a *virtual* size: the worker answers the daemon's whole budget (or, without a
 daemon, the local KVMEM_BUDGET) -- no model can ever hold more, and vLLM reserves nothing
@@ -122,7 +123,7 @@ def with_kvmem_budget(stock):
 
 
 def whole_slots(stock):
-    """Wrap `kv_cache_utils.may_override_num_blocks`: round vLLM's block count down to whole slots."""
+    """Wrap `may_override_num_blocks` (its module: `compat`): round vLLM's block count down to whole slots."""
 
     def may_override_num_blocks(vllm_config, num_blocks: int) -> int:
         num_blocks = stock(vllm_config, num_blocks)
