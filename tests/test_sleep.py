@@ -199,6 +199,35 @@ def test_an_engine_that_exits_asleep_frees_its_saved_cache(daemon: DaemonProcess
             control.sleep("leaver", offload=True)
 
 
+def test_an_engine_asleep_across_a_daemon_restart_stays_asleep_until_kvctl_wake(daemon: DaemonProcess):
+    """The daemon restarts (`systemctl restart`) while an engine sleeps offloaded: its saved cache went
+    with the old daemon, but the engine reconnects saying it sleeps, so the new daemon shows it asleep,
+    `kvctl wake` reaches it, and the wake says nothing was restored (the engine drops its block ids)."""
+    events: list[tuple[str, bool]] = []
+    with kvmem.connect("restarted", runtime_dir=daemon.runtime_dir) as s:
+        s.on_sleep(lambda offload: events.append(("sleep", offload)))
+        s.on_wake(lambda restored: events.append(("wake", restored)))
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        fill_random(cache, cache.alloc(2 * cache.blocks_per_slot), seed=1)
+        with ControlClient(runtime_dir=daemon.runtime_dir) as control:
+            control.sleep("restarted", offload=True)
+        wait_for(lambda: model_state(daemon, "restarted") == "ASLEEP", what="asleep")
+
+        daemon.stop()
+        daemon.start()
+        wait_for(lambda: model_state(daemon, "restarted") != "GONE", what="the engine to re-register")
+        model = daemon.status().model("restarted")
+        assert (model.state.name, model.mapped_pages, model.saved_pages) == ("ASLEEP", 0, 0)
+        assert cache.asleep and events == [("sleep", True)]
+        with ControlClient(runtime_dir=daemon.runtime_dir) as control:
+            assert control.wake("restarted")["state"] == "awake"
+        wait_for(lambda: len(events) == 2, what="the wake hook")
+        assert events == [("sleep", True), ("wake", False)] and not cache.asleep
+        assert cache.get_num_used_blocks() == 0  # nothing came back: every block was freed
+        fill_random(cache, cache.alloc(cache.blocks_per_slot), seed=2)  # and the cache grows again
+        wait_for(lambda: daemon.status().model("restarted").mapped_pages == cache.pages_per_growth)
+
+
 # Pipelined sleep and wake (kvmem.cache.sleep hands the daemon 32 pages at a time as it unmaps them;
 # kvmemd copies 16-page batches on two threads and sends each restored batch at once). 12 slots of
 # 4 pages: 48 pages, two OFFLOADs (32 + 16) and three copy batches each way.
