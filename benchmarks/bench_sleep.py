@@ -12,13 +12,17 @@ allocator hands back untouched, so that a copy into it pays a page fault per pag
 baseline). It is timed interleaved with the cycles, in the same process: memcpy, sleep, memcpy,
 wake, memcpy, sleep, ... Each sleep and wake is divided by the memcpy just before it; the JSON
 keeps every pair, the load average at each, and the median and spread. For context only: a memcpy
-into fresh memory (what a first copy into a newly allocated host buffer pays in page faults).
-Goal: sleep and wake each at >= 0.5x the memcpy between touched buffers.
+into fresh memory (what a first copy into a newly allocated host buffer pays in page faults), and,
+interleaved too, the *page-copy ceiling*: the same bytes copied one 2 MiB page at a time between
+host-device pages (memfds mapped with 4 KiB pages, as the daemon's) and the touched buffer, in
+this process with no daemon (the fastest any page-granular copy here can be; see the README).
+Goal: sleep and wake each at >= 0.5x the memcpy between touched buffers. The modeled GPU figure
+(`costs.sleep_wake_model`) is printed beside it.
 
     python benchmarks/bench_sleep.py [--sizes 1GiB,8GiB] [--cycles N] [--out FILE] [--update-readme]
 
-A size needs about 4x its bytes of free RAM (pages, tier, two baseline buffers); a size that does
-not fit is reported as skipped.
+A size needs about 5x its bytes of free RAM (pages, tier, two baseline buffers, the ceiling's
+pages); a size that does not fit is reported as skipped.
 """
 
 from __future__ import annotations
@@ -61,6 +65,36 @@ class Memcpy:
 
     def close(self) -> None:
         self.src = self.dst = None
+
+
+class PageCopy:
+    """The page-copy ceiling: `size` bytes between host-device pages and `dst`, one page per copy,
+    with the primitive the daemon's host tier uses (`copy_*_many`), in this process, one thread."""
+
+    def __init__(self, size: int, dst: np.ndarray):
+        from kvmem.device import HostDevice
+
+        self.device = HostDevice()
+        self.page = self.device.granularity
+        self.reservation = self.device.reserve(size)
+        for i in range(size // self.page):
+            self.device.map(self.reservation, i * self.page, self.device.create_page())
+        self.device.set_access(self.reservation, 0, size)
+        self.device.memset(self.reservation.address, 7, size)
+        self.dst = dst
+
+    def seconds(self, to_device: bool) -> float:
+        base, page = self.reservation.address, self.page
+        pieces = [(base + i, self.dst[i : i + page]) for i in range(0, self.dst.size, page)]
+        t0 = time.perf_counter()
+        if to_device:
+            self.device.copy_host_to_device_many(pieces)
+        else:
+            self.device.copy_device_to_host_many([(host, address) for address, host in pieces])
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.device.close()
 
 
 def memcpy_fresh_seconds(size: int) -> float:
@@ -110,11 +144,15 @@ def sleep_and_wake(size: int, runtime_dir: Path, cycles: int) -> dict:
 
         memcpy = Memcpy(mapped)
         memcpy.seconds()  # warm-up
+        ceiling = PageCopy(mapped, memcpy.dst)
+        ceiling.seconds(to_device=False)  # warm-up: the page tables of both sides filled
         pairs = []
         # The first sleep fills a cold tier; the next ones reuse its warm memory. Each sleep and
-        # wake comes right after a memcpy of the same bytes: A B A B, under the same load.
+        # wake comes right after a memcpy of the same bytes (and the page-copy ceiling): A B A B,
+        # under the same load.
         for _ in range(cycles):
             copy_before_sleep = memcpy.seconds()
+            pages_before_sleep = ceiling.seconds(to_device=False)
             load_sleep = load()[0]
             t0 = time.perf_counter()
             control.sleep("sleeper", offload=True)
@@ -123,6 +161,7 @@ def sleep_and_wake(size: int, runtime_dir: Path, cycles: int) -> dict:
             sleep_s = time.perf_counter() - t0
             saved = daemon.status().model("sleeper").saved_pages * daemon.status().daemon.page_size
             copy_before_wake = memcpy.seconds()
+            pages_before_wake = ceiling.seconds(to_device=True)
             load_wake = load()[0]
             t0 = time.perf_counter()
             control.wake("sleeper")
@@ -137,14 +176,19 @@ def sleep_and_wake(size: int, runtime_dir: Path, cycles: int) -> dict:
                     "memcpy_before_sleep_s": copy_before_sleep,
                     "sleep_s": sleep_s,
                     "sleep_vs_memcpy": copy_before_sleep / sleep_s,
+                    "page_copy_before_sleep_s": pages_before_sleep,
+                    "page_copy_vs_memcpy_sleep": copy_before_sleep / pages_before_sleep,
                     "load_at_sleep": load_sleep,
                     "memcpy_before_wake_s": copy_before_wake,
                     "wake_s": wake_s,
                     "wake_vs_memcpy": copy_before_wake / wake_s,
+                    "page_copy_before_wake_s": pages_before_wake,
+                    "page_copy_vs_memcpy_wake": copy_before_wake / pages_before_wake,
                     "load_at_wake": load_wake,
                 }
             )
         memcpy.close()
+        ceiling.close()
         return {"bytes": mapped, "cycles": pairs}
 
 
@@ -182,8 +226,8 @@ def policy_latency(rounds: int = 200) -> dict:
 
 def run_size(size: int, cycles: int) -> dict:
     available = psutil.virtual_memory().available
-    if available < 4 * size:
-        return {"size": size, "skipped": f"needs ~{4 * size / 2**30:.1f} GiB free, {available / 2**30:.1f} available"}
+    if available < 5 * size:
+        return {"size": size, "skipped": f"needs ~{5 * size / 2**30:.1f} GiB free, {available / 2**30:.1f} available"}
     fresh = min(memcpy_fresh_seconds(size) for _ in range(2))
     with tempfile.TemporaryDirectory(prefix="kvmem-bench-sleep-") as tmp:
         kv = sleep_and_wake(size, Path(tmp) / "rt", cycles)
@@ -199,43 +243,52 @@ def run_size(size: int, cycles: int) -> dict:
             ),
             "sleep_vs_memcpy": spread([p["sleep_vs_memcpy"] for p in warm]),
             "wake_vs_memcpy": spread([p["wake_vs_memcpy"] for p in warm]),
+            "page_copy_vs_memcpy": spread(
+                [p[k] for p in warm for k in ("page_copy_vs_memcpy_sleep", "page_copy_vs_memcpy_wake")]
+            ),
+            "load": spread([p[k] for p in warm for k in ("load_at_sleep", "load_at_wake")]),
         }
     return {"size": size, **kv, **summary, "memcpy_fresh_s": fresh}
 
 
 def table(result: dict) -> str:
     rows = [
-        "| size | tier | sleep --offload | wake | sleep/memcpy | wake/memcpy |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| size | tier | sleep --offload | wake | sleep/memcpy | wake/memcpy | page-copy ceiling/memcpy | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = []
     latency = result["policy_latency"]
     for r in result["runs"]:
         gib = r["size"] / 2**30
         if "skipped" in r:
-            rows.append(f"| {gib:g} GiB | | skipped: {r['skipped']} | | | |")
+            rows.append(f"| {gib:g} GiB | | skipped: {r['skipped']} | | | | | |")
             continue
 
         def rate(seconds: float, size: int = r["bytes"]) -> str:
             return f"{seconds * 1e3:.0f} ms ({size / seconds / 2**30:.1f} GiB/s)"
 
+        def ratio(s: dict) -> str:
+            return f"{s['median']:.2f}x ({s['min']:.2f} to {s['max']:.2f})"
+
         cold = r["cold"]
+        cold_ceiling = (cold["page_copy_vs_memcpy_sleep"] + cold["page_copy_vs_memcpy_wake"]) / 2
         rows.append(
             f"| {gib:g} GiB | cold (first sleep) | {rate(cold['sleep_s'])} | {rate(cold['wake_s'])} | "
-            f"{cold['sleep_vs_memcpy']:.2f}x | {cold['wake_vs_memcpy']:.2f}x |"
+            f"{cold['sleep_vs_memcpy']:.2f}x | {cold['wake_vs_memcpy']:.2f}x | {cold_ceiling:.2f}x | "
+            f"{cold['load_at_sleep']:g} |"
         )
         if "warm" in r:
             w = r["warm"]
-            s, k = w["sleep_vs_memcpy"], w["wake_vs_memcpy"]
             rows.append(
                 f"| {gib:g} GiB | warm (median of {len(r['cycles']) - 1}) | {rate(w['sleep_s'])} | "
-                f"{rate(w['wake_s'])} | {s['median']:.2f}x ({s['min']:.2f} to {s['max']:.2f}) | "
-                f"{k['median']:.2f}x ({k['min']:.2f} to {k['max']:.2f}) |"
+                f"{rate(w['wake_s'])} | {ratio(w['sleep_vs_memcpy'])} | {ratio(w['wake_vs_memcpy'])} | "
+                f"{ratio(w['page_copy_vs_memcpy'])} | {w['load']['min']:g} to {w['load']['max']:g} |"
             )
             notes.append(
                 f"{gib:g} GiB: memcpy between touched buffers, interleaved, median {rate(w['memcpy_s'])}; "
                 f"into a new mapping (context) {rate(r['memcpy_fresh_s'])}."
             )
+    model = result["gpu_model"]
     return "\n".join(
         [
             *rows,
@@ -244,7 +297,15 @@ def table(result: dict) -> str:
             "",
             "Goal: sleep and wake each >= 0.5x the memcpy between touched buffers (each sleep or wake divided "
             "by the memcpy timed just before it; median, lowest to highest). *cold*: the first sleep, whose host "
-            "tier memory is new; *warm*: the next ones, reusing the tier memory the wake freed.",
+            "tier memory is new; *warm*: the next ones, reusing the tier memory the wake freed. *page-copy "
+            "ceiling*: the same bytes copied a 2 MiB page at a time between host-device pages and the touched "
+            "buffer, interleaved too, in this process with no daemon: the most a page-granular copy reaches here.",
+            "",
+            f"Modeled on a GPU ({model['pages']} pages of 2 MiB, 16-page batches; per-call costs: {model['costs']}; "
+            f"copy bandwidth: {model['copy_bandwidth']}): sleep {model['sleep_ms']} ms, "
+            f"{model['sleep_vs_pinned_copy']:.2f}x the bare pinned copy (one stage after the other: "
+            f"{model['sleep_serial_ms']} ms); wake {model['wake_ms']} ms, {model['wake_vs_pinned_copy']:.2f}x "
+            f"(serial: {model['wake_serial_ms']} ms). Imports and messages are not modeled.",
             "",
             f"`kvctl limit` to the engine holding the new limit ({latency['rounds']} changes): p50 "
             f"{latency['p50_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms, max {latency['max_ms']:.2f} ms "
@@ -264,6 +325,13 @@ def main() -> int:
 
     sizes = [parse_size(text) for text in args.sizes.split(",")]
     result = {"benchmark": "bench_sleep", "machine": machine(), "geometry": GEOMETRY, "runs": []}
+    from benchmarks import costs
+    from kvmemd.host_tier import BATCH_PAGES
+
+    pages = 512  # 1 GiB of 2 MiB pages
+    result["gpu_model"] = costs.sleep_wake_model(
+        pages, 2 << 20, BATCH_PAGES, 2 * GEOMETRY["num_layers"], costs.load(), costs.load_copy_bandwidth()
+    )
     result["policy_latency"] = policy_latency()
     print(json.dumps(result["policy_latency"]), flush=True)
     for size in sizes:

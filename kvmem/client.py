@@ -121,6 +121,9 @@ class DaemonClient:
         self.policy = Policy()
         self.layout: dict[str, Any] | None = None  # the cache's layout descriptor, once described
         self.drains = False  # whether the engine declared a drain hook (`declare_drain_hook`)
+        # Whether the engine sleeps: from its SLEPT until a WAKE. Sent in HELLO, so that a daemon
+        # restarted meanwhile records it asleep (and `kvctl wake` reaches it) rather than awake.
+        self.asleep = False
         self.pages: dict[int, Page] = {}  # by the daemon's current page id
         self.connected = threading.Event()
         self._lock = threading.RLock()  # guards pages, waiters and sending
@@ -284,6 +287,7 @@ class DaemonClient:
 
     def slept(self) -> None:
         """Tell the daemon the engine has drained and returned its pages after a sleep request."""
+        self.asleep = True
         self._send_if_connected(MsgType.SLEPT, {})
 
     def declare_drain_hook(self) -> None:
@@ -352,7 +356,7 @@ class DaemonClient:
                 "version": protocol.PROTOCOL_VERSION,
                 "role": "engine",
                 "model": self.model,
-                "geometry": None,  # the cache describes itself with LAYOUT instead
+                "asleep": self.asleep,
                 "adopt": adopt,
                 "page_size": page_size,
             },
@@ -439,6 +443,7 @@ class DaemonClient:
             if self._listener is not None:
                 self._listener.restore(pages, msg["offsets"])
         elif msg.type == MsgType.WAKE:
+            self.asleep = False
             if self._listener is not None:
                 self._listener.wake(msg["restored"])
         elif msg.type == MsgType.GOODBYE:

@@ -36,7 +36,7 @@ class ControlClient:
                     "version": protocol.PROTOCOL_VERSION,
                     "role": "control",
                     "model": None,
-                    "geometry": None,
+                    "asleep": False,
                     "adopt": 0,
                     "page_size": 0,
                 },

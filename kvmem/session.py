@@ -141,18 +141,21 @@ def local(device: str = "auto", budget: int | str | None = None, gpu: int = 0) -
         raise
 
 
-def from_environment(device: Any, model: Callable[[], str], holder: str, error: type[Exception]) -> Session:
+def from_environment(
+    device: Any, model: Callable[[], str], holder: str, error: type[Exception], host_gpu: int = 0
+) -> Session:
     """The session an engine integration opens for a KV cache on a torch device, from the environment.
 
     KVMEM_DEVICE=host: `local` host memory under KVMEM_BUDGET (no daemon; the cache must be on the
-    CPU). Otherwise `connect` to the daemon of the cache's GPU (a host daemon serves as GPU 0) in
-    KVMEM_RUNTIME_DIR, as model `model()` (called only then).
+    CPU). Otherwise `connect` to the daemon of the cache's GPU (for a CPU cache, the host daemon
+    serving as GPU `host_gpu`) in KVMEM_RUNTIME_DIR, as model `model()` (called only then).
 
     Args:
         device: The cache's torch device (its ``type`` and ``index``).
         model: The daemon model's name.
         holder: What the cache is, for the message ("vLLM's KV cache").
         error: The integration's exception for a host session asked for a GPU cache.
+        host_gpu: Which host daemon a CPU cache uses (an engine's rank, where each rank has one).
 
     Raises:
         error: KVMEM_DEVICE=host for a cache that is not on the CPU.
@@ -162,5 +165,5 @@ def from_environment(device: Any, model: Callable[[], str], holder: str, error: 
         if device.type != "cpu":
             raise error(f"kvmem: KVMEM_DEVICE=host gives CPU memory, but {holder} is on {device}")
         return local(device="host", budget=os.environ.get("KVMEM_BUDGET"))
-    gpu = (device.index or 0) if device.type == "cuda" else 0
+    gpu = (device.index or 0) if device.type == "cuda" else host_gpu
     return connect(model(), gpu=gpu, runtime_dir=os.environ.get("KVMEM_RUNTIME_DIR"))

@@ -9,11 +9,16 @@ like any returned page. On wake it takes pages for the model through the normal 
 the saved bytes into them and hands them back with their offsets (RESTORE), so the engine maps
 each at the offset it had and its cache reads bit-identical.
 
-Copies run on one worker thread, never on the event loop: a 2 MiB page takes a fraction of a
-millisecond, but a model holds thousands. Each page is read through (or written through) the
-daemon's own mapping of it (`kvmemd.pool`), so nothing is mapped for a copy. A copy job finishes by
-queueing a completion that the event loop runs (`run_completions`) after `notify()` wakes it: all
-accounting stays on the loop thread.
+Copies run on `COPY_WORKERS` worker threads, never on the event loop: a 2 MiB page takes a
+fraction of a millisecond, but a model holds thousands. The daemon hands the tier a sleep's or a
+wake's pages in batches of at most `BATCH_PAGES` (`kvmemd.sleep`), one job each, so that copies
+are pipelined: while one batch is copied, the engine unmaps the next one (sleep) or maps the
+previous one (wake), and the workers copy two batches at once (`Device.copy_device_to_host_many`
+runs without the device lock; on the host device two memcpys use both cores). Each page is read
+through (or written through) the daemon's own mapping of it (`kvmemd.pool`), so nothing is mapped
+for a copy. A copy job finishes by queueing a completion that the event loop runs
+(`run_completions`) after `notify()` wakes it: all accounting stays on the loop thread. Jobs may
+complete out of order; each completion stands alone.
 
 A page is owned by its copy job from the moment it leaves the engine (or the pool) until the job
 completes: the loop neither lends it nor zeroes it meanwhile, so a restore can never write a
@@ -49,6 +54,14 @@ class TierFullError(Exception):
 
 
 KEEP_WARM_S = 30.0
+# Threads copying at once. Two: on the host device one memcpy per core of a small machine; on a
+# GPU each worker's synchronous cuMemcpy keeps the copy engine busy while the other thread does
+# its Python work between pages.
+COPY_WORKERS = 2
+# Pages per copy job (32 MiB of 2 MiB pages): small enough that a sleep's first pages are copied
+# while the engine still unmaps, and a wake's first pages mapped while the rest are copied; large
+# enough that a job's fixed cost (a completion on the loop, a message) stays small per page.
+BATCH_PAGES = 16
 
 
 @dataclass
@@ -88,9 +101,12 @@ class HostTier:
         self.bytes_saved_total = 0
         self.bytes_restored_total = 0
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._completions: deque[Callable[[], None]] = deque()
-        self._worker = threading.Thread(target=self._run, name="kvmemd-host-tier", daemon=True)
-        self._worker.start()
+        self._completions: deque[Callable[[], None]] = deque()  # appended by the workers
+        self._workers = [
+            threading.Thread(target=self._run, name=f"kvmemd-host-tier-{i}", daemon=True) for i in range(COPY_WORKERS)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     # ---- event-loop side ----
 
@@ -124,8 +140,7 @@ class HostTier:
         self.used_bytes += size
 
         def copy() -> None:
-            for chunk, address in zip(chunks, addresses, strict=True):
-                self.device.copy_device_to_host(chunk.array, address)
+            self.device.copy_device_to_host_many([(c.array, a) for c, a in zip(chunks, addresses, strict=True)])
 
         def finish(error: Exception | None) -> None:
             if error is None:
@@ -158,8 +173,7 @@ class HostTier:
             del self._saved[model]
 
         def copy() -> None:
-            for entry, address in zip(entries, addresses, strict=True):
-                self.device.copy_host_to_device(address, entry.chunk.array)
+            self.device.copy_host_to_device_many([(a, e.chunk.array) for e, a in zip(entries, addresses, strict=True)])
 
         def finish(error: Exception | None) -> None:
             if error is None:
@@ -196,9 +210,10 @@ class HostTier:
 
     def close(self) -> None:
         """Finish queued jobs, run their completions, free every buffer. Idempotent."""
-        if self._worker.is_alive():
-            self._jobs.put(None)
-            self._worker.join()
+        for _ in self._workers:
+            self._jobs.put(None)  # each worker takes one and stops, after the jobs queued before
+        for worker in self._workers:
+            worker.join()
         self.run_completions()
         for model in list(self._saved):
             self.discard(model)

@@ -21,7 +21,8 @@ them to the driver and creates fresh pages: a kept reference then pins only the 
 nobody else receives.
 
 Slow device work (creating, zeroing, releasing pages) runs on one worker thread, never on the
-event loop:
+event loop (the pages of a creation batch are made by `create_threads` threads at once, the
+worker waiting for all of them):
 - demand: the event loop declares, per uid, how many pages waiting requests still need
   (`set_demand`); the worker zeroes that uid's dirty pages, creates pages under the budget, or
   releases pages tainted by other uids to make room;
@@ -63,6 +64,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvmem.common.undo import Undo
@@ -77,6 +79,12 @@ BACKOFF_S = 1.0
 SCRUB_BATCH = 32
 # The most pages created together (their memsets, where needed, end with one synchronize).
 CREATE_BATCH = 16
+# Threads creating a batch's pages at once. cuMemCreate costs ~193 µs per 2 MiB page on an A100
+# (kvcached's figure, DESIGN.md §8), a host page ~1 ms (the kernel zeroes it): at start, and on a
+# large wake that needs pages made, creations in parallel end sooner where the driver (or the
+# kernel) does not serialize them. Four: more than the cores of a small machine, few enough that
+# the batch's mapping work (serialized on the device lock) is not starved.
+CREATE_THREADS = 4
 
 
 @dataclass
@@ -117,6 +125,8 @@ class PagePool:
         max_pages: Size of the daemon's virtual reservation in pages (budget plus room for
             pages adopted after a restart).
         cache_exports: Keep one exported descriptor per page (needs an fd per page).
+        create_threads: Threads that create pages at once (at start, and when demand or a large
+            wake needs many pages).
     """
 
     def __init__(
@@ -130,6 +140,7 @@ class PagePool:
         notify: Callable[[], None],
         max_pages: int | None = None,
         cache_exports: bool = True,
+        create_threads: int = CREATE_THREADS,
     ):
         if budget_pages < 1:
             raise ValueError(f"budget of {budget_pages} pages: it must allow at least one page")
@@ -163,6 +174,7 @@ class PagePool:
         self._backoff_until = 0.0
         self._stop = False
         self._counters = {"created": 0, "released": 0, "scrubbed": 0, "oom": 0}
+        self._creators = ThreadPoolExecutor(max(1, create_threads), thread_name_prefix="kvmemd-pool-create")
         self._worker = threading.Thread(target=self._run, name="kvmemd-pool", daemon=True)
         self._worker.start()
 
@@ -319,6 +331,7 @@ class PagePool:
             self._stop = True
             self._lock.notify()
         self._worker.join()
+        self._creators.shutdown(wait=True)
         self.device.synchronize()  # no zeroing may still run on pages about to be unmapped
         for page in list(self.pages.values()):
             self._destroy(page)
@@ -488,11 +501,20 @@ class PagePool:
         synchronize for the batch before any of them becomes grantable."""
         made: list[Page] = []
         try:
-            for _ in range(count):
-                page = self._make_page()
-                if page is None:  # out of memory: the backoff is set
-                    break
-                made.append(page)
+            # In parallel: creations run at once (Device.create_page takes no lock while it
+            # allocates); mapping and setting access are short and take the device lock in turn.
+            futures = [self._creators.submit(self._make_page) for _ in range(count)]
+            failure: BaseException | None = None
+            for future in futures:  # every one waited for, so none is left behind on an error
+                try:
+                    page = future.result()
+                except BaseException as exc:
+                    failure = failure or exc
+                    continue
+                if page is not None:  # None: out of memory, the backoff is set
+                    made.append(page)
+            if failure is not None:
+                raise failure
             if made and not self.device.zeroes_new_pages:
                 # The driver does not promise zeroed memory: it may hold another process's data.
                 for page in made:

@@ -175,12 +175,18 @@ class Sessions:
         conn.adopt_expected = msg["adopt"]
         record.client = conn
         self.size_reserve()
-        if record.state != ModelState.ASLEEP:
+        if msg["asleep"]:
+            # The engine slept before this connection: this daemon restarted, or its connection
+            # dropped. Either way what it saved is gone (a new daemon has no tier of it; `client_ended`
+            # dropped it), so it stays asleep until `kvctl wake`, which says nothing was restored.
+            record.state = ModelState.ASLEEP
+            record.offload_lost = True
+        elif record.state != ModelState.ASLEEP:
             record.state = ModelState.AWAKE
         self.daemon.loop.watch_process(conn)
         self._welcome(conn, slot=record.slot)
         self.send_policy(record)
-        if record.state == ModelState.ASLEEP:
+        if record.state == ModelState.ASLEEP and not msg["asleep"]:  # a new engine for a model put to sleep
             self.daemon.loop.send(conn, MsgType.SLEEP, {"offload": False})
         self.daemon.status.changed()
         logger.info("model %s attached: pid %d uid %d", name, conn.pid, conn.uid)

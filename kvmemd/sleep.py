@@ -5,16 +5,18 @@ Design note
 `kvctl sleep` sends SLEEP; the engine drains (its integration's hook stops admission and
 finishes or preempts work), returns its pages and says SLEPT. DRAINING becomes ASLEEP once the
 engine said SLEPT and every offload copy is done. With ``--offload`` it returns the pages that
-hold live blocks as OFFLOAD, with the offset each was mapped at, and the daemon copies them to its
-host tier (`kvmemd.host_tier`) before they go back to the pool. An offloading sleep that the host
-tier cannot hold is refused up front.
+hold live blocks as OFFLOAD, with the offset each was mapped at, a batch at a time as it unmaps
+them, and the daemon copies each batch to its host tier (`kvmemd.host_tier`, in jobs of
+`BATCH_PAGES`, started as the batch arrives) before its pages go back to the pool. An offloading
+sleep that the host tier cannot hold is refused up front.
 
 `kvctl wake` of an offloaded model is a restore request that waits in line with the GROWs
 (`kvmemd.grants`; it may wait for memory, and reclaim from others, like any request, and its
-record's `waiting_for` says why it waits): as pages are found they are filled from the tier and
-sent as RESTORE; WAKE follows the last. A wake without a saved cache is at once AWAKE. A model
-that leaves while asleep loses its saved cache; a wake then says ``restored`` false, as it does
-when any saved page was lost.
+record's `waiting_for` says why it waits): as pages are found they are filled from the tier, a
+job of `BATCH_PAGES` at a time, and each job's pages are sent as RESTORE as soon as they are
+filled (the engine maps them while the next are copied); WAKE follows the last. A wake without a
+saved cache is at once AWAKE. A model that leaves while asleep loses its saved cache; a wake then
+says ``restored`` false, as it does when any saved page was lost.
 
 Only an engine that declared a drain hook (DRAIN) is put to sleep while it holds pages: one that
 did not may still be using them, and taking them would crash it. A drain that does not finish is
@@ -36,7 +38,7 @@ from kvmem.common.errors import ControlError, ProtocolError
 from kvmem.common.protocol import Message, MsgType
 from kvmem.common.status import ModelState
 from kvmem.device import DeviceError
-from kvmemd.host_tier import TierFullError
+from kvmemd.host_tier import BATCH_PAGES, TierFullError
 from kvmemd.records import Connection, GrowRequest, ModelRecord
 
 if TYPE_CHECKING:
@@ -164,7 +166,15 @@ class SleepStates:
         if len(set(msg["offsets"])) != len(page_ids):
             raise ProtocolError("OFFLOAD names the same offset twice")
         daemon.sessions.take_back(conn, msg)
-        # From here the copy job owns the pages: they go back to the pool when it is done.
+        # From here the copy jobs own the pages: each batch goes back to the pool when its job is
+        # done. Batches are copied as they come (pipelined; see kvmemd.host_tier).
+        for start in range(0, len(page_ids), BATCH_PAGES):
+            batch = page_ids[start : start + BATCH_PAGES]
+            self._save_batch(conn, batch, msg["offsets"][start : start + BATCH_PAGES])
+
+    def _save_batch(self, conn: Connection, page_ids: list[int], offsets: list[int]) -> None:
+        daemon = self.daemon
+        record = conn.model
         record.copies_in_flight += 1
 
         def saved(error: Exception | None) -> None:
@@ -178,20 +188,23 @@ class SleepStates:
             self._maybe_asleep(record)
 
         try:
-            daemon.tier.save(record.name, [daemon.pool.address_of(p) for p in page_ids], msg["offsets"], saved)
+            daemon.tier.save(record.name, [daemon.pool.address_of(p) for p in page_ids], offsets, saved)
         except (TierFullError, DeviceError) as exc:
             logger.error("model %s: cannot save %d pages, their contents are lost: %s", record.name, len(page_ids), exc)
             saved(exc)
 
     def restore_pages(self, r: GrowRequest, page_ids: list[int]) -> None:
-        """Pages granted to a wake's restore: the copy job owns them until they are filled; `_restored` sends them."""
+        """Pages granted to a wake's restore: a copy job per batch owns them until they are filled;
+        `_restored` sends each batch as soon as it is (the engine maps it while the next is copied)."""
         record = r.conn.model
-        record.copies_in_flight += 1
-        self.daemon.tier.restore(
-            record.name,
-            [self.daemon.pool.address_of(p) for p in page_ids],
-            lambda offsets, error: self._restored(r, page_ids, offsets, error),
-        )
+        for start in range(0, len(page_ids), BATCH_PAGES):
+            batch = page_ids[start : start + BATCH_PAGES]
+            record.copies_in_flight += 1
+            self.daemon.tier.restore(
+                record.name,
+                [self.daemon.pool.address_of(p) for p in batch],
+                lambda offsets, error, batch=batch: self._restored(r, batch, offsets, error),
+            )
 
     def _restored(self, r: GrowRequest, page_ids: list[int], offsets: list[int], error: Exception | None) -> None:
         """A batch of a wake's pages is filled from the tier: send it, and WAKE after the last."""

@@ -48,8 +48,9 @@ class DaemonProcess:
         self.runtime_dir = runtime_dir
         self.device = device
         self.paths = DaemonPaths.resolve(runtime_dir, gpu)
-        self.counters_file = runtime_dir.parent / f"{runtime_dir.name}.fakecuda-counters"
-        self.log_path = runtime_dir.parent / f"{runtime_dir.name}.kvmemd.log"
+        name = runtime_dir.name if gpu == 0 else f"{runtime_dir.name}.gpu{gpu}"  # several daemons in one directory
+        self.counters_file = runtime_dir.parent / f"{name}.fakecuda-counters"
+        self.log_path = runtime_dir.parent / f"{name}.kvmemd.log"
         self.args = [
             KVMEMD, "start", "--device", device, "--budget", budget, "--runtime-dir", str(runtime_dir),
             "--gpu", str(gpu), "--log-level", "debug", *extra,

@@ -164,7 +164,7 @@ def test_a_layout_frame_claiming_a_billion_layers_costs_what_it_is(runtime_dir: 
     with DaemonProcess(runtime_dir, "host", "16MiB") as daemon:
         sock = daemon.paths.connect()
         try:
-            hello = {"version": protocol.PROTOCOL_VERSION, "role": "engine", "model": "liar", "geometry": None}
+            hello = {"version": protocol.PROTOCOL_VERSION, "role": "engine", "model": "liar", "asleep": False}
             protocol.send_message(sock, MsgType.HELLO, {**hello, "adopt": 0, "page_size": 0})
             protocol.receive_expected(sock, MsgType.WELCOME)
             sock.send(frame)

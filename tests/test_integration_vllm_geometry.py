@@ -101,7 +101,9 @@ def test_a_kvmem_cache_built_on_the_geometry_has_vllms_regions_as_its_ranges():
 
 def test_a_scheduler_without_the_workers_kv_cache_in_its_process_is_refused():
     assert allocation.current_cache() is None
-    with pytest.raises(UnsupportedVllmConfigError, match=r"its workers run elsewhere.*tensor_parallel_size=1"):
+    with pytest.raises(
+        UnsupportedVllmConfigError, match=r"no kvmem KV cache in its process and no multiprocess executor"
+    ):
         allocation.cache_for_pool(64)
 
 
@@ -139,14 +141,19 @@ def parallel_config(**settings) -> SimpleNamespace:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"tensor_parallel_size": 2}, "tensor_parallel_size=1; this one has 2"),
         ({"pipeline_parallel_size": 2}, "pipeline_parallel_size=1; this one has 2"),
         ({"data_parallel_size": 4}, "data_parallel_size=1; this one has 4"),
-        ({"distributed_executor_backend": "mp"}, "in-process executor .* uses 'mp'"),
+        (
+            {"distributed_executor_backend": "ray"},
+            r"\('uni'\) and multiprocess \('mp'\) executors; this engine uses 'ray'",
+        ),
+        ({"distributed_executor_backend": "external_launcher"}, "this engine uses 'external_launcher'"),
     ],
 )
 def test_parallel_configurations_kvmem_cannot_back_are_refused_by_name(settings: dict, message: str):
     budget.check_parallel_config(parallel_config())  # TP=1, PP=1, in-process: fine
+    # Worker processes and tensor parallelism: the scheduler drives every rank's cache (ranked_cache).
+    budget.check_parallel_config(parallel_config(tensor_parallel_size=2, distributed_executor_backend="mp"))
     with pytest.raises(UnsupportedVllmConfigError, match=message):
         budget.check_parallel_config(parallel_config(**settings))
 

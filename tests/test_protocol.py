@@ -41,7 +41,7 @@ VALID: dict[MsgType, dict[str, Any]] = {
         "version": 2,
         "role": "engine",
         "model": "meta-llama/Llama-3.1-8B@fp8",
-        "geometry": {"num_layers": 32, "block_size": 16, "dtype": "float16", "mla": False, "scale": 0.5, "x": None},
+        "asleep": True,
         "adopt": 7,
         "page_size": 2 << 20,
     },
@@ -165,8 +165,8 @@ def test_encode_decode_round_trip(msg_type: MsgType):
 
 
 def test_optional_fields_accept_null():
-    """Optional fields (HELLO model/geometry, CONTROL model/value, REPLY error) take null."""
-    hello = valid(MsgType.HELLO) | {"role": "control", "model": None, "geometry": None, "adopt": 0}
+    """Optional fields (HELLO model, CONTROL model/value, REPLY error) take null."""
+    hello = valid(MsgType.HELLO) | {"role": "control", "model": None, "adopt": 0}
     assert protocol.decode(protocol.encode(MsgType.HELLO, hello), []).body == hello
     control = valid(MsgType.CONTROL) | {"op": "status", "model": None, "value": None}
     assert protocol.decode(protocol.encode(MsgType.CONTROL, control), []).body == control
@@ -298,13 +298,9 @@ BAD_VALUES = [
     (MsgType.HELLO, "model", "a\nb", "has an invalid value"),
     (MsgType.HELLO, "model", "a" * 65, "a string of at most 64 characters"),
     (MsgType.CONTROL, "model", "../etc", "has an invalid value"),
-    # booleans, objects, pairs, nested JSON
+    # booleans, pairs, nested JSON
     (MsgType.GRANT, "done", 1, "must be a boolean"),
-    (MsgType.HELLO, "geometry", [], "must be an object of at most 32 fields"),
-    (MsgType.HELLO, "geometry", {f"k{i}": i for i in range(33)}, "must be an object of at most 32 fields"),
-    (MsgType.HELLO, "geometry", {"1bad": 1}, "has an invalid key '1bad'"),
-    (MsgType.HELLO, "geometry", {"nested": {"a": 1}}, "geometry.nested must be a scalar"),
-    (MsgType.HELLO, "geometry", {"long": "y" * 129}, "geometry.long is longer than 128 characters"),
+    (MsgType.HELLO, "asleep", None, "must be a boolean"),
     (MsgType.ADOPTED, "mapping", [[1, 2, 3]], r"must hold \[int, int\] pairs"),
     (MsgType.ADOPTED, "mapping", [[1, -2]], r"must hold \[int, int\] pairs"),
     (MsgType.REPLY, "data", [[[[[[[["too deep"]]]]]]]], "is nested deeper than 6"),
@@ -375,7 +371,8 @@ GOOD_PAYLOAD = GOOD[HEADER.size :]
         (b"XXXX" + GOOD[4:], "does not start with the kvmem magic"),
         (frame(MsgType.USAGE, GOOD_PAYLOAD, magic=b"kvmm"), "does not start with the kvmem magic"),
         (frame(MsgType.USAGE, GOOD_PAYLOAD, version=2), "protocol version 2 is not supported"),
-        (frame(MsgType.USAGE, GOOD_PAYLOAD, version=4), "protocol version 4 is not supported"),
+        (frame(MsgType.USAGE, GOOD_PAYLOAD, version=3), "protocol version 3 is not supported"),
+        (frame(MsgType.USAGE, GOOD_PAYLOAD, version=5), "protocol version 5 is not supported"),
         (frame(MsgType.USAGE, GOOD_PAYLOAD, version=0), "protocol version 0 is not supported"),
         (frame(MsgType.USAGE, GOOD_PAYLOAD, length=len(GOOD_PAYLOAD) + 1), "length does not match"),
         (frame(MsgType.USAGE, GOOD_PAYLOAD, length=len(GOOD_PAYLOAD) - 1), "length does not match"),

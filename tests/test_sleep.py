@@ -16,7 +16,9 @@ from kvmem.cli.context import EXIT_TIMEOUT
 from kvmem.cli.main import main as kvctl
 from kvmem.common.errors import ControlError
 from kvmem.control import ControlClient
+from tests import fakecuda
 from tests.daemon_support import DaemonProcess, wait_for
+from tests.support import REAL_CUDA
 
 MiB = 1 << 20
 GEOMETRY = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64}  # 4 KiB blocks, 512 a page
@@ -195,3 +197,127 @@ def test_an_engine_that_exits_asleep_frees_its_saved_cache(daemon: DaemonProcess
         wait_for(lambda: daemon.status().daemon.host_tier_used_bytes == 0, what="the tier to be freed")
         with pytest.raises(ControlError, match=r"is still saving|no engine attached"):
             control.sleep("leaver", offload=True)
+
+
+def test_an_engine_asleep_across_a_daemon_restart_stays_asleep_until_kvctl_wake(daemon: DaemonProcess):
+    """The daemon restarts (`systemctl restart`) while an engine sleeps offloaded: its saved cache went
+    with the old daemon, but the engine reconnects saying it sleeps, so the new daemon shows it asleep,
+    `kvctl wake` reaches it, and the wake says nothing was restored (the engine drops its block ids)."""
+    events: list[tuple[str, bool]] = []
+    with kvmem.connect("restarted", runtime_dir=daemon.runtime_dir) as s:
+        s.on_sleep(lambda offload: events.append(("sleep", offload)))
+        s.on_wake(lambda restored: events.append(("wake", restored)))
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        fill_random(cache, cache.alloc(2 * cache.blocks_per_slot), seed=1)
+        with ControlClient(runtime_dir=daemon.runtime_dir) as control:
+            control.sleep("restarted", offload=True)
+        wait_for(lambda: model_state(daemon, "restarted") == "ASLEEP", what="asleep")
+
+        daemon.stop()
+        daemon.start()
+        wait_for(lambda: model_state(daemon, "restarted") != "GONE", what="the engine to re-register")
+        model = daemon.status().model("restarted")
+        assert (model.state.name, model.mapped_pages, model.saved_pages) == ("ASLEEP", 0, 0)
+        assert cache.asleep and events == [("sleep", True)]
+        with ControlClient(runtime_dir=daemon.runtime_dir) as control:
+            assert control.wake("restarted")["state"] == "awake"
+        wait_for(lambda: len(events) == 2, what="the wake hook")
+        assert events == [("sleep", True), ("wake", False)] and not cache.asleep
+        assert cache.get_num_used_blocks() == 0  # nothing came back: every block was freed
+        fill_random(cache, cache.alloc(cache.blocks_per_slot), seed=2)  # and the cache grows again
+        wait_for(lambda: daemon.status().model("restarted").mapped_pages == cache.pages_per_growth)
+
+
+# Pipelined sleep and wake (kvmem.cache.sleep hands the daemon 32 pages at a time as it unmaps them;
+# kvmemd copies 16-page batches on two threads and sends each restored batch at once). 12 slots of
+# 4 pages: 48 pages, two OFFLOADs (32 + 16) and three copy batches each way.
+PIPELINE_SLOTS = 12
+
+
+def fill_slots(cache: ElasticKVCache, slots: int) -> list[int]:
+    """Allocate `slots` full slots; random bytes into 8 blocks of each (so into every page); those blocks."""
+    ids = cache.alloc(slots * cache.blocks_per_slot)
+    filled = ids[:: cache.blocks_per_slot // 8]
+    fill_random(cache, filled, seed=3)
+    return filled
+
+
+def pipeline_daemon(tmp_path: Path, kind: str, fail_copy_at: int = 0) -> DaemonProcess:
+    runtime = tmp_path / "rt"
+    env = None
+    if fail_copy_at:  # the fake driver fails the daemon's N-th host<->device copy (tests/fakecuda)
+        counters = runtime.parent / f"{runtime.name}.fakecuda-counters"
+        env = fakecuda.child_env(FAKECUDA_COUNTERS_FILE=str(counters), FAKECUDA_FAIL_COPY_AT=str(fail_copy_at))
+    return DaemonProcess(runtime, kind, "128MiB", "--reserve", "0", "0", env=env)
+
+
+@pytest.mark.parametrize("kind", ["host", "cuda"])
+def test_a_pipelined_offload_and_wake_of_many_pages_is_bit_identical(tmp_path: Path, kind: str):
+    with (
+        pipeline_daemon(tmp_path, kind) as daemon,
+        kvmem.connect("many", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as control,
+    ):
+        woke: list[bool] = []
+        s.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
+        s.on_wake(woke.append)
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        assert cache.pages_per_growth == 4
+        ids = fill_slots(cache, PIPELINE_SLOTS)
+        before = checksums(cache, ids)
+        pages = PIPELINE_SLOTS * cache.pages_per_growth
+        wait_for(lambda: daemon.status().model("many").used_pages == pages)
+        for cycle in range(2):  # the second sleep reuses the tier memory the first wake freed
+            control.sleep("many", offload=True)
+            wait_for(lambda: model_state(daemon, "many") == "ASLEEP", what="asleep")
+            status = daemon.status()
+            assert status.model("many").saved_pages == pages and status.daemon.pages_granted == 0
+            control.wake("many")
+            wait_for(lambda: not cache.asleep, what="the wake to reach the cache")
+            assert woke == [True] * (cycle + 1)
+            assert checksums(cache, ids) == before
+            status = wait_for(lambda: (st := daemon.status()).model("many").state.name == "AWAKE" and st)
+            assert status.daemon.host_tier_used_bytes == 0 and status.model("many").mapped_pages == pages
+        if kind == "cuda" and not REAL_CUDA:  # every page copied once each way per cycle, never more
+            counters = daemon.counters()
+            assert (counters["cuMemcpyDtoH"], counters["cuMemcpyHtoD"]) == (2 * pages, 2 * pages)
+
+
+@pytest.mark.skipif(REAL_CUDA, reason="injects a copy failure into the fake driver")
+@pytest.mark.parametrize("where", ["sleep", "wake"])
+def test_a_copy_failing_half_way_through_a_pipelined_sleep_or_wake_loses_no_page(tmp_path: Path, where: str):
+    """The daemon's 20th copy fails: during the sleep (a save batch), or during the wake (a
+    restore batch). The cache comes back empty and says so (restored False), and every page is
+    accounted for: none held by the daemon's copies, none left in the tier, none lost."""
+    pages = PIPELINE_SLOTS * 4
+    fail_at = 20 if where == "sleep" else pages + 20
+    with (
+        pipeline_daemon(tmp_path, "cuda", fail_copy_at=fail_at) as daemon,
+        kvmem.connect("broken", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as control,
+    ):
+        woke: list[bool] = []
+        s.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
+        s.on_wake(woke.append)
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        fill_slots(cache, PIPELINE_SLOTS)
+        wait_for(lambda: daemon.status().model("broken").used_pages == pages)
+        control.sleep("broken", offload=True)
+        wait_for(lambda: model_state(daemon, "broken") == "ASLEEP", what="asleep")
+        status = daemon.status()
+        # A failed save batch keeps nothing: its 16 pages' bytes are lost, its pages are back in the pool.
+        assert status.model("broken").saved_pages == (pages - 16 if where == "sleep" else pages)
+        assert status.daemon.pages_granted == 0 and status.daemon.pages_free == status.daemon.pages_created
+        control.wake("broken")
+        wait_for(lambda: woke, what="the wake to reach the engine")
+        assert woke == [False] and not cache.asleep
+        assert cache.stats().mapped_slots == 0  # the partial cache was dropped, not trusted
+        status = wait_for(lambda: (st := daemon.status()).model("broken").state.name == "AWAKE" and st)
+        wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="the restored pages to come back")
+        status = daemon.status()
+        assert status.model("broken").saved_pages == 0 and status.daemon.host_tier_used_bytes == 0
+        assert status.daemon.pages_free == status.daemon.pages_created
+        # The cache is usable again, on fresh or recycled pages.
+        again = cache.alloc(2 * cache.blocks_per_slot)
+        fill_random(cache, again, seed=4)
+        cache.free(again)

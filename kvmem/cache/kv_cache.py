@@ -316,6 +316,11 @@ class ElasticKVCache:
         return self._growth.effective_target()
 
     @property
+    def reclaim_pages(self) -> int:
+        """Pages the daemon asked back (RECLAIM) that no slot given back has answered yet."""
+        return self._growth.reclaim_pages
+
+    @property
     def asleep(self) -> bool:
         """Whether the model sleeps (from the sleep request until its wake is complete)."""
         return self._state.asleep
@@ -453,8 +458,12 @@ class ElasticKVCache:
     # ---- shrink and compaction ----
 
     def shrink(self, max_slots: int | None = None) -> int:
-        """Unmap and return up to `max_slots` empty slots (all empty ones by default); how many."""
-        return self._growth.shrink(max_slots)
+        """Unmap and return up to `max_slots` empty slots (all empty ones by default); how many.
+        The pages returned count against a pending reclaim (`reclaim_pages`)."""
+        growth = self._growth
+        done = growth.shrink(max_slots)
+        growth.reclaim_pages = max(0, growth.reclaim_pages - done * growth.per_growth)
+        return done
 
     def compact(self) -> dict[int, int]:
         """Move live blocks so that the fewest slots hold them and give the emptied slots back; see

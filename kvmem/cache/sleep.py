@@ -31,6 +31,10 @@ from kvmem.page_source import Page
 
 logger = logging.getLogger(__name__)
 
+# Pages an offloading sleep unmaps before it hands them to the daemon (whole slots, at least one):
+# the daemon copies one batch while the next is unmapped (kvmemd.host_tier copies 16 at a time).
+OFFLOAD_BATCH_PAGES = 32
+
 
 class SleepCycle:
     """The sleep and wake of one cache (see the module docstring).
@@ -91,21 +95,24 @@ class SleepCycle:
                 empty = set(state.allocator.get_empty_slots())
                 for slot in empty:
                     state.allocator.remove_slot(slot)
+            # Pipelined: each batch goes to the daemon as soon as it is unmapped, so the daemon
+            # copies it to its host tier while the next batch is unmapped here.
             slots = sorted(state.slots.mapped)
-            returned: list[Page] = []
-            offloaded: list[Page] = []
-            offsets: list[int] = []
-            for slot, entry in zip(slots, state.slots.unmap(slots), strict=True):
-                if slot in empty:
-                    returned.extend(entry.pages)
-                else:
-                    offloaded.extend(entry.pages)
-                    offsets.extend(state.slots.page_offsets(slot))
-                    self._offloaded_slots.add(slot)
-            if returned:
-                state.source.release(returned)
-            if offloaded:
-                state.source.offload(offloaded, offsets)
+            for batch in state.slots.unmap_in_batches(slots, OFFLOAD_BATCH_PAGES):
+                returned: list[Page] = []
+                offloaded: list[Page] = []
+                offsets: list[int] = []
+                for slot, entry in batch:
+                    if slot in empty:
+                        returned.extend(entry.pages)
+                    else:
+                        offloaded.extend(entry.pages)
+                        offsets.extend(state.slots.page_offsets(slot))
+                        self._offloaded_slots.add(slot)
+                if returned:
+                    state.source.release(returned)
+                if offloaded:
+                    state.source.offload(offloaded, offsets)
             state.forget_usage()  # the daemon counts nothing in use once the pages left
             state.counters.shrinks += 1
         state.source.slept()

@@ -7,6 +7,7 @@ offset here comes from the `KVLayout`: this module does no layout arithmetic of 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvmem.common.layout import KVLayout
@@ -94,13 +95,28 @@ class SlotMap:
         if not slots:
             return []
         self.device.synchronize()
-        unmapped = []
-        for slot in slots:
-            entry = self.mapped.pop(slot)
-            for mapping in entry.mappings:
-                mapping.close()
-            unmapped.append(entry)
-        return unmapped
+        return [self._unmap_slot(slot) for slot in slots]
+
+    def unmap_in_batches(self, slots: list[int], pages_per_batch: int) -> Iterator[list[tuple[int, MappedSlot]]]:
+        """Unmap `slots` a few at a time (whole slots, about `pages_per_batch` pages), yielding each
+        batch of ``(slot, what was mapped there)`` as soon as it is unmapped, so that the caller
+        hands its pages on (a sleep's copies begin) while the next batch is unmapped.
+
+        One synchronize before the first unmap covers every batch: the caller has made sure that
+        no new work can reach these slots (see `unmap`), so nothing issued after it touches them.
+        """
+        if not slots:
+            return
+        self.device.synchronize()
+        per_batch = max(1, pages_per_batch // self.pages_per_growth)
+        for start in range(0, len(slots), per_batch):
+            yield [(slot, self._unmap_slot(slot)) for slot in slots[start : start + per_batch]]
+
+    def _unmap_slot(self, slot: int) -> MappedSlot:
+        entry = self.mapped.pop(slot)
+        for mapping in entry.mappings:
+            mapping.close()
+        return entry
 
     def close(self) -> None:
         """Free the reservation; every slot must be unmapped."""

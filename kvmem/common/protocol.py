@@ -33,7 +33,7 @@ from typing import Any
 
 from kvmem.common.errors import ConnectionClosed, DaemonRefusedError, ProtocolError
 
-PROTOCOL_VERSION = 3  # 3: WELCOME names the daemon's GPU by UUID
+PROTOCOL_VERSION = 4  # 3: WELCOME names the daemon's GPU by UUID; 4: HELLO says whether the engine sleeps
 MAGIC = b"KVMM"
 HEADER = struct.Struct("!4sBBHI")
 MAX_FRAME = 64 * 1024
@@ -136,24 +136,6 @@ class IntList:
 
 
 @dataclass(frozen=True)
-class Object:
-    """A flat JSON object of scalar values (e.g. a KV geometry), bounded in size."""
-
-    max_keys: int = 32
-
-    def check(self, name: str, value: Any) -> None:
-        if type(value) is not dict or len(value) > self.max_keys:
-            raise ProtocolError(f"field {name!r} must be an object of at most {self.max_keys} fields")
-        for key, item in value.items():
-            if not _KEY.match(key):
-                raise ProtocolError(f"field {name!r} has an invalid key {key[:32]!r}")
-            if type(item) is str and len(item) > 128:
-                raise ProtocolError(f"field {name}.{key} is longer than 128 characters")
-            if type(item) not in (int, str, bool, float) and item is not None:
-                raise ProtocolError(f"field {name}.{key} must be a scalar")
-
-
-@dataclass(frozen=True)
 class Pairs:
     """A list of [int, int] pairs."""
 
@@ -196,7 +178,6 @@ class Optional:
 
 
 _INT_ONLY = {int}
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 _TEXT = Str(1024)
 _REQ = Int(1, 2**31 - 1)
 _COUNT = Int(0, 2**40)
@@ -213,7 +194,9 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
         "version": Int(0, 255),
         "role": Str(16, choices=("engine", "control")),
         "model": Optional(_MODEL),
-        "geometry": Optional(Object()),
+        # The engine sleeps (it said SLEPT and no WAKE came since): after a daemon restart the new
+        # daemon records it asleep, with nothing saved, instead of taking it for awake.
+        "asleep": Bool(),
         "adopt": Int(0, MAX_PAGES_PER_REQUEST),
         "page_size": Int(0, 2**40),
     },

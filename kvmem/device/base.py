@@ -22,7 +22,11 @@ CUDA_ERROR_ILLEGAL_ADDRESS); on the host it would kill the process with SIGSEGV.
 
 Thread safety: one re-entrant lock per device guards the bookkeeping and the backend call it
 describes, so a background thread may map while another unmaps. Memsets and copies hold the lock
-too, so memory cannot be unmapped under a copy that was validated against it.
+too, so memory cannot be unmapped under a copy that was validated against it. The batched copies
+(`copy_device_to_host_many`, `copy_host_to_device_many`) are the one exception: they validate
+under the lock, then copy without it so that several batches run at once (a page's copy overlaps
+another thread's mapping work); while a batch is in flight its mappings and host buffers are
+*busy*: an unmap, an access change or a free of any of them waits until the batch is over.
 
 Synchronization rule: unmapping does not wait for GPU work that still reads or writes the range
 (neither cuMemUnmap nor cuMemRelease synchronize). Whoever unmaps must first synchronize the
@@ -38,7 +42,7 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -322,6 +326,11 @@ class Device(ABC):
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        # Notified whenever a batched copy ends (see the module docstring); waits release `_lock`.
+        self._copies_done = threading.Condition(self._lock)
+        # Batched copies in flight: id -> (ids of the mappings they touch, host ranges [lo, hi)).
+        self._in_flight: dict[int, tuple[set[int], list[tuple[int, int]]]] = {}
+        self._next_batch = 0
         self._closed = False
         # Reservations by base address; _bases is sorted for address lookups.
         self._bases: list[int] = []
@@ -341,7 +350,9 @@ class Device(ABC):
     def _backend_free(self, address: int, size: int) -> None: ...
 
     @abstractmethod
-    def _backend_create(self, size: int) -> Any: ...
+    def _backend_create(self, size: int) -> Any:
+        """A new physical allocation. Called WITHOUT the device lock (several threads create at once,
+        see `create_page`): it must guard any state of its own."""
 
     @abstractmethod
     def _backend_enter(self) -> None:
@@ -399,6 +410,11 @@ class Device(ABC):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def copies_in_flight(self) -> int:
+        """Batched copies running now (`copy_device_to_host_many`, `copy_host_to_device_many`)."""
+        return len(self._in_flight)
+
     def memory_info(self) -> MemoryInfo:
         """Free and total device memory in bytes."""
         with self._lock:
@@ -433,7 +449,20 @@ class Device(ABC):
         self._check_size("page size", size)
         with self._lock:
             self._check_open()
-            page = PhysicalPage(self, self._backend_create(size), size, imported=False)
+        # The allocation runs without the device lock, so that several threads create pages at
+        # once (the daemon's pool creates in parallel: kvmemd.pool). It touches none of the
+        # bookkeeping; the new page is registered below. CUDA driver calls on distinct objects
+        # may run concurrently from several threads: the driver API reference singles out graph
+        # objects as the ones that are not internally synchronized (CUDA Driver API, "Graph object
+        # thread safety"), and cuda.core's "Concurrency and Thread Safety" page allows any
+        # concurrent use of distinct objects, subject to shared driver state (a new allocation
+        # shares none with others). No per-call statement for cuMemCreate was found.
+        handle = self._backend_create(size)
+        with self._lock:
+            if self._closed:  # closed meanwhile: nothing may outlive the device
+                self._backend_release(handle)
+                raise ClosedError(f"{type(self).__name__} was closed while a page was being created")
+            page = PhysicalPage(self, handle, size, imported=False)
             self._pages[id(page)] = page
             return page
 
@@ -512,10 +541,14 @@ class Device(ABC):
         access = Access(access)
         self._check_size("access range size", size)
         with self._lock:
-            self._check_open()
-            self._check_reservation(reservation)
-            self._check_offset(offset)
-            covered = self._whole_mappings(reservation, offset, size)
+            while True:  # checked again after each wait: the lock was released meanwhile
+                self._check_open()
+                self._check_reservation(reservation)
+                self._check_offset(offset)
+                covered = self._whole_mappings(reservation, offset, size)
+                if not self._busy(mappings={id(m) for m in covered}):
+                    break
+                self._copies_done.wait()
             self._backend_set_access(reservation.address + offset, size, access)
             for mapping in covered:
                 mapping.access = access
@@ -557,6 +590,40 @@ class Device(ABC):
             if host.nbytes:
                 self._backend_copy_dtoh(host.ctypes.data, src, host.nbytes)
 
+    def copy_device_to_host_many(self, copies: Sequence[tuple[Any, int]]) -> None:
+        """Fill each writable host buffer ``dst`` with the bytes at device address ``src``, for
+        every ``(dst, src)`` of `copies`: several pages in one call.
+
+        Every range is checked before any copy starts (a bad one raises and nothing is copied).
+        The copies then run without the device lock, so other threads' device calls (and another
+        batch) proceed meanwhile; the mappings and host buffers involved stay busy until the
+        batch is over (unmapping, changing access or freeing them waits). Each copy is over when
+        this returns: on CUDA each is a synchronous cuMemcpyDtoH into (pinned) host memory.
+        """
+        hosts = [(_host_buffer(dst, writable=True), src) for dst, src in copies]
+        batch = self._start_batch([(src, host.nbytes) for host, src in hosts], [h for h, _ in hosts], Access.READ)
+        try:
+            for host, src in hosts:
+                if host.nbytes:
+                    self._backend_copy_dtoh(host.ctypes.data, src, host.nbytes)
+        finally:
+            self._end_batch(batch)
+
+    def copy_host_to_device_many(self, copies: Sequence[tuple[int, Any]]) -> None:
+        """Copy host buffer ``src`` to device address ``dst``, for every ``(dst, src)`` of `copies`.
+
+        The same contract as `copy_device_to_host_many` (checked first, copied without the
+        device lock, the ranges busy meanwhile); on CUDA each is a synchronous cuMemcpyHtoD.
+        """
+        hosts = [(dst, _host_buffer(src, writable=False)) for dst, src in copies]
+        batch = self._start_batch([(dst, host.nbytes) for dst, host in hosts], [h for _, h in hosts], Access.READ_WRITE)
+        try:
+            for dst, host in hosts:
+                if host.nbytes:
+                    self._backend_copy_htod(dst, host.ctypes.data, host.nbytes)
+        finally:
+            self._end_batch(batch)
+
     def allocate_host_buffer(self, size: int) -> HostBuffer:
         """Host memory of `size` bytes for copies with this device (pinned on CUDA).
 
@@ -586,6 +653,8 @@ class Device(ABC):
     def close(self) -> None:
         """Close everything this device made that is still open, then the device. Idempotent."""
         with self._lock:
+            while self._in_flight and not self._closed:  # no memory may go away under a batched copy
+                self._copies_done.wait()
             if self._closed:
                 return
             self._backend_synchronize()
@@ -624,6 +693,8 @@ class Device(ABC):
 
     def _unmap(self, mapping: Mapping) -> None:
         with self._lock:
+            while not mapping._closed and self._busy(mappings={id(mapping)}):
+                self._copies_done.wait()
             if mapping._closed:
                 return
             reservation = mapping.reservation
@@ -635,6 +706,8 @@ class Device(ABC):
 
     def _free_host_buffer(self, buffer: HostBuffer) -> None:
         with self._lock:
+            while not buffer._closed and self._busy(host=(buffer.address, buffer.address + buffer.size)):
+                self._copies_done.wait()
             if buffer._closed:
                 return
             buffer.array = None  # views taken earlier must not be used after this
@@ -647,11 +720,44 @@ class Device(ABC):
             if reservation._closed:
                 return
             for mapping in list(reversed(reservation._mappings)):
-                self._unmap(mapping)
+                self._unmap(mapping)  # may wait for a batched copy, the lock released meanwhile
+            if reservation._closed:  # closed by another thread while this one waited
+                return
             self._backend_free(reservation.address, reservation.size)
             reservation._closed = True
             self._bases.remove(reservation.address)
             del self._reservations[reservation.address]
+
+    # ---- batched copies in flight ----
+
+    def _start_batch(self, ranges: list[tuple[int, int]], hosts: list[np.ndarray], need: Access) -> int:
+        """Check every device range of a batched copy and mark its mappings and host buffers busy."""
+        with self._lock:
+            self._check_open()
+            mappings: set[int] = set()
+            for address, size in ranges:
+                mappings.update(id(m) for m in self._check_device_range(address, size, need))
+            host_ranges = [(h.ctypes.data, h.ctypes.data + h.nbytes) for h in hosts if h.nbytes]
+            batch = self._next_batch
+            self._next_batch += 1
+            self._in_flight[batch] = (mappings, host_ranges)
+            return batch
+
+    def _end_batch(self, batch: int) -> None:
+        with self._lock:
+            del self._in_flight[batch]
+            self._copies_done.notify_all()
+
+    def _busy(self, mappings: Collection[int] = (), host: tuple[int, int] | None = None) -> bool:
+        """Whether a batched copy in flight touches `mappings` (ids) or overlaps the host range
+        `host` (called with the lock held). A caller that must wait uses ``_copies_done.wait()``,
+        which releases the lock, and checks its object again afterwards: it may have changed."""
+        for touched, host_ranges in self._in_flight.values():
+            if not touched.isdisjoint(mappings):
+                return True
+            if host is not None and any(lo < host[1] and host[0] < hi for lo, hi in host_ranges):
+                return True
+        return False
 
     # ---- validation ----
 
@@ -698,12 +804,13 @@ class Device(ABC):
             )
         return covered
 
-    def _check_device_range(self, address: int, size: int, need: Access) -> None:
-        """Refuse a memset/copy range unless it is mapped with at least `need` access."""
+    def _check_device_range(self, address: int, size: int, need: Access) -> list[Mapping]:
+        """Refuse a memset/copy range unless it is mapped with at least `need` access; the
+        mappings that cover it."""
         if not isinstance(address, int) or not isinstance(size, int) or size < 0:
             raise InvalidArgumentError(f"bad device range: address={address!r} size={size!r}")
         if size == 0:
-            return
+            return []
         i = bisect.bisect_right(self._bases, address) - 1
         reservation = self._reservations[self._bases[i]] if i >= 0 else None
         if reservation is None or address + size > reservation.end:
@@ -714,6 +821,7 @@ class Device(ABC):
         end = start + size
         j = bisect.bisect_right(reservation._offsets, start) - 1
         cursor = start
+        covered: list[Mapping] = []
         while cursor < end:
             if j < 0 or j >= len(reservation._mappings):
                 break
@@ -725,7 +833,9 @@ class Device(ABC):
                     f"device range at {reservation.address + cursor:#x} is mapped with access "
                     f"{mapping.access.name}, needs {need.name}: call set_access first"
                 )
+            covered.append(mapping)
             cursor = mapping.offset + mapping.size
             j += 1
         if cursor < end:
             raise IllegalAddressError(f"device address {reservation.address + cursor:#x} is not mapped")
+        return covered

@@ -185,7 +185,8 @@ class CudaDevice(Device):
         if int(current) != self._ctx_int:
             check("cuCtxSetCurrent", cu.cuCtxSetCurrent(self._ctx))
 
-    # The lock of the base class is held in every _backend_* call.
+    # The lock of the base class is held in every _backend_* call but `_backend_create`, and the copies
+    # of the batched copies (Device.copy_device_to_host_many): each makes the context current itself.
 
     def _backend_memory_info(self) -> MemoryInfo:
         self._make_current()

@@ -47,7 +47,6 @@ _madvise = _libc.madvise
 _madvise.restype = ctypes.c_int
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MADV_DONTFORK = 10
-_MADV_HUGEPAGE = 14
 _HUGE_PAGE = 2 << 20
 _mprotect = _libc.mprotect
 _mprotect.restype = ctypes.c_int
@@ -116,7 +115,8 @@ class HostDevice(Device):
         self.name = "host memory"
         self._charged = 0
 
-    # The lock of the base class is held in every _backend_* call.
+    # The lock of the base class is held in every _backend_* call but `_backend_create`, and the copies
+    # of the batched copies (Device.copy_device_to_host_many).
 
     def _backend_memory_info(self) -> MemoryInfo:
         free = min(self.capacity - self._charged, psutil.virtual_memory().available)
@@ -141,20 +141,29 @@ class HostDevice(Device):
             raise _os_error("munmap")
 
     def _backend_create(self, size: int) -> _HostAllocation:
-        if self._charged + size > self.capacity:
-            raise OutOfMemoryError(
-                f"host device capacity exhausted: {self._charged} of {self.capacity} bytes in use, "
-                f"{size} more requested"
-            )
-        fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        # Called without the device lock (Device.create_page): the capacity is charged under it,
+        # first, and the memory is made outside it, so that threads creating pages zero them in
+        # parallel (posix_fallocate zeroes the 2 MiB in the kernel, most of a creation's cost).
+        with self._lock:
+            if self._charged + size > self.capacity:
+                raise OutOfMemoryError(
+                    f"host device capacity exhausted: {self._charged} of {self.capacity} bytes in use, "
+                    f"{size} more requested"
+                )
+            self._charged += size
         try:
-            os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
+            fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.close(fd)
+                raise
         except OSError as exc:
-            os.close(fd)
+            with self._lock:
+                self._charged -= size
             cls = OutOfMemoryError if exc.errno in (errno.ENOMEM, errno.ENOSPC) else DeviceError
             raise cls(f"memfd allocation of {size} bytes failed: {exc.strerror}") from exc
-        self._charged += size
         return _HostAllocation(memfd=fd, size=size, charged=True)
 
     def _backend_enter(self) -> None:
@@ -223,9 +232,14 @@ class HostDevice(Device):
         ctypes.memmove(dst_host, src, size)
 
     def _backend_host_alloc(self, size: int) -> int:
-        # 2 MiB-aligned and advised for transparent huge pages: a first copy into 4 KiB pages
-        # spends most of its time in page faults (measured: 1 GiB in 0.7-1.9 s with 4 KiB pages,
-        # 0.3 s with huge pages, on this 2-core machine; benchmarks/bench_sleep.py).
+        # 2 MiB-aligned, so that a kernel giving transparent huge pages to all memory (THP
+        # "always") can back it with them. Not advised for them (MADV_HUGEPAGE): with the kernel's
+        # default defrag setting an advised fault waits for memory to be compacted into a huge
+        # page, and on this machine (THP "madvise", defrag "madvise", much memory in the page
+        # cache) the first offloading sleep of 1 GiB took 7.7-12 s with the advice and 0.9 s
+        # without; 512 MiB of buffers took 0.9-1.4 s to allocate and touch advised, 0.4-0.5 s
+        # not, and copies into them afterwards were no slower (benchmarks/README.md). A fault on
+        # 4 KiB pages costs a bounded amount; a compaction stall does not.
         align = _HUGE_PAGE
         span = size + align
         raw = _mmap(None, span, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
@@ -236,7 +250,6 @@ class HostDevice(Device):
             _munmap(raw, base - raw)
         if raw + span > base + size:
             _munmap(base + size, raw + span - base - size)
-        _madvise(base, size, _MADV_HUGEPAGE)  # advice only: without THP the buffer still works
         return base
 
     def _backend_host_free(self, address: int, size: int) -> None:

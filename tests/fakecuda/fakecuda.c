@@ -43,7 +43,10 @@
  *
  * Environment (read at cuInit): FAKECUDA_CAPACITY_BYTES (default 4 GiB), FAKECUDA_GRANULARITY
  * (default 2 MiB), FAKECUDA_DEVICE_COUNT (default 1), FAKECUDA_VMM_SUPPORTED (default 1),
- * FAKECUDA_DRIVER_VERSION (default 13000), FAKECUDA_COUNTERS_FILE.
+ * FAKECUDA_DRIVER_VERSION (default 13000), FAKECUDA_COUNTERS_FILE, and one fault to inject:
+ * FAKECUDA_FAIL_COPY_AT=N makes the N-th host<->device copy of the process (cuMemcpyHtoD or
+ * cuMemcpyDtoH, counted from 1) fail with CUDA_ERROR_UNKNOWN, once and not sticky, so that tests
+ * can break a sleep's or a wake's copies half-way (default 0: never).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -137,6 +140,8 @@ static int g_device_count = 1;   /* devices this process sees (after CUDA_VISIBL
 static int g_physical[64];
 static int g_vmm_supported = 1;
 static int g_driver_version = 13000;
+static unsigned long long g_fail_copy_at; /* FAKECUDA_FAIL_COPY_AT; 0: no injected failure */
+static unsigned long long g_copies;        /* host<->device copies so far (under g_lock) */
 
 /* ---- state; one lock guards all of it ---- */
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -360,6 +365,7 @@ static CUresult fake_cuInit(unsigned int flags) {
         const char *vmm = getenv("FAKECUDA_VMM_SUPPORTED");
         g_vmm_supported = !(vmm && strcmp(vmm, "0") == 0);
         g_driver_version = (int)env_size("FAKECUDA_DRIVER_VERSION", 13000);
+        g_fail_copy_at = env_size("FAKECUDA_FAIL_COPY_AT", 0);
         g_primary = calloc((size_t)(g_device_count ? g_device_count : 1), sizeof *g_primary);
         for (int i = 0; i < g_device_count; i++) g_primary[i].device = i;
         g_initialized = 1;
@@ -847,6 +853,7 @@ static CUresult fake_cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
     if (!src && n) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&g_lock);
     rc = check_device_range(dst, n, CU_MEM_ACCESS_FLAGS_PROT_READWRITE);
+    if (!rc && ++g_copies == g_fail_copy_at) rc = CUDA_ERROR_UNKNOWN; /* injected (see the top) */
     if (!rc) memcpy((void *)(uintptr_t)dst, src, n);
     pthread_mutex_unlock(&g_lock);
     return rc;
@@ -859,6 +866,7 @@ static CUresult fake_cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
     if (!dst && n) return CUDA_ERROR_INVALID_VALUE;
     pthread_mutex_lock(&g_lock);
     rc = check_device_range(src, n, CU_MEM_ACCESS_FLAGS_PROT_READ);
+    if (!rc && ++g_copies == g_fail_copy_at) rc = CUDA_ERROR_UNKNOWN; /* injected (see the top) */
     if (!rc) memcpy(dst, (void *)(uintptr_t)src, n);
     pthread_mutex_unlock(&g_lock);
     return rc;

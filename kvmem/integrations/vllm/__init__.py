@@ -21,7 +21,12 @@ them up:
 - the scheduler side (`pool`): the `BlockPool` the KV cache coordinator builds becomes
   `KvmemBlockPool`, whose blocks are backed by kvmem pages as they are used; the coordinator's
   `get_num_blocks_to_allocate` tells the pool what a request will take, and `Scheduler.schedule`
-  holds the pool's lock for a step.
+  holds the pool's lock for a step;
+- where the workers are processes of their own (`ranked_cache`, `rank`): the workers get one
+  method, `kvmem_rank`, through which the scheduler's pool maps and unmaps slots on every rank
+  (vLLM's `collective_rpc`); `EngineCore._initialize_kv_caches` records the engine core whose
+  executor reaches them, and `EngineCoreProc._handle_client_request` runs the pool's periodic
+  `maintain` when a WAKEUP request carries `ranked_cache.TICK`.
 
 `register` may run more than once per process; patching is idempotent.
 """
@@ -70,7 +75,7 @@ def register() -> None:
     if not enabled():
         return
     check_vllm_version()
-    from kvmem.integrations.vllm import allocation, budget, pool
+    from kvmem.integrations.vllm import allocation, budget, pool, rank, ranked_cache
 
     modules = [importlib.import_module(name) for name in PATCHED_MODULES]
     workers = []
@@ -80,6 +85,9 @@ def register() -> None:
         except ImportError:  # a build without this platform's worker (e.g. the CPU one on a GPU build)
             continue
         workers.append(_expect(module, class_name))
+    engine_core = importlib.import_module("vllm.v1.engine.core")
+    _expect(_expect(engine_core, "EngineCore"), "_initialize_kv_caches")
+    _expect(_expect(engine_core, "EngineCoreProc"), "_handle_client_request")
     from kvmem.integrations.vllm.compat import ADAPTER  # the installed release's (`compat`)
 
     num_blocks_module = importlib.import_module(ADAPTER.num_blocks_module)
@@ -101,6 +109,12 @@ def register() -> None:
         stock = worker.__dict__.get("determine_available_memory")
         if stock is not None and not hasattr(stock, "__kvmem_stock__"):
             worker.determine_available_memory = budget.with_kvmem_budget(stock)
+        worker.kvmem_rank = rank.kvmem_rank
+    core, proc = engine_core.EngineCore, engine_core.EngineCoreProc
+    if not hasattr(core._initialize_kv_caches, "__kvmem_stock__"):
+        core._initialize_kv_caches = ranked_cache.binding_engine_core(core._initialize_kv_caches)
+    if not hasattr(proc._handle_client_request, "__kvmem_stock__"):
+        proc._handle_client_request = ranked_cache.handling_ticks(proc._handle_client_request)
     if not hasattr(num_blocks_module.may_override_num_blocks, "__kvmem_stock__"):
         num_blocks_module.may_override_num_blocks = budget.whole_slots(num_blocks_module.may_override_num_blocks)
     pool.set_backing(allocation.cache_for_pool)

@@ -10,9 +10,11 @@ come from: the flat buffer is the reservation of a kvmem `ElasticKVCache` laid o
 block ``b`` is kvmem block ``b`` (`kvmem.integrations.vllm.geometry`). Nothing is mapped but the
 first page slot: vLLM's block tables are padded with block 0 (its null block) and warm-up runs
 read it. Every other slot is mapped when the scheduler's block pool hands out one of its blocks
-(`kvmem.integrations.vllm.pool`), which finds this cache through `cache_for_pool`: with TP=1 and
-PP=1 vLLM runs its one worker in the engine-core process (`UniProcExecutor`,
-`vllm/v1/executor/uniproc_executor.py`), the process that also runs the scheduler.
+(`kvmem.integrations.vllm.pool`), which finds this cache through `cache_for_pool` when vLLM runs
+its one worker in the engine-core process (`UniProcExecutor`, `vllm/v1/executor/uniproc_executor.py`),
+the process that also runs the scheduler. With worker processes (`MultiprocExecutor`: TP>1, and
+vLLM's CPU platform) the pool maps slots on every rank's cache through vLLM's executor instead
+(`ranked_cache`, `rank`).
 
 The one exception is an allocation made while vLLM profiles memory (`budget` sets `profiling`):
 vLLM's GPU model runner may allocate a minimal KV cache for CUDA-graph profiling
@@ -21,8 +23,8 @@ pool; that cache is mapped whole, and replaced by the real one.
 
 The session is opened once per process, from the environment: KVMEM_DEVICE=host with
 KVMEM_BUDGET for `kvmem.local` (no daemon), else `kvmem.connect` to the daemon of the worker's
-GPU (host daemons serve as GPU 0) in KVMEM_RUNTIME_DIR, as model KVMEM_MODEL or else vLLM's
-served model name. It is closed at exit, returning every page.
+GPU (on CPU, the host daemon serving as GPU <the worker's local rank>) in KVMEM_RUNTIME_DIR, as
+model KVMEM_MODEL or else vLLM's served model name. It is closed at exit, returning every page.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ import torch
 
 from kvmem.cache import ElasticKVCache, KVCacheFull
 from kvmem.common.protocol import check_model_name, model_name_from
+from kvmem.integrations.vllm import ranked_cache
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError, VllmKVGeometry, geometry_of
+from kvmem.integrations.vllm.ranked_cache import RankedCache
 from kvmem.session import Session, from_environment
 
 logger = logging.getLogger(__name__)
@@ -71,11 +75,20 @@ def model_name(vllm_config=None) -> str:
     return model_name_from(served)
 
 
-def session(device: torch.device, vllm_config=None) -> Session:
-    """This process's kvmem session, opened on first use (see the module docstring)."""
+def session(device: torch.device, vllm_config=None, rank: int = 0) -> Session:
+    """This process's kvmem session, opened on first use (see the module docstring).
+
+    Args:
+        device: The worker's torch device.
+        vllm_config: vLLM's config (for the model's name).
+        rank: The worker's local rank: on CPU, the host daemon serving as GPU `rank` (each rank of a
+            tensor-parallel CPU engine has a daemon of its own, as each GPU has).
+    """
     global _session
     if _session is None:
-        _session = from_environment(device, lambda: model_name(vllm_config), "vLLM's KV cache", RuntimeError)
+        _session = from_environment(
+            device, lambda: model_name(vllm_config), "vLLM's KV cache", RuntimeError, host_gpu=rank
+        )
     return _session
 
 
@@ -84,19 +97,16 @@ def current_cache() -> ElasticKVCache | None:
     return _cache
 
 
-def cache_for_pool(num_blocks: int) -> ElasticKVCache:
-    """The provider `pool.set_backing` gets: this process's cache, which must hold `num_blocks`.
+def cache_for_pool(num_blocks: int) -> ElasticKVCache | RankedCache:
+    """The provider `pool.set_backing` gets: this process's cache, which must hold `num_blocks`, or,
+    where vLLM's workers are processes of their own, the scheduler's view of theirs (`ranked_cache`).
 
     Raises:
-        UnsupportedVllmConfigError: No kvmem cache in this process (vLLM runs its workers in other
-            processes) or one of another size.
+        UnsupportedVllmConfigError: No kvmem cache in this process and no multiprocess executor to
+            reach the workers', or a cache of another size.
     """
     if _cache is None or _geometry is None:
-        raise UnsupportedVllmConfigError(
-            "kvmem: vLLM's scheduler found no kvmem KV cache in its process: its workers run elsewhere. kvmem "
-            "supports tensor_parallel_size=1 and pipeline_parallel_size=1 with vLLM's in-process executor "
-            "(distributed_executor_backend='uni', the default there)"
-        )
+        return ranked_cache.for_scheduler(num_blocks)
     if _geometry.num_blocks != num_blocks:
         raise UnsupportedVllmConfigError(
             f"kvmem: vLLM's scheduler has {num_blocks} blocks but its KV tensors {_geometry.num_blocks}"

@@ -22,13 +22,17 @@ The block count is then rounded down to a whole number of kvmem page slots (`may
 also where vLLM applies `num_gpu_blocks_override`), so that each of vLLM's layer regions is a whole
 number of slots (`kvmem.integrations.vllm.geometry`).
 
-kvmem backs one engine per process whose scheduler and worker share that process: TP=1, PP=1,
-DP=1 and vLLM's in-process executor ('uni': vLLM's default for one GPU, where the engine-core
-process runs the worker; on CPU only with VLLM_ENABLE_V1_MULTIPROCESSING=0, since the CPU platform
-otherwise moves the worker to a process of its own). Other parallel configurations, and vLLM's
-own sleep mode (which moves the KV cache itself), are refused with `UnsupportedVllmConfigError`. Serving TP>1
-would need the scheduler's pool to tell each worker's cache which slots to map (kvcached does it
-over IPC): a next step.
+Which engines kvmem backs: TP of any size, PP=1, DP=1, with vLLM's in-process executor ('uni':
+vLLM's default for one GPU, where the engine-core process runs the worker and the scheduler's pool
+uses the worker's cache directly) or its multiprocess executor ('mp': every TP>1 engine, and the
+CPU platform's default, where each rank's worker is a process and the pool drives the ranks'
+caches through `kvmem.integrations.vllm.ranked_cache`). Other parallel configurations, other
+executors (Ray, external launchers), and vLLM's own sleep mode (which moves the KV cache itself)
+are refused with `UnsupportedVllmConfigError`.
+
+With worker processes, vLLM sizes the cache in the engine core from the workers' answers, and
+`may_override_num_blocks` runs there, not in the workers where the page slot's size in blocks is
+known: the engine core asks the workers for it (`ranked_cache.worker_alignment`).
 """
 
 from __future__ import annotations
@@ -53,26 +57,28 @@ def check_parallel_config(vllm_config: Any) -> None:
         UnsupportedVllmConfigError: Naming the setting and what kvmem supports.
     """
     parallel = vllm_config.parallel_config
-    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+    for name in ("pipeline_parallel_size", "data_parallel_size"):
         value = getattr(parallel, name, 1)
         if value != 1:
             raise UnsupportedVllmConfigError(
                 f"kvmem backs vLLM engines with {name}=1; this one has {value}. Unset KVMEM to run it without kvmem"
             )
     backend = getattr(parallel, "distributed_executor_backend", None)
-    if backend not in (None, "uni"):
-        # vllm 0.32 vllm/platforms/cpu.py: the CPU platform turns 'uni' into 'mp' (a worker process of
-        # its own, for OpenMP) unless VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the whole engine in one process.
+    if backend not in (None, "uni", "mp"):
         raise UnsupportedVllmConfigError(
-            f"kvmem needs vLLM's in-process executor (distributed_executor_backend='uni'); this engine uses "
-            f"{backend!r}, so its worker and its scheduler are in different processes (on CPU, set "
-            "VLLM_ENABLE_V1_MULTIPROCESSING=0)"
+            f"kvmem backs vLLM's in-process ('uni') and multiprocess ('mp') executors; this engine uses "
+            f"{backend!r}. Use distributed_executor_backend='mp', or unset KVMEM to run it without kvmem"
         )
     if getattr(vllm_config.model_config, "enable_sleep_mode", False):
         raise UnsupportedVllmConfigError(
             "kvmem manages the KV cache's memory itself: use `kvctl sleep`/`kvctl wake` instead of vLLM's "
             "enable_sleep_mode"
         )
+
+
+def alignment() -> int:
+    """vLLM blocks per kvmem page slot, once this process's worker has computed it (else 1)."""
+    return _alignment
 
 
 def budget_bytes(s: Session) -> int:
@@ -96,7 +102,7 @@ def with_kvmem_budget(stock):
     def determine_available_memory(self) -> int:
         global _alignment
         check_parallel_config(self.vllm_config)
-        s = allocation.session(self.device, self.vllm_config)
+        s = allocation.session(self.device, self.vllm_config, rank=getattr(self, "local_rank", 0))
         size = budget_bytes(s)
         _alignment = slot_alignment(self.model_runner.get_kv_cache_spec(), s.source.page_size)
         cache_config = self.cache_config
@@ -121,12 +127,17 @@ def whole_slots(stock):
 
     def may_override_num_blocks(vllm_config, num_blocks: int) -> int:
         num_blocks = stock(vllm_config, num_blocks)
-        if _alignment <= 1 or not num_blocks % _alignment:
+        align = _alignment
+        if align <= 1:  # not a worker's process: the engine core of a multiprocess executor asks its workers
+            from kvmem.integrations.vllm import ranked_cache
+
+            align = ranked_cache.worker_alignment()
+        if align <= 1 or not num_blocks % align:
             return num_blocks
-        rounded = num_blocks // _alignment * _alignment
+        rounded = num_blocks // align * align
         if not rounded:
             raise UnsupportedVllmConfigError(
-                f"kvmem: a KV cache of {num_blocks} blocks is less than one page slot of {_alignment} blocks: raise "
+                f"kvmem: a KV cache of {num_blocks} blocks is less than one page slot of {align} blocks: raise "
                 "the daemon's budget (or KVMEM_BUDGET)"
             )
         logger.info("kvmem: %d KV blocks rounded down to %d, a whole number of page slots", num_blocks, rounded)

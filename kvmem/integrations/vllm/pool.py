@@ -68,6 +68,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
 from kvmem.cache import ElasticKVCache
+from kvmem.integrations.vllm.ranked_cache import RankedCache
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ GROW_WAIT_S = 0.05
 DENY_BACKOFF_S = 0.25
 DRAIN_LOG_S = 10.0  # a drain that waits says what for this often
 
-Backing = Callable[[int], ElasticKVCache]
+Backing = Callable[[int], ElasticKVCache | RankedCache]
 _backing: Backing | None = None
 
 
@@ -119,8 +120,11 @@ class KvmemBlockPool(BlockPool):
             if not self._hold_null():
                 logger.warning("kvmem: no page for vLLM's null block yet; the engine waits for memory")
         cache.attach_engine(self.engine_lock, evictor=self._evict, on_unmapped=self._unmapped)
-        cache.add_sleep_hook(self._drain)
-        cache.wake_hooks.append(self._resume)
+        if isinstance(cache, RankedCache):  # the scheduler drives the drain itself (ranked_cache)
+            cache.attach_pool(self)
+        else:
+            cache.add_sleep_hook(self._drain)
+            cache.wake_hooks.append(self.resume)
 
     # ---- counts ----
 
@@ -420,18 +424,34 @@ class KvmemBlockPool(BlockPool):
             queue.append_n(moved)
 
     def _drain(self, offload: bool) -> None:
-        """kvmem's sleep hook: admit nothing, wait until no block is referenced; without offload
-        drop the prefix cache and the null block, so that every slot can go back."""
+        """kvmem's sleep hook (a cache in this process, on its background thread): admit nothing,
+        wait until no block is referenced, then `finish_drain`."""
         with self.engine_lock:
-            self._asleep = True
+            self.begin_drain()
             started = time.monotonic()
-            while self._in_use() > 0:
+            while self.blocks_in_use() > 0:
                 if not self._drained.wait(timeout=DRAIN_LOG_S):
                     logger.warning(
                         "kvmem: sleep waits for %d referenced blocks (%.0f s)",
-                        self._in_use(),
+                        self.blocks_in_use(),
                         time.monotonic() - started,
                     )
+            self.finish_drain(offload)
+
+    def begin_drain(self) -> None:
+        """Admit nothing from now on: the count is 0, so a running request is preempted when it needs a block."""
+        with self.engine_lock:
+            self._asleep = True
+
+    def blocks_in_use(self) -> int:
+        """Blocks referenced by requests (a drain is done at 0)."""
+        with self.engine_lock:
+            return self._in_use()
+
+    def finish_drain(self, offload: bool) -> None:
+        """No block is referenced: without offload drop the prefix cache and the null block, so that
+        every slot can go back (with offload they stay, to be saved)."""
+        with self.engine_lock:
             if offload:
                 return
             self._stock_counts = True
@@ -445,7 +465,7 @@ class KvmemBlockPool(BlockPool):
                 self._held[self.null_block.block_id] = 0
                 self._null_held = False
 
-    def _resume(self, restored: bool) -> None:
+    def resume(self, restored: bool) -> None:
         """kvmem's wake hook: admit again; if the saved cache was lost, forget it."""
         with self.engine_lock:
             if not restored:  # kvmem freed every block: no hash may point at them any more
