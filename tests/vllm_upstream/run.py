@@ -55,11 +55,11 @@ SPLIT_TEST_PATHS = (
 
 # The models the tests above build a ModelConfig for (vllm 0.32.0): the default ModelConfig model,
 # Qwen/Qwen3-0.6B; Qwen/Qwen1.5-7B in test_kv_cache_utils.py; facebook/opt-125m in
-# tests/v1/kv_connector/unit/utils.py. vLLM 0.33.0 adds facebook/opt-350m (test_priority_preemption_bug.py)
-# and Qwen/Qwen3-Next-80B-A3B-Instruct (test_scheduler.py's test_streaming_lookahead_hashes_follow_recomputed_kv;
+# tests/v1/kv_connector/unit/utils.py; facebook/opt-350m in test_priority_preemption_bug.py. vLLM 0.33.0 adds
+# Qwen/Qwen3-Next-80B-A3B-Instruct (test_scheduler.py's test_streaming_lookahead_hashes_follow_recomputed_kv;
 # vLLM inspects its architecture by importing qwen3_next.py, which needs compressed-tensors: the 0.33 venv
 # installs it). Values from the models' public config.json files. Not here: llava-hf/llava-1.5-7b-hf, which
-# the multimodal scheduler tests name (48 in 0.32, 62 in 0.33): vLLM's llava.py imports its Pixtral encoder,
+# the multimodal scheduler tests name (47 in 0.32, 62 in 0.33): vLLM's llava.py imports its Pixtral encoder,
 # which imports mistral_common and transformers' Pixtral image processor, which imports torchvision, which
 # cannot load beside CPU torch; so those tests fail with either pool, with or without its config.
 MODEL_CONFIGS = {
@@ -288,7 +288,7 @@ def main() -> int:
     passed = sorted(k for k, v in stock["outcomes"].items() if v == "passed")
     # The comparison means something only where vLLM's own tests run here: with most of them failing
     # on vLLM's own pool (a broken test environment), "every test that passes with it passes with
-    # kvmem's" would hold of almost nothing. vLLM 0.32: 780 of 830 pass on this machine; 0.33: 972 of 1037.
+    # kvmem's" would hold of almost nothing. vLLM 0.32: 781 of 830 pass on this machine; 0.33: 972 of 1037.
     if len(passed) < MIN_STOCK_PASS_FRACTION * len(stock["outcomes"]):
         print(
             f"vLLM {release}'s own tests: only {len(passed)} of {len(stock['outcomes'])} pass with vLLM's own block "
