@@ -90,8 +90,8 @@ def test_offload_sleep_and_wake_restore_every_block_bit_identical(daemon: Daemon
         assert info.value.reason == "asleep"
 
         assert control.wake("sleeper")["state"] == "waking"
-        wait_for(lambda: not cache.asleep, what="the wake to reach the cache")
-        assert events == [("sleep", True), ("wake", True)]
+        wait_for(lambda: len(events) == 2, what="the wake hook")  # it runs just after the cache wakes
+        assert events == [("sleep", True), ("wake", True)] and not cache.asleep
         assert checksums(cache, live) == before
         # The status is published within a few ms of the daemon's AWAKE, maybe after the cache woke.
         status = wait_for(lambda: (st := daemon.status()).model("sleeper").state.name == "AWAKE" and st)
@@ -273,8 +273,9 @@ def test_a_pipelined_offload_and_wake_of_many_pages_is_bit_identical(tmp_path: P
             status = daemon.status()
             assert status.model("many").saved_pages == pages and status.daemon.pages_granted == 0
             control.wake("many")
-            wait_for(lambda: not cache.asleep, what="the wake to reach the cache")
-            assert woke == [True] * (cycle + 1)
+            # The wake hooks run just after the cache stops being asleep: wait for them, not for that.
+            wait_for(lambda n=cycle + 1: len(woke) == n, what="the wake hook")
+            assert woke == [True] * (cycle + 1) and not cache.asleep
             assert checksums(cache, ids) == before
             status = wait_for(lambda: (st := daemon.status()).model("many").state.name == "AWAKE" and st)
             assert status.daemon.host_tier_used_bytes == 0 and status.model("many").mapped_pages == pages
