@@ -33,6 +33,12 @@ class Session:
         self._wake_hooks: list[Callable[[bool], None]] = []
         self._closed = False
 
+    @property
+    def status_segment(self) -> str | None:
+        """The POSIX shared-memory name of the status segment where the daemon publishes this session's
+        model (`kvmem.common.status.StatusReader` reads it); None for a local session (no daemon)."""
+        return self.source.paths.shm_name if isinstance(self.source, DaemonClient) else None
+
     def on_sleep(self, hook: Callable[[bool], None]) -> Callable[[bool], None]:
         """Register `hook(offload)`, run when the operator puts this model to sleep (`kvctl sleep`).
 

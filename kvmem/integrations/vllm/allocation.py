@@ -97,6 +97,11 @@ def current_cache() -> ElasticKVCache | None:
     return _cache
 
 
+def status_segment() -> str | None:
+    """The status segment of this process's daemon (None: no session yet, or no daemon)."""
+    return None if _session is None else _session.status_segment
+
+
 def cache_for_pool(num_blocks: int) -> ElasticKVCache | RankedCache:
     """The provider `pool.set_backing` gets: this process's cache, which must hold `num_blocks`, or,
     where vLLM's workers are processes of their own, the scheduler's view of theirs (`ranked_cache`).

@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from kvmem.cache import ElasticKVCache
+from kvmem.integrations.vllm import allocation
+from kvmem.integrations.vllm.doorbell import status_entry
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class RankFollower:
             "mapped": self.mapped(),
             # A local budget (no daemon) is sure room; a daemon promises nothing ahead (-1).
             "budget_pages": sure + cache.num_mapped_slots() * cache.pages_per_growth if sure > 0 else -1,
+            "status": status_entry(allocation.status_segment()),
         }
 
     def mapped(self) -> list[int]:
@@ -117,6 +120,7 @@ class RankFollower:
             "target_pages": -1 if cache.asleep else cache.target_pages,
             "reclaim_pages": cache.reclaim_pages,
             "events": events,
+            "status": status_entry(allocation.status_segment()),
         }
 
     def drained(self) -> None:
@@ -170,8 +174,6 @@ class RankFollower:
 def follower(rank: int) -> RankFollower:
     """This worker process's follower, made on first use over its kvmem cache."""
     global _follower
-    from kvmem.integrations.vllm import allocation
-
     cache = allocation.current_cache()
     if cache is None:
         raise RuntimeError("kvmem: the scheduler asked a worker with no kvmem KV cache to follow it")

@@ -28,12 +28,17 @@ one page path:
   were denied unmap it at once. So no rank maps a slot the others lack for longer than that call,
   a denial on any rank makes the pool short exactly as a full pool is (vLLM queues or preempts),
   and nothing waits longer than the grant wait.
-- **The daemons' wishes come back by polling.** Targets (limits), reclaims and sleep/wake requests
-  reach each rank's session; the scheduler asks the ranks for them every `TICK_S` (`maintain`),
-  from vLLM's engine loop: a thread puts a WAKEUP request with `TICK` on the engine core's input
-  queue (vLLM's own way to wake an idle loop) and the engine thread handles it between steps. The
-  model's target is the smallest of its ranks' (a slot takes pages on every rank), reclaims the
-  largest; the scheduler evicts cached blocks and unmaps empty slots to meet them.
+- **The daemons' wishes come back when asked, and the scheduler asks only when there is
+  something to ask.** Targets (limits), reclaims and sleep/wake requests reach each rank's session;
+  the scheduler asks the ranks for them (`maintain`, run on vLLM's engine thread: the tick thread
+  puts a WAKEUP request with `TICK` on the engine core's input queue, vLLM's own way to wake an idle
+  loop, and the engine thread handles it between steps). The tick thread looks every `TICK_S` and
+  queues a tick only when a rank's entry in its daemon's status changed (`doorbell`: a limit, a
+  reclaim, a sleep or wake, a reconnection), while a sleep drains, while a target or reclaim is
+  unmet and blocks were freed since, or when a slot or more of empty surplus waits to go back.
+  Asking blindly would keep every idle worker spinning (`doorbell`'s design note). The model's
+  target is the smallest of its ranks' (a slot takes pages on every rank), reclaims the largest;
+  the scheduler evicts cached blocks and unmaps empty slots to meet them.
 - **Sleep drains the whole model.** A sleep request from any rank stops admission (the pool's
   drain); once no block is referenced the scheduler unmaps the empty slots (all of them when
   discarding) and tells the ranks `drained`, whose caches then offload or give back the rest and
@@ -53,12 +58,16 @@ import time
 from typing import Any
 
 from kvmem.block_allocator import BlockAllocator
+from kvmem.integrations.vllm.doorbell import DaemonDoorbell
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError
 from kvmem.page_source import Shortfall
 
 logger = logging.getLogger(__name__)
 
-TICK_S = 0.2  # how often the scheduler asks the ranks for the daemons' wishes
+TICK_S = 0.2  # how often the tick thread looks for work for `maintain` (module docstring)
+# After the doorbell rang, ask this many times, a tick apart: a rank's reader thread may take a wish
+# in just after the daemon published it (kvmem.integrations.vllm.doorbell).
+DOORBELL_TICKS = 2
 TICK = "kvmem-tick"  # the WAKEUP request's payload that asks the engine loop to run `maintain`
 RPC_TIMEOUT_S = 120.0  # a rank that answers no command in this long is taken as failed
 ASLEEP = Shortfall("asleep", "the model is asleep: wait for kvctl wake")
@@ -157,6 +166,12 @@ class RankedCache:
         self._restored = True
         self._drain_done = False
         self._closed = False
+        self._doorbell = DaemonDoorbell()
+        self._doorbell.watch([i.get("status") for i in infos])
+        self._rung: Any = None  # the doorbell's last reading (tick thread only)
+        self._ticks_owed = 0  # ticks still owed to the last ring (tick thread only)
+        # The pool's used blocks when `_shrink` last left a target or reclaim unmet (None: met).
+        self._unmet_at_used: int | None = None
         self._tick_pending = threading.Event()
         self._thread = None
         if input_queue is not None:
@@ -217,6 +232,16 @@ class RankedCache:
             return None
         if self._sleeping:
             return ASLEEP
+        clipped = None
+        if self._target >= 0:
+            # A rank's target (its limit) is known: ask no rank for slots that rank may not hold.
+            # Otherwise the others would map them only to give them back in this same call.
+            room = max(0, self._target_slots() - self.num_mapped_slots())
+            if room < len(todo):
+                todo = todo[:room]
+                clipped = Shortfall("limit", f"a rank's target is {self._target} pages ({self._target_slots()} slots)")
+                if not todo:
+                    return clipped
         replies = self._rpc("map", todo, 0.0 if wait is None else wait)
         got = [set(reply["mapped"]) for reply in replies]
         everywhere = set(todo).intersection(*got)
@@ -226,11 +251,14 @@ class RankedCache:
         for slot in sorted(everywhere):
             self._allocator.add_slot(slot)
         if len(everywhere) == len(todo):
-            return None
+            return clipped
         for reply in replies:
             if reply["shortfall"] is not None:
                 return Shortfall(*reply["shortfall"])
         return Shortfall("capacity")
+
+    def _target_slots(self) -> int:
+        return self._target // self.pages_per_growth
 
     def attach_engine(self, lock: Any, evictor=None, on_unmapped=None) -> None:
         """The pool's lock and hooks, as `ElasticKVCache.attach_engine` takes them."""
@@ -247,6 +275,7 @@ class RankedCache:
         if self._closed:
             return
         polls = self._rpc("poll")
+        self._doorbell.watch([p.get("status") for p in polls])  # a rank may have reconnected
         with self._lock:
             targets = [p["target_pages"] for p in polls if p["target_pages"] >= 0]
             self._target = min(targets) if targets else -1
@@ -277,6 +306,8 @@ class RankedCache:
         chosen = empty[: max(want, surplus // self.blocks_per_slot)]
         if chosen:
             self._unmap(chosen)
+        # Unmet (blocks in use hold the slots): look again once the pool's blocks have moved.
+        self._unmet_at_used = self._allocator.get_num_used_blocks() if want > len(chosen) else None
 
     def _unmap(self, slots: list[int]) -> None:
         for slot in slots:
@@ -341,9 +372,31 @@ class RankedCache:
 
         while not self._closed:
             time.sleep(TICK_S)
-            if not self._tick_pending.is_set():  # one tick queued at a time, however busy the loop
+            # One tick queued at a time, however busy the loop; the doorbell is read only when a
+            # tick could be queued, so that a ring is never read and then dropped.
+            if not self._tick_pending.is_set() and self._wants_maintain():
                 self._tick_pending.set()
                 input_queue.put_nowait((EngineCoreRequestType.WAKEUP, TICK))
+
+    def _wants_maintain(self) -> bool:
+        """Whether `maintain` has work (tick thread; see the module docstring). Reads of the pool's
+        counts race with the engine thread harmlessly: a stale one costs one tick, or waits one."""
+        allocator = self._allocator
+        if self._sleeping:
+            if not self._drain_done:
+                return True  # draining: `_drain` finishes once no block is referenced
+        elif self._unmet_at_used is not None and allocator.get_num_used_blocks() != self._unmet_at_used:
+            return True
+        elif allocator.get_empty_slots() and allocator.get_num_free_blocks() >= 2 * self.blocks_per_slot:
+            return True  # a slot or more of free blocks beyond the one-slot watermark (`_shrink`)
+        reading = self._doorbell.read()
+        if reading != self._rung:
+            self._rung = reading
+            self._ticks_owed = DOORBELL_TICKS
+        if self._ticks_owed:
+            self._ticks_owed -= 1
+            return True
+        return False
 
     def on_tick(self) -> None:
         """The engine loop took a tick off its input queue: run `maintain`."""
