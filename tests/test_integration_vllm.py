@@ -524,4 +524,52 @@ def test_kvmem_pages_and_vllm_block_ids_line_up_in_the_pool_and_a_deny_costs_no_
         assert pool.get_num_free_blocks() == 16
         assert {b.block_id // BLOCKS_PER_SLOT for b in pool.get_new_blocks(16)} == {kept}
         pool.check_backing()
-        assert daemon.status().model("pool-test").mapped_pages == 2 * PAGES_PER_SLOT
+        wait_for(  # the daemon publishes the return a few ms after it has it
+            lambda: daemon.status().model("pool-test").mapped_pages == 2 * PAGES_PER_SLOT,
+            what="the daemon to show the slot back",
+        )
+
+
+def test_over_a_lowered_limit_the_pool_hands_out_blocks_only_from_the_slots_it_keeps(tmp_path: Path):
+    """KvmemBlockPool directly: a limit lowered below what the model holds, while blocks are in use
+    on every slot. New blocks come only from the slots kept (the null block's, then the fullest),
+    so the others drain and go back: the cache settles under the limit while requests keep coming."""
+    import kvmem
+    from kvmem.control import ControlClient
+    from kvmem.integrations.vllm import pool as kvmem_pool
+
+    runtime = tmp_path / "rt"
+    with (
+        DaemonProcess(runtime, "host", "16MiB", "--reserve", "0", "0"),  # 8 pages = 4 slots of 2
+        kvmem.connect("kept", runtime_dir=runtime) as s,
+        ControlClient(runtime_dir=runtime) as control,
+    ):
+        cache = s.kv_cache(
+            num_layers=1, block_size=1, num_kv_heads=1, head_dim=1 << 17, dtype="int8", max_tokens=64,
+            low_watermark=0, high_watermark=BLOCKS_PER_SLOT,
+        )  # fmt: skip
+        kvmem_pool.set_backing(lambda n: cache)
+        try:
+            pool = kvmem_pool.KvmemBlockPool(64, enable_caching=False, hash_block_size=32)
+        finally:
+            kvmem_pool.set_backing(allocation.cache_for_pool)
+        pool.prepare(63)
+        blocks = {b.block_id: b for b in pool.get_new_blocks(63)}  # 1..63: slots 0-3 full
+        # Slot 1 keeps 4 blocks in use, slot 2 keeps 8; slots 0 (the null block's) and 3 stay full.
+        pool.free_blocks([blocks[i] for i in range(40, 48)])
+        pool.free_blocks([blocks[i] for i in range(20, 32)])  # freed last, reused first (vLLM's queue)
+        assert pool.get_num_free_blocks() == 20 and cache.stats().mapped_slots == 4
+        control.set_limit("kept", 3 * PAGES_PER_SLOT * (2 << 20))  # 3 slots
+        wait_for(lambda: cache.target_pages == 3 * PAGES_PER_SLOT, what="the limit to reach the cache")
+        # Kept: slot 0, then the fullest (3, then 2). 44 blocks in use, 48 allowed: 4 more, from slot 2
+        # although vLLM's queue has slot 1's freed blocks first.
+        assert pool.get_num_free_blocks() == 4
+        assert [b.block_id for b in pool.get_new_blocks(4)] == [40, 41, 42, 43]
+        assert pool.get_num_free_blocks() == 0
+        pool.check_backing()
+        # Slot 1's last requests finish: it empties and goes back; the model is under its limit.
+        pool.free_blocks([blocks[i] for i in range(16, 20)])
+        wait_for(lambda: cache.stats().mapped_slots == 3, what="slot 1 to go back")
+        assert not cache.is_slot_mapped(1)
+        assert pool.get_num_free_blocks() == 4  # 48 allowed, 44 in use: slot 2's last four
+        pool.check_backing()

@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 vllm = pytest.importorskip(
@@ -231,14 +232,39 @@ def test_mapped_pages_grow_with_load_and_fall_back_after_it(servers, reference, 
     assert b.complete_all(PROMPTS) == reference["b"]["prompts"]
 
 
+def test_idle_servers_workers_sleep_instead_of_spinning(servers, runtime: Path):
+    """An idle server's workers are asked nothing, so they sleep: after each read of vLLM's message
+    queue a worker busy-waits a second (kvmem.integrations.vllm.doorbell), and a scheduler that asked
+    its ranks every 0.2 s kept each worker at a whole core (and starved another server's worker
+    sharing that core; this is how this module hung at start before)."""
+    a, b = servers
+    workers = [models(runtime, 0)["llama-a"]["pid"], models(runtime, 0)["llama-b"]["pid"]]
+    workers.append(models(runtime, 1)["llama-b"]["pid"])
+    assert set(workers) <= set(a.pids()) | set(b.pids())
+    time.sleep(3)  # past the busy-wait of the previous test's last step and kvctl's limits
+    before = {pid: sum(psutil.Process(pid).cpu_times()[:2]) for pid in workers}
+    time.sleep(5)
+    used = {pid: round(sum(psutil.Process(pid).cpu_times()[:2]) - before[pid], 2) for pid in workers}
+    # Spinning is a core each (5 s of CPU here); asleep, a worker wakes for nothing.
+    assert all(seconds < 0.5 for seconds in used.values()), used
+
+
 def test_a_limit_makes_the_server_queue_and_preempt_and_settle_under_it(servers, reference, daemons, runtime: Path):
+    """A limit lowered while A serves a load: A gives back what it can, and a second load sent right
+    after the limit runs under it, queued and preempted (on an idle machine the first load can finish
+    before any of its requests needs a block more: only the second one is sure to meet the limit)."""
     a, _ = servers
     gpu0 = daemons[0]
     preempted_before = a.preemptions()
-    seen: list[list] = []
+    seen: dict[str, list] = {}
+
+    def load(wave: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: seen.__setitem__(wave, a.complete_all(LOAD, LONG_NEW_TOKENS)))
+        thread.start()
+        return thread
+
     with Sampler(gpu0) as sampler:
-        loader = threading.Thread(target=lambda: seen.append(a.complete_all(LOAD, LONG_NEW_TOKENS)))
-        loader.start()
+        first = load("first")
         wait_for(
             lambda: gpu0.status().model("llama-a").mapped_pages >= 4 * PAGES_PER_SLOT,
             timeout=120,
@@ -247,13 +273,17 @@ def test_a_limit_makes_the_server_queue_and_preempt_and_settle_under_it(servers,
         kvctl(runtime, 0, "limit", "llama-a", "8MiB")  # 2 slots, while 13 are wanted
         time.sleep(0.1)  # the status segment trails the daemon by a few ms: read it after the limit
         limited_at = len(sampler.samples)
-        loader.join()
+        second = load("second")
+        first.join()
+        second.join()
     # Every request was answered, with the same tokens, by queueing and preempting under the limit.
-    assert seen[0] == reference["a"]["long"]
+    assert seen["first"] == reference["a"]["long"] and seen["second"] == reference["a"]["long"]
     assert a.preemptions() > preempted_before
     wait_for(lambda: gpu0.status().model("llama-a").mapped_pages <= 4, timeout=60, what="A to settle under its limit")
     after = [s.get((0, "llama-a"), 0) for s in sampler.samples[limited_at:]]
     assert max(after) == after[0]  # it never grew again once limited
+    settled = next(i for i, pages in enumerate(after) if pages <= 4)
+    assert max(after[settled:]) <= 4  # and once under the limit, the second load ran within it
     assert a.complete_all(PROMPTS) == reference["a"]["prompts"]
     assert gpu0.status().model("llama-a").mapped_pages <= 4
     kvctl(runtime, 0, "limit", "llama-a", "none")

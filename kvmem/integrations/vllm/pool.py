@@ -36,7 +36,11 @@ preempt running ones. After a deny, the pool asks the daemon again only after `D
 (a daemon that must reclaim would otherwise stall every scheduler step). Slots given back by
 kvmem also move their blocks to the end of the queue (`on_unmapped`), so a later request uses
 memory the pool holds before it asks for more. A lowered limit (the daemon's target) caps the
-count so that the blocks in use fit it; as requests finish, the cache settles under it.
+count so that the blocks in use fit it, and while the model holds more slots than its target, new
+blocks come only from the slots it keeps (`_kept_slots`: as many as the target allows, those with
+the most blocks held, chosen when it goes over and again whenever one of them goes back): the
+others drain as their requests finish and go back, so the cache settles under the limit even
+while requests keep coming.
 
 Threads. vLLM calls the pool from its scheduler thread; kvmem's background thread evicts and
 unmaps. `engine_lock` (reentrant) guards the pool: every pool method takes it, kvmem takes it
@@ -114,6 +118,7 @@ class KvmemBlockPool(BlockPool):
         self._asleep = False  # from the drain until the wake: nothing may be allocated
         self._null_held = False
         self._deny_until = 0.0
+        self._kept: set[int] | None = None  # while over target: the slots new blocks may come from
         self._stock_counts = False  # get_num_free_blocks answers vLLM's own count (inside stock methods)
         super().__init__(num_gpu_blocks, enable_caching, hash_block_size, **kwargs)
         with self.engine_lock:
@@ -172,7 +177,34 @@ class KvmemBlockPool(BlockPool):
             if target >= 0:  # a lowered limit: the blocks in use must fit it
                 allowed = min(self.num_gpu_blocks, target // self.kv_cache.pages_per_growth * self._bps)
                 free = min(free, max(0, allowed - (self.num_gpu_blocks - queued)))
+            kept = self._kept_slots()
+            if kept is not None:  # over target: only the queued blocks of the kept slots
+                blocks = self.blocks
+                on_kept = sum(1 for slot in kept for b in self._slot_blocks(slot) if blocks[b].ref_cnt == 0)
+                null = self.null_block
+                free = min(free, on_kept - (null.block_id // self._bps in kept and null.ref_cnt == 0))
             return free
+
+    def _kept_slots(self) -> set[int] | None:
+        """While the model holds more slots than its target: the slots new blocks may come from
+        (module docstring); None otherwise. Engine lock held.
+
+        Kept: the null block's slot, then the mapped slots with the most blocks held (ties: the
+        lowest), as many as the target allows. The choice stands while every kept slot stays mapped,
+        so that the slots left out drain instead of the choice moving with every allocation.
+        """
+        cache = self.kv_cache
+        target = cache.target_pages
+        keep = target // cache.pages_per_growth if target >= 0 else -1
+        if keep < 0 or cache.num_mapped_slots() <= keep:
+            self._kept = None
+            return None
+        kept = self._kept
+        if kept is None or len(kept) != keep or not all(cache.is_slot_mapped(slot) for slot in kept):
+            chosen = [0] if keep and self._null_held else []
+            chosen += [slot for slot, _ in cache.slot_usage() if slot not in chosen][: keep - len(chosen)]
+            kept = self._kept = set(chosen)
+        return kept
 
     def get_usage(self) -> float:
         with self.engine_lock:
@@ -211,7 +243,7 @@ class KvmemBlockPool(BlockPool):
         """The scheduler is about to ask for `num_blocks` blocks: map the slots of the first
         `num_blocks` queued blocks now, so that they count (called from the demand hint)."""
         with self.engine_lock:
-            if num_blocks <= 0 or self._asleep or not self._may_grow():
+            if num_blocks <= 0 or self._asleep or self._kept_slots() is not None or not self._may_grow():
                 return
             is_mapped = self.kv_cache.is_slot_mapped
             if self._mapped_blocks() == self.num_gpu_blocks:
@@ -222,10 +254,13 @@ class KvmemBlockPool(BlockPool):
                 self._grow(slots)
 
     def _front_mapped(self, num_blocks: int) -> None:
-        """Arrange the free queue so that its first `num_blocks` blocks are on mapped slots: map
-        their slots, and send blocks whose slots were denied to the end of the queue."""
+        """Arrange the free queue so that its first `num_blocks` blocks are on mapped slots (on the
+        kept slots, over target): map their slots, and send blocks whose slots were denied (or are not
+        kept) to the end of the queue."""
         queue = self.free_block_queue
-        is_mapped = self.kv_cache.is_slot_mapped
+        kept = self._kept_slots()
+        # Over target, only the kept slots' blocks are handed out, and nothing is mapped.
+        usable = self.kv_cache.is_slot_mapped if kept is None else kept.__contains__
         picked: list[KVCacheBlock] = []
         deferred: list[KVCacheBlock] = []
         while len(picked) < num_blocks:
@@ -234,11 +269,11 @@ class KvmemBlockPool(BlockPool):
                 queue.prepend_n(picked)
                 queue.append_n(deferred)
                 raise RuntimeError(f"kvmem: {num_blocks} blocks were counted free but {len(picked)} are backed")
-            missing = sorted({b.block_id // self._bps for b in batch if not is_mapped(b.block_id // self._bps)})
-            if missing and self._may_grow():
+            missing = sorted({b.block_id // self._bps for b in batch if not usable(b.block_id // self._bps)})
+            if missing and kept is None and self._may_grow():
                 self._grow(missing)
             for block in batch:
-                (picked if is_mapped(block.block_id // self._bps) else deferred).append(block)
+                (picked if usable(block.block_id // self._bps) else deferred).append(block)
         queue.prepend_n(picked)  # in the order vLLM queued them
         queue.append_n(deferred)
 
