@@ -135,7 +135,9 @@ def test_sleeping_under_contention_hands_the_memory_over_and_wake_waits_for_it(d
         ControlClient(runtime_dir=daemon.runtime_dir) as control,
     ):
         big_session.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
-        big = big_session.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0, grow_wait=0.2)
+        # Big's first 24 pages are made on the grant path (no reserve): under load they can take more
+        # than the other model's short wait, which only its refused alloc needs.
+        big = big_session.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0, grow_wait=30)
         other = other_session.kv_cache(
             **GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0, grow_wait=0.2
         )
