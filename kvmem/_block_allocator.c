@@ -19,8 +19,10 @@
  *   set is a bitset with summary levels (`BitSets`), so its lowest slot is found in a few `ctz`s.
  * - mask: the set of u whose bucket is not empty; its highest member is the fullest bucket.
  * - ints[s]: the int objects of slot s's block ids (made when s is first mapped, kept until the
- *   allocator goes), so that alloc hands out references, as a free list's slice does, and makes no
- *   object.
+ *   allocator goes: 8 bytes of pointer and at most 32 of int per block of a slot ever mapped), so
+ *   that alloc hands out references, as a free list's slice does, and makes no object.
+ * - pending[s], touched[]: scratch of one free or take (blocks of the batch per slot, the slots it
+ *   touches), so that the buckets move once per slot, not once per id.
  *
  * Invariants (checked by `_check()`, which the tests call after every step):
  * - a block id is handed out at most once until freed, and only from a mapped slot;
@@ -31,18 +33,28 @@
  * - num_free is the number of free bits, num_mapped the mapped slots, num_empty bucket 0's size;
  * - pending[s] is 0 between calls (it counts one batch's blocks per slot inside free/take).
  *
+ * Cost. alloc takes words of free bits from the lowest slot of the fullest bucket: a few bit
+ * operations per slot touched and one incref per id. free and take of a run of consecutive ids (as
+ * alloc hands them out, ascending, or tail first as vLLM frees them; a free queue's run for take)
+ * check and flip whole words of free bits per slot; any other batch costs a few operations per id
+ * (no division while ids stay on one slot), take sorting it first. Ids are read from the batch
+ * without a call when they are exact ints below 2**30 (`small_int`).
+ *
  * Thread safety. Every method holds the allocator's own mutex (PyMutex from Python 3.13, where it
- * also serves free-threaded builds; a PyThread lock before) for the whole of its state work, so each
- * call is atomic; the GIL is not relied on. Nothing that can run Python code happens under the
- * mutex: arguments are converted to C before it is taken, results are built after it is released,
- * and an error is only recorded under it and raised afterwards. (A finalizer run by the garbage
- * collector could otherwise call back into this allocator and deadlock on its own mutex.) Under the
- * mutex only C arithmetic and increfs of the cached id objects happen. The one Python call an
- * allocator makes, the growth wake-up, is made after the mutex is released.
+ * also serves free-threaded builds; before 3.13, GIL builds only, an atomic flag: see `Mutex`) for
+ * the whole of its state work, so each call is atomic; the GIL is not relied on. Nothing that can
+ * run Python code happens under the mutex: arguments are converted to C before it is taken, result
+ * lists are made before it is taken (alloc fills its list under it) or after it is released, and an
+ * error is only recorded under it and raised afterwards. (A finalizer run by the garbage collector
+ * could otherwise call back into this allocator and deadlock on its own mutex.) Under the mutex only
+ * C arithmetic and increfs of the cached id objects happen. The one Python call an allocator makes,
+ * the growth wake-up, is made after the mutex is released. A caller must not change a batch (a
+ * list) from another thread while it is being freed or taken, as with any C function reading a list.
  *
  * Errors change nothing: free and take check every id of a batch before anything is given back or
- * taken (free undoes the bits it set while checking), and every id is bounds-checked before it is
- * used as an index. A bad id is a ValueError naming it; the messages are the Python version's.
+ * taken (free undoes the bits it set while checking); every id and slot is bounds-checked before it
+ * is used as an index; memory is allocated before the mutex is taken, so running out of it leaves
+ * the state as it was. A bad id is a ValueError naming it, with the Python version's messages.
  *
  * The gate. An `ElasticKVCache` asleep or closed must not hand out blocks: `paused` and `closed`
  * close `alloc_exact` (None) and `try_take` (False) under the same mutex, so no block is handed out
@@ -274,7 +286,8 @@ static int run_check(Allocator *a, long long lo, long long hi, int want) {
         return 0;
     for (Py_ssize_t s = (Py_ssize_t)(lo / a->bps); (long long)s * a->bps <= hi; s++) {
         Py_ssize_t first = s * a->bps, last = first + a->bps - 1;
-        if (!a->mapped[s] || !run_is(a, s, lo > first ? (Py_ssize_t)lo : first, hi < last ? (Py_ssize_t)hi : last, want, 0))
+        Py_ssize_t from = lo > first ? (Py_ssize_t)lo : first, to = hi < last ? (Py_ssize_t)hi : last;
+        if (!a->mapped[s] || !run_is(a, s, from, to, want, 0))
             return 0;
     }
     return 1;
