@@ -363,7 +363,11 @@ static inline int small_int(PyObject *o, long long *out) {
 #endif
 }
 
-static int batch_init(Batch *b, PyObject *ids) {
+/* The batch `ids` as C values. With an allocator `a`, an id next to the previous one on the same
+ * slot (a run, up or down) is recognized by its object being the allocator's own int for it
+ * (`ints`, read without the mutex: a slot's table never changes once made), so the int object itself
+ * is not read: batches alloc handed out are mostly such runs, and their int objects are cold. */
+static int batch_init(Batch *b, PyObject *ids, Allocator *a) {
     b->v = b->stack;
     b->overflow_at = b->neg_over = b->pos_over = -1;
     b->up = b->down = 1;
@@ -383,25 +387,42 @@ static int batch_init(Batch *b, PyObject *ids) {
     PyObject **items = PySequence_Fast_ITEMS(b->seq);
     long long *v = b->v, prev = 0;
     int up = 1, down = 1; /* locals: stores to v[] cannot alias them */
+    PyObject **row = NULL; /* the allocator's ints of prev's slot (NULL: none to compare with) */
+    Py_ssize_t k = 0;      /* prev's place in its slot */
     for (Py_ssize_t i = 0; i < b->n; i++) {
+        PyObject *o = items[i];
         long long x;
-        int overflow = 0;
-        if (!small_int(items[i], &x)) {
-            up = down = 0;
-            x = PyLong_AsLongLongAndOverflow(items[i], &overflow);
-            if (x == -1 && PyErr_Occurred()) {
-                batch_fini(b);
-                return -1;
+        if (row != NULL && k + 1 < a->bps && row[k + 1] == o) {
+            x = prev + 1;
+            k++;
+        } else if (row != NULL && k > 0 && row[k - 1] == o) {
+            x = prev - 1;
+            k--;
+        } else {
+            int overflow = 0;
+            if (!small_int(o, &x)) {
+                up = down = 0;
+                x = PyLong_AsLongLongAndOverflow(o, &overflow);
+                if (x == -1 && PyErr_Occurred()) {
+                    batch_fini(b);
+                    return -1;
+                }
             }
-        }
-        if (overflow) { /* clamped: it sorts where it belongs, and is out of range */
-            if (b->overflow_at < 0)
-                b->overflow_at = i;
-            if (overflow < 0 && b->neg_over < 0)
-                b->neg_over = i;
-            if (overflow > 0 && b->pos_over < 0)
-                b->pos_over = i;
-            x = overflow > 0 ? LLONG_MAX : LLONG_MIN;
+            if (overflow) { /* clamped: it sorts where it belongs, and is out of range */
+                if (b->overflow_at < 0)
+                    b->overflow_at = i;
+                if (overflow < 0 && b->neg_over < 0)
+                    b->neg_over = i;
+                if (overflow > 0 && b->pos_over < 0)
+                    b->pos_over = i;
+                x = overflow > 0 ? LLONG_MAX : LLONG_MIN;
+            }
+            row = NULL;
+            if (a != NULL && !overflow && x >= 0 && x < a->max_blocks) {
+                Py_ssize_t slot = (Py_ssize_t)(x / a->bps);
+                row = __atomic_load_n(&a->ints[slot], __ATOMIC_ACQUIRE);
+                k = (Py_ssize_t)(x - (long long)slot * a->bps);
+            }
         }
         if (i) {
             up &= (unsigned long long)x == (unsigned long long)prev + 1; /* no signed overflow */
@@ -888,7 +909,7 @@ enum { OK = 0, NOT_MAPPED, NOT_IN_USE, OUT_OF_RANGE, GIVEN_TWICE, ALREADY_IN_USE
 
 static PyObject *Allocator_free(Allocator *a, PyObject *ids) {
     Batch b;
-    if (batch_init(&b, ids) < 0)
+    if (batch_init(&b, ids, a) < 0)
         return NULL;
     Py_ssize_t n = b.n, bps = a->bps, nt = 0, nemptied = 0, bad = -1;
     const long long *v = b.v;
@@ -1013,7 +1034,7 @@ static int compare_ll(const void *x, const void *y) {
 /* take: `gated` refuses (returns 0) while paused or closed. 1 taken, 0 refused, -1 error set. */
 static int do_take(Allocator *a, PyObject *ids, int gated) {
     Batch b;
-    if (batch_init(&b, ids) < 0)
+    if (batch_init(&b, ids, a) < 0)
         return -1;
     Py_ssize_t n = b.n, bps = a->bps;
     long long *v = b.v;
