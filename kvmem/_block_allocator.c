@@ -393,6 +393,18 @@ static int batch_init(Batch *b, PyObject *ids, Allocator *a) {
         PyObject *o = items[i];
         long long x;
         if (row != NULL && k + 1 < a->bps && row[k + 1] == o) {
+            /* An ascending run of the allocator's own ints: as far as it goes on this slot, one
+             * memcmp of the pointers (as alloc hands batches out, this is most of a batch). */
+            Py_ssize_t m = b->n - i < a->bps - k - 1 ? b->n - i : a->bps - k - 1;
+            if (m > 1 && memcmp(&items[i], &row[k + 1], (size_t)m * sizeof(PyObject *)) == 0) {
+                for (Py_ssize_t j = 0; j < m; j++)
+                    v[i + j] = prev + 1 + j;
+                down = 0;
+                prev += m;
+                k += m;
+                i += m - 1;
+                continue;
+            }
             x = prev + 1;
             k++;
         } else if (row != NULL && k > 0 && row[k - 1] == o) {
