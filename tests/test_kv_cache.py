@@ -175,6 +175,73 @@ def test_background_thread_grows_ahead_of_demand(session):
     cache.free(ids)
 
 
+def test_two_engine_threads_allocating_and_freeing_while_the_cache_grows_and_shrinks(session):
+    """alloc/free/take from two threads at once while the background thread keeps the watermarks
+    (mapping and unmapping slots): no block is ever held twice, and the accounting is exact after."""
+    cache = session.kv_cache(**GEOMETRY, max_tokens=12 * 512 * 16, low_watermark=300, high_watermark=600)
+    owner: dict[int, int] = {}
+    guard = threading.Lock()
+    errors: list[BaseException] = []
+
+    def engine(me: int) -> None:
+        rng = random.Random(me)
+        held: list[list[int]] = []
+        try:
+            for step in range(400):
+                if held and (rng.random() < 0.5 or len(held) > 8):
+                    batch = held.pop(rng.randrange(len(held)))
+                    with guard:
+                        for b in batch:
+                            assert owner.pop(b) == me
+                    cache.free(batch[::-1] if step % 2 else batch)
+                    continue
+                try:
+                    got = cache.alloc(rng.choice([1, 16, 200, 700]))
+                except KVCacheFull:  # the budget ran out: the other thread holds the rest
+                    continue
+                with guard:
+                    for b in got:
+                        assert b not in owner, f"block {b} handed to {me} while {owner[b]} holds it"
+                        owner[b] = me
+                held.append(got)
+            for batch in held:
+                with guard:
+                    for b in batch:
+                        owner.pop(b)
+                cache.free(batch)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=engine, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    stats = cache.stats()
+    assert stats.used_blocks == 0 and cache.get_num_used_blocks() == 0
+    assert stats.free_blocks == cache.get_num_free_blocks() == stats.mapped_slots * cache.blocks_per_slot
+    cache._state.allocator._check()
+    cache.close()
+
+
+def test_the_gate_refuses_alloc_and_take_while_asleep_or_closed(session):
+    cache = session.kv_cache(**GEOMETRY, max_tokens=4 * 512 * 16, low_watermark=0, high_watermark=0, background=False)
+    ids = cache.alloc(3)
+    cache._state.asleep = True  # what a sleep request sets first, before the engine's hooks run
+    for call in (lambda: cache.alloc(1), lambda: cache.take([3])):
+        with pytest.raises(KVCacheFull) as info:
+            call()
+        assert info.value.reason == "asleep"
+    cache.free(ids)  # the engine drains: free still works
+    cache._state.asleep = False
+    assert cache.alloc(2) == [0, 1]
+    cache.close()
+    for call in (lambda: cache.alloc(1), lambda: cache.take([3]), lambda: cache.alloc(0)):
+        with pytest.raises(RuntimeError, match="the KV cache is closed"):
+            call()
+
+
 def test_session_close_returns_every_page():
     for kind in ("host", "cuda"):
         s = kvmem.local(device=kind, budget="64MiB")

@@ -9,7 +9,10 @@
 # lacks: posix_ipc; a transformers in kvmem's range (pyproject: >=5.23.0,<5.25; the newest, 5.24.0); of
 # that release's requirements, only huggingface-hub (5.24 needs >=1.31, as 5.23 did; 5.17 accepted >=1.5:
 # the rest are the same);
-# click at the huggingface-hub's floor (>=8.4.2); setuptools, to install kvmem from the tree offline.
+# click at the huggingface-hub's floor (>=8.4.2); setuptools, to install kvmem from the tree offline (>=74.1:
+# pyproject declares kvmem's C extension, kvmem/_block_allocator.c, which the install compiles there with the
+# machine's C compiler and Python 3.12 headers: Triton needs both to build its launchers, so a machine that
+# runs the kernels has them; no GPU run has confirmed it yet).
 # The wheels go in with --no-deps, so the pins were chosen against each other's requirements; hub 1.31's
 # hf-xet (>=1.5.2) and httpx serve downloads only, and are taken as the machine has them.
 # The working tree travels with them (the device tool's carry: [".whl"]), 64 MiB in all: the check adds

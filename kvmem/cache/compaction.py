@@ -19,21 +19,20 @@ def compact(state: CacheState, growth: Growth, keys: list | None, values: list |
     """
     slots = state.slots
     layout = slots.layout
-    with state.grow_lock:
-        with state.alloc_lock:
-            allocator = state.allocator
-            usage = allocator.get_slot_usage()
-            used = sum(count for _, count in usage)
-            keep = {slot for slot, _ in usage[: -(-used // layout.blocks_per_slot)]}
-            movers = [b for slot, count in usage if slot not in keep and count for b in allocator.get_used_blocks(slot)]
-            if not movers:
-                return {}
-            # The kept slots are the fullest in alloc's own order and have room for every mover,
-            # so alloc hands out their free blocks only.
-            targets = allocator.alloc(len(movers))
-            if any(block // layout.blocks_per_slot not in keep for block in targets):
-                allocator.free(targets)
-                raise RuntimeError("compaction found no room in the fullest slots (allocator order changed?)")
+    allocator = state.allocator
+    with state.grow_lock:  # no slot is mapped or unmapped meanwhile; the contract keeps allocs away
+        usage = allocator.get_slot_usage()
+        used = sum(count for _, count in usage)
+        keep = {slot for slot, _ in usage[: -(-used // layout.blocks_per_slot)]}
+        movers = [b for slot, count in usage if slot not in keep and count for b in allocator.get_used_blocks(slot)]
+        if not movers:
+            return {}
+        # The kept slots are the fullest in alloc's own order and have room for every mover,
+        # so alloc hands out their free blocks only.
+        targets = allocator.alloc(len(movers))
+        if any(block // layout.blocks_per_slot not in keep for block in targets):
+            allocator.free(targets)
+            raise RuntimeError("compaction found no room in the fullest slots (allocator order changed?)")
         device = state.source.device
         device.synchronize()  # kernels still running may write the blocks being moved
         if keys is not None and values is not None and keys[0] is not None:
@@ -51,7 +50,6 @@ def compact(state: CacheState, growth: Growth, keys: list | None, values: list |
                         base + layout.block_offset(r, dst), base + layout.block_offset(r, src), layout.block_bytes
                     )
         device.synchronize()
-        with state.alloc_lock:
-            state.allocator.free(movers)
+        allocator.free(movers)
     growth.shrink()
     return dict(zip(movers, targets, strict=True))

@@ -125,9 +125,8 @@ class Growth:
     def map_slots(self, wanted: list[int], wait: float) -> Shortfall | None:
         """Map those of `wanted` (sorted slot numbers) not mapped yet; why not all, if so."""
         state = self.state
-        with state.grow_lock:
-            with state.alloc_lock:
-                todo = [slot for slot in wanted if not state.allocator.is_mapped(slot)]
+        with state.grow_lock:  # only its holders map: what is unmapped now stays so
+            todo = [slot for slot in wanted if not state.allocator.is_mapped(slot)]
             if not todo:
                 return None
             return self.grow_slots(len(todo), wait, targets=todo)
@@ -140,8 +139,7 @@ class Growth:
         """
         state = self.state
         if targets is None:
-            with state.alloc_lock:
-                targets = state.allocator.get_unmapped_slots(slots)
+            targets = state.allocator.get_unmapped_slots(slots)
         if not targets:
             return Shortfall("capacity", f"all {state.slots.layout.max_slots} slots of the virtual capacity are mapped")
         per = self.per_growth
@@ -157,9 +155,8 @@ class Growth:
         with Undo() as undo:
             undo.push(state.source.release, pages)  # `map` undoes its own mappings: the pages are unused
             state.slots.map(targets, pages)
-        with state.alloc_lock:
-            for slot in targets:
-                state.allocator.add_slot(slot)
+        for slot in targets:
+            state.allocator.add_slot(slot)
         if targets:
             self._last_growth = time.monotonic()  # when it ended: a slow grant is no pause in demand
             state.counters.grows += 1
@@ -174,13 +171,10 @@ class Growth:
     def shrink(self, max_slots: int | None = None) -> int:
         """Unmap and give back up to `max_slots` empty slots (all empty ones by default); how many."""
         state = self.state
-        with state.engine.lock:  # lock order: engine, grow, alloc (kvmem.cache.state)
+        with state.engine.lock:  # lock order: engine, grow, allocator (kvmem.cache.state)
             with state.grow_lock:
-                with state.alloc_lock:
-                    empty = state.allocator.get_empty_slots()
-                    chosen = empty if max_slots is None else empty[:max_slots]
-                    for slot in chosen:
-                        state.allocator.remove_slot(slot)  # from here no alloc can hand out its blocks
+                # One call: no alloc can take a block of a chosen slot between choosing and removing it.
+                chosen = state.allocator.remove_empty_slots(max_slots)
                 state.release_spare()  # shrinking: no growth will need them
                 if not chosen:
                     return 0

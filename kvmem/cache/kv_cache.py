@@ -15,8 +15,9 @@ Growing by one slot maps `pages_per_slot` pages at the same slot of every range,
 become usable in every layer's K and V at once (`kvmem.cache.slots`).
 
 Allocation. `BlockAllocator` hands out blocks from the fullest mapped slots, so whole slots empty
-out and can be given back. `alloc` and `free` only take an in-process lock: no syscall, no driver
-call, no lock shared with another process, unless the cache must grow on the spot.
+out and can be given back. `alloc`, `free` and `take` are one call into it (C, with its own mutex:
+`kvmem._block_allocator`) when mapped free blocks suffice: no syscall, no driver call, no lock
+shared with another process, unless the cache must grow on the spot.
 
 The parts, one job each:
 
@@ -173,13 +174,18 @@ class ElasticKVCache:
             self.k, self.v = tensors.layer_tensors(self.device, self.reservation.address, self._layout, self.dtype)
         self._state = CacheState(source, slots)
         self._growth = Growth(self._state, low_watermark, high_watermark, grow_wait)
-        self._low_watermark = self._growth.low_watermark  # read on every alloc
         self._sleep = SleepCycle(self._state, sleep_hooks, wake_hooks)
         self._closed = False
         source.listen(_Listener(self._growth, self._sleep))
         source.describe(self._layout.to_dict())
         if self._sleep.sleep_hooks:
             source.declare_drain_hook()
+        # The hot path's calls, bound once (the allocator is the same object for the cache's life).
+        allocator = self._state.allocator
+        self._alloc_exact, self._free, self._try_take = allocator.alloc_exact, allocator.free, allocator.try_take
+        # An alloc that leaves fewer free blocks than the low watermark wakes the background thread,
+        # once until it has run (a notify costs more than an alloc); the thread re-arms it.
+        allocator.set_low_watermark(self._growth.low_watermark, self._state.notify if background else None)
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self._run, name="kvmem-cache-growth", daemon=True)
@@ -294,13 +300,11 @@ class ElasticKVCache:
 
     def slot_usage(self) -> list[tuple[int, int]]:
         """``(slot, blocks in use)`` of every mapped slot, the fullest first (`BlockAllocator.get_slot_usage`)."""
-        with self._state.alloc_lock:
-            return self._state.allocator.get_slot_usage()
+        return self._state.allocator.get_slot_usage()
 
     def used_blocks(self, slot: int) -> list[int]:
         """The blocks in use on mapped slot `slot`, ascending."""
-        with self._state.alloc_lock:
-            return self._state.allocator.get_used_blocks(slot)
+        return self._state.allocator.get_used_blocks(slot)
 
     def sure_pages(self) -> int:
         """Pages the page source is sure to grant now (a local budget's room; 0 from a daemon)."""
@@ -333,53 +337,43 @@ class ElasticKVCache:
         Raises:
             KVCacheFull: Not `n` blocks to be had (limit, budget, capacity); nothing is allocated.
         """
-        state = self._state
-        # The hot path (bench_allocator's engine paths): one lock, no other call when mapped free
-        # blocks suffice. The checks below are the same as the slow path's, written out.
-        if n > 0 and not self._closed and not state.asleep:
-            with state.alloc_lock:
-                allocator = state.allocator  # read under the lock: a wake may replace it
-                if allocator.get_num_free_blocks() >= n:
-                    ids = allocator.alloc(n)
-                    if allocator.get_num_free_blocks() < self._low_watermark:
-                        self._wake_growth()
-                    return ids
+        # The hot path (bench_allocator's engine paths): one call, which hands out `n` ids when
+        # mapped free blocks suffice and the cache is open and awake (the allocator's gate), and
+        # wakes growth below the low watermark. None: the slow path says why, or grows.
+        ids = self._alloc_exact(n)
+        if ids is not None:
+            return ids
+        return self._alloc_slow(n)
+
+    def _alloc_slow(self, n: int) -> list[int]:
+        """`alloc` when the free blocks do not suffice or the gate is shut: grow, or raise why not."""
         if n < 0:
             raise ValueError(f"alloc({n}): n must be >= 0")
         self._check_open()
-        if state.asleep:
+        if self._state.asleep:
             raise KVCacheFull(n, 0, ASLEEP)
-        with state.alloc_lock:
-            if state.allocator.get_num_free_blocks() >= n:
-                return self._alloc_locked(n)
         shortfall = self._growth.grow_for(n)
-        with state.alloc_lock:
-            free = state.allocator.get_num_free_blocks()
-            if free < n:
-                raise KVCacheFull(n, free, shortfall or Shortfall("capacity"))
-            return self._alloc_locked(n)
-
-    def _alloc_locked(self, n: int) -> list[int]:
-        ids = self._state.allocator.alloc(n)
-        if self._state.allocator.get_num_free_blocks() < self._low_watermark:
-            self._wake_growth()
-        return ids
-
-    def _wake_growth(self) -> None:
-        """Wake the background thread to grow (alloc lock held): once until it has run, not on every
-        alloc while the free blocks stay below the low watermark (a notify costs more than an alloc)."""
-        state = self._state
-        if self._thread is not None and not state.wake_pending:
-            state.wake_pending = True
-            state.notify()
+        ids = self._alloc_exact(n)
+        if ids is not None:
+            return ids
+        self._check_open()
+        if self._state.asleep:  # it fell asleep meanwhile
+            raise KVCacheFull(n, 0, ASLEEP)
+        raise KVCacheFull(n, self._state.allocator.get_num_free_blocks(), shortfall or Shortfall("capacity"))
 
     def free(self, block_ids: list[int]) -> None:
-        """Give blocks back. Emptied slots are returned in the background when above target."""
-        state = self._state
-        with state.alloc_lock:
-            emptied = state.allocator.free(block_ids)
-        if emptied and self._growth.wants_shrink():
-            state.notify()
+        """Give blocks back (any iterable of ints). Emptied slots are returned in the background when
+        above target.
+
+        Raises:
+            ValueError: A block is not in use on a mapped slot (`BlockAllocator.free`); nothing is freed.
+        """
+        if self._free(block_ids):  # slots emptied: the background thread gives them back if asked to
+            growth = self._growth
+            # Cheap first (a batch of a slot or more empties slots on every free): no reclaim, no target
+            # (-1) and awake mean no shrink is wanted; else ask the policy.
+            if (growth.reclaim_pages > 0 or growth.target_pages >= 0 or self._state.asleep) and growth.wants_shrink():
+                self._state.notify()
 
     def map_slots(self, slots: Iterable[int], wait: float | None = None) -> Shortfall | None:
         """Map these page slots (those not mapped yet), for an engine that chooses its own blocks.
@@ -412,11 +406,9 @@ class ElasticKVCache:
             KVCacheFull: The model is asleep (reason "asleep"); nothing is taken.
             ValueError: A block is not free on a mapped slot (`BlockAllocator.take`); nothing is taken.
         """
-        self._check_open()
-        if self._state.asleep:
+        if not self._try_take(block_ids):  # the gate is shut: closed or asleep
+            self._check_open()
             raise KVCacheFull(len(block_ids), 0, ASLEEP)
-        with self._state.alloc_lock:
-            self._state.allocator.take(block_ids)
 
     def attach_engine(
         self,
@@ -476,7 +468,7 @@ class ElasticKVCache:
         state = self._state
         while not self._closed:
             state.wait(0.05)
-            state.wake_pending = False  # from here an alloc below the low watermark wakes it again
+            state.allocator.wake_pending = False  # from here an alloc below the low watermark wakes it again
             if self._closed:
                 return
             try:
@@ -494,20 +486,20 @@ class ElasticKVCache:
 
     def stats(self) -> KVCacheStats:
         state = self._state
-        with state.alloc_lock:
-            slots = len(state.slots.mapped)
-            pages = slots * state.slots.pages_per_growth
-            return KVCacheStats(
-                mapped_bytes=pages * self.page_size,
-                used_blocks=state.allocator.get_num_used_blocks(),
-                free_blocks=state.allocator.get_num_free_blocks(),
-                max_blocks=self.max_blocks,
-                mapped_slots=slots,
-                pages_held=pages,
-                grows=state.counters.grows,
-                shrinks=state.counters.shrinks,
-                last_grow_s=state.counters.last_grow_s,
-            )
+        free, used, _, _ = state.allocator.counts()  # read at one instant
+        slots = len(state.slots.mapped)
+        pages = slots * state.slots.pages_per_growth
+        return KVCacheStats(
+            mapped_bytes=pages * self.page_size,
+            used_blocks=used,
+            free_blocks=free,
+            max_blocks=self.max_blocks,
+            mapped_slots=slots,
+            pages_held=pages,
+            grows=state.counters.grows,
+            shrinks=state.counters.shrinks,
+            last_grow_s=state.counters.last_grow_s,
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -522,6 +514,7 @@ class ElasticKVCache:
             return
         self._closed = True
         state = self._state
+        state.allocator.closed = True  # the gate: no alloc or take hands out a block from here
         state.notify()
         if self._thread is not None:
             self._thread.join()

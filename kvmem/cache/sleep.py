@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kvmem.block_allocator import BlockAllocator
 from kvmem.cache.slots import MappedSlot
 from kvmem.cache.state import CacheState
 from kvmem.device import Mapping
@@ -90,11 +89,8 @@ class SleepCycle:
         if not offload:
             self._discard_pending = True  # slots go back as they empty (the target is 0 while asleep)
             return
-        with state.engine.lock, state.grow_lock:  # lock order: engine, grow, alloc (kvmem.cache.state)
-            with state.alloc_lock:
-                empty = set(state.allocator.get_empty_slots())
-                for slot in empty:
-                    state.allocator.remove_slot(slot)
+        with state.engine.lock, state.grow_lock:  # lock order: engine, grow, allocator (kvmem.cache.state)
+            empty = set(state.allocator.remove_empty_slots())
             # Pipelined: each batch goes to the daemon as soon as it is unmapped, so the daemon
             # copies it to its host tier while the next batch is unmapped here.
             slots = sorted(state.slots.mapped)
@@ -135,19 +131,16 @@ class SleepCycle:
         with state.grow_lock:
             if restored and complete:
                 state.slots.allow_access(sorted(self._offloaded_slots))
-                with state.alloc_lock:
-                    for slot in self._offloaded_slots:
-                        entries = self._restoring.pop(slot)
-                        state.slots.mapped[slot] = MappedSlot([p for p, _ in entries], [m for _, m in entries])
+                for slot in self._offloaded_slots:
+                    entries = self._restoring.pop(slot)
+                    state.slots.mapped[slot] = MappedSlot([p for p, _ in entries], [m for _, m in entries])
             elif self._offloaded_slots:
                 # The saved cache is lost (or came back incomplete): every block is gone.
                 restored = False
                 partial = self.drop_restoring()
                 if partial:
                     state.source.release(partial)
-                layout = state.slots.layout
-                with state.alloc_lock:
-                    state.allocator = BlockAllocator(layout.blocks_per_slot, layout.max_slots)
+                state.allocator.reset()
             self._restoring.clear()
             self._offloaded_slots.clear()
             self._discard_pending = False

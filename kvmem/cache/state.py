@@ -7,8 +7,11 @@ Lock order (a lock is only ever taken while holding those before it, never after
    sleep) holds it, so an engine that counts its free blocks and then allocates under it never
    sees them vanish in between.
 2. `CacheState.grow_lock`: one mapper or unmapper at a time; guards `CacheState.slots`.
-3. `CacheState.alloc_lock`: the allocator's state; held only for bookkeeping, never across a
-   device call or a request to the page source, so `alloc`/`free` never wait on the driver.
+3. The block allocator's own mutex (`kvmem._block_allocator`): held inside each of its calls only,
+   never across a device call or a request to the page source, and no Python code runs under it, so
+   `alloc`/`free` never wait on the driver. Each allocator call is atomic; a sequence of calls that
+   must not interleave with mapping or unmapping holds `grow_lock` (only its holders add or remove
+   slots), and one that must not interleave with allocs is a single call (`remove_empty_slots`).
 """
 
 from __future__ import annotations
@@ -54,9 +57,11 @@ class CacheState:
     Attributes:
         source: Where pages come from and go back to.
         slots: The reservation and its mapped slots (guarded by `grow_lock`).
-        allocator: Block bookkeeping (guarded by `alloc_lock`); replaced when a wake loses the cache.
+        allocator: Block bookkeeping (its own mutex guards it); the same object for the cache's life
+            (a wake that lost the cache resets it), so the cache may keep its bound methods.
         engine: The engine's hooks.
-        asleep: From the sleep request until the wake is complete.
+        asleep: From the sleep request until the wake is complete: the allocator's gate
+            (`BlockAllocator.paused`), so no alloc or take hands out a block once it is set.
         counters: Grows and shrinks, for `stats`.
     """
 
@@ -65,17 +70,22 @@ class CacheState:
         self.slots = slots
         layout = slots.layout
         self.allocator = BlockAllocator(layout.blocks_per_slot, layout.max_slots)
-        self.alloc_lock = threading.Lock()
         self.grow_lock = threading.Lock()
         self.engine = EngineHooks()
-        self.asleep = False
         self.counters = CacheCounters()
         # Pages granted that do not make a whole growth unit yet (a short grant): kept, unmapped, and
         # topped up by the next growth rather than returned and asked for again. Guarded by grow_lock.
         self.spare: list[Page] = []
         self._reported_used_slots = 0
         self._wake = threading.Condition()
-        self.wake_pending = False  # an alloc woke the background thread, which has not run since
+
+    @property
+    def asleep(self) -> bool:
+        return self.allocator.paused
+
+    @asleep.setter
+    def asleep(self, value: bool) -> None:
+        self.allocator.paused = value
 
     def release_spare(self) -> None:
         """Give back the spare pages (grow lock held): the cache shrinks, sleeps or closes."""
@@ -95,8 +105,7 @@ class CacheState:
 
     def report_usage(self) -> None:
         """Tell the source how many pages hold live blocks, if that changed (not on the hot path)."""
-        with self.alloc_lock:
-            used_slots = self.allocator.get_num_mapped_slots() - len(self.allocator.get_empty_slots())
+        used_slots = self.allocator.counts()[3]
         if used_slots != self._reported_used_slots:
             self._reported_used_slots = used_slots
             self.source.report_usage(used_slots * self.slots.pages_per_growth)
