@@ -149,7 +149,8 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_outside_the_source_tree(t
     for module in ("kvmemd/cli.py", "kvmem/cli/main.py", "kvmem/kernels/triton_kernels.py", "kvmem/device/cuda.py"):
         assert module in names, module
     assert not {n for n in names if n.startswith(("cli/", "kernels/", "tests/"))}
-    assert [n for n in names if n.startswith("kvmem/_block_allocator.") and n.endswith(".so")], "no C extension"
+    for extension in ("kvmem/_block_allocator.", "kvmem/device/_host_copy."):  # the C extensions
+        assert [n for n in names if n.startswith(extension) and n.endswith(".so")], extension
     for line in (
         "kvmemd = kvmemd.cli:main",
         "kvctl = kvmem.cli.main:main",
@@ -176,17 +177,20 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_outside_the_source_tree(t
         assert result.returncode == 0 and result.stdout.startswith(f"Usage: {script} "), result.stderr
     probe = (
         "import importlib.metadata as m, kvmem, kvmem.kernels, kvmemd, kvmem._block_allocator as c; "
+        "import ctypes, kvmem.device._host_copy as h; "
         "print(kvmem.kernels.__file__, kvmemd.__file__, c.__file__); "
         "print(sorted(e.value for g in ('vllm.general_plugins', 'sglang.srt.platforms') "
         "for e in m.entry_points(group=g) if e.dist.name == 'kvmem')); "
-        "a = c.BlockAllocator(4, 2); a.add_slot(1); print(a.alloc(3))"
+        "a = c.BlockAllocator(4, 2); a.add_slot(1); print(a.alloc(3)); "
+        "src, dst = ctypes.create_string_buffer(b'x' * 8192, 8192), ctypes.create_string_buffer(8192); "
+        "h.stream(ctypes.addressof(dst), ctypes.addressof(src), 8192); print(dst.raw == src.raw)"
     )
     result = subprocess.run(
         [venv / "bin" / "python", "-c", probe], capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    files, plugins, ids = result.stdout.splitlines()
-    assert ids == "[4, 5, 6]"  # the C allocator, built into the wheel
+    files, plugins, ids, copied = result.stdout.splitlines()
+    assert ids == "[4, 5, 6]" and copied == "True"  # the C extensions, built into the wheel
     site = str(venv / "lib")
     assert all(f.startswith(site) for f in files.split()), files
     assert plugins == "['kvmem.integrations.sglang:activate', 'kvmem.integrations.vllm:register']"

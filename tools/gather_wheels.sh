@@ -10,7 +10,7 @@
 # that release's requirements, only huggingface-hub (5.24 needs >=1.31, as 5.23 did; 5.17 accepted >=1.5:
 # the rest are the same);
 # click at the huggingface-hub's floor (>=8.4.2); setuptools, to install kvmem from the tree offline (>=74.1:
-# pyproject declares kvmem's C extension, kvmem/_block_allocator.c, which the install compiles there with the
+# pyproject declares kvmem's C extensions, kvmem/_block_allocator.c and device/_host_copy.c, which the install compiles there with the
 # machine's C compiler and Python 3.12 headers: Triton needs both to build its launchers, so a machine that
 # runs the kernels has them; no GPU run has confirmed it yet).
 # The wheels go in with --no-deps, so the pins were chosen against each other's requirements; hub 1.31's

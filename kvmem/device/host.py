@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from kvmem.device import _host_copy
 from kvmem.device.base import Access, Device, MemoryInfo
 from kvmem.device.errors import DeviceError, InvalidArgumentError, OutOfMemoryError
 
@@ -225,11 +226,13 @@ class HostDevice(Device):
     def _backend_copy_dtod(self, dst: int, src: int, size: int) -> None:
         ctypes.memmove(dst, src, size)
 
+    # Host and "device" memory never overlap, and these copies (a sleep's offload, a wake's restore:
+    # a page at a time) are streamed: non-temporal stores (kvmem/device/_host_copy.c's design note).
     def _backend_copy_htod(self, dst: int, src_host: int, size: int) -> None:
-        ctypes.memmove(dst, src_host, size)
+        _host_copy.stream(dst, src_host, size)
 
     def _backend_copy_dtoh(self, dst_host: int, src: int, size: int) -> None:
-        ctypes.memmove(dst_host, src, size)
+        _host_copy.stream(dst_host, src, size)
 
     def _backend_host_alloc(self, size: int) -> int:
         # 2 MiB-aligned, so that a kernel giving transparent huge pages to all memory (THP
