@@ -13,7 +13,9 @@ the pages as asked back until `RECLAIM_DEADLINE_MS` has passed; an `Expire` forg
 The pool may hand out fewer pages than the arbiter granted (pages being zeroed or created):
 the request keeps what it got and keeps waiting for the rest, and a DENY for its limit that
 followed in the same pass is not sent (it still has room). What waiting requests still need
-becomes the pool's demand, by uid, so that its worker zeroes and creates pages for them.
+becomes the pool's demand, by uid, so that its worker zeroes and creates pages for them. Every
+GROW's size goes to the pool as well (`PagePool.note_grow`): its warm reserve follows what the
+engines ask for, so the next GROW of that size finds its pages made.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class GrantDesk:
 
     def grow(self, conn: Connection, msg: Message, channel: GrantChannel | None = None) -> None:
         now = time.monotonic()
+        # What engines ask for sizes the warm reserve, which the pool refills ahead of the next GROW.
+        self.daemon.pool.note_grow(conn.model.name, msg["pages"])
         self.pending.append(
             GrowRequest(
                 conn=conn,

@@ -37,9 +37,19 @@ worker waiting for all of them):
 After any page becomes grantable the worker calls `notify()` so the event loop serves waiters.
 
 Reserve size. The watermarks given are a floor: the daemon raises them to what the attached
-engines grow by (`set_growth_unit`: one growth unit of the largest engine's KV layout, one page
-per layer's K and V times the pages of a slot), low to one unit and high to two, so that a growth
-finds its pages created and zeroed and neither cuMemCreate nor a memset runs while it waits.
+engines grow by, so that a growth finds its pages created and zeroed and neither cuMemCreate nor a
+memset runs while it waits. Two measures, the larger wins:
+- the growth unit (`set_growth_unit`): one slot of the largest attached engine's KV layout, one
+  page per layer's K and V times the pages of a slot: low to one unit, high to two;
+- the GROWs the attached engines actually send (`note_grow`): an engine's cache grows by several
+  slots at once while its demand rises, far more than one unit. The largest GROW of each attached
+  model in the last `release_after` seconds raises low to its size and high to twice it, so the
+  next GROW of that size finds its pages and one more finds them while the first is refilled.
+  Both are bounded by the budget's free part (the budget less the pages granted).
+The refill runs on the worker, after the waiting requests' demand, so it is ahead of demand and
+never in a grant's way. When no GROW has needed the raised size for `release_after` seconds it
+lapses, and the pages above the floor are released at once (they already waited that long), so
+memory goes back to the rest of the GPU after an engine's burst.
 
 Zeroing runs in batches of up to `SCRUB_BATCH` pages: one memset per page, then one synchronize
 for the batch, and only then do the pages count as clean. The security invariant (a page that
@@ -63,6 +73,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -169,6 +180,10 @@ class PagePool:
         self._scrubbing = 0
         self._demand: dict[int, int] = {}
         self._attached: set[str] = set()  # models with an engine attached (see `set_attached`)
+        self._growth_unit = 0  # pages of the largest attached engine's growth unit (`set_growth_unit`)
+        # Each attached model's GROWs of the last `release_after` seconds, as a sliding-window maximum:
+        # (when it came, pages), each larger than every later one, so the first is the largest.
+        self._recent_grows: dict[str, deque[tuple[float, int]]] = {}
         self._refilling = True
         self._surplus_since: float | None = None
         self._backoff_until = 0.0
@@ -290,20 +305,56 @@ class PagePool:
         """Size the warm reserve for engines that grow by `pages` pages at a time (0: none attached).
 
         Low watermark: the configured one or one growth unit, whichever is more; high: the
-        configured one or two units. Never more than the budget.
+        configured one or two units (raised further by recent GROWs, see `note_grow`). Never more
+        than the budget's free part.
         """
-        low, high = self._reserve_floor
         with self._lock:
-            self.reserve_low = min(max(low, pages), self.budget_pages)
-            self.reserve_high = min(max(high, 2 * pages), self.budget_pages)
+            self._growth_unit = pages
+            self._size_reserve(time.monotonic())
             self._lock.notify()
+
+    def note_grow(self, model: str, pages: int) -> None:
+        """An attached engine of `model` asked for `pages` pages (a GROW): the reserve is raised to
+        the largest such request of each model in the last `release_after` seconds (see the module
+        docstring), and the worker refills it ahead of the next one."""
+        now = time.monotonic()
+        with self._lock:
+            grows = self._recent_grows.setdefault(model, deque())
+            while grows and grows[-1][1] <= pages:
+                grows.pop()  # never the largest again: this one is as large and lapses later
+            grows.append((now, pages))
+            low, high = self.reserve_low, self.reserve_high
+            self._size_reserve(now)
+            if (self.reserve_low, self.reserve_high) != (low, high):
+                self._lock.notify()
+
+    def _size_reserve(self, now: float) -> bool:
+        """Set the reserve's watermarks from the floor, the growth unit and the GROWs that have not
+        lapsed (lock held); whether a raised size lapsed just now (its surplus may go at once)."""
+        lapsed = False
+        for model, grows in list(self._recent_grows.items()):
+            while grows and now - grows[0][0] >= self.release_after:
+                grows.popleft()
+                lapsed = True
+            if not grows:
+                del self._recent_grows[model]
+        grow = max((grows[0][1] for grows in self._recent_grows.values()), default=0)
+        floor_low, floor_high = self._reserve_floor
+        unit = self._growth_unit
+        room = max(0, self.budget_pages - len(self._granted))  # the budget's free part
+        self.reserve_low = min(max(floor_low, unit, grow), room)
+        self.reserve_high = min(max(floor_high, 2 * unit, 2 * grow), room)
+        return lapsed
 
     def set_attached(self, models: set[str]) -> None:
         """The models whose engine is attached now: the dirty pages of all others are zeroed ahead."""
         with self._lock:
             self._attached = set(models)
-            if any(owner not in self._attached for owner in self._dirty):
-                self._lock.notify()
+            # A model that left no longer sizes the reserve (its next engine's GROWs will).
+            for model in [m for m in self._recent_grows if m not in self._attached]:
+                del self._recent_grows[model]
+            self._size_reserve(time.monotonic())
+            self._lock.notify()
 
     def stats(self) -> PoolStats:
         with self._lock:
@@ -390,6 +441,10 @@ class PagePool:
         """Pick the worker's next job (called with the lock held): how many pages to create, a batch
         of page ids to zero, a page id to release, or None to wait."""
         now = time.monotonic()
+        if self._size_reserve(now) and self._surplus_since is None:
+            # A raised reserve lapsed: no GROW needed it for `release_after` seconds, so its surplus
+            # is released now rather than after waiting that long again.
+            self._surplus_since = now - self.release_after
         free = self._free_count()
         room = self.budget_pages - len(self.pages) - self._creating
         can_act = now >= self._backoff_until
@@ -491,9 +546,12 @@ class PagePool:
         now = time.monotonic()
         if self._backoff_until > now:
             return self._backoff_until - now
+        timeout = 1.0
         if self._surplus_since is not None:
-            return max(0.01, self.release_after - (now - self._surplus_since))
-        return 1.0
+            timeout = max(0.01, self.release_after - (now - self._surplus_since))
+        for grows in self._recent_grows.values():  # the largest GROW's raise lapses then
+            timeout = min(timeout, max(0.01, grows[0][0] + self.release_after - now))
+        return timeout
 
     def _create(self, count: int) -> None:
         """Create `count` pages (counted in `_creating` by the caller): each made, mapped and given
