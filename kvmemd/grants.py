@@ -45,8 +45,6 @@ class GrantDesk:
 
     def grow(self, conn: Connection, msg: Message, channel: GrantChannel | None = None) -> None:
         now = time.monotonic()
-        # What engines ask for sizes the warm reserve, which the pool refills ahead of the next GROW.
-        self.daemon.pool.note_grow(conn.model.name, msg["pages"])
         self.pending.append(
             GrowRequest(
                 conn=conn,
@@ -63,6 +61,9 @@ class GrantDesk:
             # (reads of other sockets, the host tier's completions). Requests that arrive while
             # others wait are served by the loop, in the arbiter's order.
             self.serve_pending()
+        # What engines ask for sizes the warm reserve, which the pool refills ahead of the next GROW
+        # (after this request's own demand is declared: the pool's worker serves that first).
+        self.daemon.pool.note_grow(msg["pages"])
 
     def restore(self, conn: Connection, pages: int) -> None:
         """Queue a wake's restore of `pages` pages from the host tier; it waits in line with the GROWs."""

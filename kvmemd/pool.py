@@ -41,10 +41,12 @@ engines grow by, so that a growth finds its pages created and zeroed and neither
 memset runs while it waits. Two measures, the larger wins:
 - the growth unit (`set_growth_unit`): one slot of the largest attached engine's KV layout, one
   page per layer's K and V times the pages of a slot: low to one unit, high to two;
-- the GROWs the attached engines actually send (`note_grow`): an engine's cache grows by several
-  slots at once while its demand rises, far more than one unit. The largest GROW of each attached
-  model in the last `release_after` seconds raises low to its size and high to twice it, so the
-  next GROW of that size finds its pages and one more finds them while the first is refilled.
+- the GROWs engines actually send (`note_grow`): an engine's cache grows by several slots at once
+  while its demand rises, far more than one unit. The largest GROW of the last `release_after`
+  seconds raises low to its size and high to twice it, so the next GROW of that size finds its
+  pages and one more finds them while the first is refilled. An engine that leaves does not take
+  its GROWs with it: the next one to start (a restart, another model on the pages it left) asks
+  for as much, and its first burst finds them too.
   Both are bounded by the budget's free part (the budget less the pages granted).
 The refill runs on the worker, after the waiting requests' demand, so it is ahead of demand and
 never in a grant's way. When no GROW has needed the raised size for `release_after` seconds it
@@ -120,6 +122,7 @@ class PoolStats:
     pages_released_total: int
     pages_scrubbed_total: int
     out_of_memory_total: int
+    pages_created_for_requests_total: int
 
 
 class PagePool:
@@ -181,14 +184,16 @@ class PagePool:
         self._demand: dict[int, int] = {}
         self._attached: set[str] = set()  # models with an engine attached (see `set_attached`)
         self._growth_unit = 0  # pages of the largest attached engine's growth unit (`set_growth_unit`)
-        # Each attached model's GROWs of the last `release_after` seconds, as a sliding-window maximum:
-        # (when it came, pages), each larger than every later one, so the first is the largest.
-        self._recent_grows: dict[str, deque[tuple[float, int]]] = {}
+        # The GROWs of the last `release_after` seconds as a sliding-window maximum: (when it came,
+        # pages), each larger than every later one, so the first is the largest.
+        self._recent_grows: deque[tuple[float, int]] = deque()
         self._refilling = True
         self._surplus_since: float | None = None
         self._backoff_until = 0.0
         self._stop = False
-        self._counters = {"created": 0, "released": 0, "scrubbed": 0, "oom": 0}
+        # "for_requests": pages created because waiting requests needed them (made on the grant path,
+        # while a GROW waited), a part of "created"; the rest were made ahead, for the reserve.
+        self._counters = {"created": 0, "for_requests": 0, "released": 0, "scrubbed": 0, "oom": 0}
         self._creators = ThreadPoolExecutor(max(1, create_threads), thread_name_prefix="kvmemd-pool-create")
         self._worker = threading.Thread(target=self._run, name="kvmemd-pool", daemon=True)
         self._worker.start()
@@ -222,6 +227,14 @@ class PagePool:
                 self._granted.add(page_id)
                 pages.append(page)
             if taken:
+                # Pages taken for a waiting request no longer count as its demand, even before the
+                # desk declares the new demand at the end of its pass: else the worker, reading the
+                # old figure in between, makes pages nobody waits for.
+                left = self._demand.get(uid, 0) - len(taken)
+                if left > 0:
+                    self._demand[uid] = left
+                else:
+                    self._demand.pop(uid, None)
                 self._notify_worker_if_needed()
             return pages
 
@@ -313,13 +326,13 @@ class PagePool:
             self._size_reserve(time.monotonic())
             self._lock.notify()
 
-    def note_grow(self, model: str, pages: int) -> None:
-        """An attached engine of `model` asked for `pages` pages (a GROW): the reserve is raised to
-        the largest such request of each model in the last `release_after` seconds (see the module
-        docstring), and the worker refills it ahead of the next one."""
+    def note_grow(self, pages: int) -> None:
+        """An engine asked for `pages` pages (a GROW): the reserve is raised to the largest such
+        request of the last `release_after` seconds (see the module docstring), and the worker
+        refills it ahead of the next one."""
         now = time.monotonic()
         with self._lock:
-            grows = self._recent_grows.setdefault(model, deque())
+            grows = self._recent_grows
             while grows and grows[-1][1] <= pages:
                 grows.pop()  # never the largest again: this one is as large and lapses later
             grows.append((now, pages))
@@ -331,14 +344,12 @@ class PagePool:
     def _size_reserve(self, now: float) -> bool:
         """Set the reserve's watermarks from the floor, the growth unit and the GROWs that have not
         lapsed (lock held); whether a raised size lapsed just now (its surplus may go at once)."""
+        grows = self._recent_grows
         lapsed = False
-        for model, grows in list(self._recent_grows.items()):
-            while grows and now - grows[0][0] >= self.release_after:
-                grows.popleft()
-                lapsed = True
-            if not grows:
-                del self._recent_grows[model]
-        grow = max((grows[0][1] for grows in self._recent_grows.values()), default=0)
+        while grows and now - grows[0][0] >= self.release_after:
+            grows.popleft()
+            lapsed = True
+        grow = grows[0][1] if grows else 0
         floor_low, floor_high = self._reserve_floor
         unit = self._growth_unit
         room = max(0, self.budget_pages - len(self._granted))  # the budget's free part
@@ -350,11 +361,8 @@ class PagePool:
         """The models whose engine is attached now: the dirty pages of all others are zeroed ahead."""
         with self._lock:
             self._attached = set(models)
-            # A model that left no longer sizes the reserve (its next engine's GROWs will).
-            for model in [m for m in self._recent_grows if m not in self._attached]:
-                del self._recent_grows[model]
-            self._size_reserve(time.monotonic())
-            self._lock.notify()
+            if any(owner not in self._attached for owner in self._dirty):
+                self._lock.notify()
 
     def stats(self) -> PoolStats:
         with self._lock:
@@ -369,6 +377,7 @@ class PagePool:
                 pages_released_total=self._counters["released"],
                 pages_scrubbed_total=self._counters["scrubbed"],
                 out_of_memory_total=self._counters["oom"],
+                pages_created_for_requests_total=self._counters["for_requests"],
             )
 
     def close(self) -> None:
@@ -457,7 +466,7 @@ class PagePool:
             if batch:
                 return "scrub", batch
             if room > 0:
-                return "create", min(want - ready, room, CREATE_BATCH)
+                return "create for requests", min(want - ready, room, CREATE_BATCH)
             page_id = self._pop_dirty(other_than=uid)
             if page_id is None:
                 page_id = self._pop_clean(other_than=uid)
@@ -507,13 +516,13 @@ class PagePool:
                         for one in page_id if action == "scrub" else [page_id]:
                             self._put_back(one)
                     return
-                if action == "create":
+                if action.startswith("create"):
                     self._creating += page_id  # for a creation: how many pages
                 elif action == "scrub":
                     self._scrubbing += len(page_id)
             try:
-                if action == "create":
-                    self._create(page_id)
+                if action.startswith("create"):
+                    self._create(page_id, for_requests=action == "create for requests")
                 elif action == "scrub":
                     self._scrub(page_id)
                 else:
@@ -549,11 +558,11 @@ class PagePool:
         timeout = 1.0
         if self._surplus_since is not None:
             timeout = max(0.01, self.release_after - (now - self._surplus_since))
-        for grows in self._recent_grows.values():  # the largest GROW's raise lapses then
-            timeout = min(timeout, max(0.01, grows[0][0] + self.release_after - now))
+        if self._recent_grows:  # the largest GROW's raise lapses then
+            timeout = min(timeout, max(0.01, self._recent_grows[0][0] + self.release_after - now))
         return timeout
 
-    def _create(self, count: int) -> None:
+    def _create(self, count: int, for_requests: bool = False) -> None:
         """Create `count` pages (counted in `_creating` by the caller): each made, mapped and given
         access one by one, then, where the driver does not promise zeros, every memset queued and one
         synchronize for the batch before any of them becomes grantable."""
@@ -592,6 +601,8 @@ class PagePool:
                     self.pages[page.id] = page
                     self._clean.setdefault(None, []).append(page.id)
                 self._counters["created"] += len(made)
+                if for_requests:
+                    self._counters["for_requests"] += len(made)
         if made:
             self._notify()
 

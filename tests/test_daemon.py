@@ -613,9 +613,11 @@ def test_the_reserve_follows_the_engines_grows_so_the_next_grant_creates_nothing
                 timeout=60,
                 what="the reserve raised to twice the GROW",
             )
+            assert daemon.status().daemon.pages_created_for_requests_total == 32  # the first GROW waited for 32
             second = cache.alloc(512)  # the same GROW again: all 64 pages from the reserve
             head = wait_for(lambda: (h := daemon.status().daemon).pages_granted == 128 and h, what="the grant")
             assert head.pages_created == head.pages_created_total == 192  # none made on the grant path
+            assert head.pages_created_for_requests_total == 32
             cache.free(first + second)
 
 
