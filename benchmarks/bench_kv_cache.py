@@ -109,8 +109,11 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
     frees everything and closes; then model B grows the same way on the pages A gave back, which
     must be zeroed before B may see them (pages changing model); B starts once the daemon has zeroed
     them in the background (how long that took is reported). Counted per GiB mapped: the driver
-    calls in the engine (fake driver, this process) and the daemon's page creations and zeroings
-    (its status counters), GROWs denied, pages granted per page kept, and how long allocs waited.
+    calls in the engine (fake driver, this process) and the daemon's page creations (all of them,
+    and those made while a GROW waited: `pages_created_for_requests_total`) and zeroings (its status
+    counters, read after a heartbeat that follows the last alloc), GROWs denied, pages granted per
+    page kept, the cache's growths, and how long allocs waited: all of them, and those that found
+    enough mapped free blocks when they were called (which must not wait on the daemon).
     """
     import kvmem
     from tests.daemon_support import DaemonProcess
@@ -134,6 +137,7 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                 daemon_before = daemon.counters()
                 fake.reset_call_counters()
                 waits = []
+                waits_found_free = []  # allocs that found enough mapped free blocks
                 with kvmem.connect(model, runtime_dir=runtime_dir) as session:
                     cache = session.kv_cache(**GEOMETRY, max_tokens=4 * blocks_wanted * 16)
                     # Steady state: the daemon's reserve, sized from this engine's growth unit once
@@ -146,13 +150,22 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                     t_start = time.perf_counter()
                     while cache.get_num_used_blocks() < blocks_wanted:
                         n = min(rng.randint(1, 64), blocks_wanted - cache.get_num_used_blocks())
+                        found_free = cache.get_num_free_blocks() >= n
                         t0 = time.perf_counter()
                         live.append(cache.alloc(n))
                         waits.append(time.perf_counter() - t0)
+                        if found_free:
+                            waits_found_free.append(waits[-1])
                         time.sleep(0.001)
                     wall = time.perf_counter() - t_start
                     client = {k: v for k, v in fake.counters().items() if v and not k.startswith("live.")}
-                    mapped_pages = cache.stats().pages_held
+                    stats = cache.stats()
+                    mapped_pages = stats.pages_held
+                    used_blocks = cache.get_num_used_blocks()
+                    # The pool's counters reach the segment at the next heartbeat: wait for one.
+                    beat = daemon.status().daemon.heartbeat_ns
+                    while daemon.status().daemon.heartbeat_ns == beat:
+                        time.sleep(0.01)
                     after = daemon.status()
                     for ids in live:
                         cache.free(ids)
@@ -171,13 +184,24 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                     "daemon_creates_per_gib": round(
                         (daemon_after["cuMemCreate"] - daemon_before["cuMemCreate"]) / mapped_gib, 1
                     ),
+                    "daemon_creates_while_a_grow_waited_per_gib": round(
+                        (after.daemon.pages_created_for_requests_total - before.daemon.pages_created_for_requests_total)
+                        / mapped_gib,
+                        1,
+                    ),
                     "daemon_zeroed_per_gib": round(
                         (after.daemon.pages_scrubbed_total - before.daemon.pages_scrubbed_total) / mapped_gib, 1
                     ),
                     "grows_denied": after.daemon.denies - before.daemon.denies,
                     "pages_granted_per_page_kept": round(model_after.pages_granted_total / mapped_pages, 2),
+                    "growths": stats.grows,
+                    "mapped_slots": stats.mapped_slots,
+                    "live_gib": round(used_blocks / GIB_BLOCKS, 3),
+                    "set_access_per_live_gib": round(client.get("cuMemSetAccess", 0) * GIB_BLOCKS / used_blocks, 1),
                     "allocs": len(waits),
                     "allocs_waiting_over_10ms": sum(w > 0.01 for w in waits),
+                    "allocs_finding_free_blocks": len(waits_found_free),
+                    "allocs_finding_free_blocks_wait_max_ms": round(max(waits_found_free, default=0) * 1e3, 2),
                     "alloc_wait_p99_ms": round(waits[int(0.99 * (len(waits) - 1))] * 1e3, 2),
                     "alloc_wait_max_ms": round(waits[-1] * 1e3, 2),
                 }
@@ -235,6 +259,29 @@ def table(result: dict) -> str:
     def row(label: str, key: str) -> str:
         return f"| {label} | {a[key]} | {b[key]} |"
 
+    larger = result.get("growth_engine_like_larger")
+    larger_rows = []
+    if larger is not None:
+        la, lb = larger["phases"]["a"], larger["phases"]["b"]
+        larger_rows = [
+            "",
+            f"**Larger growth** (labelled: the same default settings and arrivals until {larger['gib']} GiB are "
+            "live, so that growth goes on after the first burst):",
+            "",
+            "| per GiB of KV, default settings, larger growth | model A (fresh pages) | model B (pages from A) |",
+            "|---|---|---|",
+            f"| cuMemSetAccess per GiB mapped (kvcached: 512) | {la['calls_per_gib']['cuMemSetAccess']} | "
+            f"{lb['calls_per_gib']['cuMemSetAccess']} |",
+            f"| growths (slots mapped) | {la['growths']} ({la['mapped_slots']}) | "
+            f"{lb['growths']} ({lb['mapped_slots']}) |",
+            f"| pages created while a GROW waited, per GiB | {la['daemon_creates_while_a_grow_waited_per_gib']} | "
+            f"{lb['daemon_creates_while_a_grow_waited_per_gib']} |",
+            f"| allocs waiting > 10 ms | {la['allocs_waiting_over_10ms']} of {la['allocs']} | "
+            f"{lb['allocs_waiting_over_10ms']} of {lb['allocs']} |",
+            f"| alloc wait p99 / max, ms | {la['alloc_wait_p99_ms']} / {la['alloc_wait_max_ms']} | "
+            f"{lb['alloc_wait_p99_ms']} / {lb['alloc_wait_max_ms']} |",
+        ]
+
     return "\n".join(
         [
             f"**Default settings** (daemon's default reserve, the cache's background growth and default "
@@ -247,8 +294,15 @@ def table(result: dict) -> str:
             "|---|---|---|",
             f"| cuMemSetAccess (kvcached: 512) | {a['calls_per_gib']['cuMemSetAccess']} | "
             f"{b['calls_per_gib']['cuMemSetAccess']} |",
+            f"| cuMemSetAccess per GiB live (the blocks in use, not the slots mapped) | "
+            f"{a['set_access_per_live_gib']} | {b['set_access_per_live_gib']} |",
+            f"| growths (slots mapped) | {a['growths']} ({a['mapped_slots']}) | {b['growths']} ({b['mapped_slots']}) |",
             f"| cuMemMap (kvcached: 512) | {a['calls_per_gib']['cuMemMap']} | {b['calls_per_gib']['cuMemMap']} |",
-            row("pages created by the daemon meanwhile", "daemon_creates_per_gib"),
+            row(
+                "pages created by the daemon while a GROW waited (grant path)",
+                "daemon_creates_while_a_grow_waited_per_gib",
+            ),
+            row("pages created by the daemon meanwhile (with the reserve's refill)", "daemon_creates_per_gib"),
             row("pages zeroed by the daemon meanwhile", "daemon_zeroed_per_gib"),
             row("GROWs denied", "grows_denied"),
             row("pages granted per page kept mapped", "pages_granted_per_page_kept"),
@@ -256,8 +310,12 @@ def table(result: dict) -> str:
             f"{b['allocs_waiting_over_10ms']} of {b['allocs']} |",
             f"| alloc wait p99 / max, ms | {a['alloc_wait_p99_ms']} / {a['alloc_wait_max_ms']} | "
             f"{b['alloc_wait_p99_ms']} / {b['alloc_wait_max_ms']} |",
+            f"| allocs that found mapped free blocks: how many, max wait ms | {a['allocs_finding_free_blocks']}, "
+            f"{a['allocs_finding_free_blocks_wait_max_ms']} | {b['allocs_finding_free_blocks']}, "
+            f"{b['allocs_finding_free_blocks_wait_max_ms']} |",
             f"| modeled driver time, ms per GiB (creations counted; {source}) | {a['modeled_ms_per_gib']} | "
             f"{b['modeled_ms_per_gib']} |",
+            *larger_rows,
             "",
             "**Best case** (one `alloc` of 1 GiB = 8 slots at once, a daemon started with `--reserve 1 600` and "
             "its reserve warm; no background growth):",
@@ -291,11 +349,18 @@ def main() -> int:
         "benchmarks/gpu_costs.json if it exists, else kvcached's published A100 figures)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_kv_cache.json")
+    parser.add_argument(
+        "--larger-gib",
+        type=int,
+        default=4,
+        help="GiB live in the labelled larger-growth run of the engine-like pattern (0: skip it)",
+    )
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     from tests import fakecuda
 
-    os.environ.setdefault("FAKECUDA_CAPACITY_BYTES", str(8 << 30))
+    # Room for the largest budget below (2 * GiB + 1 of the larger engine-like run).
+    os.environ.setdefault("FAKECUDA_CAPACITY_BYTES", str(max(8, 2 * args.larger_gib + 2) << 30))
     fake = fakecuda.load()
     os.environ.update(fakecuda.child_env())  # the daemon loads it too
 
@@ -305,6 +370,11 @@ def main() -> int:
         "geometry": GEOMETRY,
         "trace_steps": args.steps,
         "growth_engine_like_default": engine_like_growth(fake, call_costs.load(args.costs), 2, seed=3, reserve=[]),
+        "growth_engine_like_larger": (
+            engine_like_growth(fake, call_costs.load(args.costs), args.larger_gib, seed=3, reserve=[])
+            if args.larger_gib
+            else None
+        ),
         "growth_host": growth_on_host(args.repeats),
         "growth_fake_daemon": growth_on_fake_with_daemon(fake, call_costs.load(args.costs)),
         "idle_footprint": idle_footprint(seed=1, steps=args.steps),

@@ -27,7 +27,7 @@ worker waiting for all of them):
   (`set_demand`); the worker zeroes that uid's dirty pages, creates pages under the budget, or
   releases pages tainted by other uids to make room;
 - refill: when the free pages fall below `reserve_low`, it creates pages up to `reserve_high`,
-  and keeps at least `reserve_low` of them clean by zeroing dirty ones, one at a time, oldest
+  and keeps at least `reserve_low` of them clean by zeroing dirty ones, in batches, oldest
   first (the rest may go back to their owner with no zeroing at all);
 - ahead of demand: the dirty pages of models with no engine attached (`set_attached`) are zeroed
   in batches, every one of them: their next holder is another model, or an engine starting afresh;
@@ -481,9 +481,10 @@ class PagePool:
                 return "create", min(self.reserve_high - free - self._creating, room, CREATE_BATCH)
         clean = sum(len(ids) for ids in self._clean.values())
         if clean < self.reserve_low:
-            page_id = self._pop_dirty()
-            if page_id is not None:
-                return "scrub", [page_id]
+            # In a batch (one synchronize for all): a reserve raised by large GROWs wants many.
+            batch = self._pop_dirty_batch(min(self.reserve_low - clean, SCRUB_BATCH))
+            if batch:
+                return "scrub", batch
         for owner in self._dirty:
             if owner not in self._attached:  # its next holder is another model: zero ahead, in batches
                 ids = self._dirty[owner]
