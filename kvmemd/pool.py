@@ -50,8 +50,8 @@ memset runs while it waits. Two measures, the larger wins:
   Both are bounded by the budget's free part (the budget less the pages granted).
 The refill runs on the worker, after the waiting requests' demand, so it is ahead of demand and
 never in a grant's way. When no GROW has needed the raised size for `release_after` seconds it
-lapses, and the pages above the floor are released at once (they already waited that long), so
-memory goes back to the rest of the GPU after an engine's burst.
+lapses, and the free pages above the lowered watermark are released after `release_after` more
+seconds, like any surplus, so memory goes back to the rest of the GPU after an engine's burst.
 
 Zeroing runs in batches of up to `SCRUB_BATCH` pages: one memset per page, then one synchronize
 for the batch, and only then do the pages count as clean. The security invariant (a page that
@@ -341,21 +341,18 @@ class PagePool:
             if (self.reserve_low, self.reserve_high) != (low, high):
                 self._lock.notify()
 
-    def _size_reserve(self, now: float) -> bool:
+    def _size_reserve(self, now: float) -> None:
         """Set the reserve's watermarks from the floor, the growth unit and the GROWs that have not
-        lapsed (lock held); whether a raised size lapsed just now (its surplus may go at once)."""
+        lapsed (lock held)."""
         grows = self._recent_grows
-        lapsed = False
         while grows and now - grows[0][0] >= self.release_after:
             grows.popleft()
-            lapsed = True
         grow = grows[0][1] if grows else 0
         floor_low, floor_high = self._reserve_floor
         unit = self._growth_unit
         room = max(0, self.budget_pages - len(self._granted))  # the budget's free part
         self.reserve_low = min(max(floor_low, unit, grow), room)
         self.reserve_high = min(max(floor_high, 2 * unit, 2 * grow), room)
-        return lapsed
 
     def set_attached(self, models: set[str]) -> None:
         """The models whose engine is attached now: the dirty pages of all others are zeroed ahead."""
@@ -450,10 +447,10 @@ class PagePool:
         """Pick the worker's next job (called with the lock held): how many pages to create, a batch
         of page ids to zero, a page id to release, or None to wait."""
         now = time.monotonic()
-        if self._size_reserve(now) and self._surplus_since is None:
-            # A raised reserve lapsed: no GROW needed it for `release_after` seconds, so its surplus
-            # is released now rather than after waiting that long again.
-            self._surplus_since = now - self.release_after
+        # A raised reserve that lapsed makes its pages surplus like any other: they are released once
+        # they have stayed above the lowered high watermark for `release_after` seconds (from now, not
+        # from the GROW: pages an engine returned a moment ago may be the next engine's).
+        self._size_reserve(now)
         free = self._free_count()
         room = self.budget_pages - len(self.pages) - self._creating
         can_act = now >= self._backoff_until

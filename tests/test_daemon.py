@@ -631,7 +631,7 @@ def test_a_reserve_raised_by_grows_is_released_after_release_after(runtime_dir: 
             cache = session.kv_cache(**geometry, max_tokens=64 * 16 * 64, background=False)
             ids = cache.alloc(512)  # a GROW of 64 pages raises the reserve to 128 free pages...
             wait_for(lambda: daemon.status().daemon.pages_created_total >= 192, timeout=60, what="the raised reserve")
-            # ...until no GROW has needed it for 3 s: back to the configured 32, the rest released.
+            # ...until no GROW has needed it for 3 s: back to the configured 32, and 3 s later the rest released.
             head = wait_for(
                 lambda: (h := daemon.status().daemon).pages_created == 64 + 32 and h, timeout=60, what="the release"
             )

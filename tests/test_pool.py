@@ -69,14 +69,15 @@ def test_the_reserve_follows_the_largest_recent_grow_within_the_budgets_free_par
         pool.close()
 
 
-def test_a_raised_reserve_lapses_after_release_after_and_its_surplus_is_released(device: Device):
+def test_a_raised_reserve_lapses_and_its_surplus_is_released_like_any_other(device: Device):
     pool = PagePool(
         device, device.granularity, budget_pages=64, reserve_low=2, reserve_high=4, release_after=3, notify=lambda: None
     )
     try:
         pool.note_grow(16)
         wait_for(lambda: pool.stats().pages_created_total >= 32, timeout=60, what="the raised reserve made")
-        # No GROW for `release_after` seconds: back to the configured reserve, the surplus released.
+        # No GROW for `release_after` seconds: back to the configured reserve; the surplus above it is
+        # released once it has stayed so for `release_after` seconds more.
         stats = wait_for(lambda: (s := pool.stats()).created == 4 and s, timeout=60, what="the surplus released")
         assert stats.pages_released_total == stats.pages_created_total - 4
         assert (pool.reserve_low, pool.reserve_high) == (2, 4)
