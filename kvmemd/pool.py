@@ -27,10 +27,11 @@ worker waiting for all of them):
   (`set_demand`); the worker zeroes that uid's dirty pages, creates pages under the budget, or
   releases pages tainted by other uids to make room;
 - refill: when the free pages fall below `reserve_low`, it creates pages up to `reserve_high`,
-  and keeps at least `reserve_low` of them clean by zeroing dirty ones, in batches, oldest
-  first (the rest may go back to their owner with no zeroing at all);
+  and keeps some of them clean (the configured low watermark or one growth unit) by zeroing
+  dirty ones, in batches, oldest first (the rest may go back to their owner with no zeroing);
 - ahead of demand: the dirty pages of models with no engine attached (`set_attached`) are zeroed
-  in batches, every one of them: their next holder is another model, or an engine starting afresh;
+  in batches, every one of them: their next holder is another model, or an engine starting afresh
+  (before any refill: a page that exists is made grantable before a new one is made beside it);
 - trim: when the free pages stay above `reserve_high` for `release_after` seconds, it releases
   the surplus to the driver (dirty pages first: they would need zeroing anyway), so memory goes
   back to the rest of the GPU.
@@ -166,6 +167,7 @@ class PagePool:
         self._reserve_floor = (reserve_low, reserve_high)
         self.reserve_low = min(reserve_low, budget_pages)
         self.reserve_high = min(reserve_high, budget_pages)
+        self._clean_low = self.reserve_low
         self.release_after = release_after
         self.max_pages = max_pages or 2 * budget_pages + 1024
         self.cache_exports = cache_exports
@@ -271,7 +273,7 @@ class PagePool:
         if (
             self._demand
             or free + self._creating < self.reserve_low
-            or (clean < self.reserve_low and len(self._dirty) > 0)
+            or (clean < self._clean_low and len(self._dirty) > 0)
             or any(owner not in self._attached for owner in self._dirty)
             or (free > self.reserve_high and self._surplus_since is None)
         ):
@@ -353,6 +355,9 @@ class PagePool:
         room = max(0, self.budget_pages - len(self._granted))  # the budget's free part
         self.reserve_low = min(max(floor_low, unit, grow), room)
         self.reserve_high = min(max(floor_high, 2 * unit, 2 * grow), room)
+        # The clean pages kept (attached models' own dirty pages zeroed for others) follow the floor
+        # and the unit only: a model's large GROWs are best served by its own pages, unzeroed.
+        self._clean_low = min(max(floor_low, unit), room)
 
     def set_attached(self, models: set[str]) -> None:
         """The models whose engine is attached now: the dirty pages of all others are zeroed ahead."""
@@ -469,6 +474,16 @@ class PagePool:
                 page_id = self._pop_clean(other_than=uid)
             if page_id is not None:
                 return "release", page_id  # tainted by another uid: make room for a fresh page
+        # Before any refill: pages that exist but must be zeroed for their next holder are made
+        # grantable first (a memset), rather than new ones made beside them (a creation and a memset,
+        # and more memory taken from the GPU).
+        for owner in self._dirty:
+            if owner not in self._attached:  # its next holder is another model: zero ahead, in batches
+                ids = self._dirty[owner]
+                batch, ids[:] = ids[:SCRUB_BATCH], ids[SCRUB_BATCH:]
+                if not ids:
+                    del self._dirty[owner]
+                return "scrub", batch
         if free + self._creating < self.reserve_low:
             self._refilling = True
         if self._refilling:
@@ -477,17 +492,9 @@ class PagePool:
             elif can_act:
                 return "create", min(self.reserve_high - free - self._creating, room, CREATE_BATCH)
         clean = sum(len(ids) for ids in self._clean.values())
-        if clean < self.reserve_low:
-            # In a batch (one synchronize for all): a reserve raised by large GROWs wants many.
-            batch = self._pop_dirty_batch(min(self.reserve_low - clean, SCRUB_BATCH))
+        if clean < self._clean_low:
+            batch = self._pop_dirty_batch(min(self._clean_low - clean, SCRUB_BATCH))  # one synchronize
             if batch:
-                return "scrub", batch
-        for owner in self._dirty:
-            if owner not in self._attached:  # its next holder is another model: zero ahead, in batches
-                ids = self._dirty[owner]
-                batch, ids[:] = ids[:SCRUB_BATCH], ids[SCRUB_BATCH:]
-                if not ids:
-                    del self._dirty[owner]
                 return "scrub", batch
         if free > self.reserve_high:
             if self._surplus_since is None:
