@@ -15,9 +15,9 @@ the demand to come, not one slot at a time. The demand rate is measured, not gue
 time between growths: the blocks taken since the previous growth was decided (those taken while
 it waited for its pages included), net of frees, over the time since then (`demand_rate`). A
 growth brings the mapped free blocks up to what that rate uses in `HORIZON_S` (at least the high
-watermark, at most `MAX_BURST - 1` slots beyond it), so an
-engine that fills a slot within milliseconds of its last growth grows by many slots at once,
-while one request after a quiet spell (the same blocks over a long time) grows by what it needs.
+watermark, at most `MAX_BURST - 1` slots beyond it), so an engine that fills a slot within
+milliseconds of its last growth grows by many slots at once, while one request after a quiet
+spell (the same blocks over a long time) grows by what it needs.
 The high watermark stays raised by that much (`headroom`) while growths keep coming; `DECAY_S`
 after the last one it falls back to the configured one, and the empty slots beyond it are shrunk
 as before. (A single alloc is one event, not a rate: the first growth after a quiet spell is
