@@ -6,18 +6,24 @@ blocks, 64 per 2 MiB page, one growth slot = 64 pages (one per layer's K and V).
 1. Growth per GB, on demand (1 GiB = 512 pages = 8 slots in one `alloc`):
    - wall time on HostDevice with pages made in-process (`kvmem.local`);
    - driver calls on the fake CUDA driver with pages from a daemon whose reserve is warm, counted
-     by the driver itself in the client and in the daemon, next to kvcached's pattern (one
+     by the driver itself in the client (and, for the daemon's creations on the grow path, by its
+     `pages_created_for_requests_total`: the refill of its reserve runs beside the grant and is
+     counted apart), next to kvcached's pattern (one
      create, one map and one set-access per 2 MiB page: 512 of each per GB), and a modeled time
      per GB: the counts times per-call latencies from benchmarks/costs.py, i.e. those measured on a
      GPU by `make gpu-check` if benchmarks/gpu_costs.json exists (or --costs FILE), else the ones
      kvcached reports for an A100 (DESIGN §8: cuMemCreate 193 µs, cuMemMap 1.45 µs, cuMemSetAccess
      36 µs). The published figures have none for importing a page: then its count is reported and
      it is left out of the model, for kvcached as for kvmem.
-2. Idle footprint: requests of random length (seeded) arrive and finish, each holding one block
+2. Growth at the daemon's default settings with the cache's own growth (background thread,
+   default watermarks) under an engine-like arrival of allocs (`engine_like_growth`): 2 GiB live
+   first, then a labelled larger run (--larger-gib, 4 GiB) in which growth goes on after the first
+   burst. The best case of 1. is labelled as such.
+3. Idle footprint: requests of random length (seeded) arrive and finish, each holding one block
    per 16 tokens; at the end the cache's mapped bytes are compared with the packed floor (the
    slots the live blocks would fill if packed), after the background thread has settled.
 
-    python benchmarks/bench_kv_cache.py [--costs FILE] [--out FILE] [--update-readme]
+    python benchmarks/bench_kv_cache.py [--costs FILE] [--out FILE] [--larger-gib N] [--update-readme]
 """
 
 from __future__ import annotations
@@ -67,14 +73,18 @@ def growth_on_fake_with_daemon(fake, costs: call_costs.CallCosts) -> dict:
             with kvmem.connect("bench", runtime_dir=runtime_dir) as session:
                 cache = session.kv_cache(**GEOMETRY, max_tokens=2 * GIB_BLOCKS * 16, background=False)
                 daemon_before = daemon.counters()
+                before = after_a_heartbeat(daemon)
                 fake.reset_call_counters()
                 t0 = time.perf_counter()
                 ids = cache.alloc(GIB_BLOCKS)
                 wall = time.perf_counter() - t0
                 client = {k: v for k, v in fake.counters().items() if v and not k.startswith("live.")}
                 daemon_after = daemon.counters()
+                after = after_a_heartbeat(daemon)
                 cache.free(ids)
-    daemon_creates = daemon_after["cuMemCreate"] - daemon_before["cuMemCreate"]
+    # On the grow path: the pages the daemon made while the GROW waited. (Its reserve, raised by this
+    # GROW, is refilled in the background meanwhile: those creations are counted apart.)
+    daemon_creates = after.pages_created_for_requests_total - before.pages_created_for_requests_total
     calls = {
         "cuMemCreate": client.get("cuMemCreate", 0) + daemon_creates,
         "cuMemMap": client.get("cuMemMap", 0),
@@ -90,6 +100,7 @@ def growth_on_fake_with_daemon(fake, costs: call_costs.CallCosts) -> dict:
         "calls_per_gib": calls,
         "imports_per_gib": calls["cuMemImportFromShareableHandle"],
         "daemon_creates_on_grow_path": daemon_creates,
+        "daemon_creates_meanwhile": daemon_after["cuMemCreate"] - daemon_before["cuMemCreate"],
         "kvcached_calls_per_gib": kvcached,
         "modeled_costs": {"source": costs.source, "measured": costs.measured, "us_per_call": costs.us},
         "modeled_ms_per_gib": round(modeled, 2),
@@ -97,6 +108,15 @@ def growth_on_fake_with_daemon(fake, costs: call_costs.CallCosts) -> dict:
         "modeled_ratio_kvcached_over_kvmem": round(modeled_kvcached / modeled, 1) if modeled else None,
         "set_access_fraction_of_kvcached": round(calls["cuMemSetAccess"] / 512, 4),
     }
+
+
+def after_a_heartbeat(daemon):
+    """The daemon's status header once a heartbeat has followed this call (the pool's counters reach the
+    status segment at the next heartbeat, within 0.5 s)."""
+    beat = daemon.status().daemon.heartbeat_ns
+    while (head := daemon.status().daemon).heartbeat_ns == beat:
+        time.sleep(0.01)
+    return head
 
 
 def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, reserve: list[str]) -> dict:
@@ -109,8 +129,11 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
     frees everything and closes; then model B grows the same way on the pages A gave back, which
     must be zeroed before B may see them (pages changing model); B starts once the daemon has zeroed
     them in the background (how long that took is reported). Counted per GiB mapped: the driver
-    calls in the engine (fake driver, this process) and the daemon's page creations and zeroings
-    (its status counters), GROWs denied, pages granted per page kept, and how long allocs waited.
+    calls in the engine (fake driver, this process) and the daemon's page creations (all of them,
+    and those made while a GROW waited: `pages_created_for_requests_total`) and zeroings (its status
+    counters, read after a heartbeat that follows the last alloc), GROWs denied, pages granted per
+    page kept, the cache's growths, and how long allocs waited: all of them, and those that found
+    enough mapped free blocks when they were called (which must not wait on the daemon).
     """
     import kvmem
     from tests.daemon_support import DaemonProcess
@@ -130,10 +153,12 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                         time.sleep(0.01)
                     zeroing_s = time.perf_counter() - t0
                 rng = random.Random(seed)
+                after_a_heartbeat(daemon)
                 before = daemon.status()
                 daemon_before = daemon.counters()
                 fake.reset_call_counters()
                 waits = []
+                waits_found_free = []  # allocs that found enough mapped free blocks
                 with kvmem.connect(model, runtime_dir=runtime_dir) as session:
                     cache = session.kv_cache(**GEOMETRY, max_tokens=4 * blocks_wanted * 16)
                     # Steady state: the daemon's reserve, sized from this engine's growth unit once
@@ -146,13 +171,19 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                     t_start = time.perf_counter()
                     while cache.get_num_used_blocks() < blocks_wanted:
                         n = min(rng.randint(1, 64), blocks_wanted - cache.get_num_used_blocks())
+                        found_free = cache.get_num_free_blocks() >= n
                         t0 = time.perf_counter()
                         live.append(cache.alloc(n))
                         waits.append(time.perf_counter() - t0)
+                        if found_free:
+                            waits_found_free.append(waits[-1])
                         time.sleep(0.001)
                     wall = time.perf_counter() - t_start
                     client = {k: v for k, v in fake.counters().items() if v and not k.startswith("live.")}
-                    mapped_pages = cache.stats().pages_held
+                    stats = cache.stats()
+                    mapped_pages = stats.pages_held
+                    used_blocks = cache.get_num_used_blocks()
+                    after_a_heartbeat(daemon)
                     after = daemon.status()
                     for ids in live:
                         cache.free(ids)
@@ -171,13 +202,24 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                     "daemon_creates_per_gib": round(
                         (daemon_after["cuMemCreate"] - daemon_before["cuMemCreate"]) / mapped_gib, 1
                     ),
+                    "daemon_creates_while_a_grow_waited_per_gib": round(
+                        (after.daemon.pages_created_for_requests_total - before.daemon.pages_created_for_requests_total)
+                        / mapped_gib,
+                        1,
+                    ),
                     "daemon_zeroed_per_gib": round(
                         (after.daemon.pages_scrubbed_total - before.daemon.pages_scrubbed_total) / mapped_gib, 1
                     ),
                     "grows_denied": after.daemon.denies - before.daemon.denies,
                     "pages_granted_per_page_kept": round(model_after.pages_granted_total / mapped_pages, 2),
+                    "growths": stats.grows,
+                    "mapped_slots": stats.mapped_slots,
+                    "live_gib": round(used_blocks / GIB_BLOCKS, 3),
+                    "set_access_per_live_gib": round(client.get("cuMemSetAccess", 0) * GIB_BLOCKS / used_blocks, 1),
                     "allocs": len(waits),
                     "allocs_waiting_over_10ms": sum(w > 0.01 for w in waits),
+                    "allocs_finding_free_blocks": len(waits_found_free),
+                    "allocs_finding_free_blocks_wait_max_ms": round(max(waits_found_free, default=0) * 1e3, 2),
                     "alloc_wait_p99_ms": round(waits[int(0.99 * (len(waits) - 1))] * 1e3, 2),
                     "alloc_wait_max_ms": round(waits[-1] * 1e3, 2),
                 }
@@ -235,6 +277,29 @@ def table(result: dict) -> str:
     def row(label: str, key: str) -> str:
         return f"| {label} | {a[key]} | {b[key]} |"
 
+    larger = result.get("growth_engine_like_larger")
+    larger_rows = []
+    if larger is not None:
+        la, lb = larger["phases"]["a"], larger["phases"]["b"]
+        larger_rows = [
+            "",
+            f"**Larger growth** (labelled: the same default settings and arrivals until {larger['gib']} GiB are "
+            "live, so that growth goes on after the first burst):",
+            "",
+            "| per GiB of KV, default settings, larger growth | model A (fresh pages) | model B (pages from A) |",
+            "|---|---|---|",
+            f"| cuMemSetAccess per GiB mapped (kvcached: 512) | {la['calls_per_gib']['cuMemSetAccess']} | "
+            f"{lb['calls_per_gib']['cuMemSetAccess']} |",
+            f"| growths (slots mapped) | {la['growths']} ({la['mapped_slots']}) | "
+            f"{lb['growths']} ({lb['mapped_slots']}) |",
+            f"| pages created while a GROW waited, per GiB | {la['daemon_creates_while_a_grow_waited_per_gib']} | "
+            f"{lb['daemon_creates_while_a_grow_waited_per_gib']} |",
+            f"| allocs waiting > 10 ms | {la['allocs_waiting_over_10ms']} of {la['allocs']} | "
+            f"{lb['allocs_waiting_over_10ms']} of {lb['allocs']} |",
+            f"| alloc wait p99 / max, ms | {la['alloc_wait_p99_ms']} / {la['alloc_wait_max_ms']} | "
+            f"{lb['alloc_wait_p99_ms']} / {lb['alloc_wait_max_ms']} |",
+        ]
+
     return "\n".join(
         [
             f"**Default settings** (daemon's default reserve, the cache's background growth and default "
@@ -247,8 +312,15 @@ def table(result: dict) -> str:
             "|---|---|---|",
             f"| cuMemSetAccess (kvcached: 512) | {a['calls_per_gib']['cuMemSetAccess']} | "
             f"{b['calls_per_gib']['cuMemSetAccess']} |",
+            f"| cuMemSetAccess per GiB live (the blocks in use, not the slots mapped) | "
+            f"{a['set_access_per_live_gib']} | {b['set_access_per_live_gib']} |",
+            f"| growths (slots mapped) | {a['growths']} ({a['mapped_slots']}) | {b['growths']} ({b['mapped_slots']}) |",
             f"| cuMemMap (kvcached: 512) | {a['calls_per_gib']['cuMemMap']} | {b['calls_per_gib']['cuMemMap']} |",
-            row("pages created by the daemon meanwhile", "daemon_creates_per_gib"),
+            row(
+                "pages created by the daemon while a GROW waited (grant path)",
+                "daemon_creates_while_a_grow_waited_per_gib",
+            ),
+            row("pages created by the daemon meanwhile (with the reserve's refill)", "daemon_creates_per_gib"),
             row("pages zeroed by the daemon meanwhile", "daemon_zeroed_per_gib"),
             row("GROWs denied", "grows_denied"),
             row("pages granted per page kept mapped", "pages_granted_per_page_kept"),
@@ -256,8 +328,12 @@ def table(result: dict) -> str:
             f"{b['allocs_waiting_over_10ms']} of {b['allocs']} |",
             f"| alloc wait p99 / max, ms | {a['alloc_wait_p99_ms']} / {a['alloc_wait_max_ms']} | "
             f"{b['alloc_wait_p99_ms']} / {b['alloc_wait_max_ms']} |",
+            f"| allocs that found mapped free blocks: how many, max wait ms | {a['allocs_finding_free_blocks']}, "
+            f"{a['allocs_finding_free_blocks_wait_max_ms']} | {b['allocs_finding_free_blocks']}, "
+            f"{b['allocs_finding_free_blocks_wait_max_ms']} |",
             f"| modeled driver time, ms per GiB (creations counted; {source}) | {a['modeled_ms_per_gib']} | "
             f"{b['modeled_ms_per_gib']} |",
+            *larger_rows,
             "",
             "**Best case** (one `alloc` of 1 GiB = 8 slots at once, a daemon started with `--reserve 1 600` and "
             "its reserve warm; no background growth):",
@@ -291,11 +367,18 @@ def main() -> int:
         "benchmarks/gpu_costs.json if it exists, else kvcached's published A100 figures)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_kv_cache.json")
+    parser.add_argument(
+        "--larger-gib",
+        type=int,
+        default=4,
+        help="GiB live in the labelled larger-growth run of the engine-like pattern (0: skip it)",
+    )
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     from tests import fakecuda
 
-    os.environ.setdefault("FAKECUDA_CAPACITY_BYTES", str(8 << 30))
+    # Room for the largest budget below (2 * GiB + 1 of the larger engine-like run).
+    os.environ.setdefault("FAKECUDA_CAPACITY_BYTES", str(max(8, 2 * args.larger_gib + 2) << 30))
     fake = fakecuda.load()
     os.environ.update(fakecuda.child_env())  # the daemon loads it too
 
@@ -305,6 +388,11 @@ def main() -> int:
         "geometry": GEOMETRY,
         "trace_steps": args.steps,
         "growth_engine_like_default": engine_like_growth(fake, call_costs.load(args.costs), 2, seed=3, reserve=[]),
+        "growth_engine_like_larger": (
+            engine_like_growth(fake, call_costs.load(args.costs), args.larger_gib, seed=3, reserve=[])
+            if args.larger_gib
+            else None
+        ),
         "growth_host": growth_on_host(args.repeats),
         "growth_fake_daemon": growth_on_fake_with_daemon(fake, call_costs.load(args.costs)),
         "idle_footprint": idle_footprint(seed=1, steps=args.steps),

@@ -93,11 +93,13 @@ def runtime_dir_option(f):
 @click.option(
     "--reserve", "reserve", nargs=2, type=click.IntRange(0), default=(8, 32), show_default=True,
     envvar="KVMEM_RESERVE", show_envvar=True,
-    help="Low and high watermarks of the warm reserve of free pages.",
+    help="Low and high watermarks of the warm reserve of free pages: a floor, raised to the attached engines' "
+    "growth unit (low one, high two) and to the largest GROW of the last --release-after seconds (low it, high twice).",
 )  # fmt: skip
 @click.option(
     "--release-after", type=click.FloatRange(0), default=10.0, show_default=True, envvar="KVMEM_RELEASE_AFTER",
-    show_envvar=True, help="Seconds free pages must stay above the high watermark before the surplus is released.",
+    show_envvar=True, help="Seconds free pages must stay above the high watermark before the surplus is released, "
+    "and that a GROW keeps the reserve raised to its size.",
 )  # fmt: skip
 @click.option(
     "--drain-timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,

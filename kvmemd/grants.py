@@ -13,7 +13,9 @@ the pages as asked back until `RECLAIM_DEADLINE_MS` has passed; an `Expire` forg
 The pool may hand out fewer pages than the arbiter granted (pages being zeroed or created):
 the request keeps what it got and keeps waiting for the rest, and a DENY for its limit that
 followed in the same pass is not sent (it still has room). What waiting requests still need
-becomes the pool's demand, by uid, so that its worker zeroes and creates pages for them.
+becomes the pool's demand, by uid, so that its worker zeroes and creates pages for them. Every
+GROW's size goes to the pool as well (`PagePool.note_grow`): its warm reserve follows what the
+engines ask for, so the next GROW of that size finds its pages made.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class GrantDesk:
             # (reads of other sockets, the host tier's completions). Requests that arrive while
             # others wait are served by the loop, in the arbiter's order.
             self.serve_pending()
+        # What engines ask for sizes the warm reserve, which the pool refills ahead of the next GROW
+        # (after this request's own demand is declared: the pool's worker serves that first).
+        self.daemon.pool.note_grow(msg["pages"])
 
     def restore(self, conn: Connection, pages: int) -> None:
         """Queue a wake's restore of `pages` pages from the host tier; it waits in line with the GROWs."""

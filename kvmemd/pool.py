@@ -27,19 +27,32 @@ worker waiting for all of them):
   (`set_demand`); the worker zeroes that uid's dirty pages, creates pages under the budget, or
   releases pages tainted by other uids to make room;
 - refill: when the free pages fall below `reserve_low`, it creates pages up to `reserve_high`,
-  and keeps at least `reserve_low` of them clean by zeroing dirty ones, one at a time, oldest
-  first (the rest may go back to their owner with no zeroing at all);
+  and keeps some of them clean (the configured low watermark or one growth unit) by zeroing
+  dirty ones, in batches, oldest first (the rest may go back to their owner with no zeroing);
 - ahead of demand: the dirty pages of models with no engine attached (`set_attached`) are zeroed
-  in batches, every one of them: their next holder is another model, or an engine starting afresh;
+  in batches, every one of them: their next holder is another model, or an engine starting afresh
+  (before any refill: a page that exists is made grantable before a new one is made beside it);
 - trim: when the free pages stay above `reserve_high` for `release_after` seconds, it releases
   the surplus to the driver (dirty pages first: they would need zeroing anyway), so memory goes
   back to the rest of the GPU.
 After any page becomes grantable the worker calls `notify()` so the event loop serves waiters.
 
 Reserve size. The watermarks given are a floor: the daemon raises them to what the attached
-engines grow by (`set_growth_unit`: one growth unit of the largest engine's KV layout, one page
-per layer's K and V times the pages of a slot), low to one unit and high to two, so that a growth
-finds its pages created and zeroed and neither cuMemCreate nor a memset runs while it waits.
+engines grow by, so that a growth finds its pages created and zeroed and neither cuMemCreate nor a
+memset runs while it waits. Two measures, the larger wins:
+- the growth unit (`set_growth_unit`): one slot of the largest attached engine's KV layout, one
+  page per layer's K and V times the pages of a slot: low to one unit, high to two;
+- the GROWs engines actually send (`note_grow`): an engine's cache grows by several slots at once
+  while its demand rises, far more than one unit. The largest GROW of the last `release_after`
+  seconds raises low to its size and high to twice it, so the next GROW of that size finds its
+  pages and one more finds them while the first is refilled. An engine that leaves does not take
+  its GROWs with it: the next one to start (a restart, another model on the pages it left) asks
+  for as much, and its first burst finds them too.
+  Both are bounded by the budget's free part (the budget less the pages granted).
+The refill runs on the worker, after the waiting requests' demand, so it is ahead of demand and
+never in a grant's way. When no GROW has needed the raised size for `release_after` seconds it
+lapses, and the free pages above the lowered watermark are released after `release_after` more
+seconds, like any surplus, so memory goes back to the rest of the GPU after an engine's burst.
 
 Zeroing runs in batches of up to `SCRUB_BATCH` pages: one memset per page, then one synchronize
 for the batch, and only then do the pages count as clean. The security invariant (a page that
@@ -63,6 +76,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -109,6 +123,7 @@ class PoolStats:
     pages_released_total: int
     pages_scrubbed_total: int
     out_of_memory_total: int
+    pages_created_for_requests_total: int
 
 
 class PagePool:
@@ -152,6 +167,7 @@ class PagePool:
         self._reserve_floor = (reserve_low, reserve_high)
         self.reserve_low = min(reserve_low, budget_pages)
         self.reserve_high = min(reserve_high, budget_pages)
+        self._clean_low = self.reserve_low
         self.release_after = release_after
         self.max_pages = max_pages or 2 * budget_pages + 1024
         self.cache_exports = cache_exports
@@ -169,11 +185,17 @@ class PagePool:
         self._scrubbing = 0
         self._demand: dict[int, int] = {}
         self._attached: set[str] = set()  # models with an engine attached (see `set_attached`)
+        self._growth_unit = 0  # pages of the largest attached engine's growth unit (`set_growth_unit`)
+        # The GROWs of the last `release_after` seconds as a sliding-window maximum: (when it came,
+        # pages), each larger than every later one, so the first is the largest.
+        self._recent_grows: deque[tuple[float, int]] = deque()
         self._refilling = True
         self._surplus_since: float | None = None
         self._backoff_until = 0.0
         self._stop = False
-        self._counters = {"created": 0, "released": 0, "scrubbed": 0, "oom": 0}
+        # "for_requests": pages created because waiting requests needed them (made on the grant path,
+        # while a GROW waited), a part of "created"; the rest were made ahead, for the reserve.
+        self._counters = {"created": 0, "for_requests": 0, "released": 0, "scrubbed": 0, "oom": 0}
         self._creators = ThreadPoolExecutor(max(1, create_threads), thread_name_prefix="kvmemd-pool-create")
         self._worker = threading.Thread(target=self._run, name="kvmemd-pool", daemon=True)
         self._worker.start()
@@ -207,6 +229,14 @@ class PagePool:
                 self._granted.add(page_id)
                 pages.append(page)
             if taken:
+                # Pages taken for a waiting request no longer count as its demand, even before the
+                # desk declares the new demand at the end of its pass: else the worker, reading the
+                # old figure in between, makes pages nobody waits for.
+                left = self._demand.get(uid, 0) - len(taken)
+                if left > 0:
+                    self._demand[uid] = left
+                else:
+                    self._demand.pop(uid, None)
                 self._notify_worker_if_needed()
             return pages
 
@@ -243,7 +273,7 @@ class PagePool:
         if (
             self._demand
             or free + self._creating < self.reserve_low
-            or (clean < self.reserve_low and len(self._dirty) > 0)
+            or (clean < self._clean_low and len(self._dirty) > 0)
             or any(owner not in self._attached for owner in self._dirty)
             or (free > self.reserve_high and self._surplus_since is None)
         ):
@@ -290,13 +320,44 @@ class PagePool:
         """Size the warm reserve for engines that grow by `pages` pages at a time (0: none attached).
 
         Low watermark: the configured one or one growth unit, whichever is more; high: the
-        configured one or two units. Never more than the budget.
+        configured one or two units (raised further by recent GROWs, see `note_grow`). Never more
+        than the budget's free part.
         """
-        low, high = self._reserve_floor
         with self._lock:
-            self.reserve_low = min(max(low, pages), self.budget_pages)
-            self.reserve_high = min(max(high, 2 * pages), self.budget_pages)
+            self._growth_unit = pages
+            self._size_reserve(time.monotonic())
             self._lock.notify()
+
+    def note_grow(self, pages: int) -> None:
+        """An engine asked for `pages` pages (a GROW): the reserve is raised to the largest such
+        request of the last `release_after` seconds (see the module docstring), and the worker
+        refills it ahead of the next one."""
+        now = time.monotonic()
+        with self._lock:
+            grows = self._recent_grows
+            while grows and grows[-1][1] <= pages:
+                grows.pop()  # never the largest again: this one is as large and lapses later
+            grows.append((now, pages))
+            low, high = self.reserve_low, self.reserve_high
+            self._size_reserve(now)
+            if (self.reserve_low, self.reserve_high) != (low, high):
+                self._lock.notify()
+
+    def _size_reserve(self, now: float) -> None:
+        """Set the reserve's watermarks from the floor, the growth unit and the GROWs that have not
+        lapsed (lock held)."""
+        grows = self._recent_grows
+        while grows and now - grows[0][0] >= self.release_after:
+            grows.popleft()
+        grow = grows[0][1] if grows else 0
+        floor_low, floor_high = self._reserve_floor
+        unit = self._growth_unit
+        room = max(0, self.budget_pages - len(self._granted))  # the budget's free part
+        self.reserve_low = min(max(floor_low, unit, grow), room)
+        self.reserve_high = min(max(floor_high, 2 * unit, 2 * grow), room)
+        # The clean pages kept (attached models' own dirty pages zeroed for others) follow the floor
+        # and the unit only: a model's large GROWs are best served by its own pages, unzeroed.
+        self._clean_low = min(max(floor_low, unit), room)
 
     def set_attached(self, models: set[str]) -> None:
         """The models whose engine is attached now: the dirty pages of all others are zeroed ahead."""
@@ -318,6 +379,7 @@ class PagePool:
                 pages_released_total=self._counters["released"],
                 pages_scrubbed_total=self._counters["scrubbed"],
                 out_of_memory_total=self._counters["oom"],
+                pages_created_for_requests_total=self._counters["for_requests"],
             )
 
     def close(self) -> None:
@@ -390,6 +452,10 @@ class PagePool:
         """Pick the worker's next job (called with the lock held): how many pages to create, a batch
         of page ids to zero, a page id to release, or None to wait."""
         now = time.monotonic()
+        # A raised reserve that lapsed makes its pages surplus like any other: they are released once
+        # they have stayed above the lowered high watermark for `release_after` seconds (from now, not
+        # from the GROW: pages an engine returned a moment ago may be the next engine's).
+        self._size_reserve(now)
         free = self._free_count()
         room = self.budget_pages - len(self.pages) - self._creating
         can_act = now >= self._backoff_until
@@ -402,12 +468,22 @@ class PagePool:
             if batch:
                 return "scrub", batch
             if room > 0:
-                return "create", min(want - ready, room, CREATE_BATCH)
+                return "create for requests", min(want - ready, room, CREATE_BATCH)
             page_id = self._pop_dirty(other_than=uid)
             if page_id is None:
                 page_id = self._pop_clean(other_than=uid)
             if page_id is not None:
                 return "release", page_id  # tainted by another uid: make room for a fresh page
+        # Before any refill: pages that exist but must be zeroed for their next holder are made
+        # grantable first (a memset), rather than new ones made beside them (a creation and a memset,
+        # and more memory taken from the GPU).
+        for owner in self._dirty:
+            if owner not in self._attached:  # its next holder is another model: zero ahead, in batches
+                ids = self._dirty[owner]
+                batch, ids[:] = ids[:SCRUB_BATCH], ids[SCRUB_BATCH:]
+                if not ids:
+                    del self._dirty[owner]
+                return "scrub", batch
         if free + self._creating < self.reserve_low:
             self._refilling = True
         if self._refilling:
@@ -416,16 +492,9 @@ class PagePool:
             elif can_act:
                 return "create", min(self.reserve_high - free - self._creating, room, CREATE_BATCH)
         clean = sum(len(ids) for ids in self._clean.values())
-        if clean < self.reserve_low:
-            page_id = self._pop_dirty()
-            if page_id is not None:
-                return "scrub", [page_id]
-        for owner in self._dirty:
-            if owner not in self._attached:  # its next holder is another model: zero ahead, in batches
-                ids = self._dirty[owner]
-                batch, ids[:] = ids[:SCRUB_BATCH], ids[SCRUB_BATCH:]
-                if not ids:
-                    del self._dirty[owner]
+        if clean < self._clean_low:
+            batch = self._pop_dirty_batch(min(self._clean_low - clean, SCRUB_BATCH))  # one synchronize
+            if batch:
                 return "scrub", batch
         if free > self.reserve_high:
             if self._surplus_since is None:
@@ -452,13 +521,13 @@ class PagePool:
                         for one in page_id if action == "scrub" else [page_id]:
                             self._put_back(one)
                     return
-                if action == "create":
+                if action.startswith("create"):
                     self._creating += page_id  # for a creation: how many pages
                 elif action == "scrub":
                     self._scrubbing += len(page_id)
             try:
-                if action == "create":
-                    self._create(page_id)
+                if action.startswith("create"):
+                    self._create(page_id, for_requests=action == "create for requests")
                 elif action == "scrub":
                     self._scrub(page_id)
                 else:
@@ -491,11 +560,14 @@ class PagePool:
         now = time.monotonic()
         if self._backoff_until > now:
             return self._backoff_until - now
+        timeout = 1.0
         if self._surplus_since is not None:
-            return max(0.01, self.release_after - (now - self._surplus_since))
-        return 1.0
+            timeout = max(0.01, self.release_after - (now - self._surplus_since))
+        if self._recent_grows:  # the largest GROW's raise lapses then
+            timeout = min(timeout, max(0.01, self._recent_grows[0][0] + self.release_after - now))
+        return timeout
 
-    def _create(self, count: int) -> None:
+    def _create(self, count: int, for_requests: bool = False) -> None:
         """Create `count` pages (counted in `_creating` by the caller): each made, mapped and given
         access one by one, then, where the driver does not promise zeros, every memset queued and one
         synchronize for the batch before any of them becomes grantable."""
@@ -534,6 +606,8 @@ class PagePool:
                     self.pages[page.id] = page
                     self._clean.setdefault(None, []).append(page.id)
                 self._counters["created"] += len(made)
+                if for_requests:
+                    self._counters["for_requests"] += len(made)
         if made:
             self._notify()
 

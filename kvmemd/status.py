@@ -87,6 +87,7 @@ class StatusPublisher:
             host_tier_warm_bytes=tier.warm_bytes,
             host_tier_saved_bytes_total=tier.bytes_saved_total,
             host_tier_restored_bytes_total=tier.bytes_restored_total,
+            pages_created_for_requests_total=stats.pages_created_for_requests_total,
         )
         slots: list[ModelStatus | None] = [None] * MAX_SLOTS
         for record in models.values():

@@ -475,24 +475,26 @@ def _alive(pid: int) -> bool:
 
 
 def test_warm_reserve_refills_and_surplus_is_released(runtime_dir: Path):
-    args = ("--reserve", "2", "4", "--release-after", "0.3")
+    args = ("--reserve", "2", "4", "--release-after", "2")
     with DaemonProcess(runtime_dir, "cuda", "64MiB", *args) as daemon, EngineProcess(runtime_dir, "m") as engine:
         # The status segment is published at most every STATUS_MIN_INTERVAL_S, so a snapshot can
         # predate the last call: each wait names a running total only the awaited event can reach.
         wait_for(lambda: daemon.status().daemon.pages_free_clean == 4, what="the reserve to fill")
         assert daemon.counters()["cuMemCreate"] == 4
         assert engine.call("grow", 4)["granted"] == 4
-        # The reserve refills in the background; the grant itself created nothing.
-        wait_for(lambda: daemon.status().daemon.pages_created_total == 8, what="the refill")
+        # The reserve refills in the background, raised to twice that GROW (4 low, 8 high); the grant
+        # itself created nothing.
+        wait_for(lambda: daemon.status().daemon.pages_created_total == 12, what="the refill")
         assert engine.call("grow", 2)["granted"] == 2
-        assert daemon.counters()["cuMemCreate"] == 8
+        assert daemon.counters()["cuMemCreate"] == 12
         engine.call("return", "all")
-        # 8 pages free, 4 above reserve_high: after --release-after, those 4 are released.
-        wait_for(lambda: daemon.status().daemon.pages_released_total == 4, what="surplus pages to be released")
-        status = daemon.status().daemon
-        assert status.pages_created == 4 and status.pages_free == 4
+        # 12 pages free; once the GROWs lapse (--release-after), 8 above the configured reserve_high
+        # are released. (Whether the first GROW lapsed before the second or after, the totals are these.)
+        wait_for(lambda: daemon.status().daemon.pages_released_total == 8, what="surplus pages to be released")
+        status = wait_for(lambda: (h := daemon.status().daemon).pages_created == 4 and h, what="the status")
+        assert status.pages_free == 4
         counters = daemon.counters()
-        assert counters["cuMemCreate"] == 8 and counters["cuMemRelease"] == 4
+        assert counters["cuMemCreate"] == 12 and counters["cuMemRelease"] == 8
         assert counters["live.charged_bytes"] == 4 * PAGE
 
 
@@ -592,3 +594,46 @@ def test_the_reserve_is_sized_from_the_attached_engines_growth_unit(runtime_dir:
             cache.free(ids)
         # The engine left: the reserve falls back to the configured watermarks, surplus released.
         wait_for(lambda: daemon.status().daemon.pages_created == 32, what="the surplus released")
+
+
+def test_the_reserve_follows_the_engines_grows_so_the_next_grant_creates_nothing(runtime_dir: Path):
+    import kvmem
+
+    # 4 layers, 2 MiB pages of 64 blocks: a growth unit is 8 pages; 8 slots (512 blocks) are a 64-page GROW.
+    geometry = {"num_layers": 4, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
+    with DaemonProcess(runtime_dir, "host", "1GiB", "--release-after", "600") as daemon:
+        wait_for(lambda: daemon.status().daemon.pages_created == 32, what="the default reserve (8, 32)")
+        with kvmem.connect("bursty", runtime_dir=runtime_dir) as session:
+            cache = session.kv_cache(**geometry, max_tokens=64 * 16 * 64, background=False)
+            assert cache.pages_per_growth == 8
+            first = cache.alloc(512)  # a GROW of 64 pages: 32 from the reserve, 32 made while it waits
+            # The reserve rises to that GROW, twice over: 128 free pages made ahead, beside the 64 granted.
+            wait_for(
+                lambda: (h := daemon.status().daemon).pages_created == 192 and h.pages_free_clean == 128,
+                timeout=60,
+                what="the reserve raised to twice the GROW",
+            )
+            assert daemon.status().daemon.pages_created_for_requests_total == 32  # the first GROW waited for 32
+            second = cache.alloc(512)  # the same GROW again: all 64 pages from the reserve
+            head = wait_for(lambda: (h := daemon.status().daemon).pages_granted == 128 and h, what="the grant")
+            assert head.pages_created == head.pages_created_total == 192  # none made on the grant path
+            assert head.pages_created_for_requests_total == 32
+            cache.free(first + second)
+
+
+def test_a_reserve_raised_by_grows_is_released_after_release_after(runtime_dir: Path):
+    import kvmem
+
+    geometry = {"num_layers": 4, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
+    with DaemonProcess(runtime_dir, "host", "1GiB", "--release-after", "3") as daemon:
+        wait_for(lambda: daemon.status().daemon.pages_created == 32, what="the default reserve (8, 32)")
+        with kvmem.connect("bursty", runtime_dir=runtime_dir) as session:
+            cache = session.kv_cache(**geometry, max_tokens=64 * 16 * 64, background=False)
+            ids = cache.alloc(512)  # a GROW of 64 pages raises the reserve to 128 free pages...
+            wait_for(lambda: daemon.status().daemon.pages_created_total >= 192, timeout=60, what="the raised reserve")
+            # ...until no GROW has needed it for 3 s: back to the configured 32, and 3 s later the rest released.
+            head = wait_for(
+                lambda: (h := daemon.status().daemon).pages_created == 64 + 32 and h, timeout=60, what="the release"
+            )
+            assert head.pages_released_total == head.pages_created_total - 96
+            cache.free(ids)

@@ -599,25 +599,129 @@ def test_the_evictor_frees_blocks_so_a_lowered_limit_is_met(daemon: DaemonProces
         cache.free(cached.pop(0))
 
 
-def test_rising_demand_grows_several_slots_at_once(monkeypatch):
+class FakeClock:
+    """The clock growth decisions read (`kvmem.cache.growth.clock`), moved by hand: exact sizing."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
     from kvmem.cache import growth
 
-    # Every growth within a minute of the previous one counts as rising demand (no timing in the test).
-    monkeypatch.setattr(growth, "RAMP_S", 60.0)
-    monkeypatch.setattr(growth, "DECAY_S", 60.0)
-    with kvmem.local(device="host", budget="128MiB") as session:  # 64 pages, 32 slots of 2 pages
-        cache = session.kv_cache(num_layers=1, block_size=16, num_kv_heads=8, head_dim=128, max_tokens=64 * 16 * 32)
-        bps = cache.blocks_per_slot
-        first = cache.alloc(bps)  # on demand: the one slot needed
-        # Its free blocks fell below the low watermark: the background thread grows 4 slots at once.
-        wait_for(lambda: cache.num_mapped_slots() == 5, what="a burst of 4 slots")
-        assert cache.stats().grows == 2
-        more = cache.alloc(4 * bps - 1)  # below the low watermark again, soon after: 16 slots at once
-        wait_for(lambda: cache.num_mapped_slots() == 21, what="a burst of 16 slots")
-        assert cache.stats().grows == 3
-        time.sleep(0.2)
-        assert cache.num_mapped_slots() == 21  # the burst's headroom keeps them mapped
-        cache.free(first + more)
+    fake = FakeClock()
+    monkeypatch.setattr(growth, "clock", fake)
+    return fake
+
+
+def demand_cache(session: Session) -> ElasticKVCache:
+    """One layer, 2 MiB pages: slots of 2 pages and 64 blocks; watermarks 32 (low) and 64 (high).
+    No background thread: the test runs its passes (`keep_watermarks`) itself."""
+    cache = session.kv_cache(
+        num_layers=1, block_size=16, num_kv_heads=8, head_dim=128, max_tokens=64 * 16 * 32, background=False
+    )
+    assert (cache.blocks_per_slot, cache.low_watermark, cache.high_watermark) == (64, 32, 64)
+    return cache
+
+
+def test_growth_is_sized_from_the_demand_rate(clock: FakeClock):
+    from kvmem.cache.growth import DECAY_S
+
+    with kvmem.local(device="host", budget="128MiB") as session:  # 64 pages: 32 slots
+        cache = demand_cache(session)
+        keep_watermarks = cache._growth.keep_watermarks  # one pass of the background thread
+        keep_watermarks()  # nothing in use yet: up to the high watermark, one slot
+        assert (cache.num_mapped_slots(), cache.stats().grows) == (1, 1)
+        clock.now += 0.010
+        first = cache.alloc(40)  # 24 free, below the low watermark, 10 ms after the last growth
+        keep_watermarks()
+        # 4000 blocks/s: a second of it is more than 16 slots; the growth maps 16 (MAX_BURST) at once.
+        assert (cache.num_mapped_slots(), cache.stats().grows) == (17, 2)
+        clock.now += 0.5
+        keep_watermarks()
+        assert cache.num_mapped_slots() == 17  # the raised watermark keeps them while demand may go on
+        clock.now += DECAY_S
+        keep_watermarks()
+        # The raised watermark lapsed: back to the live blocks plus the high watermark (and less than a slot).
+        assert (cache.num_mapped_slots(), cache.get_num_free_blocks()) == (2, 88)
+        clock.now += 10.0
+        lone = cache.alloc(70)  # one request after a quiet spell: 18 free
+        keep_watermarks()
+        assert (cache.num_mapped_slots(), cache.stats().grows) == (3, 3)  # what the watermark needs, no more
+        clock.now += 0.25
+        steady = cache.alloc(60)  # 240 blocks/s since that growth: 22 free
+        keep_watermarks()
+        # Up to 240 free blocks: (240 - 22) / 64 rounds up to 4 slots.
+        assert (cache.num_mapped_slots(), cache.get_num_free_blocks()) == (7, 22 + 4 * 64)
+        cache.free(first + lone + steady)
+
+
+def test_an_alloc_that_must_grow_grows_by_what_it_lacks_and_is_not_counted_as_demand(clock: FakeClock):
+    with kvmem.local(device="host", budget="128MiB") as session:
+        cache = demand_cache(session)
+        big = cache.alloc(200)  # nothing mapped: it grows on demand, by the 4 slots it needs
+        assert (cache.num_mapped_slots(), cache.get_num_free_blocks(), cache.stats().grows) == (4, 56, 1)
+        clock.now += 1.0
+        more = cache.alloc(30)  # 26 free: the background thread's pass grows
+        cache._growth.keep_watermarks()
+        # 30 blocks in the second since (the 200 were served by the growth they waited for): one slot,
+        # where counting them would have made 230 blocks/s and 4 slots.
+        assert (cache.num_mapped_slots(), cache.stats().grows) == (5, 2)
+        cache.free(big + more)
+
+
+def test_a_demand_growth_the_budget_refuses_falls_back_to_what_is_needed(clock: FakeClock):
+    with kvmem.local(device="host", budget="8MiB") as session:  # 4 pages: 2 slots
+        cache = demand_cache(session)
+        cache._growth.keep_watermarks()
+        assert cache.num_mapped_slots() == 1
+        session.source.budget_pages = 2  # every page held: the next growth is refused outright
+        clock.now += 0.001
+        ids = cache.alloc(40)
+        cache._growth.keep_watermarks()  # a burst of 16 slots asked for, refused: nothing raised
+        assert (cache.num_mapped_slots(), cache._growth.headroom()) == (1, 64)
+        cache.free(ids)
+
+
+class StalledSource(LocalPageSource):
+    """A local source whose `acquire` can be held up, as a daemon slow to answer would hold it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.open = threading.Event()
+        self.open.set()
+        self.stalled = threading.Event()  # an acquire is waiting at the closed gate
+
+    def acquire(self, n: int, wait: float):
+        if not self.open.is_set():
+            self.stalled.set()
+            self.open.wait()
+        return super().acquire(n, wait)
+
+
+def test_an_alloc_that_finds_mapped_free_blocks_never_waits_for_a_growth_under_way():
+    source = StalledSource(open_device("host"), 64)
+    cache = ElasticKVCache(source, 1, 16, 8, 128, max_tokens=64 * 16 * 32)
+    try:
+        wait_for(lambda: cache.num_mapped_slots() == 1, what="the first growth")
+        source.open.clear()
+        first = cache.alloc(40)  # 24 free, below the low watermark: the background thread grows...
+        wait_for(source.stalled.is_set, what="the background growth to wait for its pages")
+        got: list[list[int]] = []
+        alloc = threading.Thread(target=lambda: got.append(cache.alloc(24)))  # ...while this finds 24 free
+        alloc.start()
+        alloc.join(timeout=30)  # a hang, not a time limit: it must return with the growth still stalled
+        assert not alloc.is_alive() and len(got[0]) == 24 and not source.open.is_set()
+        source.open.set()
+        wait_for(lambda: cache.num_mapped_slots() > 1, what="the growth, once its pages come")
+        cache.free(first + got[0])
+    finally:
+        source.open.set()
+        cache.close()
 
 
 def test_a_short_grant_is_kept_and_topped_up_not_returned():

@@ -39,3 +39,47 @@ def test_the_reserve_is_created_by_the_creation_threads_and_every_page_is_accoun
     finally:
         pool.close()
     assert pool.pages == {}
+
+
+def test_the_reserve_follows_the_largest_recent_grow_within_the_budgets_free_part(device: Device):
+    pool = PagePool(
+        device,
+        device.granularity,
+        budget_pages=100,
+        reserve_low=2,
+        reserve_high=4,
+        release_after=600,
+        notify=lambda: None,
+    )
+    try:
+        wait_for(lambda: pool.stats().created == 4, what="the configured reserve")
+        pool.note_grow(20)  # an engine asked for 20 pages: the next 20 and 20 more are made ahead
+        assert (pool.reserve_low, pool.reserve_high) == (20, 40)
+        wait_for(lambda: pool.stats().free_clean == 40, timeout=60, what="the reserve raised to twice the GROW")
+        taken = pool.take("m", client_id=1, uid=0, n=20)  # its GROW: every page was there
+        pool.note_grow(5)  # a smaller GROW later does not lower the reserve while the larger one holds
+        assert (pool.reserve_low, pool.reserve_high) == (20, 40)
+        pool.note_grow(60)  # twice 60 is more than the budget's free part, 100 - 20 granted
+        assert (pool.reserve_low, pool.reserve_high) == (60, 80)
+        wait_for(lambda: pool.stats().created == 100, timeout=60, what="the whole budget made")
+        pool.set_attached(set())  # the engine left: its GROWs size the reserve for the next one still
+        assert (pool.reserve_low, pool.reserve_high) == (60, 80)
+        pool.give_back([p.id for p in taken], "m")
+    finally:
+        pool.close()
+
+
+def test_a_raised_reserve_lapses_and_its_surplus_is_released_like_any_other(device: Device):
+    pool = PagePool(
+        device, device.granularity, budget_pages=64, reserve_low=2, reserve_high=4, release_after=3, notify=lambda: None
+    )
+    try:
+        pool.note_grow(16)
+        wait_for(lambda: pool.stats().pages_created_total >= 32, timeout=60, what="the raised reserve made")
+        # No GROW for `release_after` seconds: back to the configured reserve; the surplus above it is
+        # released once it has stayed so for `release_after` seconds more.
+        stats = wait_for(lambda: (s := pool.stats()).created == 4 and s, timeout=60, what="the surplus released")
+        assert stats.pages_released_total == stats.pages_created_total - 4
+        assert (pool.reserve_low, pool.reserve_high) == (2, 4)
+    finally:
+        pool.close()

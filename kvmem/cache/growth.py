@@ -9,12 +9,25 @@ reclaims pages, and down to the daemon's target (0 while asleep). A slot with a 
 never unmapped; when the daemon wants more slots than are empty, the engine's evictor is asked to
 drop blocks first.
 
-Adaptive growth. Each growth costs one set-access call per K and V range whatever the number of
-slots it maps (a run of slots is contiguous in every range), so when demand rises the cache grows
-by several slots at once: a growth needed within `RAMP_S` of the previous one grows `RAMP` times as
-many slots (up to `MAX_BURST`), and the high watermark rises with it, so those slots are not given
-straight back. After `DECAY_S` with no growth the burst falls back to one slot, and the surplus
-beyond the plain high watermark is shrunk as before.
+Growth sized from demand. Each growth costs one set-access call per K and V range whatever the
+number of slots it maps (a run of slots is contiguous in every range), so a growth should cover
+the demand to come, not one slot at a time. The demand rate is measured, not guessed from the
+time between growths: the blocks taken since the previous growth was decided (those taken while
+it waited for its pages included), net of frees, over the time since then (`demand_rate`). A
+growth brings the mapped free blocks up to what that rate uses in `HORIZON_S` (at least the high
+watermark, at most `MAX_BURST - 1` slots beyond it), so an engine that fills a slot within
+milliseconds of its last growth grows by many slots at once, while one request after a quiet
+spell (the same blocks over a long time) grows by what it needs.
+The high watermark stays raised by that much (`headroom`) while growths keep coming; `DECAY_S`
+after the last one it falls back to the configured one, and the empty slots beyond it are shrunk
+as before. (A single alloc is one event, not a rate: the first growth after a quiet spell is
+sized from the quiet spell too, and the next one, right behind it, from the burst.)
+
+Who waits. An alloc that finds mapped free blocks takes only the alloc lock, which no thread
+holds across a request to the daemon or a driver call: the background thread holds the grow
+lock while it waits for pages. An alloc that finds too few free blocks grows on demand by what
+it needs (so it waits for the fewest pages), after any growth already under way; the background
+thread grows the rest ahead of the next allocs.
 
 Short grants. A grant that does not make a whole growth unit (the daemon gave what was free at the
 deadline) is kept, unmapped (`CacheState.spare`), and topped up by the next growth: returning it
@@ -23,23 +36,31 @@ and asking again would only make the daemon grant the same pages twice.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 
 from kvmem.cache.state import CacheState
 from kvmem.common.undo import Undo
 from kvmem.page_source import Shortfall
 
-# A growth needed within RAMP_S seconds of the previous one grows RAMP times as many slots, up to
-# MAX_BURST; DECAY_S seconds without a growth bring the burst back to one slot.
-RAMP_S = 0.5
-RAMP = 4
+# A growth maps what the measured demand uses in HORIZON_S seconds (a second: growths under steady
+# demand about a second apart, each one set-access call per range), up to MAX_BURST slots at once
+# (16 slots of a 32-layer model's 2 MiB pages: 2 GiB); DECAY_S seconds without a growth bring the
+# high watermark back to the configured one. A rate is measured over at least MIN_SPAN_S, so that
+# a growth right behind the previous one is not sized from a few microseconds.
+HORIZON_S = 1.0
 MAX_BURST = 16
 DECAY_S = 2.0
+MIN_SPAN_S = 0.001
 # How long the background thread's growth waits for the daemon (an alloc with mapped free blocks
 # never waits for it: the background thread holds only the grow lock meanwhile). Long enough for
 # a burst to be granted whole while the daemon makes its pages; short enough that a reclaim
 # (RECLAIM_DEADLINE_MS, 2 s), which the same thread answers, is not kept waiting past its deadline.
 BACKGROUND_WAIT_S = 1.0
+
+# The clock growth decisions read (tests replace it to make the sizing exact).
+clock: Callable[[], float] = time.monotonic
 
 
 class Growth:
@@ -47,10 +68,13 @@ class Growth:
 
     Attributes:
         low_watermark: Below this many mapped free blocks the background thread grows...
-        high_watermark: ...up to this many (plus less than a slot); a slot or more beyond it shrinks.
+        high_watermark: ...up to this many (plus less than a slot), or up to what the demand uses in
+            `HORIZON_S` if that is more (`headroom`); a slot or more beyond `headroom` shrinks.
         grow_wait: Seconds an on-demand growth waits for the daemon's pages.
         target_pages: The daemon's target for this model's pages (-1: none).
         reclaim_pages: Pages the daemon asked back and has not got yet.
+        raised_high: The high watermark as the last growth's demand raised it (blocks); it lapses
+            `DECAY_S` after the last growth (`headroom`).
     """
 
     def __init__(self, state: CacheState, low_watermark: int | None, high_watermark: int | None, grow_wait: float):
@@ -64,24 +88,41 @@ class Growth:
         self.grow_wait = grow_wait
         self.target_pages = -1
         self.reclaim_pages = 0
-        self.burst = 1  # slots per growth now (see the module docstring)
-        self._last_growth = float("-inf")
+        self.raised_high = self.high_watermark
+        self._last_growth = float("-inf")  # when the last growth ended (the headroom's decay counts from it)
+        # Where the demand rate is measured from: when the last growth was decided, and the blocks in
+        # use then plus those it was made for (an on-demand growth's alloc is served, not new demand).
+        self._since = (clock(), 0)
 
-    def _ramp(self) -> int:
-        """Slots the growth about to happen should map at least (grow lock held): a growth needed soon
-        after the previous one ended means demand is rising."""
-        since = time.monotonic() - self._last_growth
-        if since <= RAMP_S:
-            self.burst = min(self.burst * RAMP, MAX_BURST)
-        elif since > DECAY_S:
-            self.burst = 1
-        return self.burst
+    def demand_rate(self) -> float:
+        """Blocks per second taken since the last growth was decided, net of frees (0 if fewer now).
+
+        Measured over the whole time since, at least `MIN_SPAN_S`: a quiet spell lowers it, so one
+        request after it is not mistaken for a burst.
+        """
+        since, used_then = self._since
+        taken = self.state.allocator.get_num_used_blocks() - used_then
+        return taken / max(clock() - since, MIN_SPAN_S) if taken > 0 else 0.0
+
+    def demand_slots(self, free: int) -> int:
+        """Slots a growth ahead of demand maps now, with `free` mapped free blocks (grow lock held).
+
+        Enough to bring the free blocks to what `demand_rate` uses in `HORIZON_S`, at least to the
+        high watermark and at most `MAX_BURST - 1` slots beyond it; at least one. Raises `raised_high`
+        to that level, so that the slots are not shrunk straight back.
+        """
+        bps = self.blocks_per_slot
+        ceiling = self.high_watermark + (MAX_BURST - 1) * bps
+        level = min(max(self.high_watermark, math.ceil(self.demand_rate() * HORIZON_S)), ceiling)
+        self.raised_high = level
+        return max(1, -(-(level - free) // bps))
 
     def headroom(self) -> int:
-        """The high watermark now: the configured one, plus the slots a rising demand grows by."""
-        if time.monotonic() - self._last_growth > DECAY_S:
-            self.burst = 1
-        return self.high_watermark + (self.burst - 1) * self.blocks_per_slot
+        """The high watermark now: the configured one, or the level the last growth's demand raised it
+        to (`demand_slots`) until `DECAY_S` after the last growth."""
+        if clock() - self._last_growth > DECAY_S:
+            self.raised_high = self.high_watermark
+        return max(self.high_watermark, self.raised_high)
 
     # ---- the daemon's requests (reader thread: record and wake the background thread) ----
 
@@ -110,17 +151,19 @@ class Growth:
     # ---- growth ----
 
     def grow_for(self, blocks: int) -> Shortfall | None:
-        """Grow until `blocks` blocks are free, or growth is refused (then why)."""
+        """Grow until `blocks` blocks are free, or growth is refused (then why).
+
+        An alloc that outran the background thread waits here for the fewest pages: after the growth
+        under way, if any (it holds the grow lock), it grows by the slots it lacks, no more. Its blocks
+        count as served by this growth, not as new demand; the allocs after it, if they are many, size
+        the background thread's next growth (`demand_slots`), which they wake below the low watermark.
+        """
         state = self.state
         with state.grow_lock:
             short = blocks - state.allocator.get_num_free_blocks()
             if short <= 0:
                 return None
-            self._ramp()  # an alloc that must grow: demand outran the background thread
-            shortfall = self.grow_slots(-(-short // self.blocks_per_slot), self.grow_wait)
-        if self.burst > 1:
-            state.notify()  # the background thread grows the rest of the burst ahead of the next allocs
-        return shortfall
+            return self.grow_slots(-(-short // self.blocks_per_slot), self.grow_wait, served=blocks)
 
     def map_slots(self, wanted: list[int], wait: float) -> Shortfall | None:
         """Map those of `wanted` (sorted slot numbers) not mapped yet; why not all, if so."""
@@ -131,13 +174,17 @@ class Growth:
                 return None
             return self.grow_slots(len(todo), wait, targets=todo)
 
-    def grow_slots(self, slots: int, wait: float, targets: list[int] | None = None) -> Shortfall | None:
+    def grow_slots(
+        self, slots: int, wait: float, targets: list[int] | None = None, served: int = 0
+    ) -> Shortfall | None:
         """Map `slots` more slots (grow lock held); why fewer, if so.
 
         `targets` are the unmapped slots to map, in order (default: the lowest unmapped ones); a
-        short grant maps the first of them.
+        short grant maps the first of them. `served`: blocks an alloc waiting on this growth is about
+        to take (not counted as demand by the next `demand_rate`).
         """
         state = self.state
+        decided = (clock(), state.allocator.get_num_used_blocks() + served)
         if targets is None:
             targets = state.allocator.get_unmapped_slots(slots)
         if not targets:
@@ -158,7 +205,8 @@ class Growth:
         for slot in targets:
             state.allocator.add_slot(slot)
         if targets:
-            self._last_growth = time.monotonic()  # when it ended: a slow grant is no pause in demand
+            self._since = decided  # the next rate counts the blocks taken while this growth waited
+            self._last_growth = clock()  # when it ended: a slow grant is no pause in demand
             state.counters.grows += 1
             state.counters.last_grow_s = time.perf_counter() - t0
             state.report_usage()
@@ -214,8 +262,8 @@ class Growth:
         if surplus >= self.blocks_per_slot:
             # A whole slot or more beyond the high watermark: give empty slots back, so an idle
             # cache shrinks to its live blocks plus the watermark. (Growth stops at the high
-            # watermark plus less than a slot, so the two never chase each other; the burst's
-            # extra headroom lasts until it decays.)
+            # watermark plus less than a slot, so the two never chase each other; the demand's
+            # raised watermark lasts until it decays.)
             self.shrink(surplus // self.blocks_per_slot)
         if state.allocator.get_num_free_blocks() < self.low_watermark and not self.over_target():
             with state.grow_lock:
@@ -223,11 +271,11 @@ class Growth:
                 if free >= self.low_watermark:
                     return  # an alloc grew meanwhile
                 needed = -(-(self.high_watermark - free) // self.blocks_per_slot)
-                slots = max(self._ramp(), needed)
+                slots = max(self.demand_slots(free), needed)
                 wait = min(self.grow_wait, BACKGROUND_WAIT_S)
                 mapped = state.allocator.get_num_mapped_slots()
                 shortfall = self.grow_slots(slots, wait)
                 if shortfall is not None and slots > needed and state.allocator.get_num_mapped_slots() == mapped:
-                    # The burst was refused outright (more than the budget leaves): what is needed.
-                    self.burst = 1
+                    # The demand's growth was refused outright (more than the budget leaves): what is needed.
+                    self.raised_high = self.high_watermark
                     self.grow_slots(needed, wait)

@@ -28,7 +28,7 @@ from typing import Any
 import posix_ipc
 
 MAGIC = b"KVMEMST\0"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 HEADER_SIZE = 512
 SLOT_SIZE = 256
 MAX_SLOTS = 64
@@ -86,6 +86,8 @@ class DaemonStatus:
     host_tier_warm_bytes: int = _laid_out("Q", 0)  # host memory the tier keeps ready beyond what it holds
     host_tier_saved_bytes_total: int = _laid_out("Q", 0)
     host_tier_restored_bytes_total: int = _laid_out("Q", 0)
+    # Pages made while a request waited for them (on the grant path), a part of pages_created_total.
+    pages_created_for_requests_total: int = _laid_out("Q", 0)
 
 
 @dataclass
