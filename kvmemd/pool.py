@@ -302,11 +302,15 @@ class PagePool:
         """Pages that can be granted without asking any client for pages back: (free, coming).
 
         `free` counts every free page (a dirty or foreign-tainted one can be zeroed, or released and
-        made anew); `coming`, pages being created or zeroed, and pages the budget still allows.
+        made anew), those being zeroed included: a batch of the worker's is free pages on their way to
+        clean, a memset away, and a request due now (a GROW that does not wait) is granted them rather
+        than denied while the refill happens to zero them (`take` hands them out once zeroed; the
+        request waits for them as for any page it was granted and not given yet). `coming` counts
+        pages being created and pages the budget still allows.
         """
         with self._lock:
             room = max(0, self.budget_pages - len(self.pages) - self._creating)
-            return self._free_count(), self._creating + self._scrubbing + room
+            return self._free_count() + self._scrubbing, self._creating + room
 
     def set_demand(self, pages_by_uid: dict[int, int]) -> None:
         """Pages the waiting requests still need, by the uid asking."""

@@ -83,3 +83,44 @@ def test_a_raised_reserve_lapses_and_its_surplus_is_released_like_any_other(devi
         assert (pool.reserve_low, pool.reserve_high) == (2, 4)
     finally:
         pool.close()
+
+
+def test_pages_being_zeroed_count_as_free_and_are_granted_once_zeroed(device: Device):
+    """A model gives 3 pages back; the refill zeroes them (the clean floor is 4) while the same
+    model asks again with no wait. They are free pages a memset away, not missing ones: `supply`
+    counts them free (so the arbiter grants rather than denies) and `take` hands them out zeroed."""
+    memset = device.memset
+    zeroing, release = threading.Event(), threading.Event()
+
+    def held_memset(address: int, value: int, size: int) -> None:
+        zeroing.set()
+        release.wait(timeout=60)
+        memset(address, value, size)
+
+    pool = PagePool(
+        device,
+        device.granularity,
+        budget_pages=4,
+        reserve_low=4,
+        reserve_high=4,
+        release_after=600,
+        notify=lambda: None,
+    )
+    try:
+        wait_for(lambda: pool.stats().free_clean == 4, what="the reserve")
+        taken = pool.take("m", client_id=1, uid=0, n=4)
+        device.memset = held_memset  # the real memset, held until the test lets it run
+        pool.give_back([p.id for p in taken[:3]], "m")
+        assert zeroing.wait(timeout=60), "the refill did not zero the returned pages"
+        free, coming = pool.supply()
+        assert (free, coming) == (3, 0)  # being zeroed: free, not "coming" (nothing is made)
+        assert pool.take("m", client_id=1, uid=0, n=1) == []  # mid-memset: nothing to hand out yet
+        release.set()
+        wait_for(lambda: pool.stats().free_clean == 3, what="the batch to be zeroed")
+        (page,) = pool.take("m", client_id=1, uid=0, n=1)
+        assert device.read(pool.address_of(page.id), 8) == bytes(8)
+        pool.give_back([page.id, taken[3].id], "m")
+    finally:
+        release.set()
+        device.memset = memset
+        pool.close()

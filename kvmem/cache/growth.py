@@ -23,9 +23,9 @@ after the last one it falls back to the configured one, and the empty slots beyo
 as before. (A single alloc is one event, not a rate: the first growth after a quiet spell is
 sized from the quiet spell too, and the next one, right behind it, from the burst.)
 
-Who waits. An alloc that finds mapped free blocks takes only the alloc lock, which no thread
-holds across a request to the daemon or a driver call: the background thread holds the grow
-lock while it waits for pages. An alloc that finds too few free blocks grows on demand by what
+Who waits. An alloc that finds mapped free blocks is one call into the block allocator, whose
+own mutex no thread holds across a request to the daemon or a driver call: the background thread
+holds the grow lock while it waits for pages. An alloc that finds too few free blocks grows on demand by what
 it needs (so it waits for the fewest pages), after any growth already under way; the background
 thread grows the rest ahead of the next allocs.
 
