@@ -312,8 +312,12 @@ def test_a_lowered_limit_makes_the_engine_queue_and_preempt_not_crash(model_dir:
         # Pages over the limit went back as the requests holding them finished (cached blocks
         # on them were evicted); the engine settles at its limit.
         wait_for(lambda: daemon.status().model("tiny-llama").mapped_pages <= 4, timeout=30, what="the limit")
+        before = [s.get("tiny-llama", 0) for s in sampler.samples[:limited_at]]
         after = [s.get("tiny-llama", 0) for s in sampler.samples[limited_at:]]
-        assert after[0] > 4 and max(after) == after[0]  # over the limit at first, and it never grew again
+        # Over the limit when it came (it may be under it already at the first sample after: the
+        # pool hands out blocks only from the slots it keeps, and preempting empties the others).
+        assert max(before) >= 4 * PAGES_PER_SLOT
+        assert max(after) == after[0]  # it never grew again
         within = engine.generate(PROMPTS)
         assert within["tokens"] == reference["prompts"]
         assert daemon.status().model("tiny-llama").mapped_pages <= 4

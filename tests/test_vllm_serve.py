@@ -131,8 +131,8 @@ def reference(model_dir: Path, tmp_path_factory: pytest.TempPathFactory, shm_bef
                 "load": server.complete_all(LOAD, 32),
                 "prefixed": [server.complete(p)["tokens"] for p in PREFIXED],
                 "later": server.complete(LATER)["tokens"],
+                "long": server.complete_all(LOAD, LONG_NEW_TOKENS),
             }
-        out["a"]["long"] = a.complete_all(LOAD, LONG_NEW_TOKENS)
         for server in (a, b):
             server.stop()
     finally:
@@ -193,16 +193,17 @@ def test_mapped_pages_grow_with_load_and_fall_back_after_it(servers, reference, 
     results: dict[str, list] = {}
     with Sampler(*daemons) as sampler:
         # Both servers at once: A and B's rank 0 share GPU 0's daemon.
+        # Long generations, so that the requests overlap however slowly the API servers pass them on.
         loaders = [
-            threading.Thread(target=lambda s=s, n=n: results.__setitem__(n, s.complete_all(LOAD, 32)))
+            threading.Thread(target=lambda s=s, n=n: results.__setitem__(n, s.complete_all(LOAD, LONG_NEW_TOKENS)))
             for s, n in ((a, "a"), (b, "b"))
         ]
         for loader in loaders:
             loader.start()
         for loader in loaders:
             loader.join()
-    assert results["a"] == reference["a"]["load"] and results["b"] == reference["b"]["load"]
-    # The load takes 9 slots on A, 5 on B (on each rank); what else ran, prefix caching, may trim it.
+    assert results["a"] == reference["a"]["long"] and results["b"] == reference["b"]["long"]
+    # The load takes 13 slots on A, 7 on B (on each rank); what else ran, prefix caching, may trim it.
     assert sampler.peak(0, "llama-a") >= 6 * PAGES_PER_SLOT
     assert sampler.peak(0, "llama-b") >= 3 * PAGES_PER_SLOT and sampler.peak(1, "llama-b") >= 3 * PAGES_PER_SLOT
     assert max(sum(v for (gpu, _), v in s.items() if gpu == 0) for s in sampler.samples) <= 64  # GPU 0's budget
