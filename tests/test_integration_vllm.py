@@ -489,27 +489,34 @@ def test_register_on_the_installed_release_patches_every_name_it_replaces(monkey
     assert num_blocks_module.may_override_num_blocks(config, 100) == 32
 
 
+def pool_on_a_small_cache(session, enable_caching: bool):
+    """A KvmemBlockPool of 64 blocks on a cache from `session` whose slots hold 16 blocks (one layer
+    of 128 KiB blocks: a 2 MiB page for its K and one for its V, 2 pages a slot): the pool, the cache."""
+    from kvmem.integrations.vllm import pool as kvmem_pool
+
+    cache = session.kv_cache(
+        num_layers=1, block_size=1, num_kv_heads=1, head_dim=1 << 17, dtype="int8", max_tokens=64,
+        low_watermark=0, high_watermark=BLOCKS_PER_SLOT,
+    )  # fmt: skip
+    kvmem_pool.set_backing(lambda n: cache)
+    try:
+        return kvmem_pool.KvmemBlockPool(64, enable_caching=enable_caching, hash_block_size=32), cache
+    finally:
+        kvmem_pool.set_backing(allocation.cache_for_pool)
+
+
 def test_kvmem_pages_and_vllm_block_ids_line_up_in_the_pool_and_a_deny_costs_no_block(tmp_path: Path):
     """KvmemBlockPool directly, on a daemon with room for 3 slots: blocks come in vLLM's order,
     slots are mapped as blocks are handed out, a deny shortens the count (never a handed-out
     block without a page), and freed blocks without hashes give their slots back."""
     import kvmem
-    from kvmem.integrations.vllm import pool as kvmem_pool
 
     runtime = tmp_path / "rt"
     with (
         DaemonProcess(runtime, "host", "12MiB", "--reserve", "0", "0") as daemon,  # 6 pages = 3 slots of 2
         kvmem.connect("pool-test", runtime_dir=runtime) as s,
     ):
-        cache = s.kv_cache(
-            num_layers=1, block_size=1, num_kv_heads=1, head_dim=1 << 17, dtype="int8", max_tokens=64,
-            low_watermark=0, high_watermark=BLOCKS_PER_SLOT,
-        )  # fmt: skip
-        kvmem_pool.set_backing(lambda n: cache)
-        try:
-            pool = kvmem_pool.KvmemBlockPool(64, enable_caching=True, hash_block_size=32)
-        finally:
-            kvmem_pool.set_backing(allocation.cache_for_pool)
+        pool, cache = pool_on_a_small_cache(s, enable_caching=True)
         assert cache.stats().mapped_slots == 1 and pool.get_num_free_blocks() == 15  # the null block's slot
         pool.prepare(40)  # the demand hint: the first 40 queued blocks are on slots 0, 1, 2
         assert cache.stats().mapped_slots == 3 and pool.get_num_free_blocks() == 47
@@ -540,7 +547,6 @@ def test_over_a_lowered_limit_the_pool_hands_out_blocks_only_from_the_slots_it_k
     so the others drain and go back: the cache settles under the limit while requests keep coming."""
     import kvmem
     from kvmem.control import ControlClient
-    from kvmem.integrations.vllm import pool as kvmem_pool
 
     runtime = tmp_path / "rt"
     with (
@@ -548,15 +554,7 @@ def test_over_a_lowered_limit_the_pool_hands_out_blocks_only_from_the_slots_it_k
         kvmem.connect("kept", runtime_dir=runtime) as s,
         ControlClient(runtime_dir=runtime) as control,
     ):
-        cache = s.kv_cache(
-            num_layers=1, block_size=1, num_kv_heads=1, head_dim=1 << 17, dtype="int8", max_tokens=64,
-            low_watermark=0, high_watermark=BLOCKS_PER_SLOT,
-        )  # fmt: skip
-        kvmem_pool.set_backing(lambda n: cache)
-        try:
-            pool = kvmem_pool.KvmemBlockPool(64, enable_caching=False, hash_block_size=32)
-        finally:
-            kvmem_pool.set_backing(allocation.cache_for_pool)
+        pool, cache = pool_on_a_small_cache(s, enable_caching=False)
         pool.prepare(63)
         blocks = {b.block_id: b for b in pool.get_new_blocks(63)}  # 1..63: slots 0-3 full
         # Slot 1 keeps 4 blocks in use, slot 2 keeps 8; slots 0 (the null block's) and 3 stay full.

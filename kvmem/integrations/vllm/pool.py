@@ -179,6 +179,7 @@ class KvmemBlockPool(BlockPool):
                 free = min(free, max(0, allowed - (self.num_gpu_blocks - queued)))
             kept = self._kept_slots()
             if kept is not None:  # over target: only the queued blocks of the kept slots
+                # Python work per kept block, only while over target (until the others have drained).
                 blocks = self.blocks
                 on_kept = sum(1 for slot in kept for b in self._slot_blocks(slot) if blocks[b].ref_cnt == 0)
                 null = self.null_block
@@ -201,7 +202,7 @@ class KvmemBlockPool(BlockPool):
             return None
         kept = self._kept
         if kept is None or len(kept) != keep or not all(cache.is_slot_mapped(slot) for slot in kept):
-            chosen = [0] if keep and self._null_held else []
+            chosen = [self.null_block.block_id // self._bps] if keep and self._null_held else []
             chosen += [slot for slot, _ in cache.slot_usage() if slot not in chosen][: keep - len(chosen)]
             kept = self._kept = set(chosen)
         return kept
