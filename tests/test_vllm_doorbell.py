@@ -3,13 +3,15 @@ engine process: it reads the same while pages move, and changes with every wish 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+import kvmem
 from kvmem.common.status import ModelState
 from kvmem.control import ControlClient
-from kvmem.integrations.vllm.doorbell import DaemonDoorbell
+from kvmem.integrations.vllm.doorbell import DaemonDoorbell, status_entry
 from tests.daemon_support import DaemonProcess, EngineProcess, wait_for
 
 MiB = 1 << 20
@@ -64,3 +66,14 @@ def test_the_doorbell_changes_with_each_daemon_wish_and_not_with_pages(tmp_path:
 def test_a_malformed_status_entry_from_a_rank_is_refused(reply):
     with pytest.raises(ValueError, match="a rank reported its status entry"):
         DaemonDoorbell().watch([reply])
+
+
+def test_a_session_names_the_status_segment_its_daemon_publishes_it_in(tmp_path: Path):
+    with (
+        DaemonProcess(tmp_path / "rt", "host", "16MiB") as daemon,
+        kvmem.connect("named", runtime_dir=daemon.runtime_dir) as s,
+    ):
+        assert s.status_segment == daemon.paths.shm_name
+        assert status_entry(s.status_segment) == {"segment": daemon.paths.shm_name, "pid": os.getpid()}
+    with kvmem.local(device="host", budget="8MiB") as local:
+        assert local.status_segment is None and status_entry(local.status_segment) is None
