@@ -14,13 +14,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import posix_ipc
 
 from kvmem.common.runtime import DaemonPaths
-from kvmem.common.status import StatusError, StatusReader, StatusSnapshot
+from kvmem.common.status import ModelStatus, StatusError, StatusReader, StatusSnapshot
 from tests import fakecuda
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,6 +101,22 @@ class DaemonProcess:
     def status(self) -> StatusSnapshot:
         with StatusReader(self.paths.shm_name) as reader:
             return reader.snapshot()
+
+    def wait_for_model(
+        self, name: str, predicate: Callable[[ModelStatus], bool], timeout: float = 10.0, what: str = "condition"
+    ) -> StatusSnapshot:
+        """Poll the status until model `name` is in it and `predicate` holds for it; return that snapshot.
+
+        The daemon publishes a few ms after it acts (up to a heartbeat, 0.5 s, for its pool's thread), so a
+        model that has just connected may not be in the snapshot yet: that is "not yet", never an error.
+        """
+
+        def published() -> StatusSnapshot | None:
+            snapshot = self.status()
+            model = snapshot.model(name)
+            return snapshot if model is not None and predicate(model) else None
+
+        return wait_for(published, timeout=timeout, what=f"{what} (model {name!r})")
 
     def counters(self) -> dict[str, int]:
         return fakecuda.read_counters_from(self.counters_file)

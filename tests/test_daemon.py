@@ -546,7 +546,7 @@ def test_a_request_for_more_than_the_budget_is_denied_at_once_and_starves_no_one
         assert (got["granted"], got["denied"]) == (0, "budget")
         assert got["detail"] == "9 pages asked; the budget is 8 pages and model greedy holds 0"
         assert modest.call("grow", 8)["granted"] == 8
-        wait_for(lambda: daemon.status().model("modest").mapped_pages == 8, what="the status to show the grant")
+        daemon.wait_for_model("modest", lambda m: m.mapped_pages == 8, what="the status to show the grant")
 
 
 def test_departed_models_pages_are_zeroed_ahead_in_the_background(device_kind: str, runtime_dir: Path):

@@ -242,7 +242,7 @@ def test_ctrl_c_while_waiting_for_a_sleep_says_the_model_keeps_draining(runtime_
         cache.alloc(100)
         waiting = subprocess.Popen([*kvctl, "sleep", "slow", "--wait"], stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(lambda: daemon.status().model("slow").state.name == "DRAINING", what="the drain")
+            daemon.wait_for_model("slow", lambda m: m.state.name == "DRAINING", what="the drain")
             waiting.send_signal(signal.SIGINT)
             _, stderr = waiting.communicate(timeout=30)
         finally:

@@ -398,7 +398,7 @@ def test_the_dashboard_queries_only_series_a_live_daemon_exports(tmp_path: Path)
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
         assert limit.returncode == 0, limit.stderr
-        wait_for(lambda: daemon.status().model("dashboard").used_pages > 0, what="usage to be reported")
+        daemon.wait_for_model("dashboard", lambda m: m.used_pages > 0, what="usage to be reported")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
     exported: dict[str, set[str]] = {}

@@ -97,7 +97,7 @@ def test_two_engines_under_kvctl_limit_and_a_sigkill(driver: str, tmp_path: Path
         )
         assert not [e for e in events if e[0] == "reclaim"]
         alpha.call("return", 6)
-        wait_for(lambda: daemon.status().model("alpha").mapped_pages == 4, what="alpha under its limit")
+        daemon.wait_for_model("alpha", lambda m: m.mapped_pages == 4, what="alpha under its limit")
         assert sorted(alpha.call("read")["pages"].values()) == [[0xA1, True]] * 4
         assert sorted(beta.call("read")["pages"].values()) == [[0xB2, True]] * 10
         status = subprocess.run(

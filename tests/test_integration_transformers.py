@@ -282,13 +282,13 @@ def test_the_daemon_sees_the_cache_while_it_holds_sequences(llama: torch.nn.Modu
         ):
             assert torch.equal(generate(llama, "kvmem_paged", cache), expected)
             # One growth unit: a 2 MiB page in each of the 4 ranges.
-            wait_for(lambda: daemon.status().model("hf-llama").used_pages == 4, what="usage reported")
+            daemon.wait_for_model("hf-llama", lambda m: m.used_pages == 4, what="usage reported")
             assert daemon.status().model("hf-llama").mapped_pages == 4
             (entry,) = [m for m in control.status()["models"] if m["model"] == "hf-llama"]
             assert entry["mapped_pages"] == 4
             cache.reset()
-            wait_for(lambda: daemon.status().model("hf-llama").used_pages == 0, what="usage reported")
-            wait_for(lambda: daemon.status().model("hf-llama").mapped_pages == 0, what="pages returned")
+            daemon.wait_for_model("hf-llama", lambda m: m.used_pages == 0, what="usage reported")
+            daemon.wait_for_model("hf-llama", lambda m: m.mapped_pages == 0, what="pages returned")
         wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="every page back in the pool")
 
 
@@ -385,8 +385,8 @@ def test_generate_batch_storage_is_visible_to_the_daemon_and_returned(llama: tor
             assert isinstance(manager.batch_processor.cache, KvmemPagedAttentionCache)
             # The padding trash and the finished requests' full blocks (kept for prefix sharing) are live.
             assert kv.get_num_used_blocks() >= 1
-            wait_for(lambda: daemon.status().model("hf-batching").used_pages == 4, what="usage reported")
-        wait_for(lambda: daemon.status().model("hf-batching").mapped_pages == 0, what="pages returned")
+            daemon.wait_for_model("hf-batching", lambda m: m.used_pages == 4, what="usage reported")
+        daemon.wait_for_model("hf-batching", lambda m: m.mapped_pages == 0, what="pages returned")
 
 
 # ---- the supported range ----

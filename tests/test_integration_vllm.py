@@ -297,8 +297,9 @@ def test_a_lowered_limit_makes_the_engine_queue_and_preempt_not_crash(model_dir:
         with Sampler(daemon) as sampler:
             loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=LONG_NEW_TOKENS)))
             loader.start()
-            wait_for(
-                lambda: daemon.status().model("tiny-llama").mapped_pages >= 4 * PAGES_PER_SLOT,
+            daemon.wait_for_model(
+                "tiny-llama",
+                lambda m: m.mapped_pages >= 4 * PAGES_PER_SLOT,
                 timeout=60,
                 what="the load to grow the cache",
             )
@@ -311,7 +312,7 @@ def test_a_lowered_limit_makes_the_engine_queue_and_preempt_not_crash(model_dir:
         assert out["preemptions"] > 0  # running requests were preempted when the limit left no block
         # Pages over the limit went back as the requests holding them finished (cached blocks
         # on them were evicted); the engine settles at its limit.
-        wait_for(lambda: daemon.status().model("tiny-llama").mapped_pages <= 4, timeout=30, what="the limit")
+        daemon.wait_for_model("tiny-llama", lambda m: m.mapped_pages <= 4, timeout=30, what="the limit")
         before = [s.get("tiny-llama", 0) for s in sampler.samples[:limited_at]]
         after = [s.get("tiny-llama", 0) for s in sampler.samples[limited_at:]]
         # Over the limit when it came (it may be under it already at the first sample after: the
@@ -338,7 +339,7 @@ def test_sleep_offload_then_wake_keeps_the_prefix_cache(model_dir: Path, referen
         slept = daemon.status().model("tiny-llama")
         assert (slept.state.name, slept.mapped_pages) == ("ASLEEP", 0)
         kvctl(runtime, "wake", "tiny-llama", "--wait")
-        wait_for(lambda: daemon.status().model("tiny-llama").state.name == "AWAKE")
+        daemon.wait_for_model("tiny-llama", lambda m: m.state.name == "AWAKE")
         later = engine.generate(LATER)
         assert later["cached_tokens"] == [96]  # the prefix's 3 blocks came back from the host tier
         assert later["tokens"] == reference["later"]
@@ -362,8 +363,9 @@ def test_a_sleep_while_serving_drains_the_engine_and_the_wake_finishes_every_req
         seen: list[dict] = []
         loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=LONG_NEW_TOKENS)))
         loader.start()
-        wait_for(
-            lambda: daemon.status().model("tiny-llama").mapped_pages >= 4 * PAGES_PER_SLOT,
+        daemon.wait_for_model(
+            "tiny-llama",
+            lambda m: m.mapped_pages >= 4 * PAGES_PER_SLOT,
             timeout=60,
             what="the load to grow the cache",
         )
@@ -396,8 +398,9 @@ def test_an_engine_with_its_worker_in_another_process_serves_on_kvmem(model_dir:
                 out = engine.generate(LOAD, new_tokens=32)
             assert out["tokens"] == reference["load"]
             assert sampler.peak("tiny-llama") >= 9 * PAGES_PER_SLOT
-            wait_for(
-                lambda: daemon.status().model("tiny-llama").mapped_pages <= 2 * PAGES_PER_SLOT,
+            daemon.wait_for_model(
+                "tiny-llama",
+                lambda m: m.mapped_pages <= 2 * PAGES_PER_SLOT,
                 timeout=30,
                 what="the pages to fall back",
             )
@@ -535,8 +538,9 @@ def test_kvmem_pages_and_vllm_block_ids_line_up_in_the_pool_and_a_deny_costs_no_
         assert pool.get_num_free_blocks() == 16
         assert {b.block_id // BLOCKS_PER_SLOT for b in pool.get_new_blocks(16)} == {kept}
         pool.check_backing()
-        wait_for(  # the daemon publishes the return a few ms after it has it
-            lambda: daemon.status().model("pool-test").mapped_pages == 2 * PAGES_PER_SLOT,
+        daemon.wait_for_model(  # the daemon publishes the return a few ms after it has it
+            "pool-test",
+            lambda m: m.mapped_pages == 2 * PAGES_PER_SLOT,
             what="the daemon to show the slot back",
         )
 

@@ -280,10 +280,10 @@ def test_daemon_backed_cache_grows_and_the_daemon_sees_it(daemon: DaemonProcess)
         host_view(cache, 1, "v")[:4096] = 5
         status = wait_for(lambda: (m := daemon.status().model("cache-test")) and m.mapped_pages == 12 and m)
         assert cache.stats().pages_held == 12
-        wait_for(lambda: daemon.status().model("cache-test").used_pages == 12, what="usage reported")
+        daemon.wait_for_model("cache-test", lambda m: m.used_pages == 12, what="usage reported")
         cache.free(ids)
         cache.shrink()
-        wait_for(lambda: daemon.status().model("cache-test").mapped_pages == 0, what="pages returned")
+        daemon.wait_for_model("cache-test", lambda m: m.mapped_pages == 0, what="pages returned")
         assert status.state.name == "AWAKE"
         with ControlClient(runtime_dir=daemon.runtime_dir) as control:  # the daemon holds the cache's layout
             (model,) = control.status()["models"]
@@ -312,7 +312,7 @@ def test_a_lowered_limit_is_met_as_blocks_are_freed(daemon: DaemonProcess):
         assert cache.stats().mapped_slots == 3  # every slot holds live blocks: nothing is unmapped
         cache.free(ids[512:])  # slots 1 and 2 empty out
         wait_for(lambda: cache.stats().mapped_slots == 1, what="the cache to settle at the limit")
-        wait_for(lambda: daemon.status().model("limited").mapped_pages == 4)
+        daemon.wait_for_model("limited", lambda m: m.mapped_pages == 4)
         with pytest.raises(KVCacheFull) as info:
             cache.alloc(512 + 1)
         assert info.value.reason == "limit"
@@ -333,7 +333,7 @@ def test_daemon_pressure_takes_empty_slots_from_an_idle_cache(tmp_path: Path):
         ids = busy.alloc(2 * 512)  # the daemon asks idle for 8 pages back
         assert busy.stats().mapped_slots == 2
         assert idle.stats().mapped_slots == 2
-        assert daemon.status().model("idle").reclaims >= 1
+        daemon.wait_for_model("idle", lambda m: m.reclaims >= 1, what="the reclaim to be published")
         busy.free(ids)
 
 
@@ -387,13 +387,13 @@ def test_sleep_returns_every_page_as_blocks_drain_and_wake_serves_again(daemon: 
         time.sleep(0.2)
         assert cache.stats().mapped_slots == 2  # live blocks: nothing is taken from under the engine
         cache.free(ids)  # the engine drains
-        wait_for(lambda: daemon.status().model("sleeper").state.name == "ASLEEP", what="asleep")
+        daemon.wait_for_model("sleeper", lambda m: m.state.name == "ASLEEP", what="asleep")
         assert cache.stats().mapped_slots == 0 and daemon.status().model("sleeper").mapped_pages == 0
         with pytest.raises(KVCacheFull) as info:
             cache.alloc(1)
         assert info.value.reason == "asleep"
         c.wake("sleeper")
-        wait_for(lambda: daemon.status().model("sleeper").state.name == "AWAKE")
+        daemon.wait_for_model("sleeper", lambda m: m.state.name == "AWAKE")
         wait_for(lambda: not cache.asleep, what="the wake to reach the cache")
         cache.free(cache.alloc(600))
 
@@ -595,7 +595,7 @@ def test_the_evictor_frees_blocks_so_a_lowered_limit_is_met(daemon: DaemonProces
         wait_for(lambda: cache.target_pages == 4, what="the target to reach the cache")
         wait_for(lambda: cache.stats().mapped_slots == 1, what="the cache to settle at the limit")
         assert asked[0] == 2 and list(cached) == [0]
-        wait_for(lambda: daemon.status().model("evicting").mapped_pages == 4)
+        daemon.wait_for_model("evicting", lambda m: m.mapped_pages == 4)
         cache.free(cached.pop(0))
 
 

@@ -64,7 +64,7 @@ def test_status_json_follows_its_schema_and_reports_exact_figures(daemon: Daemon
         cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
         cache.alloc(700)  # two slots of 4 ranges: 8 pages, both in use
         assert run(daemon, "limit", "qwen-7b", "10MiB").exit_code == 0  # a model known by its policy only
-        wait_for(lambda: daemon.status().model("llama-8b").used_pages == 8, what="usage to be reported")
+        daemon.wait_for_model("llama-8b", lambda m: m.used_pages == 8, what="usage to be reported")
         result = run(daemon, "status", "--json")
         assert result.exit_code == 0, result.stderr
         doc = json.loads(result.stdout)
@@ -106,7 +106,7 @@ def test_a_lowered_limit_is_acted_on_min_and_priority_show(daemon: DaemonProcess
         ids = cache.alloc(4 * 512)  # 16 pages
         cache.free(ids[512:])  # three slots empty out; the engine keeps one in use
         assert run(daemon, "limit", "shrinker", "8MiB").exit_code == 0
-        wait_for(lambda: daemon.status().model("shrinker").mapped_pages == 4, what="the cache to shrink to its limit")
+        daemon.wait_for_model("shrinker", lambda m: m.mapped_pages == 4, what="the cache to shrink to its limit")
         assert run(daemon, "min", "shrinker", "4MiB").exit_code == 0
         assert run(daemon, "priority", "shrinker", "-3").exit_code == 0
         model = daemon.status().model("shrinker")
@@ -348,7 +348,7 @@ def test_metrics_endpoint_is_scraped_and_parsed(daemon: DaemonProcess):
         cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
         cache.alloc(700)
         assert run(daemon, "limit", "scraped", "32MiB").exit_code == 0
-        wait_for(lambda: daemon.status().model("scraped").used_pages == 8, what="usage to be reported")
+        daemon.wait_for_model("scraped", lambda m: m.used_pages == 8, what="usage to be reported")
         with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as response:
             text = response.read().decode()
     samples = {}

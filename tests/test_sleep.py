@@ -74,7 +74,7 @@ def test_offload_sleep_and_wake_restore_every_block_bit_identical(daemon: Daemon
         live = ids[:per_slot] + ids[2 * per_slot : 2 * per_slot + 5] + ids[2 * per_slot + 9 :]
         fill_random(cache, live, seed=1)
         before = checksums(cache, live)
-        wait_for(lambda: daemon.status().model("sleeper").used_pages == 2 * cache.pages_per_growth)
+        daemon.wait_for_model("sleeper", lambda m: m.used_pages == 2 * cache.pages_per_growth)
 
         assert control.sleep("sleeper", offload=True)["state"] == "draining"
         wait_for(lambda: model_state(daemon, "sleeper") == "ASLEEP", what="asleep")
@@ -94,7 +94,7 @@ def test_offload_sleep_and_wake_restore_every_block_bit_identical(daemon: Daemon
         assert events == [("sleep", True), ("wake", True)] and not cache.asleep
         assert checksums(cache, live) == before
         # The status is published within a few ms of the daemon's AWAKE, maybe after the cache woke.
-        status = wait_for(lambda: (st := daemon.status()).model("sleeper").state.name == "AWAKE" and st)
+        status = daemon.wait_for_model("sleeper", lambda m: m.state.name == "AWAKE")
         assert status.model("sleeper").saved_pages == 0 and status.daemon.host_tier_used_bytes == 0
         assert status.model("sleeper").mapped_pages == 2 * cache.pages_per_growth
         # The allocator's state survived: the hole in slot 2 is handed out first, the ids stay valid.
@@ -149,7 +149,7 @@ def test_sleeping_under_contention_hands_the_memory_over_and_wake_waits_for_it(d
         control.sleep("big", offload=True)
         wait_for(lambda: model_state(daemon, "big") == "ASLEEP", what="asleep")
         mine = other.alloc(3 * 512)  # now they do: the sleeper's memory went to the other model
-        wait_for(lambda: daemon.status().model("other").mapped_pages == 12, what="the other model's pages")
+        daemon.wait_for_model("other", lambda m: m.mapped_pages == 12, what="the other model's pages")
 
         assert control.wake("big")["state"] == "waking"  # 24 pages needed, 20 free: it must wait
 
@@ -227,7 +227,7 @@ def test_an_engine_asleep_across_a_daemon_restart_stays_asleep_until_kvctl_wake(
         assert events == [("sleep", True), ("wake", False)] and not cache.asleep
         assert cache.get_num_used_blocks() == 0  # nothing came back: every block was freed
         fill_random(cache, cache.alloc(cache.blocks_per_slot), seed=2)  # and the cache grows again
-        wait_for(lambda: daemon.status().model("restarted").mapped_pages == cache.pages_per_growth)
+        daemon.wait_for_model("restarted", lambda m: m.mapped_pages == cache.pages_per_growth)
 
 
 # Pipelined sleep and wake (kvmem.cache.sleep hands the daemon 32 pages at a time as it unmaps them;
@@ -268,7 +268,7 @@ def test_a_pipelined_offload_and_wake_of_many_pages_is_bit_identical(tmp_path: P
         ids = fill_slots(cache, PIPELINE_SLOTS)
         before = checksums(cache, ids)
         pages = PIPELINE_SLOTS * cache.pages_per_growth
-        wait_for(lambda: daemon.status().model("many").used_pages == pages)
+        daemon.wait_for_model("many", lambda m: m.used_pages == pages)
         for cycle in range(2):  # the second sleep reuses the tier memory the first wake freed
             control.sleep("many", offload=True)
             wait_for(lambda: model_state(daemon, "many") == "ASLEEP", what="asleep")
@@ -279,7 +279,7 @@ def test_a_pipelined_offload_and_wake_of_many_pages_is_bit_identical(tmp_path: P
             wait_for(lambda n=cycle + 1: len(woke) == n, what="the wake hook")
             assert woke == [True] * (cycle + 1) and not cache.asleep
             assert checksums(cache, ids) == before
-            status = wait_for(lambda: (st := daemon.status()).model("many").state.name == "AWAKE" and st)
+            status = daemon.wait_for_model("many", lambda m: m.state.name == "AWAKE")
             assert status.daemon.host_tier_used_bytes == 0 and status.model("many").mapped_pages == pages
         if kind == "cuda" and not REAL_CUDA:  # every page copied once each way per cycle, never more
             counters = daemon.counters()
@@ -304,7 +304,7 @@ def test_a_copy_failing_half_way_through_a_pipelined_sleep_or_wake_loses_no_page
         s.on_wake(woke.append)
         cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
         fill_slots(cache, PIPELINE_SLOTS)
-        wait_for(lambda: daemon.status().model("broken").used_pages == pages)
+        daemon.wait_for_model("broken", lambda m: m.used_pages == pages)
         control.sleep("broken", offload=True)
         wait_for(lambda: model_state(daemon, "broken") == "ASLEEP", what="asleep")
         status = daemon.status()
@@ -315,7 +315,7 @@ def test_a_copy_failing_half_way_through_a_pipelined_sleep_or_wake_loses_no_page
         wait_for(lambda: woke, what="the wake to reach the engine")
         assert woke == [False] and not cache.asleep
         assert cache.stats().mapped_slots == 0  # the partial cache was dropped, not trusted
-        status = wait_for(lambda: (st := daemon.status()).model("broken").state.name == "AWAKE" and st)
+        status = daemon.wait_for_model("broken", lambda m: m.state.name == "AWAKE")
         wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="the restored pages to come back")
         status = daemon.status()
         assert status.model("broken").saved_pages == 0 and status.daemon.host_tier_used_bytes == 0

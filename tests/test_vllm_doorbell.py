@@ -34,7 +34,7 @@ def test_the_doorbell_changes_with_each_daemon_wish_and_not_with_pages(tmp_path:
 
         assert watched.call("grow", 8)["granted"] == 8
         watched.call("map")
-        wait_for(lambda: daemon.status().model("watched").mapped_pages == 8, what="the grant to be published")
+        daemon.wait_for_model("watched", lambda m: m.mapped_pages == 8, what="the grant to be published")
         assert doorbell.read() == first  # pages moved; the daemon wished nothing
 
         readings = [first]
@@ -50,7 +50,7 @@ def test_the_doorbell_changes_with_each_daemon_wish_and_not_with_pages(tmp_path:
         assert changed("a limit")[3] == 3
         control.sleep("watched")
         assert changed("a sleep")[2] in (ModelState.DRAINING, ModelState.ASLEEP)
-        wait_for(lambda: daemon.status().model("watched").state == ModelState.ASLEEP, what="asleep")
+        daemon.wait_for_model("watched", lambda m: m.state == ModelState.ASLEEP, what="asleep")
         control.wake("watched")
         wait_for(lambda: doorbell.read()[0][2] == ModelState.AWAKE, what="the doorbell to show the wake")
 

@@ -266,8 +266,9 @@ def test_a_limit_makes_the_server_queue_and_preempt_and_settle_under_it(servers,
 
     with Sampler(gpu0) as sampler:
         first = load("first")
-        wait_for(
-            lambda: gpu0.status().model("llama-a").mapped_pages >= 4 * PAGES_PER_SLOT,
+        gpu0.wait_for_model(
+            "llama-a",
+            lambda m: m.mapped_pages >= 4 * PAGES_PER_SLOT,
             timeout=120,
             what="the load to grow A's cache",
         )
@@ -280,7 +281,7 @@ def test_a_limit_makes_the_server_queue_and_preempt_and_settle_under_it(servers,
     # Every request was answered, with the same tokens, by queueing and preempting under the limit.
     assert seen["first"] == reference["a"]["long"] and seen["second"] == reference["a"]["long"]
     assert a.preemptions() > preempted_before
-    wait_for(lambda: gpu0.status().model("llama-a").mapped_pages <= 4, timeout=60, what="A to settle under its limit")
+    gpu0.wait_for_model("llama-a", lambda m: m.mapped_pages <= 4, timeout=60, what="A to settle under its limit")
     after = [s.get((0, "llama-a"), 0) for s in sampler.samples[limited_at:]]
     assert max(after) == after[0]  # it never grew again once limited
     settled = next(i for i, pages in enumerate(after) if pages <= 4)
