@@ -17,7 +17,17 @@ And: page creations on the grant path while the reserve is warm (the daemon's co
 created while a GROW waited, on both devices), and the daemon's CPU use while 8 client processes
 cycle grants and returns.
 
-    python benchmarks/bench_daemon.py [--device host,cuda] [--samples N] [--out FILE] [--update-readme]
+Against an earlier commit (`--against`, by default the grant path as the performance issue found
+it), on the host device, interleaved (theirs, ours, theirs, ours...): the daemon's CPU time per
+grant-and-return with 8 clients cycling 8-page grants, and kvmem's own latency above the bare
+exchange for 16 pages (a client's `acquire` without mapping, less the bare-Python floor's exchange
+of 16 descriptors measured in the same repetition). Each side runs its own daemon and clients from
+its own tree (`git archive` of the commit into a temporary directory); the floor server's own CPU
+per exchange is reported beside them: what Python itself costs for the send half of a grant, with
+no event loop, no decoding checks, no accounting.
+
+    python benchmarks/bench_daemon.py [--device host,cuda] [--samples N] [--against COMMIT|none]
+                                      [--out FILE] [--update-readme]
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ import argparse
 import array
 import json
 import os
+import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -42,6 +54,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import machine, percentile, replace_readme_section, run_header  # noqa: E402
 
 SIZES = (1, 16, 256)
+# The grant path as the performance issue (issue 15) measured it, before its work began.
+ISSUE_BASELINE_COMMIT = "c2721e7"
 CYCLER = """
 import sys, time
 from kvmem.client import DaemonClient
@@ -84,6 +98,36 @@ while data := sock.recv(16):
         sock.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch).tobytes())])
 """
 _FLOOR_CMSG = socket.CMSG_SPACE(253 * 4)
+
+
+# A client for either tree (before protocol 3 the calls were grow/return_pages): cycles grants of
+# argv[4] pages, mapping them as an engine does, for argv[3] seconds; prints the cycles and the
+# acquire calls' median in µs (the call alone: request, daemon, descriptors imported as pages).
+COMPARED_CYCLER = """
+import statistics, sys, time
+from kvmem.client import DaemonClient
+client = DaemonClient(sys.argv[2], runtime_dir=sys.argv[1])
+acquire = getattr(client, "acquire", None) or client.grow
+release = getattr(client, "release", None) or client.return_pages
+dev, page, n = client.device, client.page_size, int(sys.argv[4])
+reservation = dev.reserve(n * page)
+deadline = time.monotonic() + float(sys.argv[3])
+latencies = []
+while time.monotonic() < deadline:
+    t0 = time.perf_counter_ns()
+    pages = acquire(n, wait=1.0).pages
+    latencies.append((time.perf_counter_ns() - t0) / 1e3)
+    assert len(pages) == n, len(pages)
+    maps = [dev.map(reservation, i * page, p.physical) for i, p in enumerate(pages)]
+    dev.set_access(reservation, 0, n * page)
+    dev.synchronize()
+    for m in maps:
+        m.close()
+    release(pages)
+print(len(latencies), statistics.median(latencies))
+client.close()
+reservation.close()
+"""
 
 
 def floor_round_trip(sock: socket.socket, n: int, page_size: int) -> tuple[float, list[int]]:
@@ -202,6 +246,118 @@ def bench_device_kind(kind: str, samples: int, cycle_seconds: float) -> dict:
     return out
 
 
+def run_tree(tree: Path, clients: int, pages: int, seconds: float) -> dict:
+    """One daemon of `tree` (host device, a warm reserve never refilled during the run) and `clients`
+    cyclers of `pages`-page grants for `seconds`: the daemon's CPU per grant-and-return, the acquire
+    median (median over the clients) and the grants per second."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    with tempfile.TemporaryDirectory(prefix="kvmem-bench-") as tmp:
+        runtime_dir = Path(tmp) / "rt"
+        start = "import sys; from kvmemd.cli import main; sys.argv[0] = 'kvmemd'; main()"
+        args = [
+            sys.executable, "-c", start, "start", "--device", "host", "--budget", "2GiB", "--runtime-dir",
+            str(runtime_dir), "--reserve", "1", "600", "--release-after", "600", "--log-level", "warning",
+        ]  # fmt: skip
+        daemon = subprocess.Popen(args, env=env, cwd=tree)
+        try:
+            proc = psutil.Process(daemon.pid)
+            deadline = time.monotonic() + 120
+            # Both trees' daemons name their socket gpu0.sock in the runtime directory; the reserve of
+            # 600 pages is made at start (the daemon's CPU settles once it is).
+            while not (runtime_dir / "gpu0.sock").exists() or proc.cpu_percent(interval=0.3) > 5:
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the daemon of {tree} did not start (exit {daemon.poll()})")
+            cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+            cyclers = [
+                subprocess.Popen(
+                    [sys.executable, "-c", COMPARED_CYCLER, str(runtime_dir), f"c{i}", str(seconds), str(pages)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    cwd=tree,
+                )
+                for i in range(clients)
+            ]
+            outs = [c.communicate(timeout=seconds + 120)[0].split() for c in cyclers]
+            wall = time.monotonic() - t0
+            cpu = sum(proc.cpu_times()[:2]) - cpu0
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+    cycles = sum(int(out[0]) for out in outs)
+    return {
+        "daemon_cpu_us_per_grant_and_return": cpu / cycles * 1e6,
+        "acquire_p50_us": statistics.median(float(out[1]) for out in outs),
+        "grants_per_s": cycles / wall,
+    }
+
+
+def floor_exchanges(pages: int, count: int) -> dict:
+    """`count` bare exchanges of `pages` descriptors: the median µs, and the server's CPU per exchange."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    page = 2 << 20
+    server = subprocess.Popen(
+        [sys.executable, "-c", FLOOR_SERVER, str(theirs.fileno()), str(page), str(pages)], pass_fds=[theirs.fileno()]
+    )
+    theirs.close()
+    proc = psutil.Process(server.pid)
+    floor_round_trip(ours, pages, page)  # the server has made its memfds once this returns
+    latencies = []
+    cpu0 = sum(proc.cpu_times()[:2])
+    for _ in range(count):
+        micros, fds = floor_round_trip(ours, pages, page)
+        latencies.append(micros)
+        for fd in fds:
+            os.close(fd)
+    cpu = sum(proc.cpu_times()[:2]) - cpu0
+    ours.close()
+    server.wait(timeout=60)
+    return {"p50_us": statistics.median(latencies), "server_cpu_us_per_exchange": cpu / count * 1e6}
+
+
+def bench_against(commit: str, repetitions: int, seconds: float) -> dict:
+    """Ours against `commit`'s tree, interleaved (see the module docstring)."""
+    sides: dict[str, dict[str, list[float]]] = {"theirs": {}, "ours": {}}
+    floor: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="kvmem-baseline-") as tmp:
+        theirs = Path(tmp)
+        archive = subprocess.run(["git", "archive", commit], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(theirs)], input=archive, check=True)
+        for _ in range(repetitions):
+            f = floor_exchanges(16, 1000)
+            for key, value in f.items():
+                floor.setdefault(key, []).append(value)
+            for side, tree in (("theirs", theirs), ("ours", REPO)):
+                eight = run_tree(tree, clients=8, pages=8, seconds=seconds)
+                one = run_tree(tree, clients=1, pages=16, seconds=seconds)
+                figures = {
+                    "daemon_cpu_us_per_grant_and_return (8 clients, 8 pages)": eight[
+                        "daemon_cpu_us_per_grant_and_return"
+                    ],
+                    "grants_per_s (8 clients, 8 pages)": eight["grants_per_s"],
+                    "daemon_cpu_us_per_grant_and_return (1 client, 16 pages)": one[
+                        "daemon_cpu_us_per_grant_and_return"
+                    ],
+                    "acquire_p50_us (16 pages)": one["acquire_p50_us"],
+                    "above_bare_exchange_us (16 pages)": one["acquire_p50_us"] - f["p50_us"],
+                }
+                for key, value in figures.items():
+                    sides[side].setdefault(key, []).append(value)
+    out = {"commit": commit, "repetitions": repetitions, "seconds_per_run": seconds, "floor_16_pages": {}}
+    for key, values in floor.items():
+        out["floor_16_pages"][key] = round(statistics.median(values), 1)
+    for key in sides["ours"]:
+        ours, theirs_ = statistics.median(sides["ours"][key]), statistics.median(sides["theirs"][key])
+        ratios = sorted(o / t for o, t in zip(sides["ours"][key], sides["theirs"][key], strict=True))
+        out[key] = {
+            "ours": round(ours, 1),
+            "theirs": round(theirs_, 1),
+            "ratio": round(ours / theirs_, 2),
+            "ratio_spread": [round(ratios[0], 2), round(ratios[-1], 2)],
+        }
+    return out
+
+
 def table(result: dict) -> str:
     lines = [
         "| device | pages | grant round trip p50 / p99 µs | in-process map p50 / p99 µs | ratio (p50) "
@@ -226,6 +382,27 @@ def table(result: dict) -> str:
         if "page_creations_on_grant_path" in data:
             line += f"; page creations on the grant path with a warm reserve: {data['page_creations_on_grant_path']}"
         lines.append(line)
+    against = result.get("against")
+    if against:
+        lines += [
+            "",
+            f"Against commit `{against['commit']}` (host device, {against['repetitions']} interleaved repetitions "
+            f"of {against['seconds_per_run']:.0f} s each; medians, ours/theirs with its spread over the repetitions):",
+            "",
+            "| figure | ours | theirs | ratio (spread) |",
+            "|---|---|---|---|",
+        ]
+        for key, value in against.items():
+            if isinstance(value, dict) and "ratio" in value:
+                lines.append(
+                    f"| {key} | {value['ours']:.0f} | {value['theirs']:.0f} | {value['ratio']:.2f}x "
+                    f"({value['ratio_spread'][0]:.2f} to {value['ratio_spread'][1]:.2f}) |"
+                )
+        floor = against["floor_16_pages"]
+        lines.append(
+            f"\nThe bare-Python floor for 16 descriptors in the same runs: {floor['p50_us']:.0f} µs per exchange, its "
+            f"server at {floor['server_cpu_us_per_exchange']:.0f} µs of CPU per exchange (the send half only)."
+        )
     return "\n".join(lines)
 
 
@@ -234,6 +411,10 @@ def main() -> int:
     parser.add_argument("--device", default="host,cuda")
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--cycle-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--against", default=ISSUE_BASELINE_COMMIT, help="Commit to compare the grant path with (none: skip)."
+    )
+    parser.add_argument("--repetitions", type=int, default=3, help="Interleaved repetitions against --against.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_daemon.json")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
@@ -251,6 +432,8 @@ def main() -> int:
     for kind in args.device.split(","):
         label = "cuda (fake driver)" if kind == "cuda" else kind
         result["devices"][label] = bench_device_kind(kind, args.samples, args.cycle_seconds)
+    if args.against != "none":
+        result["against"] = bench_against(args.against, args.repetitions, args.cycle_seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -4,7 +4,9 @@ Design note
 -----------
 `arbitrate` is a pure function: plain data in (the waiting requests, each model's policy and
 holdings, the pool's supply, the clock), a list of decisions out. It sends nothing and changes
-nothing; the daemon (`kvmemd.grants`) carries the decisions out in order. The rules:
+nothing; the daemon (`kvmemd.grants`) carries the decisions out in order. It reads each model
+through the `ModelView` fields only: the daemon passes its own records (no copy per pass: a pass
+runs on every GROW), tests pass `Share`s. The rules:
 
 - Order. Requests are served models below their guaranteed minimum first, then higher priority,
   then arrival (`Request.seq`). The order is fixed at the start of a pass.
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvmem.common.status import ModelState
 
@@ -54,9 +57,34 @@ RECLAIM_DEADLINE_MS = 2_000
 BACKFILL_S = 0.2
 
 
+class ModelView(Protocol):
+    """What the arbiter reads of a model (the fields of `Share`, which documents them); never written."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def state(self) -> ModelState: ...
+    @property
+    def attached(self) -> bool: ...
+    @property
+    def limit_pages(self) -> int: ...
+    @property
+    def min_pages(self) -> int: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def held(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def asked(self) -> int: ...
+    @property
+    def asked_until(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class Share:
-    """A model as the arbiter sees it.
+    """A model as the arbiter sees it (a `ModelView` made of plain values).
 
     Attributes:
         name: The model.
@@ -156,7 +184,9 @@ class Wait:
 Decision = Expire | Grant | Deny | Reclaim | Wait
 
 
-def arbitrate(requests: Sequence[Request], models: Mapping[str, Share], supply: Supply, now: float) -> list[Decision]:
+def arbitrate(
+    requests: Sequence[Request], models: Mapping[str, ModelView], supply: Supply, now: float
+) -> list[Decision]:
     """Decide the waiting requests.
 
     Args:
@@ -260,11 +290,11 @@ def arbitrate(requests: Sequence[Request], models: Mapping[str, Share], supply: 
 
 
 def _reclaim(
-    r: Request, pages: int, models: Mapping[str, Share], held: dict[str, int], asked: dict[str, int]
+    r: Request, pages: int, models: Mapping[str, ModelView], held: dict[str, int], asked: dict[str, int]
 ) -> list[Reclaim]:
     """Ask models other than `r`'s for up to `pages` pages; `held` and `asked` are this pass's, updated."""
 
-    def askable(m: Share) -> int:
+    def askable(m: ModelView) -> int:
         return max(0, held[m.name] - m.min_pages - asked[m.name])
 
     candidates = [

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from kvmem.common import protocol
 from kvmem.common.protocol import Message, MsgType
-from kvmemd.arbiter import RECLAIM_DEADLINE_MS, Deny, Expire, Grant, Reclaim, Request, Share, Supply, Wait, arbitrate
+from kvmemd.arbiter import RECLAIM_DEADLINE_MS, Deny, Expire, Grant, Reclaim, Request, Supply, Wait, arbitrate
 from kvmemd.event_loop import clip
 from kvmemd.pool import Page
 from kvmemd.records import Connection, GrantChannel, GrowRequest, ModelRecord
@@ -90,23 +90,15 @@ class GrantDesk:
         now = time.monotonic()
         models = self.daemon.sessions.models
         waiting = {r.seq: r for r in self.pending if not r.abandoned}
-        stats = pool.stats()
-        free, coming = pool.supply()
-        supply = Supply(
-            free=free,
-            coming=coming,
-            created=stats.created,
-            budget_pages=stats.budget_pages,
-            granted=stats.granted,
-        )
-        shares = {name: _share(record) for name, record in models.items()}
+        free, coming, created, granted = pool.supply()
+        supply = Supply(free=free, coming=coming, created=created, budget_pages=pool.budget_pages, granted=granted)
         requests = [
             Request(r.seq, r.conn.model.name, r.remaining, r.deadline, r.restore, r.reclaim_asked, r.started)
             for r in waiting.values()
         ]
         demand: dict[int, int] = {}
         short: set[int] = set()  # requests the pool gave fewer pages than granted: they wait for the rest
-        for decision in arbitrate(requests, shares, supply, now):
+        for decision in arbitrate(requests, models, supply, now):
             if isinstance(decision, Expire):
                 models[decision.model].asked = 0  # the engine had its chance; the request may be repeated
                 continue
@@ -180,19 +172,3 @@ class GrantDesk:
         body = {"req": r.req, "reason": reason, "detail": clip(detail), "granted": r.granted}
         self.daemon.loop.send(r.conn, MsgType.DENY, body, channel=r.channel)
         self.daemon.status.changed()
-
-
-def _share(record: ModelRecord) -> Share:
-    """The arbiter's view of a model."""
-    return Share(
-        name=record.name,
-        state=record.state,
-        attached=record.client is not None,
-        limit_pages=record.limit_pages,
-        min_pages=record.min_pages,
-        priority=record.priority,
-        held=record.held,
-        used=record.used,
-        asked=record.asked,
-        asked_until=record.asked_until,
-    )

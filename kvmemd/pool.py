@@ -183,6 +183,7 @@ class PagePool:
         self._next_id = 0
         self._creating = 0
         self._scrubbing = 0
+        self._releasing = 0  # pages the worker is releasing: in `pages`, in no list
         self._demand: dict[int, int] = {}
         self._attached: set[str] = set()  # models with an engine attached (see `set_attached`)
         self._growth_unit = 0  # pages of the largest attached engine's growth unit (`set_growth_unit`)
@@ -255,27 +256,31 @@ class PagePool:
     def give_back(self, page_ids: list[int], model: str) -> None:
         """Pages a client returned (or a dead client held): free, dirty with `model`'s data."""
         with self._lock:
+            dirty = self._dirty.setdefault(model, [])
             for page_id in page_ids:
                 self._granted.remove(page_id)
                 page = self.pages[page_id]
                 page.owner, page.holder = model, None
-                self._dirty.setdefault(model, []).append(page_id)
-            self._notify_worker_if_needed()
+                dirty.append(page_id)
+            if model not in self._attached:
+                self._lock.notify()  # a dead engine's pages: the worker zeroes them ahead of their next holder
+            else:
+                self._notify_worker_if_needed()
 
     def _notify_worker_if_needed(self) -> None:
         """Wake the worker only when it has work (called with the lock held).
 
         Waking it on every grant and return would make the two threads trade the GIL on the
-        grant path for nothing (measured: a third of a one-page grant's latency).
+        grant path for nothing (measured: a third of a one-page grant's latency). This runs on every
+        grant and return, so it reads counts only: the dirty pages of models with no engine attached,
+        the one other job, are announced when they appear (`give_back`, `set_attached`).
         """
         free = self._free_count()
-        clean = sum(len(ids) for ids in self._clean.values())
         if (
             self._demand
             or free + self._creating < self.reserve_low
-            or (clean < self._clean_low and len(self._dirty) > 0)
-            or any(owner not in self._attached for owner in self._dirty)
             or (free > self.reserve_high and self._surplus_since is None)
+            or (self._dirty and sum(len(ids) for ids in self._clean.values()) < self._clean_low)
         ):
             self._lock.notify()
 
@@ -298,8 +303,9 @@ class PagePool:
             self._granted.add(page_id)
             return page
 
-    def supply(self) -> tuple[int, int]:
-        """Pages that can be granted without asking any client for pages back: (free, coming).
+    def supply(self) -> tuple[int, int, int, int]:
+        """Pages that can be granted without asking any client for pages back, in one locked read:
+        (free, coming, created, granted), the last two as in `stats`.
 
         `free` counts every free page (a dirty or foreign-tainted one can be zeroed, or released and
         made anew), those being zeroed included: a batch of the worker's is free pages on their way to
@@ -310,7 +316,7 @@ class PagePool:
         """
         with self._lock:
             room = max(0, self.budget_pages - len(self.pages) - self._creating)
-            return self._free_count() + self._scrubbing, self._creating + room
+            return self._free_count() + self._scrubbing, self._creating + room, len(self.pages), len(self._granted)
 
     def set_demand(self, pages_by_uid: dict[int, int]) -> None:
         """Pages the waiting requests still need, by the uid asking."""
@@ -377,7 +383,7 @@ class PagePool:
                 created=len(self.pages),
                 free_clean=sum(len(ids) for ids in self._clean.values()),
                 # Pages being zeroed are free, and dirty until their synchronize: no page goes missing.
-                free_dirty=sum(len(ids) for ids in self._dirty.values()) + self._scrubbing,
+                free_dirty=self._dirty_count() + self._scrubbing,
                 granted=len(self._granted),
                 pages_created_total=self._counters["created"],
                 pages_released_total=self._counters["released"],
@@ -415,7 +421,13 @@ class PagePool:
         return self._next_id - 1
 
     def _free_count(self) -> int:
-        return sum(len(ids) for ids in self._clean.values()) + sum(len(ids) for ids in self._dirty.values())
+        """Pages in the free lists, clean or dirty (lock held): by the invariant in the module note,
+        every page that is neither granted nor being zeroed or released (counted, not summed: this
+        runs on every grant and return)."""
+        return len(self.pages) - len(self._granted) - self._scrubbing - self._releasing
+
+    def _dirty_count(self) -> int:
+        return sum(len(ids) for ids in self._dirty.values())
 
     def _pop_dirty(self, uid: int | None = None, other_than: int | None = None) -> int | None:
         """The oldest dirty page (of `uid`, or not of `other_than`, if given)."""
@@ -529,6 +541,8 @@ class PagePool:
                     self._creating += page_id  # for a creation: how many pages
                 elif action == "scrub":
                     self._scrubbing += len(page_id)
+                else:
+                    self._releasing += 1
             try:
                 if action.startswith("create"):
                     self._create(page_id, for_requests=action == "create for requests")
@@ -546,6 +560,7 @@ class PagePool:
                         for one in page_id:  # still dirty: they go back as they were
                             self._put_back(one)
                     elif action == "release":
+                        self._releasing -= 1
                         self._put_back(page_id)
                     self._backoff_until = time.monotonic() + BACKOFF_S
 
@@ -662,6 +677,7 @@ class PagePool:
         self._destroy(page)
         with self._lock:
             del self.pages[page_id]
+            self._releasing -= 1
             heapq.heappush(self._free_ids, page_id)
             self._counters["released"] += 1
         self._notify()  # room was made: waiting requests may now get fresh pages

@@ -62,6 +62,11 @@ class ModelRecord:
     asked_until: float = 0.0
 
     @property
+    def attached(self) -> bool:
+        """Whether an engine is connected for it."""
+        return self.client is not None
+
+    @property
     def held(self) -> int:
         return len(self.client.held) if self.client else 0
 

@@ -112,8 +112,7 @@ def test_pages_being_zeroed_count_as_free_and_are_granted_once_zeroed(device: De
         device.memset = held_memset  # the real memset, held until the test lets it run
         pool.give_back([p.id for p in taken[:3]], "m")
         assert zeroing.wait(timeout=60), "the refill did not zero the returned pages"
-        free, coming = pool.supply()
-        assert (free, coming) == (3, 0)  # being zeroed: free, not "coming" (nothing is made)
+        assert pool.supply() == (3, 0, 4, 1)  # being zeroed: free, not "coming" (nothing is made)
         assert pool.take("m", client_id=1, uid=0, n=1) == []  # mid-memset: nothing to hand out yet
         release.set()
         wait_for(lambda: pool.stats().free_clean == 3, what="the batch to be zeroed")
@@ -123,4 +122,45 @@ def test_pages_being_zeroed_count_as_free_and_are_granted_once_zeroed(device: De
     finally:
         release.set()
         device.memset = memset
+        pool.close()
+
+
+def test_the_free_count_the_grant_path_reads_matches_the_free_lists_through_every_move(device: Device):
+    """`supply` counts free pages from the invariant (created, less granted, zeroing and releasing)
+    rather than summing the lists on every grant: at each quiet point it equals the lists' sizes."""
+    pool = PagePool(
+        device,
+        device.granularity,
+        budget_pages=12,
+        reserve_low=2,
+        reserve_high=4,
+        release_after=0.3,
+        notify=lambda: None,
+    )
+
+    def assert_counts_agree(created: int, granted: int) -> None:
+        stats = pool.stats()
+        free, coming, created_now, granted_now = pool.supply()
+        assert (created_now, granted_now) == (stats.created, stats.granted) == (created, granted)
+        assert free == stats.free_clean + stats.free_dirty == created - granted
+        assert coming == 12 - created
+
+    try:
+        pool.set_attached({"a"})  # a's returned pages stay dirty (its own); b's are zeroed ahead
+        wait_for(lambda: pool.stats().free_clean == 4, what="the reserve")
+        assert_counts_agree(created=4, granted=0)
+        taken = pool.take("a", client_id=1, uid=0, n=4)
+        wait_for(lambda: pool.stats().free_clean == 4, what="the refill")  # free fell below 2: 4 more made
+        assert_counts_agree(created=8, granted=4)
+        pool.give_back([p.id for p in taken], "a")  # 8 free, over the high watermark: 4 released
+        wait_for(lambda: pool.stats().pages_released_total == 4, timeout=30, what="the surplus released")
+        assert_counts_agree(created=4, granted=0)
+        taken = pool.take("b", client_id=2, uid=0, n=3)
+        wait_for(lambda: pool.stats().free_clean == 4, what="the refill")  # 1 free left: 3 more made
+        pool.give_back([p.id for p in taken], "b")  # b has no engine attached: zeroed ahead
+        wait_for(lambda: (s := pool.stats()).pages_scrubbed_total >= 3 and s.free_dirty == 0, what="b's pages zeroed")
+        assert_counts_agree(created=7, granted=0)
+        wait_for(lambda: pool.stats().pages_released_total == 7, timeout=30, what="the surplus released")
+        assert_counts_agree(created=4, granted=0)
+    finally:
         pool.close()
