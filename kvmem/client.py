@@ -124,6 +124,14 @@ class DaemonClient:
         # Whether the engine sleeps: from its SLEPT until a WAKE. Sent in HELLO, so that a daemon
         # restarted meanwhile records it asleep (and `kvctl wake` reaches it) rather than awake.
         self.asleep = False
+        # A sleep under way: from the daemon's SLEEP until the engine's SLEPT (or a WAKE that rolls it
+        # back). HELLO says asleep then too: a daemon restarted during the drain records the model asleep
+        # with nothing saved, and the drain finishes against it (`sleep_interrupted`).
+        self.draining = False
+        # The daemon this connection reached did not order the sleep under way (it restarted, or the
+        # connection dropped, during the drain): what the drain offloads goes back as plain returns,
+        # since that daemon saves nothing for it; the wake then says nothing was restored.
+        self.sleep_interrupted = False
         self.pages: dict[int, Page] = {}  # by the daemon's current page id
         self.connected = threading.Event()
         self._lock = threading.RLock()  # guards pages, waiters and sending
@@ -266,7 +274,7 @@ class DaemonClient:
             ids = [p.id for p in pages]
             if self.connected.is_set():
                 try:
-                    if offsets is None:
+                    if offsets is None or self.sleep_interrupted:
                         for i in range(0, len(ids), protocol.MAX_RETURN_IDS):
                             self._send(MsgType.RETURN, {"pages": ids[i : i + protocol.MAX_RETURN_IDS]})
                     else:
@@ -288,6 +296,8 @@ class DaemonClient:
     def slept(self) -> None:
         """Tell the daemon the engine has drained and returned its pages after a sleep request."""
         self.asleep = True
+        self.draining = False
+        # (After an interrupted sleep the daemon has the model asleep already; SLEPT changes nothing there.)
         self._send_if_connected(MsgType.SLEPT, {})
 
     def declare_drain_hook(self) -> None:
@@ -349,6 +359,10 @@ class DaemonClient:
             )
 
     def _handshake(self, sock: socket.socket, adopt: int, page_size: int) -> protocol.Message:
+        # Read once: the cache's thread may say SLEPT meanwhile (then it is asleep, and HELLO said so).
+        draining = self.draining
+        if draining:
+            self.sleep_interrupted = True
         protocol.send_message(
             sock,
             MsgType.HELLO,
@@ -356,7 +370,7 @@ class DaemonClient:
                 "version": protocol.PROTOCOL_VERSION,
                 "role": "engine",
                 "model": self.model,
-                "asleep": self.asleep,
+                "asleep": self.asleep or draining,
                 "adopt": adopt,
                 "page_size": page_size,
             },
@@ -434,6 +448,7 @@ class DaemonClient:
             if self._listener is not None:
                 self._listener.target(policy.target_pages if policy.target_pages >= 0 else policy.limit_pages)
         elif msg.type == MsgType.SLEEP:
+            self.draining, self.sleep_interrupted = True, False
             if self._listener is not None:
                 self._listener.sleep(msg["offload"])
             else:
@@ -443,7 +458,7 @@ class DaemonClient:
             if self._listener is not None:
                 self._listener.restore(pages, msg["offsets"])
         elif msg.type == MsgType.WAKE:
-            self.asleep = False
+            self.asleep = self.draining = self.sleep_interrupted = False
             if self._listener is not None:
                 self._listener.wake(msg["restored"])
         elif msg.type == MsgType.GOODBYE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,52 @@ def test_an_engine_asleep_across_a_daemon_restart_stays_asleep_until_kvctl_wake(
         assert cache.get_num_used_blocks() == 0  # nothing came back: every block was freed
         fill_random(cache, cache.alloc(cache.blocks_per_slot), seed=2)  # and the cache grows again
         daemon.wait_for_model("restarted", lambda m: m.mapped_pages == cache.pages_per_growth)
+
+
+def test_an_engine_whose_daemon_dies_during_its_drain_finishes_the_sleep_on_the_new_daemon(daemon: DaemonProcess):
+    """kvmemd is killed while an engine drains for `kvctl sleep --offload` (its hook still running). The
+    engine reconnects saying it sleeps, so the new daemon shows it asleep; it finishes its drain there
+    on the same connection (its pages come back as returns: nothing can be saved for a sleep that
+    daemon never ordered), and `kvctl wake` wakes it with nothing restored. Before, it finished with
+    OFFLOADs the new daemon took for a protocol error while it called the model awake: the engine,
+    its admission stopped by the drain, was never woken again."""
+    events: list[tuple[str, bool]] = []
+    draining, finish = threading.Event(), threading.Event()
+
+    def drain(offload: bool) -> None:
+        events.append(("sleep", offload))
+        draining.set()
+        finish.wait(timeout=60)  # the engine is still finishing its requests when the daemon dies
+
+    with kvmem.connect("interrupted", runtime_dir=daemon.runtime_dir) as s:
+        s.on_sleep(drain)
+        s.on_wake(lambda restored: events.append(("wake", restored)))
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        fill_random(cache, cache.alloc(2 * cache.blocks_per_slot), seed=1)
+        pages = 2 * cache.pages_per_growth
+        with ControlClient(runtime_dir=daemon.runtime_dir) as control:
+            control.sleep("interrupted", offload=True)
+        assert draining.wait(timeout=30), "the drain hook did not run"
+        daemon.kill()
+        daemon.start()
+        status = daemon.wait_for_model(
+            "interrupted", lambda m: m.mapped_pages == pages, timeout=30, what="the engine to re-register its pages"
+        )
+        client_id = status.model("interrupted").client_id
+        assert status.model("interrupted").state.name == "ASLEEP"
+        finish.set()
+        daemon.wait_for_model("interrupted", lambda m: m.mapped_pages == 0, what="the drained pages back")
+        wait_for(lambda: cache.stats().mapped_slots == 0, what="the cache to finish its drain")
+        model = daemon.status().model("interrupted")
+        assert (model.state.name, model.client_id, model.saved_pages) == ("ASLEEP", client_id, 0)
+        assert "not draining" not in daemon.log()  # no OFFLOAD refused: the connection lived on
+        with ControlClient(runtime_dir=daemon.runtime_dir) as control:
+            assert control.wake("interrupted")["state"] == "awake"
+        wait_for(lambda: len(events) == 2, what="the wake hook")
+        assert events == [("sleep", True), ("wake", False)] and not cache.asleep
+        assert cache.get_num_used_blocks() == 0  # what it had saved went with the old daemon
+        fill_random(cache, cache.alloc(cache.blocks_per_slot), seed=2)  # and the cache grows again
+        daemon.wait_for_model("interrupted", lambda m: m.mapped_pages == cache.pages_per_growth)
 
 
 # Pipelined sleep and wake (kvmem.cache.sleep hands the daemon 32 pages at a time as it unmaps them;
