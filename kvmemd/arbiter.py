@@ -201,13 +201,16 @@ def arbitrate(
         with neither is fully granted.
     """
     decisions: list[Decision] = []
-    asked: dict[str, int] = {}
+    asked: dict[str, int] = {}  # pages asked back and not lapsed, by model (none: 0)
     for m in models.values():
-        lapsed = m.asked > 0 and now > m.asked_until
-        if lapsed:
-            decisions.append(Expire(m.name))
-        asked[m.name] = 0 if lapsed else m.asked
-    held = {name: m.held for name, m in models.items()}
+        if m.asked > 0:
+            lapsed = now > m.asked_until
+            if lapsed:
+                decisions.append(Expire(m.name))
+            asked[m.name] = 0 if lapsed else m.asked
+    # What each model holds, as this pass's grants change it; read from a model when first needed
+    # (a pass runs on every GROW, and most touch only the requester).
+    held = _Holdings(models)
     free, coming = supply.free, supply.coming
     granted_now = 0
 
@@ -289,13 +292,25 @@ def arbitrate(
     return decisions
 
 
+class _Holdings(dict[str, int]):
+    """Pages held by model name: a model's `held`, read on first use, then as this pass updates it."""
+
+    def __init__(self, models: Mapping[str, ModelView]):
+        super().__init__()
+        self._models = models
+
+    def __missing__(self, name: str) -> int:
+        self[name] = held = self._models[name].held
+        return held
+
+
 def _reclaim(
     r: Request, pages: int, models: Mapping[str, ModelView], held: dict[str, int], asked: dict[str, int]
 ) -> list[Reclaim]:
     """Ask models other than `r`'s for up to `pages` pages; `held` and `asked` are this pass's, updated."""
 
     def askable(m: ModelView) -> int:
-        return max(0, held[m.name] - m.min_pages - asked[m.name])
+        return max(0, held[m.name] - m.min_pages - asked.get(m.name, 0))
 
     candidates = [
         m
@@ -306,17 +321,17 @@ def _reclaim(
     asks: list[Reclaim] = []
     total = 0
     for m in candidates:  # first pass: pages the engines report idle
-        idle = min(held[m.name] - m.used - asked[m.name], askable(m))
+        idle = min(held[m.name] - m.used - asked.get(m.name, 0), askable(m))
         if idle > 0 and total < pages:
             take = min(idle, pages - total)
             asks.append(Reclaim(m.name, take, r.seq))
-            asked[m.name] += take
+            asked[m.name] = asked.get(m.name, 0) + take
             total += take
     for m in candidates:  # then pages that an engine could free by evicting cached blocks
         spare = askable(m)
         if total < pages and spare > 0:
             take = min(spare, pages - total)
             asks.append(Reclaim(m.name, take, r.seq))
-            asked[m.name] += take
+            asked[m.name] = asked.get(m.name, 0) + take
             total += take
     return asks

@@ -345,9 +345,12 @@ class PagePool:
         now = time.monotonic()
         with self._lock:
             grows = self._recent_grows
+            largest = grows[0] if grows else None
             while grows and grows[-1][1] <= pages:
                 grows.pop()  # never the largest again: this one is as large and lapses later
             grows.append((now, pages))
+            if grows[0] is largest and now - largest[0] < self.release_after:
+                return  # the window's largest GROW is the same: the watermarks are (this runs on every GROW)
             low, high = self.reserve_low, self.reserve_high
             self._size_reserve(now)
             if (self.reserve_low, self.reserve_high) != (low, high):
