@@ -88,7 +88,7 @@ class Daemon:
             config.reserve_low,
             config.reserve_high,
             config.release_after,
-            notify=self.loop.wake,
+            notify=self._pool_changed,
             cache_exports=config.cache_exports,
         )
         self.tier = HostTier(device, config.page_size, config.host_tier_bytes, notify=self.loop.wake)
@@ -108,6 +108,15 @@ class Daemon:
             },
             "control": {MsgType.CONTROL: self.control.handle},
         }
+
+    def _pool_changed(self) -> None:
+        """The pool's worker made, zeroed or released pages (its thread): publish them with the next turn.
+
+        (Setting the flag is one store; the loop thread reads it after the wake-up.) Without it the pool's
+        figures waited for the heartbeat, up to `kvmemd.status.HEARTBEAT_S`.
+        """
+        self.status.changed()
+        self.loop.wake()
 
     def request_stop(self) -> None:
         """Ask the loop to stop (safe from a signal handler)."""

@@ -9,7 +9,8 @@ Design note
 - the segment (`publish`): the daemon is its only writer (seqlock). Changes are published at most
   every `STATUS_MIN_INTERVAL_S` (a publish packs every slot), so readers see a change within that
   delay, well inside the 100 ms promised to `kvctl` and engines; the heartbeat at least every
-  `HEARTBEAT_S`. A control change is published before its REPLY (`force`).
+  `HEARTBEAT_S`. A control change is published before its REPLY (`force`); what the pool's worker
+  does (pages made, zeroed, released) is published with the loop's next turn after it says so.
 - the `status` control op (`as_json`): the same fields (`kvmem.common.status.as_dict`), plus per
   model its ``layout``, which has no room in the segment's fixed slot.
 

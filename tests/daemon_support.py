@@ -107,8 +107,8 @@ class DaemonProcess:
     ) -> StatusSnapshot:
         """Poll the status until model `name` is in it and `predicate` holds for it; return that snapshot.
 
-        The daemon publishes a few ms after it acts (up to a heartbeat, 0.5 s, for its pool's thread), so a
-        model that has just connected may not be in the snapshot yet: that is "not yet", never an error.
+        The daemon publishes a few ms after it acts (at most every 5 ms), so a model that has just
+        connected may not be in the snapshot yet: that is "not yet", never an error.
         """
 
         def published() -> StatusSnapshot | None:
