@@ -398,11 +398,14 @@ def test_an_engine_with_its_worker_in_another_process_serves_on_kvmem(model_dir:
                 out = engine.generate(LOAD, new_tokens=32)
             assert out["tokens"] == reference["load"]
             assert sampler.peak("tiny-llama") >= 9 * PAGES_PER_SLOT
+            # The requests are done: the null block's slot and one slot of free blocks stay mapped (the
+            # one-slot watermark), and the daemon hears the scheduler's count of slots in use, one: the
+            # worker's cache holds every block of its slots, so by its own count it would say two.
             daemon.wait_for_model(
                 "tiny-llama",
-                lambda m: m.mapped_pages <= 2 * PAGES_PER_SLOT,
+                lambda m: m.mapped_pages == 2 * PAGES_PER_SLOT and m.used_pages == PAGES_PER_SLOT,
                 timeout=30,
-                what="the pages to fall back",
+                what="the pages to fall back and the worker to report one slot in use",
             )
         wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="the worker's pages back after its exit")
 

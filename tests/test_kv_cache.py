@@ -273,6 +273,22 @@ def daemon(request: pytest.FixtureRequest, tmp_path: Path):
         yield d
 
 
+def test_an_engine_that_counts_its_own_blocks_reports_the_slots_in_use(daemon: DaemonProcess):
+    """vLLM's ranks mark every block of their slots in use; the scheduler's count of slots holding live
+    blocks is what the daemon must see (its USED, and whom it asks for idle pages)."""
+    with kvmem.connect("counted", runtime_dir=daemon.runtime_dir) as s:
+        cache = s.kv_cache(**GEOMETRY, max_tokens=20 * 512 * 16, low_watermark=0, high_watermark=0)
+        held = cache.alloc(3 * cache.blocks_per_slot)  # 3 slots, every block in use by the cache's count
+        daemon.wait_for_model("counted", lambda m: m.used_pages == 12, what="the cache's own count")
+        cache.report_engine_usage(1)
+        daemon.wait_for_model("counted", lambda m: m.used_pages == 4, what="the engine's count")
+        cache.free(held[: cache.blocks_per_slot])
+        assert cache.shrink() == 1  # reports usage again: by its own count 2 slots, but the engine's stands
+        daemon.wait_for_model("counted", lambda m: (m.mapped_pages, m.used_pages) == (8, 4), what="the shrink")
+        cache.report_engine_usage(99)  # never more than what is mapped
+        daemon.wait_for_model("counted", lambda m: m.used_pages == 8, what="the count clipped to 2 slots")
+
+
 def test_daemon_backed_cache_grows_and_the_daemon_sees_it(daemon: DaemonProcess):
     with kvmem.connect("cache-test", runtime_dir=daemon.runtime_dir) as s:
         cache = s.kv_cache(**GEOMETRY, max_tokens=20 * 512 * 16, low_watermark=0, high_watermark=0)

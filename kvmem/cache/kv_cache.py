@@ -410,6 +410,18 @@ class ElasticKVCache:
             self._check_open()
             raise KVCacheFull(len(block_ids), 0, ASLEEP)
 
+    def report_engine_usage(self, used_slots: int) -> None:
+        """Report which part of the cache holds live blocks, as the engine counts it: `used_slots`
+        slots (at most the mapped ones). For an engine whose blocks the cache cannot tell apart:
+        vLLM's ranks mark every block of their mapped slots in use, and only the scheduler, in
+        another process, knows which are free. From the first call the page source (the daemon's
+        USED figure, and its choice of whom to ask for idle pages) hears this count, not the
+        allocator's.
+        """
+        state = self._state
+        state.engine_used_slots = max(0, min(used_slots, self.num_mapped_slots()))
+        state.report_usage()
+
     def attach_engine(
         self,
         lock: AbstractContextManager,

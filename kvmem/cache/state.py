@@ -77,6 +77,9 @@ class CacheState:
         # topped up by the next growth rather than returned and asked for again. Guarded by grow_lock.
         self.spare: list[Page] = []
         self._reported_used_slots = 0
+        # Slots holding live blocks as the engine counts them (`ElasticKVCache.report_engine_usage`);
+        # None: the cache counts them itself, from its allocator.
+        self.engine_used_slots: int | None = None
         self._wake = threading.Condition()
 
     @property
@@ -105,7 +108,8 @@ class CacheState:
 
     def report_usage(self) -> None:
         """Tell the source how many pages hold live blocks, if that changed (not on the hot path)."""
-        used_slots = self.allocator.counts()[3]
+        engine_count = self.engine_used_slots
+        used_slots = self.allocator.counts()[3] if engine_count is None else engine_count
         if used_slots != self._reported_used_slots:
             self._reported_used_slots = used_slots
             self.source.report_usage(used_slots * self.slots.pages_per_growth)

@@ -17,7 +17,8 @@ never finds an empty slot to give back (the daemon's targets and reclaims are an
 scheduler instead, which alone knows which blocks are free).
 
 What the scheduler cannot see, the rank reports when asked (`poll`): the daemon's target and
-reclaims for this rank, and its sleep and wake requests. A sleep request blocks the cache's own
+reclaims for this rank, and its sleep and wake requests. What the rank cannot see, the poll
+carries: how many slots hold live blocks, which the rank reports to its daemon as its usage. A sleep request blocks the cache's own
 sleep (its sleep hook) until the scheduler has drained the engine and says `drained`; then the
 cache offloads or gives back its slots as it does in one process, and tells the daemon it slept.
 
@@ -110,8 +111,15 @@ class RankFollower:
             # Only slots the scheduler released are ever empty here (`_hold`), so this takes exactly them.
             return cache.shrink()
 
-    def poll(self) -> dict[str, Any]:
-        """The daemon's wishes for this rank since the last poll (the sleep and wake events once each)."""
+    def poll(self, used_slots: int | None = None) -> dict[str, Any]:
+        """The daemon's wishes for this rank since the last poll (the sleep and wake events once each).
+
+        Args:
+            used_slots: Slots holding live blocks, as the scheduler counts them: what the daemon is
+                told this rank uses (its cache holds every block of a mapped slot, `_hold`).
+        """
+        if used_slots is not None:
+            self.cache.report_engine_usage(used_slots)
         with self._lock:
             events, self._events = self._events, []
         cache = self.cache

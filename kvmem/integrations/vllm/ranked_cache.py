@@ -35,7 +35,10 @@ one page path:
   loop, and the engine thread handles it between steps). The tick thread looks every `TICK_S` and
   queues a tick only when a rank's entry in its daemon's status changed (`doorbell`: a limit, a
   reclaim, a sleep or wake, a reconnection), while a sleep drains, while a target or reclaim is
-  unmet and blocks were freed since, or when a slot or more of empty surplus waits to go back.
+  unmet and blocks were freed since, when a slot or more of empty surplus waits to go back, or
+  when the number of slots holding live blocks changed: each poll carries it, and each rank tells
+  its daemon (a rank's cache holds every block of its mapped slots, so only the scheduler knows
+  which are used: the daemon's USED figure and its choice of idle pages to ask back follow it).
   Asking blindly would keep every idle worker spinning (`doorbell`'s design note). The model's
   target is the smallest of its ranks' (a slot takes pages on every rank), reclaims the largest;
   the scheduler evicts cached blocks and unmaps empty slots to meet them.
@@ -172,6 +175,8 @@ class RankedCache:
         self._ticks_owed = 0  # ticks still owed to the last ring (tick thread only)
         # The pool's used blocks when `_shrink` last left a target or reclaim unmet (None: met).
         self._unmet_at_used: int | None = None
+        # The slots holding live blocks the ranks were last told of (they report them to their daemons).
+        self._polled_used_slots = 0
         self._tick_pending = threading.Event()
         self._thread = None
         if input_queue is not None:
@@ -274,7 +279,9 @@ class RankedCache:
         """Ask every rank what its daemon wants and do it: follow targets and reclaims, sleep, wake."""
         if self._closed:
             return
-        polls = self._rpc("poll")
+        used_slots = self._allocator.counts()[3]
+        polls = self._rpc("poll", used_slots)
+        self._polled_used_slots = used_slots
         self._doorbell.watch([p.get("status") for p in polls])  # a rank may have reconnected
         with self._lock:
             targets = [p["target_pages"] for p in polls if p["target_pages"] >= 0]
@@ -389,6 +396,8 @@ class RankedCache:
             return True
         elif allocator.get_empty_slots() and allocator.get_num_free_blocks() >= 2 * self.blocks_per_slot:
             return True  # a slot or more of free blocks beyond the one-slot watermark (`_shrink`)
+        elif allocator.counts()[3] != self._polled_used_slots:
+            return True  # the slots in use changed: the ranks tell their daemons (USED, idle pages)
         reading = self._doorbell.read()
         if reading != self._rung:
             self._rung = reading
