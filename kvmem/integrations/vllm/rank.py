@@ -18,9 +18,11 @@ scheduler instead, which alone knows which blocks are free).
 
 What the scheduler cannot see, the rank reports when asked (`poll`): the daemon's target and
 reclaims for this rank, and its sleep and wake requests. What the rank cannot see, the poll
-carries: how many slots hold live blocks, which the rank reports to its daemon as its usage. A sleep request blocks the cache's own
-sleep (its sleep hook) until the scheduler has drained the engine and says `drained`; then the
-cache offloads or gives back its slots as it does in one process, and tells the daemon it slept.
+carries: how many slots hold live blocks, which the rank reports to its daemon as its usage.
+
+A sleep request blocks the cache's own sleep (its sleep hook) until the scheduler has drained the
+engine and says `drained`; then the cache offloads or gives back its slots as it does in one
+process, and tells the daemon it slept.
 
 `kvmem_rank` is the one method added to vLLM's worker classes (`register`); the executor calls
 it by name with plain values (slot numbers, flags), never with pages.
