@@ -20,6 +20,7 @@ page slot of 4 kvmem pages (8 MiB); the daemon's budget is 3 slots.
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 import threading
@@ -40,7 +41,7 @@ pytest.importorskip(
 import torch
 from sglang.srt.constrained.grammar_manager import GrammarManager
 from sglang.srt.disaggregation.utils import DisaggregationMode
-from sglang.srt.managers.io_struct import PauseGenerationReqInput
+from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req, ScheduleBatch
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.srt.managers.scheduler_components.kv_events_publisher import SchedulerKvEventsPublisher
@@ -54,6 +55,7 @@ from sglang.srt.runtime_context import get_context, get_parallel
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+from sglang.utils import TypeBasedDispatcher
 
 import kvmem
 from tests.daemon_support import DaemonProcess, wait_for
@@ -371,6 +373,47 @@ def test_an_engine_the_operator_paused_stays_paused_after_the_wake(daemon: Daemo
         kvctl(daemon, "wake", MODEL, "--wait")
         wait_for(lambda: engine.pool.padding_held, what="the padding page taken again")
         assert engine.scheduler._engine_paused  # kvmem resumes only what it paused
+
+
+def test_an_operators_continue_while_asleep_is_paused_again_and_the_wake_resumes(
+    daemon: DaemonProcess, caplog: pytest.LogCaptureFixture
+):
+    """SGLang's /continue_generation while kvmem has the model asleep (offloaded: the radix tree still
+    points at pages now in the host tier) would let the next batch read unmapped memory. The engine
+    is paused again in the iteration that handled it, and the wake resumes it, as the operator asked."""
+    with Engine(daemon.runtime_dir) as engine:
+        cached = engine.cache_finished(PREFIX)
+        keys = torch.randn(len(cached), HEADS, DIM)
+        engine.pool.set_kv_buffer(Layer(1), cached, keys, 2 * keys)
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+        def receive(local_reqs: list) -> list:  # the operator's HTTP requests, as SGLang's receiver hands them
+            received = list(local_reqs)
+            while not inbox.empty():
+                received.append(inbox.get_nowait())
+            return received
+
+        s = engine.scheduler
+        s.request_receiver = types.SimpleNamespace(recv_requests=receive)
+        # SGLang's dispatcher, with the one control request this test sends (its full table names
+        # components this scheduler is built without).
+        s._request_dispatcher = TypeBasedDispatcher([(ContinueGenerationReqInput, s.continue_generation)])
+        engine.start()
+        wait_for(lambda: getattr(s, "_kvmem_drain", None) is not None, what="the drain attached")
+        kvctl(daemon, "sleep", MODEL, "--offload", "--wait")
+        assert s._engine_paused and engine.pool.kv.stats().pages_held == 0
+
+        with caplog.at_level("WARNING", logger="kvmem.integrations.sglang.drain"):
+            inbox.put(ContinueGenerationReqInput(torch_empty_cache=False))  # SGLang's /continue_generation
+            wait_for(lambda: "continued while kvmem has the model asleep" in caplog.text, what="the warning")
+            wait_for(lambda: s._engine_paused, what="the engine paused again")
+        assert model_state(daemon).state.name == "ASLEEP"
+
+        kvctl(daemon, "wake", MODEL, "--wait")
+        wait_for(lambda: not s._engine_paused, what="the scheduler to resume")  # the operator's continue stands
+        assert engine.cached_prefix_len(PREFIX) == 2 * PAGE
+        assert torch.equal(engine.pool.get_key_buffer(1)[cached], keys)
+    wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="every page back")
 
 
 def test_tensor_parallel_schedulers_declare_no_drain_and_are_refused_by_name(daemon: DaemonProcess):

@@ -31,6 +31,9 @@ What. Only SGLang's own control operations, the ones its HTTP server exposes
   and `flush_cache` drops the radix tree that pointed at them. When no pool of the scheduler sleeps
   any more, `continue_generation` resumes, unless the engine was paused before kvmem paused it (an
   operator's /pause_generation is left as it was).
+- an operator's /continue_generation while a pool sleeps: its memory is gone (offloaded, or given
+  back), so the engine is paused again in the iteration that handled the request, before anything
+  is scheduled (`_pause_again`), and the wake resumes it.
 A flush SGLang refuses (it still has work holding KV, e.g. requests waiting for a grammar) is
 tried again at most every `RETRY_S` while the engine stays paused; the sleep hook has returned by
 then, so kvmem keeps waiting for its slots to empty, and the daemon rolls a drain that does not
@@ -141,8 +144,10 @@ class SchedulerDrain:
         """Carry out the queued requests in order, on the scheduler thread (`Scheduler.ingest_requests`
         calls this every iteration; see `install_scheduler_drain`). One that cannot be done yet stays
         first and is tried again after `RETRY_S`."""
+        if self._sleeping and not self.scheduler._engine_paused:
+            self._pause_again()
         if not self._pending and not self._discarding:
-            return  # the common case: one check per scheduler iteration
+            return  # the common case: two checks per scheduler iteration
         now = time.monotonic()
         if now < self._retry_at:
             return
@@ -173,6 +178,20 @@ class SchedulerDrain:
         if not request.flag:  # discard: flushed now or on a later iteration (`_flush_discarding`)
             self._discarding.append(pool)
         return True  # with offload the tree's pages stay allocated and travel to the host tier
+
+    def _pause_again(self) -> None:
+        """An operator's /continue_generation resumed the engine while kvmem has it asleep: its KV
+        memory is gone (offloaded, its radix tree still pointing there) or empty, so a batch now would
+        read unmapped memory. It is paused again here, in the same iteration as SGLang handled the
+        request (`ingest_requests`), before anything is scheduled; the wake resumes it."""
+        from sglang.srt.managers.io_struct import PauseGenerationReqInput
+
+        logger.warning(
+            "kvmem: SGLang's generation was continued while kvmem has the model asleep (kvctl sleep): "
+            "it stays paused until `kvctl wake`, and runs then"
+        )
+        self._resume_on_wake = True  # what the operator asked for, once there is memory again
+        self.scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
 
     def _flush_discarding(self) -> bool:
         """Empty the radix tree and give every page back, padding pages included (a discarding sleep)."""
