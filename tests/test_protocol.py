@@ -290,6 +290,7 @@ BAD_VALUES = [
     (MsgType.HELLO, "role", "root", "must be one of engine, control"),
     (MsgType.CONTROL, "op", "rm -rf", "must be one of set_limit"),
     (MsgType.DENY, "reason", "because", "must be one of limit, budget, asleep, shutdown"),
+    (MsgType.RECLAIM, "reason", "limit", "must be one of pressure"),
     # model names
     (MsgType.HELLO, "model", "has space", "has an invalid value 'has space'"),
     (MsgType.HELLO, "model", "-leading-dash", "has an invalid value"),

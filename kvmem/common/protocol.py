@@ -188,6 +188,7 @@ CONTROL_OPS = ("set_limit", "set_min", "set_priority", "sleep", "wake", "status"
 # Why a control request failed, so that kvctl can map it to an exit code without reading prose.
 CONTROL_ERROR_CODES = ("invalid", "unknown_model", "not_permitted", "conflict", "no_room")
 DENY_REASONS = ("limit", "budget", "asleep", "shutdown")
+RECLAIM_REASONS = ("pressure",)  # a lowered limit is a POLICY, never a RECLAIM
 
 SCHEMAS: dict[MsgType, dict[str, Any]] = {
     MsgType.HELLO: {
@@ -231,7 +232,7 @@ SCHEMAS: dict[MsgType, dict[str, Any]] = {
     },
     MsgType.GRANT: {"req": _REQ, "pages": _PAGE_IDS, "done": Bool()},
     MsgType.DENY: {"req": _REQ, "reason": Str(16, choices=DENY_REASONS), "detail": _TEXT, "granted": _COUNT},
-    MsgType.RECLAIM: {"pages": _COUNT, "deadline_ms": Int(0, 600_000), "reason": Str(16)},
+    MsgType.RECLAIM: {"pages": _COUNT, "deadline_ms": Int(0, 600_000), "reason": Str(16, choices=RECLAIM_REASONS)},
     MsgType.POLICY: {
         "limit_pages": Int(-1, 2**40),
         "min_pages": _COUNT,
