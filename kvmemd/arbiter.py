@@ -13,7 +13,8 @@ runs on every GROW), tests pass `Share`s. The rules:
 - Limit. A model's limit caps what it may hold. A GROW with no room left under it is denied
   (reason ``limit``); one that fills its room and still wants more gets the room, then a DENY.
   A wake's restore that meets the limit waits for it to be raised instead (its `waiting_for` says
-  so); it is never denied for the limit before it got any room.
+  so), also once some of its pages came: a restore is never denied (a denied one would leave the
+  model waking for good, its engine asleep).
 - Asleep. A GROW from a model that is draining, asleep or waking is denied (``asleep``).
 - Never servable. A GROW for more than the whole budget less what its model holds is denied at
   once (``budget``): it could only wait, and hold pages others need, until its deadline. A GROW
@@ -236,7 +237,7 @@ def arbitrate(
             continue
         limit_room = r.remaining if m.limit_pages < 0 else m.limit_pages - held[m.name]
         if limit_room <= 0 and r.restore:  # the limit was lowered during the wake: wait for it to rise
-            why = f"{r.remaining} pages: the limit of {m.limit_pages} pages leaves no room"
+            why = f"{r.remaining} pages to restore: the limit of {m.limit_pages} pages leaves no room"
             decisions.append(Wait(r.seq, 0, why))
             continue
         if limit_room <= 0:
@@ -250,8 +251,9 @@ def arbitrate(
             remaining, room = r.remaining - taken, room - taken
             if remaining == 0:
                 continue
-            if room <= 0:
-                decisions.append(Deny(r.seq, "limit", f"model {m.name} reached its limit of {m.limit_pages} pages"))
+            if room <= 0:  # the limit was lowered during the wake: the rest waits for it to rise
+                why = f"{remaining} pages to restore: the limit of {m.limit_pages} pages leaves no room"
+                decisions.append(Wait(r.seq, 0, why))
                 continue
             why = f"{remaining} more pages: {budget_detail()}"
             usable = 0  # it took every free page it could

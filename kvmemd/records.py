@@ -7,7 +7,8 @@ whose job it is (sessions, the grant desk, sleep, control), always on the event 
 
 Invariants:
 - A `Connection` is an engine, a control client, or "new" until its HELLO. An engine's
-  `held` is the set of page ids it holds; `ModelRecord.held` is its size (0 while detached).
+  `held` is the set of page ids it holds; `ModelRecord.held` is its size (0 while detached) plus
+  the pages being restored for the model (`restoring`).
 - `ModelRecord.client` is the engine connection attached for the model, or None; a model
   outlives its engines (its policy and counters stay) until its slot is needed.
 - `ModelRecord.asked` counts pages asked back (RECLAIM) and not yet returned; the ask lapses at
@@ -60,6 +61,9 @@ class ModelRecord:
     # Pages asked back and not yet returned (the ask lapses at `asked_until`, monotonic seconds).
     asked: int = 0
     asked_until: float = 0.0
+    # Pages granted to a wake's restore and still being filled from the host tier: the model's already
+    # (a limit counts them), though its engine gets them only once filled (`kvmemd.sleep`).
+    restoring: int = 0
 
     @property
     def attached(self) -> bool:
@@ -68,7 +72,8 @@ class ModelRecord:
 
     @property
     def held(self) -> int:
-        return len(self.client.held) if self.client else 0
+        """Pages the model holds: its engine's, and those being restored for it."""
+        return (len(self.client.held) if self.client else 0) + self.restoring
 
     @property
     def used(self) -> int:

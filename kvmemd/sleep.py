@@ -197,6 +197,7 @@ class SleepStates:
         """Pages granted to a wake's restore: a copy job per batch owns them until they are filled;
         `_restored` sends each batch as soon as it is (the engine maps it while the next is copied)."""
         record = r.conn.model
+        record.restoring += len(page_ids)
         for start in range(0, len(page_ids), BATCH_PAGES):
             batch = page_ids[start : start + BATCH_PAGES]
             record.copies_in_flight += 1
@@ -211,6 +212,7 @@ class SleepStates:
         daemon = self.daemon
         conn, record = r.conn, r.conn.model
         record.copies_in_flight -= 1
+        record.restoring -= len(page_ids)
         if conn.closed or error is not None:
             daemon.sessions.pages_back(record.name, page_ids)
             if error is not None:

@@ -86,7 +86,13 @@ def test_a_sleeping_model_is_denied_but_its_restore_is_served():
 def test_a_restore_that_meets_the_limit_waits_instead_of_being_denied():
     shares = models(share("a", state=ModelState.WAKING, limit_pages=2, held=2))
     decisions = arbitrate([Request(1, "a", 3, float("inf"), restore=True)], shares, supply(free=8), NOW)
-    assert decisions == [Wait(1, 0, "3 pages: the limit of 2 pages leaves no room")]
+    assert decisions == [Wait(1, 0, "3 pages to restore: the limit of 2 pages leaves no room")]
+
+
+def test_a_restore_that_meets_a_limit_lowered_during_the_wake_takes_its_room_and_waits():
+    shares = models(share("a", state=ModelState.WAKING, limit_pages=4, held=2))
+    decisions = arbitrate([Request(1, "a", 5, float("inf"), restore=True)], shares, supply(free=8), NOW)
+    assert decisions == [Grant(1, 2), Wait(1, 0, "3 pages to restore: the limit of 4 pages leaves no room")]
 
 
 def test_a_restore_short_of_pages_says_what_it_waits_for():

@@ -18,7 +18,7 @@ from kvmem.cli.main import main as kvctl
 from kvmem.common.errors import ControlError
 from kvmem.control import ControlClient
 from tests import fakecuda
-from tests.daemon_support import DaemonProcess, wait_for
+from tests.daemon_support import DaemonProcess, EngineProcess, wait_for
 from tests.support import REAL_CUDA
 
 MiB = 1 << 20
@@ -171,6 +171,43 @@ def test_sleeping_under_contention_hands_the_memory_over_and_wake_waits_for_it(d
         wait_for(lambda: not big.asleep, timeout=15, what="the wake to complete")
         assert checksums(big, blocks) == before
         assert daemon.status().daemon.pages_granted <= page_budget
+
+
+def test_a_limit_lowered_during_a_wake_holds_the_restore_until_it_is_raised(tmp_path: Path):
+    """The operator lowers a waking model's limit under what it saved, once part of its cache came back:
+    the rest waits for the limit to rise (status says so) and the wake then completes, bit-identical.
+    Before, that restore was denied: the model stayed waking for good and its engine asleep."""
+    runtime = tmp_path / "rt"
+    with (
+        DaemonProcess(runtime, "host", "48MiB", "--reserve", "0", "0") as daemon,  # 24 pages
+        kvmem.connect("big", runtime_dir=runtime) as s,
+        ControlClient(runtime_dir=runtime) as control,
+    ):
+        s.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
+        big = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        blocks = big.alloc(4 * 512)  # 4 slots x 4 ranges = 16 pages
+        fill_random(big, blocks, seed=5)
+        before = checksums(big, blocks)
+        control.sleep("big", offload=True)
+        wait_for(lambda: model_state(daemon, "big") == "ASLEEP", what="asleep")
+        with EngineProcess(runtime, "other") as other:  # holds what it gets: it ignores RECLAIM
+            assert other.call("grow", 16)["granted"] == 16
+            assert control.wake("big")["state"] == "waking"  # 16 pages to restore, 8 free
+            daemon.wait_for_model("big", lambda m: m.mapped_pages == 8, what="the free pages restored")
+            control.set_limit("big", 10 * 2 * MiB)  # 10 pages: under the 16 it saved
+            other.call("return", "all")  # pages enough, but only 2 more within the limit
+            daemon.wait_for_model(
+                "big",
+                lambda m: (
+                    m.mapped_pages == 10 and "6 pages to restore: the limit of 10 pages leaves no room" in m.waiting_for
+                ),
+                what="the restore held by the limit",
+            )
+            assert big.asleep and model_state(daemon, "big") == "WAKING"
+            control.set_limit("big", None)
+            wait_for(lambda: not big.asleep, timeout=15, what="the wake to complete")
+        assert checksums(big, blocks) == before
+        assert model_state(daemon, "big") == "AWAKE"
 
 
 def test_an_offload_the_host_tier_cannot_hold_is_refused(tmp_path: Path):
