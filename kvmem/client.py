@@ -166,8 +166,19 @@ class DaemonClient:
     # ---- requests ----
 
     def listen(self, listener: PageListener) -> None:
-        """Send the daemon's requests to `listener` from now on (the cache registers itself)."""
-        self._listener = listener
+        """Send the daemon's requests to `listener` from now on (the cache registers itself).
+
+        What the daemon said before there was a listener is told to it first: the target of a limit
+        set before the engine made its cache, and a sleep (the model was put to sleep, or stayed
+        asleep across a restart, before the cache existed: the cache starts asleep).
+        """
+        with self._lock:  # a POLICY read meanwhile reaches the listener after this one, never before
+            self._listener = listener
+            target = self.policy.target_pages if self.policy.target_pages >= 0 else self.policy.limit_pages
+            if target >= 0:
+                listener.target(target)
+            if self.asleep:
+                listener.sleep(False)
 
     def acquire(self, n: int, wait: float = DEFAULT_WAIT_S) -> Grant:
         """Ask for `n` pages, waiting up to `wait` seconds for the daemon to find them.
@@ -444,9 +455,10 @@ class DaemonClient:
             if self._listener is not None:
                 self._listener.reclaim(msg["pages"], msg["reason"])
         elif msg.type == MsgType.POLICY:
-            self.policy = policy = Policy(**msg.body)
-            if self._listener is not None:
-                self._listener.target(policy.target_pages if policy.target_pages >= 0 else policy.limit_pages)
+            with self._lock:  # see `listen`
+                self.policy = policy = Policy(**msg.body)
+                if self._listener is not None:
+                    self._listener.target(policy.target_pages if policy.target_pages >= 0 else policy.limit_pages)
         elif msg.type == MsgType.SLEEP:
             self.draining, self.sleep_interrupted = True, False
             if self._listener is not None:

@@ -273,6 +273,33 @@ def daemon(request: pytest.FixtureRequest, tmp_path: Path):
         yield d
 
 
+def test_a_limit_set_before_the_engine_starts_is_its_cache_target_from_the_start(daemon: DaemonProcess):
+    """`kvctl limit llama 8MiB` before the server starts: the daemon sends the engine its POLICY at
+    HELLO, before the engine made its cache; the cache starts with that target, not with none."""
+    with ControlClient(runtime_dir=daemon.runtime_dir) as control:
+        control.set_limit("early", 8 * MiB)  # 4 pages: one slot
+    with kvmem.connect("early", runtime_dir=daemon.runtime_dir) as s:
+        wait_for(lambda: s.source.policy.limit_pages == 4, what="the POLICY at HELLO")
+        cache = s.kv_cache(**GEOMETRY, max_tokens=20 * 512 * 16, low_watermark=0, high_watermark=0)
+        assert cache.target_pages == 4
+
+
+def test_a_model_put_to_sleep_before_its_engine_made_its_cache_starts_asleep(daemon: DaemonProcess):
+    with (
+        kvmem.connect("early", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as control,
+    ):
+        control.sleep("early")  # no cache yet, no page held: the client says it slept
+        daemon.wait_for_model("early", lambda m: m.state.name == "ASLEEP", what="asleep")
+        cache = s.kv_cache(**GEOMETRY, max_tokens=20 * 512 * 16, low_watermark=0, high_watermark=0)
+        wait_for(lambda: cache.asleep, what="the cache to start asleep")
+        with pytest.raises(KVCacheFull, match="asleep"):
+            cache.alloc(1)
+        control.wake("early")
+        wait_for(lambda: not cache.asleep, what="the wake")
+        assert len(cache.alloc(1)) == 1
+
+
 def test_an_engine_that_counts_its_own_blocks_reports_the_slots_in_use(daemon: DaemonProcess):
     """vLLM's ranks mark every block of their slots in use; the scheduler's count of slots holding live
     blocks is what the daemon must see (its USED, and whom it asks for idle pages)."""
