@@ -18,7 +18,7 @@ from kvmem.cli.main import main as kvctl
 from kvmem.common.errors import ControlError
 from kvmem.control import ControlClient
 from tests import fakecuda
-from tests.daemon_support import DaemonProcess, EngineProcess, wait_for
+from tests.daemon_support import DaemonProcess, EngineProcess, cleanup_shm, wait_for
 from tests.support import REAL_CUDA
 
 MiB = 1 << 20
@@ -208,6 +208,49 @@ def test_a_limit_lowered_during_a_wake_holds_the_restore_until_it_is_raised(tmp_
             wait_for(lambda: not big.asleep, timeout=15, what="the wake to complete")
         assert checksums(big, blocks) == before
         assert model_state(daemon, "big") == "AWAKE"
+
+
+def test_a_daemon_that_dies_during_a_wake_leaves_the_engine_asleep_until_kvctl_wake(tmp_path: Path):
+    """kvmemd is killed while a wake restores an offloaded cache (half of it back, the rest waiting
+    for memory another engine holds). The engine reconnects asleep with the restored pages, which the
+    new daemon adopts; `kvctl wake` wakes it with nothing restored (the rest of the cache went with
+    the old daemon's host tier): the half-restored pages go back and the cache grows anew."""
+    runtime = tmp_path / "rt"
+    events: list[tuple[str, bool]] = []
+    daemon = DaemonProcess(runtime, "host", "48MiB", "--reserve", "0", "0")  # 24 pages
+    try:
+        with kvmem.connect("big", runtime_dir=runtime) as s, EngineProcess(runtime, "other") as other:
+            s.on_sleep(lambda offload: events.append(("sleep", offload)))
+            s.on_wake(lambda restored: events.append(("wake", restored)))
+            big = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+            fill_random(big, big.alloc(4 * 512), seed=6)  # 16 pages
+            with ControlClient(runtime_dir=runtime) as control:
+                control.sleep("big", offload=True)
+                wait_for(lambda: model_state(daemon, "big") == "ASLEEP", what="asleep")
+                assert other.call("grow", 16)["granted"] == 16
+                assert control.wake("big")["state"] == "waking"  # 8 pages free of the 16 to restore
+            daemon.wait_for_model("big", lambda m: m.mapped_pages == 8, what="half of the cache restored")
+
+            daemon.kill()
+            daemon.start()
+            daemon.wait_for_model(
+                "big", lambda m: m.mapped_pages == 8, timeout=30, what="the engine to re-register its restored pages"
+            )
+            assert model_state(daemon, "big") == "ASLEEP" and big.asleep
+            with ControlClient(runtime_dir=runtime) as control:
+                assert control.wake("big")["state"] == "awake"
+            wait_for(lambda: len(events) == 2, what="the wake hook")
+            assert events == [("sleep", True), ("wake", False)] and not big.asleep
+            assert big.get_num_used_blocks() == 0 and big.stats().mapped_slots == 0
+            daemon.wait_for_model("big", lambda m: m.mapped_pages == 0, what="the half-restored pages back")
+            other.call("return", "all")
+            fill_random(big, big.alloc(big.blocks_per_slot), seed=7)  # the cache grows again
+            daemon.wait_for_model("big", lambda m: m.mapped_pages == big.pages_per_growth, what="a new slot")
+        daemon.stop()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+        cleanup_shm(daemon.paths.shm_name)  # what a killed daemon left, if the test failed before stop()
 
 
 def test_an_offload_the_host_tier_cannot_hold_is_refused(tmp_path: Path):
