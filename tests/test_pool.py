@@ -134,16 +134,21 @@ def test_the_free_count_the_grant_path_reads_matches_the_free_lists_through_ever
         budget_pages=12,
         reserve_low=2,
         reserve_high=4,
-        release_after=0.3,
+        release_after=3,  # long enough that the checks between a give-back and its release run first
         notify=lambda: None,
     )
 
     def assert_counts_agree(created: int, granted: int) -> None:
-        stats = pool.stats()
-        free, coming, created_now, granted_now = pool.supply()
-        assert (created_now, granted_now) == (stats.created, stats.granted) == (created, granted)
-        assert free == stats.free_clean + stats.free_dirty == created - granted
-        assert coming == 12 - created
+        def agree() -> bool:  # two locked reads: the worker may act between them, so read again
+            stats = pool.stats()
+            free, coming, created_now, granted_now = pool.supply()
+            return (
+                (created_now, granted_now) == (stats.created, stats.granted) == (created, granted)
+                and free == stats.free_clean + stats.free_dirty == created - granted
+                and coming == 12 - created
+            )
+
+        wait_for(agree, what=f"the counts to agree at {created} pages made, {granted} granted")
 
     try:
         pool.set_attached({"a"})  # a's returned pages stay dirty (its own); b's are zeroed ahead
