@@ -255,6 +255,8 @@ class PagePool:
 
     def give_back(self, page_ids: list[int], model: str) -> None:
         """Pages a client returned (or a dead client held): free, dirty with `model`'s data."""
+        if not page_ids:
+            return  # (no empty list in `_dirty`: a model there has dirty pages)
         with self._lock:
             dirty = self._dirty.setdefault(model, [])
             for page_id in page_ids:
