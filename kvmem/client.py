@@ -60,6 +60,11 @@ class Policy:
     priority: int = 0
     target_pages: int = -1
 
+    @property
+    def cache_target(self) -> int:
+        """What the cache should hold at most: the target while one is set, else the limit (-1: none)."""
+        return self.target_pages if self.target_pages >= 0 else self.limit_pages
+
 
 @dataclass
 class _Waiter:
@@ -174,9 +179,8 @@ class DaemonClient:
         """
         with self._lock:  # a POLICY read meanwhile reaches the listener after this one, never before
             self._listener = listener
-            target = self.policy.target_pages if self.policy.target_pages >= 0 else self.policy.limit_pages
-            if target >= 0:
-                listener.target(target)
+            if self.policy.cache_target >= 0:
+                listener.target(self.policy.cache_target)
             if self.asleep:
                 listener.sleep(False)
 
@@ -458,7 +462,7 @@ class DaemonClient:
             with self._lock:  # see `listen`
                 self.policy = policy = Policy(**msg.body)
                 if self._listener is not None:
-                    self._listener.target(policy.target_pages if policy.target_pages >= 0 else policy.limit_pages)
+                    self._listener.target(policy.cache_target)
         elif msg.type == MsgType.SLEEP:
             self.draining, self.sleep_interrupted = True, False
             if self._listener is not None:
