@@ -12,9 +12,10 @@
 #               report and a log in OUT); without a GPU, one line saying so, exit 0 (tools/gpu_check.py)
 
 PYTHON ?= python3
-# kvmem's C extensions (the block allocator, the host copies): every venv's `pip install -e` builds
-# them, and builds them again when they change (an editable install does not notice a changed C file).
-NATIVE := kvmem/_block_allocator.c kvmem/device/_host_copy.c
+# kvmem's C extensions (the block allocator, the host copies, the daemon's grant lane): every venv's
+# `pip install -e` builds them, and builds them again when they change (an editable install does not
+# notice a changed C file).
+NATIVE := kvmem/_block_allocator.c kvmem/device/_host_copy.c kvmemd/_grant_lane.c
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvmem-installed
@@ -153,4 +154,4 @@ gpu-check:
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(VLLM033_VENV) $(TF_PREV_VENV) $(SGLANG_VENV) .vllm-upstream tests/fakecuda/build .pytest_cache .ruff_cache build
-	rm -f kvmem/_block_allocator.*.so kvmem/device/_host_copy.*.so
+	rm -f kvmem/_block_allocator.*.so kvmem/device/_host_copy.*.so kvmemd/_grant_lane.*.so

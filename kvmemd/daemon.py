@@ -4,7 +4,8 @@ Design note
 -----------
 Module map (each module's own note states its contract):
 
-- `kvmemd.event_loop`: the selector, sockets, outboxes, liveness (pidfds) and the quarantine.
+- `kvmemd.event_loop`: the poller, sockets, outboxes, liveness (pidfds) and the quarantine.
+- `kvmemd.lane`: which engines the native grant lane serves from their own returned pages.
 - `kvmemd.sessions`: HELLO, the model registry and permissions, RETURN/USAGE/LAYOUT/CHANNEL/ADOPT.
 - `kvmemd.arbiter`: the arbitration policy, a pure function from the state to decisions.
 - `kvmemd.grants`: the waiting requests, and carrying out the arbiter's decisions.
@@ -37,6 +38,7 @@ from kvmemd.control import Control
 from kvmemd.event_loop import EventLoop
 from kvmemd.grants import GrantDesk
 from kvmemd.host_tier import HostTier
+from kvmemd.lane import LaneKeeper
 from kvmemd.pool import PagePool
 from kvmemd.records import Connection, GrantChannel
 from kvmemd.sessions import Sessions
@@ -80,7 +82,16 @@ class Daemon:
         self.sleep = SleepStates(self)
         self.control = Control(self)
         self.status = StatusPublisher(self, status)
-        self.loop = EventLoop(listener, self._handle, self._client_ended, self.grants.forget_channel, self._pages_back)
+        self.lane = LaneKeeper(self)
+        self.loop = EventLoop(
+            listener,
+            self._handle,
+            self._client_ended,
+            self.grants.forget_channel,
+            self._pages_back,
+            served=self.lane.sync,
+            disarm=self.lane.disarm,
+        )
         self.pool = PagePool(
             device,
             config.page_size,
@@ -137,13 +148,14 @@ class Daemon:
 
     def _timeout(self) -> float:
         timeout = self.status.timeout()
-        for deadline in (self.grants.next_deadline(), self.sleep.next_drain_deadline()):
+        for deadline in (self.grants.next_deadline(), self.sleep.next_drain_deadline(), self.lane.next_deadline()):
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - time.monotonic()))
         return timeout
 
     def _shutdown(self) -> None:
         logger.info("stopping: telling %d clients", len(self.loop.connections))
+        self.lane.disarm_all()  # the credit goes back to the pool before the pool goes
         for conn in list(self.loop.connections.values()):
             if conn.role != "new":
                 self.loop.send(conn, MsgType.GOODBYE, {"reason": "kvmemd is stopping"})
@@ -154,6 +166,7 @@ class Daemon:
 
     def _handle(self, conn: Connection, msg: Message, channel: GrantChannel | None) -> None:
         """Route a message by its sender's role; a grant channel carries only GROW."""
+        self.lane.before_message(conn, msg.type)
         if channel is not None:
             if msg.type != MsgType.GROW:
                 raise ProtocolError(f"{msg.type.name} on a grant channel, which carries only GROW")

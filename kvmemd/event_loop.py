@@ -1,11 +1,19 @@
-"""The daemon's transport: one selector over sockets, pidfds and a wake pipe; outboxes; liveness.
+"""The daemon's transport: one poller over sockets, pidfds and a wake pipe; outboxes; liveness.
 
 Design note
 -----------
-One thread runs a `selectors` loop over the listening socket, every client socket, every grant
-channel, a wake pipe (written by the page pool's worker, the host tier and signals) and a pidfd
-per engine process. All accounting lives on this thread; the pool's worker only creates, zeroes
-and releases pages.
+One thread polls the listening socket, every client socket, every grant channel, a wake pipe
+(written by the page pool's worker, the host tier and signals) and a pidfd per engine process.
+All accounting lives on this thread; the pool's worker only creates, zeroes and releases pages.
+
+The poller is the native grant lane (`kvmemd._grant_lane.GrantLane`, an epoll set with the same
+read/write events as `selectors`): while `kvmemd.lane` has armed an engine, the lane serves that
+engine's GROWs from its credit and takes its RETURNs of lane-granted pages inside `poll`, without
+running Python. A frame the lane read and did not serve is handed over whole (`take_frame`) and
+handled here first, before anything else is read from that socket, so messages keep their order.
+`served` is called after every poll (the lane's counts into the daemon's records) and `disarm`
+before an engine's connection or channel ends or it is sent a message that changes what it may
+hold, so that the lane never serves an engine on a stale view.
 
 Engines and kvctl connect to one ``SOCK_SEQPACKET`` socket and speak `kvmem.common.protocol`. Who is
 calling comes from ``SO_PEERCRED`` (pid, uid), never from the message.
@@ -37,12 +45,19 @@ from typing import Any
 from kvmem.common import protocol
 from kvmem.common.errors import ProtocolError
 from kvmem.common.protocol import Message, MsgType
+from kvmemd._grant_lane import GrantLane
 from kvmemd.records import Connection, GrantChannel
 
 logger = logging.getLogger(__name__)
 
 # A client may have this many frames read in one turn, so that one chatty client cannot starve the others.
 READS_PER_TURN = 64
+# Once the lane has served something during a poll, it returns within this many seconds, so that the
+# daemon's records and status follow the lane's grants (the status is published at most every 5 ms).
+LANE_TURN_S = 0.005
+# The messages after which an engine may hold less than before (a target, an ask, a sleep, a wake, the
+# end): the lane stops serving it first (`disarm`).
+_DISARMING = frozenset({MsgType.POLICY, MsgType.RECLAIM, MsgType.SLEEP, MsgType.WAKE, MsgType.GOODBYE})
 
 
 class EventLoop:
@@ -54,6 +69,8 @@ class EventLoop:
         client_ended: Called once when a connection ends, before its pages are dealt with.
         channel_ended: Called once when a grant channel ends.
         pages_back: Called with (model name, page ids) when a gone client's pages may return to the pool.
+        served: Called after every poll, before its events are handled (the lane's counts, `kvmemd.lane`).
+        disarm: Called with an engine connection before the lane may no longer serve it (see above).
     """
 
     def __init__(
@@ -63,16 +80,21 @@ class EventLoop:
         client_ended: Callable[[Connection], None],
         channel_ended: Callable[[GrantChannel], None],
         pages_back: Callable[[str, list[int]], None],
+        served: Callable[[], None],
+        disarm: Callable[[Connection], None],
     ):
         self.listener = listener
         self._handle = handle
         self._client_ended = client_ended
         self._channel_ended = channel_ended
         self._pages_back = pages_back
+        self._served = served
+        self._disarm = disarm
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(listener, selectors.EVENT_READ, ("listen", None))
-        self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self.lane = GrantLane(protocol.PROTOCOL_VERSION)
+        self._watched: dict[int, tuple[str, Any]] = {}  # fd -> (kind, its connection, channel or None)
+        self._watch(listener.fileno(), selectors.EVENT_READ, "listen", None)
+        self._watch(self._wake_r, selectors.EVENT_READ, "wake", None)
         self.connections: dict[int, Connection] = {}  # by client id
         self.quarantine: dict[int, tuple[str, list[int]]] = {}  # pidfd -> (model, page ids)
         self._client_ids = itertools.count(1)
@@ -85,9 +107,14 @@ class EventLoop:
             pass  # the pipe is full: the loop is going to wake anyway
 
     def poll(self, timeout: float) -> None:
-        """Wait up to `timeout` seconds for events and handle them all."""
-        for key, mask in self.selector.select(timeout):
-            kind, obj = key.data
+        """Wait up to `timeout` seconds for events (the lane serving armed engines meanwhile) and handle them all."""
+        events = self.lane.poll(timeout, LANE_TURN_S)
+        self._served()
+        for fd, mask in events:
+            watched = self._watched.get(fd)
+            if watched is None:  # unregistered while handling an earlier event of this poll
+                continue
+            kind, obj = watched
             if kind == "listen":
                 self._accept()
             elif kind == "wake":
@@ -103,15 +130,23 @@ class EventLoop:
                 if mask & selectors.EVENT_READ and not obj.closed:
                     self._read(obj.owner, obj)
             elif kind == "pidfd":
-                self._process_exited(key.fd, obj)
+                self._process_exited(fd, obj)
+
+    def _watch(self, fd: int, events: int, kind: str, obj: Any) -> None:
+        self.lane.register(fd, events)
+        self._watched[fd] = (kind, obj)
+
+    def _unwatch(self, fd: int) -> None:
+        self.lane.unregister(fd)
+        del self._watched[fd]
 
     def close(self) -> None:
-        """Release the quarantine's pidfds, the selector and the wake pipe (connections are dropped first)."""
+        """Release the quarantine's pidfds, the poller and the wake pipe (connections are dropped first)."""
         for pidfd in list(self.quarantine):
-            self.selector.unregister(pidfd)
+            self._unwatch(pidfd)
             os.close(pidfd)
         self.quarantine.clear()
-        self.selector.close()
+        self.lane.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -142,28 +177,33 @@ class EventLoop:
             pid, uid, gid = protocol.peer_credentials(sock)
             conn = Connection(sock, pid, uid, gid, next(self._client_ids))
             self.connections[conn.client_id] = conn
-            self.selector.register(sock, selectors.EVENT_READ, ("conn", conn))
+            self._watch(sock.fileno(), selectors.EVENT_READ, "conn", conn)
             logger.debug("client %d connected: pid %d uid %d", conn.client_id, pid, uid)
 
     def watch_process(self, conn: Connection) -> None:
         """Watch `conn`'s process with a pidfd: its exit ends the client even if its socket stays open."""
         try:
             conn.pidfd = os.pidfd_open(conn.pid)
-            self.selector.register(conn.pidfd, selectors.EVENT_READ, ("pidfd", conn))
+            self._watch(conn.pidfd, selectors.EVENT_READ, "pidfd", conn)
         except OSError:
             conn.pidfd = None  # already gone: EOF will follow
 
     def add_channel(self, conn: Connection, sock: socket.socket) -> None:
         """Make `sock` (checked by the caller) `conn`'s grant channel and watch it."""
         conn.channel = GrantChannel(sock, conn)
-        self.selector.register(sock, selectors.EVENT_READ, ("channel", conn.channel))
+        self._watch(sock.fileno(), selectors.EVENT_READ, "channel", conn.channel)
 
     def _read(self, conn: Connection, channel: GrantChannel | None = None) -> None:
         """Handle what `conn` sent, on its connection or on its grant `channel`."""
         sock = conn.sock if channel is None else channel.sock
+        kept = self.lane.take_frame(sock.fileno())  # read by the lane and not served: it comes first
         for _ in range(READS_PER_TURN):
             try:
-                frame, fds = protocol.receive_frame(sock)
+                if kept is not None:
+                    frame, fds = protocol.check_received(*kept)
+                    kept = None
+                else:
+                    frame, fds = protocol.receive_frame(sock)
             except BlockingIOError:
                 return
             except (protocol.ConnectionClosed, OSError) as exc:
@@ -215,6 +255,8 @@ class EventLoop:
         """
         fds = fds or []
         endpoint = conn if channel is None else channel
+        if channel is None and conn.armed and msg_type in _DISARMING:
+            self._disarm(conn)
         if endpoint.closed:
             if close_fds:
                 protocol.close_fds(fds)
@@ -242,8 +284,7 @@ class EventLoop:
             except BlockingIOError:
                 if not endpoint.writing:
                     endpoint.writing = True
-                    events = selectors.EVENT_READ | selectors.EVENT_WRITE
-                    self.selector.modify(endpoint.sock, events, _key(endpoint))
+                    self.lane.modify(endpoint.sock.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE)
                 return
             except OSError as exc:
                 if isinstance(endpoint, GrantChannel):
@@ -256,12 +297,14 @@ class EventLoop:
                 protocol.close_fds(fds)
         if endpoint.writing and not endpoint.closed:
             endpoint.writing = False
-            self.selector.modify(endpoint.sock, selectors.EVENT_READ, _key(endpoint))
+            self.lane.modify(endpoint.sock.fileno(), selectors.EVENT_READ)
 
     def drop(self, conn: Connection, reason: str, keep_pages: bool = False) -> None:
         """End a client. Its pages return to the pool once its process is gone (never with `keep_pages`)."""
         if conn.closed:
             return
+        if conn.armed:
+            self._disarm(conn)  # what the lane granted joins `held` before the pages are dealt with
         conn.closed = True
         logger.info("client %d (pid %d, %s) ends: %s", conn.client_id, conn.pid, conn.role, reason)
         if conn.channel is not None:
@@ -269,7 +312,7 @@ class EventLoop:
         self._close_socket(conn)
         del self.connections[conn.client_id]
         if conn.pidfd is not None:
-            self.selector.unregister(conn.pidfd)
+            self._unwatch(conn.pidfd)
         self._client_ended(conn)
         held = sorted(conn.held)
         conn.held.clear()
@@ -286,14 +329,16 @@ class EventLoop:
             # The process still runs and may still map these pages: hold them until it exits.
             logger.warning("pid %d closed its socket holding %d pages: quarantined until it exits", conn.pid, len(held))
             self.quarantine[conn.pidfd] = (model_name, held)
-            self.selector.register(conn.pidfd, selectors.EVENT_READ, ("pidfd", None))
+            self._watch(conn.pidfd, selectors.EVENT_READ, "pidfd", None)
 
     def drop_channel(self, channel: GrantChannel, reason: str) -> None:
         """End a grant channel (its waiting requests are abandoned); its engine stays attached."""
         if channel.closed:
             return
-        channel.closed = True
         conn = channel.owner
+        if conn.armed:
+            self._disarm(conn)
+        channel.closed = True
         logger.debug("client %d: grant channel ends: %s", conn.client_id, reason)
         self._close_socket(channel)
         conn.channel = None
@@ -301,7 +346,7 @@ class EventLoop:
 
     def _close_socket(self, endpoint: Connection | GrantChannel) -> None:
         """Stop watching and close `endpoint`'s socket; descriptors it had yet to send are closed."""
-        self.selector.unregister(endpoint.sock)
+        self._unwatch(endpoint.sock.fileno())
         endpoint.sock.close()
         for _, fds, close_fds in endpoint.outbox:
             if close_fds:
@@ -313,13 +358,9 @@ class EventLoop:
             self.drop(conn, reason="process exited")
             return
         model_name, held = self.quarantine.pop(pidfd)
-        self.selector.unregister(pidfd)
+        self._unwatch(pidfd)
         os.close(pidfd)
         self._pages_back(model_name, held)
-
-
-def _key(endpoint: Connection | GrantChannel) -> tuple[str, Connection | GrantChannel]:
-    return ("channel" if isinstance(endpoint, GrantChannel) else "conn", endpoint)
 
 
 def clip(text: str, limit: int = 1024) -> str:

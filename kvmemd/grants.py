@@ -45,6 +45,7 @@ class GrantDesk:
 
     def grow(self, conn: Connection, msg: Message, channel: GrantChannel | None = None) -> None:
         now = time.monotonic()
+        conn.largest_grow = max(conn.largest_grow, msg["pages"])
         self.pending.append(
             GrowRequest(
                 conn=conn,
@@ -91,6 +92,14 @@ class GrantDesk:
         models = self.daemon.sessions.models
         waiting = {r.seq: r for r in self.pending if not r.abandoned}
         free, coming, created, granted = pool.supply()
+        lane = self.daemon.lane
+        if lane.credit_pages() and (
+            sum(r.remaining for r in waiting.values()) > free or any(r.restore for r in waiting.values())
+        ):
+            # Free pages do not cover what waits: the arbiter must weigh every page, so none stays
+            # parked as an engine's credit (kvmemd.lane).
+            lane.disarm_all()
+            free, coming, created, granted = pool.supply()
         supply = Supply(free=free, coming=coming, created=created, budget_pages=pool.budget_pages, granted=granted)
         requests = [
             Request(r.seq, r.conn.model.name, r.remaining, r.deadline, r.restore, r.reclaim_asked, r.started)

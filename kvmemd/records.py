@@ -7,8 +7,10 @@ whose job it is (sessions, the grant desk, sleep, control), always on the event 
 
 Invariants:
 - A `Connection` is an engine, a control client, or "new" until its HELLO. An engine's
-  `held` is the set of page ids it holds; `ModelRecord.held` is its size (0 while detached) plus
-  the pages being restored for the model (`restoring`).
+  `held` is the set of page ids it holds, except those the native grant lane granted it while it
+  is armed (`lane_held` counts them, as of the lane's last poll; `kvmemd.lane` adds their ids to
+  `held` when it disarms the engine, before anything else looks at the set); `ModelRecord.held`
+  is their sum (0 while detached) plus the pages being restored for the model (`restoring`).
 - `ModelRecord.client` is the engine connection attached for the model, or None; a model
   outlives its engines (its policy and counters stay) until its slot is needed.
 - `ModelRecord.asked` counts pages asked back (RECLAIM) and not yet returned; the ask lapses at
@@ -73,7 +75,8 @@ class ModelRecord:
     @property
     def held(self) -> int:
         """Pages the model holds: its engine's, and those being restored for it."""
-        return (len(self.client.held) if self.client else 0) + self.restoring
+        client = self.client
+        return (len(client.held) + client.lane_held if client else 0) + self.restoring
 
     @property
     def used(self) -> int:
@@ -101,6 +104,11 @@ class Connection:
     model: ModelRecord | None = None
     pidfd: int | None = None
     held: set[int] = field(default_factory=set)
+    # The native grant lane (`kvmemd.lane`): whether it serves this engine, the pages it granted it
+    # and the engine has not returned, and the largest GROW the engine sent (the lane's credit cap).
+    armed: bool = False
+    lane_held: int = 0
+    largest_grow: int = 0
     used_pages: int = 0
     adopt_expected: int = 0
     drains: bool = False  # the engine declared a drain hook (DRAIN): it may be put to sleep holding pages

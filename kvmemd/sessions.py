@@ -235,8 +235,15 @@ class Sessions:
         self.daemon.loop.add_channel(conn, sock)
 
     def return_pages(self, conn: Connection, msg: Message) -> None:
+        """RETURN: the pages leave the engine; some may stay parked as its credit on the grant lane (`kvmemd.lane`)."""
         self.take_back(conn, msg)
-        self.pages_back(conn.model.name, msg["pages"], routine=True)
+        page_ids = msg["pages"]
+        to_pool = self.daemon.lane.park(conn, page_ids)
+        if len(to_pool) < len(page_ids):
+            conn.model.pages_returned_total += len(page_ids) - len(to_pool)
+            self.daemon.status.changed()
+        if to_pool:
+            self.pages_back(conn.model.name, to_pool, routine=True)
 
     def take_back(self, conn: Connection, msg: Message) -> None:
         """The pages a RETURN or OFFLOAD names leave the client (each must be held, once)."""
@@ -249,7 +256,7 @@ class Sessions:
         conn.model.asked = max(0, conn.model.asked - len(page_ids))
 
     def usage(self, conn: Connection, msg: Message) -> None:
-        conn.used_pages = min(msg["used_pages"], len(conn.held))
+        conn.used_pages = min(msg["used_pages"], len(conn.held) + conn.lane_held)
         self.daemon.status.changed()
 
     def layout(self, conn: Connection, msg: Message) -> None:

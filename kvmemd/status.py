@@ -56,6 +56,9 @@ class StatusPublisher:
         """The daemon and its models now: the header, and each model's status in its slot (None: empty slot)."""
         daemon = self.daemon
         stats = daemon.pool.stats()
+        # Pages parked on the grant lane as an engine's credit are granted in the pool's books, but
+        # no engine holds them: free pages dirty with their model's data, as the pool would have them.
+        credit = daemon.lane.credit_pages()
         tier = daemon.tier
         models = daemon.sessions.models
         header = DaemonStatus(
@@ -64,9 +67,9 @@ class StatusPublisher:
             page_size=daemon.config.page_size,
             budget_pages=daemon.config.budget_pages,
             pages_created=stats.created,
-            pages_free=stats.free_clean + stats.free_dirty,
+            pages_free=stats.free_clean + stats.free_dirty + credit,
             pages_free_clean=stats.free_clean,
-            pages_granted=stats.granted,
+            pages_granted=stats.granted - credit,
             pages_quarantined=daemon.loop.quarantined_pages(),
             heartbeat_ns=time.monotonic_ns(),
             started_unix=daemon.started_unix,
@@ -80,7 +83,7 @@ class StatusPublisher:
             host_tier_capacity_bytes=tier.capacity,
             sleeps=daemon.totals["sleeps"],
             wakes=daemon.totals["wakes"],
-            pages_free_dirty=stats.free_dirty,
+            pages_free_dirty=stats.free_dirty + credit,
             pages_created_total=stats.pages_created_total,
             pages_released_total=stats.pages_released_total,
             pages_scrubbed_total=stats.pages_scrubbed_total,

@@ -439,6 +439,15 @@ def receive_frame(sock: socket.socket) -> tuple[bytes, list[int]]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % _FD_SIZE
             fds.extend(array.array("i", payload[:usable]))
+    return check_received(data, fds, flags)
+
+
+def check_received(data: bytes, fds: list[int], flags: int) -> tuple[bytes, list[int]]:
+    """One received datagram (`recvmsg` of `MAX_FRAME` + 1 bytes): the frame and its descriptors.
+
+    Raises:
+        ConnectionClosed, ProtocolError: As `receive_frame`.
+    """
     if not data and not fds:
         raise ConnectionClosed("peer closed the connection")
     if flags & _TRUNCATED or len(data) > MAX_FRAME:
