@@ -74,6 +74,7 @@ class Daemon:
         self.device = device
         self.started_unix = time.time()
         self._stopping = False
+        self._signals_wake_loop = False  # `install_signal_handlers` pointed signal.set_wakeup_fd at the loop
         self.totals = {"grants": 0, "denies": 0, "reclaims": 0, "sleeps": 0, "wakes": 0}
         # Called with each served request's latency in seconds (the metrics histogram), if set.
         self.observe_grant_latency: Callable[[float], None] | None = None
@@ -162,6 +163,8 @@ class Daemon:
             self.loop.drop(conn, reason="daemon stopping", keep_pages=True)
         self.tier.close()  # finishes copies (their pages go back to the pool) before the pool goes
         self.pool.close()
+        if self._signals_wake_loop:
+            signal.set_wakeup_fd(-1)  # before the pipe closes: a signal must never write to a reused fd
         self.loop.close()  # last: the tier and the pool write to its wake pipe until they are closed
 
     def _handle(self, conn: Connection, msg: Message, channel: GrantChannel | None) -> None:
@@ -188,7 +191,13 @@ class Daemon:
 
 
 def install_signal_handlers(daemon: Daemon) -> None:
-    """SIGTERM and SIGINT stop the daemon cleanly; SIGPIPE is ignored (send errors are handled)."""
+    """SIGTERM and SIGINT stop the daemon cleanly; SIGPIPE is ignored (send errors are handled).
+
+    The loop's poll runs in C without the GIL (`kvmemd._grant_lane`): a signal that arrives while it
+    serves, not while it waits in epoll_wait, interrupts no system call, and its Python handler would
+    run only when the poll returns on its own (up to the status heartbeat later). The interpreter's
+    own C-level handler writes to the wake pipe instead (`signal.set_wakeup_fd`), which ends the poll.
+    """
 
     def stop(signum: int, frame: object) -> None:
         logger.info("received %s", signal.Signals(signum).name)
@@ -197,3 +206,5 @@ def install_signal_handlers(daemon: Daemon) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.set_wakeup_fd(daemon.loop.wake_fd, warn_on_full_buffer=False)
+    daemon._signals_wake_loop = True

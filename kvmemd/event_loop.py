@@ -99,6 +99,11 @@ class EventLoop:
         self.quarantine: dict[int, tuple[str, list[int]]] = {}  # pidfd -> (model, page ids)
         self._client_ids = itertools.count(1)
 
+    @property
+    def wake_fd(self) -> int:
+        """The wake pipe's write end (non-blocking): one byte written there ends the current or next `poll`."""
+        return self._wake_w
+
     def wake(self) -> None:
         """Make the current or next `poll` return at once (safe from any thread and from signal handlers)."""
         try:
