@@ -678,9 +678,8 @@ static PyObject *Lane_arm(Lane *self, PyObject *args, PyObject *kwargs) {
     CreditPage *pages = malloc((size_t)(credit_cap > 0 ? credit_cap : 1) * sizeof(CreditPage));
     long long *latencies = malloc(MAX_LATENCIES * sizeof(long long));
     if (pages == NULL || latencies == NULL) {
-        free(pages);
-        free(latencies);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(credit, i);
@@ -689,16 +688,12 @@ static PyObject *Lane_arm(Lane *self, PyObject *args, PyObject *kwargs) {
         if (!PyArg_ParseTuple(item, "Ii", &id, &fd) || fd < 0 || grow_pages(self, id) < 0 || self->owner[id] != 0) {
             if (!PyErr_Occurred())
                 PyErr_Format(PyExc_ValueError, "credit page %u (descriptor %d) is not a page the lane may keep", id, fd);
-            free(pages);
-            free(latencies);
-            return NULL;
+            goto fail;
         }
         for (Py_ssize_t j = 0; j < i; j++)
             if (pages[j].id == id) {
                 PyErr_Format(PyExc_ValueError, "credit page %u is named twice", id);
-                free(pages);
-                free(latencies);
-                return NULL;
+                goto fail;
             }
         pages[i].id = id;
         pages[i].fd = fd;
@@ -712,9 +707,8 @@ static PyObject *Lane_arm(Lane *self, PyObject *args, PyObject *kwargs) {
     if (index < 0) {
         Armed *grown = realloc(self->armed, (size_t)(self->narmed + 1) * sizeof(Armed));
         if (grown == NULL) {
-            free(pages);
-            free(latencies);
-            return PyErr_NoMemory();
+            PyErr_NoMemory();
+            goto fail;
         }
         self->armed = grown;
         index = self->narmed++;
@@ -738,6 +732,10 @@ static PyObject *Lane_arm(Lane *self, PyObject *args, PyObject *kwargs) {
     self->fds[conn_fd].armed = index;
     self->fds[channel_fd].armed = index;
     Py_RETURN_NONE;
+fail:
+    free(pages);
+    free(latencies);
+    return NULL;
 }
 
 /* (client_id, lane_held, grants, pages_granted, pages_returned, [latency seconds...]) of `a`; resets its counts. */

@@ -228,6 +228,15 @@ class EventLoop:
                 protocol.close_fds(fds)
                 self._fatal(conn, str(exc))
                 return
+            if channel is not None:
+                # An engine returns pages on its connection and asks again on its channel, and epoll
+                # lists the two sockets in no set order: what the connection holds (a RETURN sent before
+                # this GROW) is handled first, or the GROW would be weighed against pages already given
+                # back (and refused for a budget the engine no longer holds).
+                self._read(conn)
+                if conn.closed or channel.closed:
+                    protocol.close_fds(msg.fds)
+                    return
             try:
                 self._handle(conn, msg, channel)
             except ProtocolError as exc:

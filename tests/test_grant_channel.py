@@ -8,6 +8,7 @@ whose grows use the channel unless another thread is using it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -236,3 +237,23 @@ def test_a_grow_busy_on_the_channel_leaves_other_threads_served(daemon: DaemonPr
         assert (len(got.pages), got.shortfall) == (3, None)
         assert sorted(client.pages) == sorted(p.id for p in got.pages)
         client.release(got.pages)
+
+
+def test_a_return_waiting_on_the_connection_is_handled_before_the_grow_on_the_channel(daemon: DaemonProcess):
+    """A RETURN of the whole budget and the next GROW reach a stopped daemon together, the GROW ready
+    first (sent first): the daemon reads the connection before it decides the GROW, so the pages just
+    given back are granted again instead of the GROW being refused for a budget the engine seems to hold."""
+    engine = RawEngine(daemon, "order")
+    channel = engine.open_channel()
+    grow(channel, 1, BUDGET_PAGES)
+    granted = engine.receive(channel)
+    assert granted.type == MsgType.GRANT and len(granted["pages"]) == BUDGET_PAGES and granted["done"]
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        grow(channel, 2, BUDGET_PAGES)  # no wait: decided at once, against what the engine holds then
+        protocol.send_message(engine.sock, MsgType.RETURN, {"pages": granted["pages"]})
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    answer = engine.receive(channel)
+    assert (answer.type, answer["req"], len(answer["pages"])) == (MsgType.GRANT, 2, BUDGET_PAGES)
+    engine.close()
