@@ -179,7 +179,7 @@ class Daemon:
         if handler is None:
             if conn.role == "new":
                 raise ProtocolError(f"expected HELLO, got {msg.type.name}")
-            raise ProtocolError(f"{msg.type.name} is not a message a {conn.role} client may send")
+            raise ProtocolError(f"{msg.type.name} is not a message {conn.role} clients may send")
         handler(conn, msg)
 
     def _client_ended(self, conn: Connection) -> None:

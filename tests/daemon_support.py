@@ -2,8 +2,9 @@
 
 `DaemonProcess` runs ``kvmemd start`` as a child in a private runtime directory and stops it
 (checking that it cleaned up). `EngineProcess` runs ``tests/engine_child.py``, a real client
-process driven line by line over its stdin/stdout with JSON replies. `MappedPagesSampler` reads
-each model's mapped pages from the daemons' status segments while an engine test runs.
+process driven line by line over its stdin/stdout with JSON replies. `RawEngine` is an engine
+connection spoken by hand, message by message. `MappedPagesSampler` reads each model's mapped pages
+from the daemons' status segments while an engine test runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import posix_ipc
+import pytest
 
+from kvmem.common import protocol
+from kvmem.common.protocol import PROTOCOL_VERSION, ConnectionClosed, MsgType
 from kvmem.common.runtime import DaemonPaths
 from kvmem.common.status import ModelStatus, StatusError, StatusReader, StatusSnapshot
 from tests import fakecuda
@@ -271,3 +275,39 @@ class EngineProcess:
             self.proc.kill()
             self.proc.wait(timeout=30)
         self._close_pipes()
+
+
+class RawEngine:
+    """An engine connection spoken by hand: HELLO, then whatever the test sends."""
+
+    def __init__(self, daemon: DaemonProcess, model: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(10)
+        self.sock.connect(str(daemon.paths.socket))
+        hello = {"version": PROTOCOL_VERSION, "role": "engine", "model": model, "asleep": False}
+        protocol.send_message(self.sock, MsgType.HELLO, hello | {"adopt": 0, "page_size": 0})
+        assert [self.receive().type for _ in range(2)] == [MsgType.WELCOME, MsgType.POLICY]
+
+    def receive(self, sock: socket.socket | None = None) -> protocol.Message:
+        msg = protocol.receive_message(sock or self.sock)
+        protocol.close_fds(msg.fds)  # only the ids matter here; the pages stay held by this connection
+        return msg
+
+    def open_channel(self, kind: int = socket.SOCK_SEQPACKET) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+        ours.settimeout(10)
+        with theirs:
+            protocol.send_message(self.sock, MsgType.CHANNEL, {}, [theirs.fileno()])
+        return ours
+
+    def refusal(self) -> str:
+        """The ERROR the daemon sent before closing this connection (skipping anything queued before it)."""
+        while True:
+            msg = self.receive()
+            if msg.type == MsgType.ERROR:
+                with pytest.raises(ConnectionClosed):
+                    self.receive()
+                return msg["message"]
+
+    def close(self) -> None:
+        self.sock.close()

@@ -20,8 +20,8 @@ import pytest
 
 from kvmem.client import DaemonClient
 from kvmem.common import protocol
-from kvmem.common.protocol import PROTOCOL_VERSION, ConnectionClosed, MsgType
-from tests.daemon_support import DaemonProcess, EngineProcess, wait_for
+from kvmem.common.protocol import ConnectionClosed, MsgType
+from tests.daemon_support import DaemonProcess, EngineProcess, RawEngine, wait_for
 
 BUDGET_PAGES = 8  # "16MiB" of 2 MiB pages
 
@@ -31,42 +31,6 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     with DaemonProcess(tmp_path / "rt", "host", "16MiB") as daemon:
         wait_for(lambda: daemon.status().daemon.pages_created == BUDGET_PAGES, what="the warm reserve")
         yield daemon
-
-
-class RawEngine:
-    """An engine connection spoken by hand: HELLO, then whatever the test sends."""
-
-    def __init__(self, daemon: DaemonProcess, model: str):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(10)
-        self.sock.connect(str(daemon.paths.socket))
-        hello = {"version": PROTOCOL_VERSION, "role": "engine", "model": model, "asleep": False}
-        protocol.send_message(self.sock, MsgType.HELLO, hello | {"adopt": 0, "page_size": 0})
-        assert [self.receive().type for _ in range(2)] == [MsgType.WELCOME, MsgType.POLICY]
-
-    def receive(self, sock: socket.socket | None = None) -> protocol.Message:
-        msg = protocol.receive_message(sock or self.sock)
-        protocol.close_fds(msg.fds)  # only the ids matter here; the pages stay held by this connection
-        return msg
-
-    def open_channel(self, kind: int = socket.SOCK_SEQPACKET) -> socket.socket:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
-        ours.settimeout(10)
-        with theirs:
-            protocol.send_message(self.sock, MsgType.CHANNEL, {}, [theirs.fileno()])
-        return ours
-
-    def refusal(self) -> str:
-        """The ERROR the daemon sent before closing this connection (skipping anything queued before it)."""
-        while True:
-            msg = self.receive()
-            if msg.type == MsgType.ERROR:
-                with pytest.raises(ConnectionClosed):
-                    self.receive()
-                return msg["message"]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def mapped_pages(daemon: DaemonProcess, model: str) -> int | None:

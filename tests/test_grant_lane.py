@@ -8,19 +8,24 @@ is counted, bounded by the model's limit and handed back when another model need
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import socket
 import struct
+import traceback
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvmem.client import DaemonClient
 from kvmem.common import protocol
 from kvmem.common.protocol import MsgType
 from kvmem.control import ControlClient
 from kvmemd._grant_lane import GrantLane
-from tests.daemon_support import DaemonProcess, EngineProcess, wait_for
+from tests.daemon_support import DaemonProcess, EngineProcess, RawEngine, wait_for
 
 MiB = 1 << 20
 PAGE = 2 * MiB
@@ -315,3 +320,118 @@ def test_an_engine_killed_while_armed_gives_every_page_back(tmp_path: Path):
         engine.kill()
         head = wait_for(lambda: (h := daemon.status().daemon).pages_granted == 0 and h, what="every page back")
         assert head.pages_free == head.pages_created
+
+
+@pytest.fixture(scope="module")
+def fuzzed_daemon(tmp_path_factory: pytest.TempPathFactory):
+    with DaemonProcess(tmp_path_factory.mktemp("lane") / "rt", "host", "32MiB") as daemon:
+        yield daemon
+
+
+_ENGINES = itertools.count()
+
+
+_ANY_WORD = st.integers(0, 2**32 - 1)
+# A word of a frame: an id of the engine's credit (by index, resolved once the engine knows its ids),
+# a small number (a page count, a wait, an id near those in use) or anything at all.
+_WORD = st.one_of(st.tuples(st.just("credit"), st.integers(0, 3)), st.integers(0, 20), _ANY_WORD)
+_FUZZED_FRAME = st.fixed_dictionaries(
+    {
+        "on_channel": st.booleans(),
+        "type": st.sampled_from([MsgType.GROW, MsgType.RETURN, MsgType.GRANT, MsgType.USAGE, MsgType.LAYOUT]),
+        "words": st.one_of(st.lists(_WORD, min_size=3, max_size=3), st.lists(_WORD, max_size=6)),
+        # mostly right, sometimes a version the daemon does not speak or a length that does not match
+        "version_step": st.sampled_from([0, 0, 0, 0, 1]),
+        "length_error": st.sampled_from([0, 0, 0, 0, -4, 4]),
+    }
+)
+_WELL_FORMED = {"version_step": st.just(0), "length_error": st.just(0)}
+# What the lane serves: a GROW on the channel, a RETURN of the engine's pages on its connection.
+_LANE_FRAME = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "on_channel": st.just(True),
+            "type": st.just(MsgType.GROW),
+            "words": st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(0, 10)).map(list),
+            **_WELL_FORMED,
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "on_channel": st.just(False),
+            "type": st.just(MsgType.RETURN),
+            "words": st.lists(
+                st.one_of(st.tuples(st.just("credit"), st.integers(0, 3)), st.integers(0, 20)), max_size=5
+            ),
+            **_WELL_FORMED,
+        }
+    ),
+)
+_FRAME = st.one_of(_LANE_FRAME, _FUZZED_FRAME)
+
+
+def _frame_bytes(frame: dict, credit: list[int]) -> bytes:
+    """`frame` as sent: its words packed as the grant path packs them (a USAGE or LAYOUT word list
+    as the JSON body's one count), its credit indexes resolved to the engine's credit ids."""
+    words = [credit[w[1]] if isinstance(w, tuple) else w for w in frame["words"]]
+    if frame["type"] in protocol.PACKED:
+        body = struct.pack(f"!{len(words)}I", *words)
+    else:
+        body = json.dumps({"used_pages": words[0] if words else -1}).encode()
+    length = max(0, len(body) + frame["length_error"])
+    version = protocol.PROTOCOL_VERSION + frame["version_step"]
+    return protocol.HEADER.pack(protocol.MAGIC, version, frame["type"], 0, length) + body
+
+
+def _armed_engine_sends(daemon: DaemonProcess, model: str, frames: list[dict]) -> None:
+    """In a forked child: an engine takes 4 pages on its channel and returns them (parked as its
+    credit), sends `frames` in order, each on its channel or its connection, reads what comes back on
+    both for a moment and exits without returning anything it was granted."""
+    engine = RawEngine(daemon, model)
+    channel = engine.open_channel()
+    channel.send(protocol.encode(MsgType.GROW, {"req": 1, "pages": 4, "wait_ms": 1000}))
+    credit, done = [], False
+    while not done:  # pages of another model's are zeroed first: the grant may come in parts
+        grant = engine.receive(channel)
+        credit, done = credit + grant["pages"], grant["done"]
+    engine.sock.send(protocol.encode(MsgType.RETURN, {"pages": credit}))
+    daemon.wait_for_model(model, lambda m: m.mapped_pages == 0, what="the return")
+    try:
+        for frame in frames:
+            (channel if frame["on_channel"] else engine.sock).send(_frame_bytes(frame, credit))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the daemon refused an earlier frame and closed
+    for sock in (channel, engine.sock):
+        sock.settimeout(0.05)
+        try:
+            while True:
+                engine.receive(sock)
+        except (TimeoutError, ConnectionError, protocol.ConnectionClosed, protocol.ProtocolError):
+            pass  # nothing more to read, or the daemon refused a frame and closed
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(_FRAME, min_size=1, max_size=4))
+def test_frames_sent_by_an_armed_engine_are_served_or_refused_and_no_page_goes_missing(fuzzed_daemon, frames):
+    """An engine armed with 4 pages of credit sends a few near-valid frames (its credit's ids, small
+    counts, any words, a wrong version or length) on its connection or its channel and exits holding
+    whatever it was granted: whatever the lane or the daemon made of the frames, the daemon lives and
+    every page comes back free (a dead engine's pages are released when its pidfd says it exited)."""
+    daemon, model = fuzzed_daemon, f"armed-{next(_ENGINES)}"
+    pid = os.fork()
+    if pid == 0:  # the engine: exit status 0 once the frames are sent, 1 if anything before failed
+        status = 1
+        try:
+            _armed_engine_sends(daemon, model, frames)
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "the engine could not arm and send its frames"
+    head = wait_for(
+        lambda: (h := daemon.status().daemon).pages_granted == 0 and h.pages_quarantined == 0 and h,
+        what="every page back",
+    )
+    assert head.pages_free == head.pages_created <= head.budget_pages
+    assert daemon.proc.poll() is None
