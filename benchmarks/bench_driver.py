@@ -4,7 +4,8 @@
    2 MiB pages; the binding's own Python cost, about a microsecond, is included): cuMemCreate,
    cuMemMap, cuMemSetAccess on one page and on runs of 8 and 64 freshly mapped pages (one call each, at
    least 64 samples), cuMemUnmap, cuMemRelease, cuMemExportToShareableHandle and
-   cuMemImportFromShareableHandle (a POSIX fd; imported in this process).
+   cuMemImportFromShareableHandle (a POSIX fd; imported in this process), and cuMemHostAlloc and
+   cuMemFreeHost of one page of page-locked host memory (a host tier chunk).
 2. Host <-> device copy bandwidth from page-locked host memory (cuMemHostAlloc) into mapped pages.
 3. Growing a kvmem cache by 1 GiB with the Llama-3-8B geometry (32 layers, 8 KV heads, head dim 128,
    float16, blocks of 16: 512 pages, 64 ranges of 8 pages): measured with pages made in-process
@@ -122,6 +123,13 @@ def per_call_costs(d: Driver, pages: int) -> dict[str, list[float]]:
             d.check("cuMemRelease", cu.cuMemRelease(imported))
         for h in handles:
             timed(d, samples, "cuMemRelease", lambda h=h: cu.cuMemRelease(h))
+        # One host tier chunk (kvmemd/host_tier.py): page-locked host memory of one page, made and
+        # freed on the tier's copy workers during an offloading sleep.
+        chunks = [
+            int(timed(d, samples, "cuMemHostAlloc[1 page]", lambda: cu.cuMemHostAlloc(g, 0))) for _ in range(pages)
+        ]
+        for chunk in chunks:
+            timed(d, samples, "cuMemFreeHost[1 page]", lambda chunk=chunk: cu.cuMemFreeHost(chunk))
     finally:
         d.check("cuMemAddressFree", cu.cuMemAddressFree(base, pages * g))
     return samples
