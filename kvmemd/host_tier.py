@@ -31,7 +31,10 @@ Memory. The tier holds one page-sized host buffer ("chunk") per saved page. A ch
 restore or discard is kept warm for `keep_warm_s` and reused by the next save: fresh host memory
 is slow to fault in (measured here: 1 GiB of new anonymous memory took 0.5-1.5 s to touch, a
 copy into memory already touched 0.2 s; benchmarks/bench_sleep.py), and on CUDA pinning is
-slower still. Warm chunks left unused that long go back to the system (`trim`).
+slower still. Warm chunks left unused that long go back to the system (`trim`). A save takes its
+warm chunks on the loop and makes the rest on the copy worker, in its job: a first offloading
+sleep makes a chunk per page (cuMemHostAlloc pins every one; `bench_driver.py` times it on a
+GPU), and the event loop, which serves every other engine's grants meanwhile, never waits for that.
 """
 
 from __future__ import annotations
@@ -129,17 +132,23 @@ class HostTier:
         `done(error)` runs on the loop once the copies are over (error None on success; on an
         error nothing of this batch is kept). The caller must not lend or zero the pages before.
 
+        A host without memory for the batch's new chunks (`kvmem.device.OutOfMemoryError`) fails
+        the batch like a failed copy: through `done`.
+
         Raises:
             TierFullError: The batch would take the tier over its capacity (nothing was started).
-            kvmem.device.OutOfMemoryError: The host has no memory for the batch (nothing was started).
         """
         size = len(addresses) * self.page_size
         if self.used_bytes + size > self.capacity:
             raise TierFullError(f"the host tier holds {self.used_bytes} of {self.capacity} bytes; {size} more needed")
-        chunks = self._take_chunks(len(addresses))
+        # Warm chunks now (the warm list is the loop's); the job makes the rest and appends them to
+        # `chunks`, which the loop reads again only in `finish`, after the job.
+        chunks = [self._warm.pop()[1] for _ in range(min(len(addresses), len(self._warm)))]
         self.used_bytes += size
 
         def copy() -> None:
+            while len(chunks) < len(addresses):
+                chunks.append(self.device.allocate_host_buffer(self.page_size))
             self.device.copy_device_to_host_many([(c.array, a) for c, a in zip(chunks, addresses, strict=True)])
 
         def finish(error: Exception | None) -> None:
@@ -147,8 +156,8 @@ class HostTier:
                 entries = [SavedPage(chunk, offset) for chunk, offset in zip(chunks, offsets, strict=True)]
                 self._saved.setdefault(model, []).extend(entries)
                 self.bytes_saved_total += size
-            else:
-                self._give_back(chunks)
+            else:  # (chunks made before an allocation failed are kept warm all the same)
+                self._give_back(chunks, size)
             done(error)
 
         self._submit(f"saving {len(addresses)} pages of {model}", copy, finish)
@@ -178,7 +187,7 @@ class HostTier:
         def finish(error: Exception | None) -> None:
             if error is None:
                 self.bytes_restored_total += len(entries) * self.page_size
-            self._give_back([entry.chunk for entry in entries])
+            self._give_back([entry.chunk for entry in entries], len(entries) * self.page_size)
             done([entry.offset for entry in entries], error)
 
         self._submit(f"restoring {len(addresses)} pages of {model}", copy, finish)
@@ -186,7 +195,7 @@ class HostTier:
     def discard(self, model: str) -> int:
         """Forget `model`'s saved pages (their contents are lost); how many there were."""
         entries = self._saved.pop(model, [])
-        self._give_back([entry.chunk for entry in entries])
+        self._give_back([entry.chunk for entry in entries], len(entries) * self.page_size)
         return len(entries)
 
     @property
@@ -241,23 +250,12 @@ class HostTier:
 
         self._jobs.put(job)
 
-    def _take_chunks(self, n: int) -> list[HostBuffer]:
-        """`n` page-sized chunks: warm ones first (most recently freed), then new ones."""
-        chunks = [self._warm.pop()[1] for _ in range(min(n, len(self._warm)))]
-        try:
-            while len(chunks) < n:
-                chunks.append(self.device.allocate_host_buffer(self.page_size))
-        except BaseException:
-            now = time.monotonic()
-            self._warm.extend((now, chunk) for chunk in chunks)  # unused: warm again, nothing was counted
-            raise
-        return chunks
-
-    def _give_back(self, chunks: list[HostBuffer]) -> None:
-        """Chunks no longer holding a saved page: kept warm for the next save (see `trim`)."""
+    def _give_back(self, chunks: list[HostBuffer], counted: int) -> None:
+        """`counted` bytes of the tier are free again, and `chunks` hold no saved page: they are
+        kept warm for the next save (see `trim`)."""
         now = time.monotonic()
         self._warm.extend((now, chunk) for chunk in chunks)
-        self.used_bytes -= len(chunks) * self.page_size
+        self.used_bytes -= counted
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

@@ -37,7 +37,6 @@ from kvmem.common import protocol
 from kvmem.common.errors import ControlError, ProtocolError
 from kvmem.common.protocol import Message, MsgType
 from kvmem.common.status import ModelState
-from kvmem.device import DeviceError
 from kvmemd.host_tier import BATCH_PAGES, TierFullError
 from kvmemd.records import Connection, GrowRequest, ModelRecord
 
@@ -189,7 +188,7 @@ class SleepStates:
 
         try:
             daemon.tier.save(record.name, [daemon.pool.address_of(p) for p in page_ids], offsets, saved)
-        except (TierFullError, DeviceError) as exc:
+        except TierFullError as exc:
             logger.error("model %s: cannot save %d pages, their contents are lost: %s", record.name, len(page_ids), exc)
             saved(exc)
 

@@ -371,12 +371,14 @@ def fill_slots(cache: ElasticKVCache, slots: int) -> list[int]:
     return filled
 
 
-def pipeline_daemon(tmp_path: Path, kind: str, fail_copy_at: int = 0) -> DaemonProcess:
+def pipeline_daemon(tmp_path: Path, kind: str, **faults: str) -> DaemonProcess:
+    """A daemon for the pipelined sleeps; `faults` are the fake driver's to inject (tests/fakecuda),
+    FAKECUDA_FAIL_COPY_AT or FAKECUDA_PINNED_LIMIT_BYTES."""
     runtime = tmp_path / "rt"
     env = None
-    if fail_copy_at:  # the fake driver fails the daemon's N-th host<->device copy (tests/fakecuda)
+    if faults:
         counters = runtime.parent / f"{runtime.name}.fakecuda-counters"
-        env = fakecuda.child_env(FAKECUDA_COUNTERS_FILE=str(counters), FAKECUDA_FAIL_COPY_AT=str(fail_copy_at))
+        env = fakecuda.child_env(FAKECUDA_COUNTERS_FILE=str(counters), **faults)
     return DaemonProcess(runtime, kind, "128MiB", "--reserve", "0", "0", env=env)
 
 
@@ -422,7 +424,7 @@ def test_a_copy_failing_half_way_through_a_pipelined_sleep_or_wake_loses_no_page
     pages = PIPELINE_SLOTS * 4
     fail_at = 20 if where == "sleep" else pages + 20
     with (
-        pipeline_daemon(tmp_path, "cuda", fail_copy_at=fail_at) as daemon,
+        pipeline_daemon(tmp_path, "cuda", FAKECUDA_FAIL_COPY_AT=str(fail_at)) as daemon,
         kvmem.connect("broken", runtime_dir=daemon.runtime_dir) as s,
         ControlClient(runtime_dir=daemon.runtime_dir) as control,
     ):
@@ -450,4 +452,37 @@ def test_a_copy_failing_half_way_through_a_pipelined_sleep_or_wake_loses_no_page
         # The cache is usable again, on fresh or recycled pages.
         again = cache.alloc(2 * cache.blocks_per_slot)
         fill_random(cache, again, seed=4)
+        cache.free(again)
+
+
+@pytest.mark.skipif(REAL_CUDA, reason="limits the fake driver's page-locked memory")
+def test_a_host_that_cannot_pin_the_tier_loses_the_offload_and_no_page(tmp_path: Path):
+    """The fake driver pins one page of host memory and no more: the tier's first chunk is made and
+    every later cuMemHostAlloc fails, so every save batch fails. The sleep still ends, the cache
+    comes back empty and says so, no page or tier byte stays counted, and the one chunk made is
+    kept warm, not leaked."""
+    pages = PIPELINE_SLOTS * 4
+    with (
+        pipeline_daemon(tmp_path, "cuda", FAKECUDA_PINNED_LIMIT_BYTES=str(2 << 20)) as daemon,
+        kvmem.connect("unpinned", runtime_dir=daemon.runtime_dir) as s,
+        ControlClient(runtime_dir=daemon.runtime_dir) as control,
+    ):
+        woke: list[bool] = []
+        s.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
+        s.on_wake(woke.append)
+        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+        fill_slots(cache, PIPELINE_SLOTS)
+        daemon.wait_for_model("unpinned", lambda m: m.used_pages == pages)
+        control.sleep("unpinned", offload=True)
+        wait_for(lambda: model_state(daemon, "unpinned") == "ASLEEP", what="asleep")
+        status = daemon.status()
+        assert status.model("unpinned").saved_pages == 0 and status.daemon.host_tier_used_bytes == 0
+        assert status.daemon.pages_granted == 0 and status.daemon.pages_free == status.daemon.pages_created
+        counters = daemon.counters()
+        assert counters["live.host_allocations"] == 1 and counters["cuMemcpyDtoH"] < pages
+        control.wake("unpinned")
+        wait_for(lambda: woke, what="the wake to reach the engine")
+        assert woke == [False] and cache.stats().mapped_slots == 0
+        again = cache.alloc(2 * cache.blocks_per_slot)  # the cache is usable again
+        fill_random(cache, again, seed=5)
         cache.free(again)

@@ -43,10 +43,13 @@
  *
  * Environment (read at cuInit): FAKECUDA_CAPACITY_BYTES (default 4 GiB), FAKECUDA_GRANULARITY
  * (default 2 MiB), FAKECUDA_DEVICE_COUNT (default 1), FAKECUDA_VMM_SUPPORTED (default 1),
- * FAKECUDA_DRIVER_VERSION (default 13000), FAKECUDA_COUNTERS_FILE, and one fault to inject:
+ * FAKECUDA_DRIVER_VERSION (default 13000), FAKECUDA_COUNTERS_FILE, and two faults to inject:
  * FAKECUDA_FAIL_COPY_AT=N makes the N-th host<->device copy of the process (cuMemcpyHtoD or
  * cuMemcpyDtoH, counted from 1) fail with CUDA_ERROR_UNKNOWN, once and not sticky, so that tests
- * can break a sleep's or a wake's copies half-way (default 0: never).
+ * can break a sleep's or a wake's copies half-way (default 0: never); FAKECUDA_PINNED_LIMIT_BYTES=N
+ * makes cuMemHostAlloc fail with CUDA_ERROR_OUT_OF_MEMORY when the page-locked memory it has
+ * handed out and not had freed would exceed N bytes, as a real one does when the host cannot
+ * pin more (default 0: no limit).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -141,6 +144,8 @@ static int g_physical[64];
 static int g_vmm_supported = 1;
 static int g_driver_version = 13000;
 static unsigned long long g_fail_copy_at; /* FAKECUDA_FAIL_COPY_AT; 0: no injected failure */
+static size_t g_pinned_limit;             /* FAKECUDA_PINNED_LIMIT_BYTES; 0: no limit */
+static size_t g_pinned_bytes;             /* page-locked bytes handed out and not freed (g_lock) */
 static unsigned long long g_copies;        /* host<->device copies so far (under g_lock) */
 
 /* ---- state; one lock guards all of it ---- */
@@ -366,6 +371,7 @@ static CUresult fake_cuInit(unsigned int flags) {
         g_vmm_supported = !(vmm && strcmp(vmm, "0") == 0);
         g_driver_version = (int)env_size("FAKECUDA_DRIVER_VERSION", 13000);
         g_fail_copy_at = env_size("FAKECUDA_FAIL_COPY_AT", 0);
+        g_pinned_limit = env_size("FAKECUDA_PINNED_LIMIT_BYTES", 0);
         g_primary = calloc((size_t)(g_device_count ? g_device_count : 1), sizeof *g_primary);
         for (int i = 0; i < g_device_count; i++) g_primary[i].device = i;
         g_initialized = 1;
@@ -950,11 +956,13 @@ static CUresult fake_cuMemHostAlloc(void **pp, size_t n, unsigned int flags) {
     if (mem == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
     pthread_mutex_lock(&g_lock);
     int slot = -1;
-    for (int i = 0; i < FAKE_HOST_ALLOCS && slot < 0; i++)
-        if (!g_host_allocs[i].ptr) slot = i;
+    if (!g_pinned_limit || n <= g_pinned_limit - g_pinned_bytes)
+        for (int i = 0; i < FAKE_HOST_ALLOCS && slot < 0; i++)
+            if (!g_host_allocs[i].ptr) slot = i;
     if (slot >= 0) {
         g_host_allocs[slot].ptr = mem;
         g_host_allocs[slot].size = n;
+        g_pinned_bytes += n;
     }
     pthread_mutex_unlock(&g_lock);
     if (slot < 0) {
@@ -975,7 +983,10 @@ static CUresult fake_cuMemFreeHost(void *p) {
     for (int i = 0; i < FAKE_HOST_ALLOCS && slot < 0; i++)
         if (p && g_host_allocs[i].ptr == p) slot = i;
     size_t size = slot >= 0 ? g_host_allocs[slot].size : 0;
-    if (slot >= 0) g_host_allocs[slot].ptr = NULL;
+    if (slot >= 0) {
+        g_host_allocs[slot].ptr = NULL;
+        g_pinned_bytes -= size;
+    }
     pthread_mutex_unlock(&g_lock);
     if (slot < 0) return CUDA_ERROR_INVALID_VALUE;
     munmap(p, size);
