@@ -31,10 +31,11 @@ Memory. The tier holds one page-sized host buffer ("chunk") per saved page. A ch
 restore or discard is kept warm for `keep_warm_s` and reused by the next save: fresh host memory
 is slow to fault in (measured here: 1 GiB of new anonymous memory took 0.5-1.5 s to touch, a
 copy into memory already touched 0.2 s; benchmarks/bench_sleep.py), and on CUDA pinning is
-slower still. Warm chunks left unused that long go back to the system (`trim`). A save takes its
-warm chunks on the loop and makes the rest on the copy worker, in its job: a first offloading
-sleep makes a chunk per page (cuMemHostAlloc pins every one; `bench_driver.py` times it on a
-GPU), and the event loop, which serves every other engine's grants meanwhile, never waits for that.
+slower still. Warm chunks left unused that long go back to the system (`trim`). Chunks are made
+and freed on the copy workers, never on the event loop, which serves every other engine's grants
+meanwhile: a save takes its warm chunks on the loop and its job makes the rest (a first
+offloading sleep makes one per page, and on CUDA cuMemHostAlloc pins each; `bench_driver.py` times
+it on a GPU), and `trim` hands the chunks it frees to a job.
 """
 
 from __future__ import annotations
@@ -204,12 +205,22 @@ class HostTier:
         return len(self._warm) * self.page_size
 
     def trim(self, now: float | None = None) -> int:
-        """Free warm chunks unused for `keep_warm_s`; how many."""
+        """Free warm chunks unused for `keep_warm_s`, on a copy worker (on CUDA each is unpinned);
+        how many."""
         now = time.monotonic() if now is None else now
         expired = 0
-        while self._warm and now - self._warm[0][0] >= self.keep_warm_s:
-            self._warm.pop(0)[1].close()
+        while expired < len(self._warm) and now - self._warm[expired][0] >= self.keep_warm_s:
             expired += 1
+        if expired:
+            chunks = [chunk for _, chunk in self._warm[:expired]]
+            del self._warm[:expired]
+
+            def free() -> None:
+                for chunk in chunks:
+                    chunk.close()
+
+            # (a chunk that fails to free is logged by the job; the device frees it when it closes)
+            self._submit(f"freeing {expired} warm chunks", free, lambda error: None)
         return expired
 
     def run_completions(self) -> None:
@@ -241,7 +252,7 @@ class HostTier:
             try:
                 copy()
             except Exception as exc:  # a device error: reported to the loop, never kills the worker
-                logger.exception("host tier copy failed")
+                logger.exception("host tier: %s failed", what)
                 error = exc
             logger.debug("host tier: %s took %.1f ms", what, (time.perf_counter() - started) * 1e3)
 
