@@ -391,7 +391,7 @@ def _armed_engine_sends(daemon: DaemonProcess, model: str, frames: list[dict]) -
     channel = engine.open_channel()
     channel.send(protocol.encode(MsgType.GROW, {"req": 1, "pages": 4, "wait_ms": 1000}))
     credit, done = [], False
-    while not done:  # pages of another model's are zeroed first: the grant may come in parts
+    while not done:  # another model's pages are zeroed first: the grant may come in parts
         grant = engine.receive(channel)
         credit, done = credit + grant["pages"], grant["done"]
     engine.sock.send(protocol.encode(MsgType.RETURN, {"pages": credit}))
