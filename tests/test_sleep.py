@@ -382,6 +382,33 @@ def pipeline_daemon(tmp_path: Path, kind: str, **faults: str) -> DaemonProcess:
     return DaemonProcess(runtime, kind, "128MiB", "--reserve", "0", "0", env=env)
 
 
+def offload_a_filled_cache(
+    daemon: DaemonProcess, session: kvmem.Session, control: ControlClient, model: str
+) -> tuple[ElasticKVCache, list[bool]]:
+    """`model`'s cache with `PIPELINE_SLOTS` filled slots, slept with --offload until ASLEEP; and the
+    list its wake hook appends `restored` to."""
+    woke: list[bool] = []
+    session.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
+    session.on_wake(woke.append)
+    cache = session.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+    fill_slots(cache, PIPELINE_SLOTS)
+    daemon.wait_for_model(model, lambda m: m.used_pages == PIPELINE_SLOTS * cache.pages_per_growth)
+    control.sleep(model, offload=True)
+    wait_for(lambda: model_state(daemon, model) == "ASLEEP", what="asleep")
+    return cache, woke
+
+
+def woken_empty_and_usable(control: ControlClient, model: str, cache: ElasticKVCache, woke: list[bool]) -> None:
+    """Wake `model` after its offload was lost: the cache comes back empty, says so, and works."""
+    control.wake(model)
+    wait_for(lambda: woke, what="the wake to reach the engine")
+    assert woke == [False] and not cache.asleep
+    assert cache.stats().mapped_slots == 0  # the partial cache was dropped, not trusted
+    again = cache.alloc(2 * cache.blocks_per_slot)  # usable again, on fresh or recycled pages
+    fill_random(cache, again, seed=4)
+    cache.free(again)
+
+
 @pytest.mark.parametrize("kind", ["host", "cuda"])
 def test_a_pipelined_offload_and_wake_of_many_pages_is_bit_identical(tmp_path: Path, kind: str):
     with (
@@ -428,31 +455,17 @@ def test_a_copy_failing_half_way_through_a_pipelined_sleep_or_wake_loses_no_page
         kvmem.connect("broken", runtime_dir=daemon.runtime_dir) as s,
         ControlClient(runtime_dir=daemon.runtime_dir) as control,
     ):
-        woke: list[bool] = []
-        s.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
-        s.on_wake(woke.append)
-        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
-        fill_slots(cache, PIPELINE_SLOTS)
-        daemon.wait_for_model("broken", lambda m: m.used_pages == pages)
-        control.sleep("broken", offload=True)
-        wait_for(lambda: model_state(daemon, "broken") == "ASLEEP", what="asleep")
+        cache, woke = offload_a_filled_cache(daemon, s, control, "broken")
         status = daemon.status()
         # A failed save batch keeps nothing: its 16 pages' bytes are lost, its pages are back in the pool.
         assert status.model("broken").saved_pages == (pages - 16 if where == "sleep" else pages)
         assert status.daemon.pages_granted == 0 and status.daemon.pages_free == status.daemon.pages_created
-        control.wake("broken")
-        wait_for(lambda: woke, what="the wake to reach the engine")
-        assert woke == [False] and not cache.asleep
-        assert cache.stats().mapped_slots == 0  # the partial cache was dropped, not trusted
-        status = daemon.wait_for_model("broken", lambda m: m.state.name == "AWAKE")
+        woken_empty_and_usable(control, "broken", cache, woke)
+        daemon.wait_for_model("broken", lambda m: m.state.name == "AWAKE")
         wait_for(lambda: daemon.status().daemon.pages_granted == 0, what="the restored pages to come back")
         status = daemon.status()
         assert status.model("broken").saved_pages == 0 and status.daemon.host_tier_used_bytes == 0
         assert status.daemon.pages_free == status.daemon.pages_created
-        # The cache is usable again, on fresh or recycled pages.
-        again = cache.alloc(2 * cache.blocks_per_slot)
-        fill_random(cache, again, seed=4)
-        cache.free(again)
 
 
 @pytest.mark.skipif(REAL_CUDA, reason="limits the fake driver's page-locked memory")
@@ -467,22 +480,10 @@ def test_a_host_that_cannot_pin_the_tier_loses_the_offload_and_no_page(tmp_path:
         kvmem.connect("unpinned", runtime_dir=daemon.runtime_dir) as s,
         ControlClient(runtime_dir=daemon.runtime_dir) as control,
     ):
-        woke: list[bool] = []
-        s.on_sleep(lambda offload: None)  # a drain hook: this test's engine runs no work of its own
-        s.on_wake(woke.append)
-        cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
-        fill_slots(cache, PIPELINE_SLOTS)
-        daemon.wait_for_model("unpinned", lambda m: m.used_pages == pages)
-        control.sleep("unpinned", offload=True)
-        wait_for(lambda: model_state(daemon, "unpinned") == "ASLEEP", what="asleep")
+        cache, woke = offload_a_filled_cache(daemon, s, control, "unpinned")
         status = daemon.status()
         assert status.model("unpinned").saved_pages == 0 and status.daemon.host_tier_used_bytes == 0
         assert status.daemon.pages_granted == 0 and status.daemon.pages_free == status.daemon.pages_created
         counters = daemon.counters()
         assert counters["live.host_allocations"] == 1 and counters["cuMemcpyDtoH"] < pages
-        control.wake("unpinned")
-        wait_for(lambda: woke, what="the wake to reach the engine")
-        assert woke == [False] and cache.stats().mapped_slots == 0
-        again = cache.alloc(2 * cache.blocks_per_slot)  # the cache is usable again
-        fill_random(cache, again, seed=5)
-        cache.free(again)
+        woken_empty_and_usable(control, "unpinned", cache, woke)
