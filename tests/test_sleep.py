@@ -468,6 +468,45 @@ def test_a_copy_failing_half_way_through_a_pipelined_sleep_or_wake_loses_no_page
         assert status.daemon.pages_free == status.daemon.pages_created
 
 
+@pytest.mark.skipif(REAL_CUDA, reason="holds the fake driver's cuMemHostAlloc")
+def test_other_engines_are_granted_pages_while_a_first_offload_pins_its_tier(tmp_path: Path):
+    """A first offloading sleep makes its tier's chunks (cuMemHostAlloc, which pins: slow on a GPU).
+    The fake driver holds every cuMemHostAlloc at a gate: meanwhile the sleep stays under way, and
+    another engine's growth is granted pages at once. Neither the event loop (which serves the
+    GROW) nor the device lock (which the pool's worker and a page's first export need) waits for
+    the pinning. Then the gate opens and the sleep and wake complete bit-identical."""
+    runtime, gate = tmp_path / "rt", tmp_path / "pinning-may-go-on"
+    env = fakecuda.child_env(
+        FAKECUDA_COUNTERS_FILE=str(tmp_path / "rt.fakecuda-counters"), FAKECUDA_HOST_ALLOC_GATE=str(gate)
+    )
+    with (
+        DaemonProcess(runtime, "cuda", "128MiB", "--reserve", "8", "8", env=env) as daemon,
+        kvmem.connect("sleeper", runtime_dir=runtime) as sleeper,
+        kvmem.connect("busy", runtime_dir=runtime) as busy,
+        ControlClient(runtime_dir=runtime) as control,
+    ):
+        try:
+            woke: list[bool] = []
+            sleeper.on_sleep(lambda offload: None)  # a drain hook: this engine runs no work of its own
+            sleeper.on_wake(woke.append)
+            cache = sleeper.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+            ids = fill_slots(cache, PIPELINE_SLOTS)
+            before = checksums(cache, ids)
+            daemon.wait_for_model("sleeper", lambda m: m.used_pages == PIPELINE_SLOTS * cache.pages_per_growth)
+            control.sleep("sleeper", offload=True)
+            wait_for(lambda: daemon.counters()["cuMemHostAlloc"] > 0, what="a copy worker to be pinning")
+            other = busy.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
+            blocks = other.alloc(2 * other.blocks_per_slot)
+            assert model_state(daemon, "sleeper") == "DRAINING"  # still held at the gate
+            other.free(blocks)
+        finally:
+            gate.touch()
+        wait_for(lambda: model_state(daemon, "sleeper") == "ASLEEP", what="asleep")
+        control.wake("sleeper")
+        wait_for(lambda: woke, what="the wake hook")
+        assert woke == [True] and checksums(cache, ids) == before
+
+
 @pytest.mark.skipif(REAL_CUDA, reason="limits the fake driver's page-locked memory")
 def test_a_host_that_cannot_pin_the_tier_loses_the_offload_and_no_page(tmp_path: Path):
     """The fake driver pins one page of host memory and no more: the tier's first chunk is made and

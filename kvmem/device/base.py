@@ -26,7 +26,8 @@ too, so memory cannot be unmapped under a copy that was validated against it. Th
 (`copy_device_to_host_many`, `copy_host_to_device_many`) are the one exception: they validate
 under the lock, then copy without it so that several batches run at once (a page's copy overlaps
 another thread's mapping work); while a batch is in flight its mappings and host buffers are
-*busy*: an unmap, an access change or a free of any of them waits until the batch is over.
+*busy*: an unmap, an access change or a free of any of them waits until the batch is over. A host
+buffer is allocated without the lock too (pinning is slow); `close` waits for it.
 
 Synchronization rule: unmapping does not wait for GPU work that still reads or writes the range
 (neither cuMemUnmap nor cuMemRelease synchronize). Whoever unmaps must first synchronize the
@@ -326,11 +327,13 @@ class Device(ABC):
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        # Notified whenever a batched copy ends (see the module docstring); waits release `_lock`.
+        # Notified whenever a batched copy or a host allocation ends (see the module docstring);
+        # waits release `_lock`.
         self._copies_done = threading.Condition(self._lock)
         # Batched copies in flight: id -> (ids of the mappings they touch, host ranges [lo, hi)).
         self._in_flight: dict[int, tuple[set[int], list[tuple[int, int]]]] = {}
         self._next_batch = 0
+        self._host_allocations = 0  # host buffers being allocated (without the lock)
         self._closed = False
         # Reservations by base address; _bases is sorted for address lookups.
         self._bases: list[int] = []
@@ -632,11 +635,22 @@ class Device(ABC):
         """
         if not isinstance(size, int) or size <= 0:
             raise InvalidArgumentError(f"host buffer size {size!r} must be a positive integer")
+        # Made without the lock: cuMemHostAlloc pins every page of the buffer, which takes long,
+        # and the lock would hold up every other thread's device work meanwhile (a daemon's page
+        # creation, its other copy worker). `close` waits for allocations under way.
         with self._lock:
             self._check_open()
-            buffer = HostBuffer(self, self._backend_host_alloc(size), size)
-            self._host_buffers[buffer.address] = buffer
-            return buffer
+            self._host_allocations += 1
+        try:
+            address = self._backend_host_alloc(size)
+            with self._lock:
+                buffer = HostBuffer(self, address, size)
+                self._host_buffers[address] = buffer
+        finally:
+            with self._lock:
+                self._host_allocations -= 1
+                self._copies_done.notify_all()
+        return buffer
 
     def read(self, address: int, size: int) -> bytes:
         """Return `size` bytes at device `address` (a convenience over `copy_device_to_host`)."""
@@ -653,7 +667,8 @@ class Device(ABC):
     def close(self) -> None:
         """Close everything this device made that is still open, then the device. Idempotent."""
         with self._lock:
-            while self._in_flight and not self._closed:  # no memory may go away under a batched copy
+            # No memory may go away under a batched copy, nor the context under an allocation.
+            while (self._in_flight or self._host_allocations) and not self._closed:
                 self._copies_done.wait()
             if self._closed:
                 return

@@ -43,13 +43,14 @@
  *
  * Environment (read at cuInit): FAKECUDA_CAPACITY_BYTES (default 4 GiB), FAKECUDA_GRANULARITY
  * (default 2 MiB), FAKECUDA_DEVICE_COUNT (default 1), FAKECUDA_VMM_SUPPORTED (default 1),
- * FAKECUDA_DRIVER_VERSION (default 13000), FAKECUDA_COUNTERS_FILE, and two faults to inject:
+ * FAKECUDA_DRIVER_VERSION (default 13000), FAKECUDA_COUNTERS_FILE, and three faults to inject:
  * FAKECUDA_FAIL_COPY_AT=N makes the N-th host<->device copy of the process (cuMemcpyHtoD or
  * cuMemcpyDtoH, counted from 1) fail with CUDA_ERROR_UNKNOWN, once and not sticky, so that tests
  * can break a sleep's or a wake's copies half-way (default 0: never); FAKECUDA_PINNED_LIMIT_BYTES=N
  * makes cuMemHostAlloc fail with CUDA_ERROR_OUT_OF_MEMORY when the page-locked memory it has
  * handed out and not had freed would exceed N bytes, as a real one does when the host cannot
- * pin more (default 0: no limit).
+ * pin more (default 0: no limit); FAKECUDA_HOST_ALLOC_GATE=PATH makes every cuMemHostAlloc wait
+ * until the file PATH exists (pinning is slow: tests hold it to see who waits for it).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -146,6 +147,7 @@ static int g_driver_version = 13000;
 static unsigned long long g_fail_copy_at; /* FAKECUDA_FAIL_COPY_AT; 0: no injected failure */
 static size_t g_pinned_limit;             /* FAKECUDA_PINNED_LIMIT_BYTES; 0: no limit */
 static size_t g_pinned_bytes;             /* page-locked bytes handed out and not freed (g_lock) */
+static char *g_host_alloc_gate;           /* FAKECUDA_HOST_ALLOC_GATE; NULL: none */
 static unsigned long long g_copies;        /* host<->device copies so far (under g_lock) */
 
 /* ---- state; one lock guards all of it ---- */
@@ -372,6 +374,8 @@ static CUresult fake_cuInit(unsigned int flags) {
         g_driver_version = (int)env_size("FAKECUDA_DRIVER_VERSION", 13000);
         g_fail_copy_at = env_size("FAKECUDA_FAIL_COPY_AT", 0);
         g_pinned_limit = env_size("FAKECUDA_PINNED_LIMIT_BYTES", 0);
+        const char *gate = getenv("FAKECUDA_HOST_ALLOC_GATE");
+        g_host_alloc_gate = (gate && *gate) ? strdup(gate) : NULL;
         g_primary = calloc((size_t)(g_device_count ? g_device_count : 1), sizeof *g_primary);
         for (int i = 0; i < g_device_count; i++) g_primary[i].device = i;
         g_initialized = 1;
@@ -952,6 +956,7 @@ static CUresult fake_cuMemHostAlloc(void **pp, size_t n, unsigned int flags) {
     CUresult rc = require_context();
     if (rc) return rc;
     if (!pp || n == 0 || (flags & ~CU_MEMHOSTALLOC_KNOWN_FLAGS)) return CUDA_ERROR_INVALID_VALUE;
+    while (g_host_alloc_gate && access(g_host_alloc_gate, F_OK) != 0) usleep(1000); /* (no lock held) */
     void *mem = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
     pthread_mutex_lock(&g_lock);
