@@ -62,7 +62,9 @@ only in `_scrub`, after the synchronize that ends its memset (while zeroed it is
 so nothing can take it).
 
 Each page's descriptor is exported once and kept (`export_fd`) when the fd limit allows, so a
-grant costs no export call; the kernel duplicates the descriptor into the receiving process.
+grant costs no export call; the kernel duplicates the descriptor into the receiving process. The
+worker exports a page as it makes it (a page adopted after a restart is exported at its first
+grant), so the event loop makes no driver call to grant a page.
 
 Invariant (under `_lock`): every page id is in exactly one of `_clean[uid]`, `_dirty[owner]`,
 `_granted`, or among the pages the worker is zeroing or releasing; `len(pages)` plus the pages being
@@ -655,7 +657,10 @@ class PagePool:
             mapping = self.device.map(self.reservation, offset, physical)
             undo.push(mapping.close)
             self.device.set_access(self.reservation, offset, self.page_size)
-        return Page(page_id, physical, mapping)
+            # Exported here, on the worker, rather than at the page's first grant on the event
+            # loop: an export is a driver call under the device lock, which a copy worker may hold.
+            export_fd = physical.export().detach() if self.cache_exports else None
+        return Page(page_id, physical, mapping, export_fd=export_fd)
 
     def _scrub(self, page_ids: list[int]) -> None:
         """Zero a batch of dirty pages (taken off `_dirty` by the caller, so nothing can take them).

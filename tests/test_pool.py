@@ -33,6 +33,8 @@ def test_the_reserve_is_created_by_the_creation_threads_and_every_page_is_accoun
         for page_id, page in pool.pages.items():
             assert page.mapping.address == pool.address_of(page_id)
             assert device.read(pool.address_of(page_id) + page_size - 8, 8) == bytes(8)
+            # exported as it was made, on the worker: granting it makes no driver call
+            assert page.export_fd is not None and pool.export_fd(page) == (page.export_fd, False)
         taken = pool.take("m", client_id=1, uid=0, n=36)
         assert len({p.id for p in taken}) == 36 and pool.stats().granted == 36
         pool.give_back([p.id for p in taken], "m")
