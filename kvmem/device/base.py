@@ -642,10 +642,12 @@ class Device(ABC):
             self._check_open()
             self._host_allocations += 1
         try:
-            address = self._backend_host_alloc(size)
-            with self._lock:
-                buffer = HostBuffer(self, address, size)
-                self._host_buffers[address] = buffer
+            with Undo() as undo:
+                address = self._backend_host_alloc(size)
+                undo.push(self._backend_host_free, address, size)
+                with self._lock:
+                    buffer = HostBuffer(self, address, size)
+                    self._host_buffers[address] = buffer
         finally:
             with self._lock:
                 self._host_allocations -= 1
