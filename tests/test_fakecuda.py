@@ -169,6 +169,19 @@ def test_capacity_exhaustion_is_out_of_memory_and_recoverable(ctx):
     assert ok(cu.cuMemGetInfo())[0] == FAKE_CAPACITY
 
 
+def test_create_allocates_the_memory_before_any_touch(ctx):
+    """cuMemCreate commits physical memory (the driver reports a shortage there, not at first use):
+    the fake's allocation is backed in full before it is mapped or touched."""
+    posix = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+    handle = ok(cu.cuMemCreate(2 * G, prop(), 0))
+    fd = int(ok(cu.cuMemExportToShareableHandle(handle, posix, 0)))
+    try:
+        assert os.fstat(fd).st_blocks * 512 == 2 * G
+    finally:
+        os.close(fd)
+        ok(cu.cuMemRelease(handle))
+
+
 def test_release_while_mapped_keeps_memory_until_unmap(ctx):
     base = int(ok(cu.cuMemAddressReserve(G, 0, 0, 0)))
     handle = ok(cu.cuMemCreate(G, prop(), 0))

@@ -7,7 +7,8 @@
  * ------
  * "Device memory" is host memory:
  *   - a VA reservation is an anonymous PROT_NONE mapping (MAP_NORESERVE),
- *   - a physical allocation is a memfd named "fakecuda-page",
+ *   - a physical allocation is a memfd named "fakecuda-page" whose memory is allocated at
+ *     cuMemCreate, as the driver's is (a shortage is OUT_OF_MEMORY there, not a fault later),
  *   - cuMemMap maps the memfd MAP_SHARED|MAP_FIXED at the address, still PROT_NONE,
  *   - cuMemSetAccess mprotects the range (so touching a mapping before it faults, as on a GPU),
  *   - cuMemUnmap puts the PROT_NONE reservation back,
@@ -63,6 +64,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
 
 /* ---- the subset of cuda.h this fake needs (values from cuda.h; layouts checked against the
  * structs cuda-bindings 13.x passes: CUmemLocation is 8 bytes, CUmemAccessDesc.flags at 8,
@@ -611,6 +613,12 @@ static CUresult fake_cuMemAddressFree(CUdeviceptr ptr, size_t size) {
     return CUDA_ERROR_INVALID_VALUE;
 }
 
+/* The driver commits a physical allocation's memory at cuMemCreate, which is where it reports
+ * OUT_OF_MEMORY (CUDA driver API reference, cuMemCreate); nothing is allocated later on first
+ * touch. So the memfd's memory is allocated here (fallocate: the kernel allocates and zeroes it),
+ * failing with OUT_OF_MEMORY if the host cannot, rather than page by page at the first memset or
+ * copy, where a shortage would be a SIGBUS. The capacity is charged first, under the lock; the
+ * allocation runs outside it, so several threads create at once as they may on a device. */
 static CUresult fake_cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CUmemAllocationProp *prop, unsigned long long flags) {
     count(C_cuMemCreate);
     CUresult rc = require_context();
@@ -622,24 +630,27 @@ static CUresult fake_cuMemCreate(CUmemGenericAllocationHandle *handle, size_t si
         pthread_mutex_unlock(&g_lock);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    int fd = memfd_create("fakecuda-page", MFD_CLOEXEC);
-    struct physical *p = fd >= 0 ? calloc(1, sizeof *p) : NULL;
-    if (!p || ftruncate(fd, (off_t)size) != 0) {
-        if (fd >= 0) close(fd);
-        free(p);
-        pthread_mutex_unlock(&g_lock);
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    *p = (struct physical){.memfd = fd, .size = size, .handle_types = prop->requestedHandleTypes, .refs = 1, .charged = 1};
-    CUmemGenericAllocationHandle h = handle_add(p);
-    if (!h) {
-        close(fd);
-        free(p);
-        pthread_mutex_unlock(&g_lock);
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
     g_charged_bytes += size;
     pthread_mutex_unlock(&g_lock);
+    int fd = memfd_create("fakecuda-page", MFD_CLOEXEC);
+    struct physical *p = fd >= 0 ? calloc(1, sizeof *p) : NULL;
+    CUmemGenericAllocationHandle h = 0;
+    if (p && ftruncate(fd, (off_t)size) == 0 && fallocate(fd, 0, 0, (off_t)size) == 0) {
+        *p = (struct physical){.memfd = fd, .size = size, .handle_types = prop->requestedHandleTypes, .refs = 1, .charged = 1};
+        pthread_mutex_lock(&g_lock);
+        h = handle_add(p);
+        if (!h) g_charged_bytes -= size;
+        pthread_mutex_unlock(&g_lock);
+    } else {
+        pthread_mutex_lock(&g_lock);
+        g_charged_bytes -= size;
+        pthread_mutex_unlock(&g_lock);
+    }
+    if (!h) {
+        if (fd >= 0) close(fd);
+        free(p);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     gauge_add(C_CHARGED_BYTES, (int64_t)size);
     gauge_add(C_LIVE_ALLOCATIONS, 1);
     *handle = h;
