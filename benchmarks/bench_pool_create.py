@@ -4,10 +4,11 @@ In this process, on HostDevice and on CudaDevice (the fake driver without a GPU)
 is started with a reserve of PAGES pages and timed until every one is created, mapped, given access
 and (where the driver does not promise zeros) zeroed: with one creation thread (the former code) and
 with the default `CREATE_THREADS`, interleaved (1, default, 1, default, ...), the load average recorded
-with each pair. The fake driver counts the calls. On the fake driver a creation is cheap (no memory is
-zeroed by cuMemCreate there) and the pool's memset of each page dominates, so the gain is small by
-construction; on the host device the kernel zeroes each page in posix_fallocate, which threads do in
-parallel. On a GPU the gain depends on how far the driver serializes cuMemCreate internally, which no
+with each pair. The fake driver counts the calls. On the host device the kernel zeroes each page in
+posix_fallocate, which threads do in parallel; the fake driver's cuMemCreate allocates its memory the
+same way (the driver commits memory at creation), in parallel too, but the pool's memset of each page
+after it (the first write to the page's 4 KiB pages, each a fault) stays serial, so the gain is
+smaller there. On a GPU the gain depends on how far the driver serializes cuMemCreate internally, which no
 public figure says: the modeled bound below assumes none (creations spread over the threads).
 
     python benchmarks/bench_pool_create.py [--pages N] [--repeats N] [--out FILE] [--update-readme]
