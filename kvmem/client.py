@@ -202,6 +202,11 @@ class DaemonClient:
                 self._channel_lock.release()
         return self._acquire_via_reader(n, wait)
 
+    def acquire_ready(self, n: int) -> Grant:
+        """`acquire` with no wait: the daemon grants what is free for this model now (its own pages
+        and the warm reserve), and no more (a DENY for the rest, which is no error here)."""
+        return self.acquire(n, wait=0.0)
+
     def sure_pages(self) -> int:
         """None are sure: the daemon weighs every request against its other models when it comes."""
         return 0

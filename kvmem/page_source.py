@@ -93,6 +93,10 @@ class PageSource(Protocol):
     def acquire(self, n: int, wait: float) -> Grant:
         """Up to `n` pages, waiting up to `wait` seconds; the pages are held from here on."""
 
+    def acquire_ready(self, n: int) -> Grant:
+        """Up to `n` of the pages the lender has ready now (made and free), waiting for none to be
+        made or given back; the pages are held from here on. Fewer is the expected outcome."""
+
     def sure_pages(self) -> int:
         """Pages `acquire` is sure to grant now, whatever else happens (0 when it cannot know)."""
 
@@ -159,6 +163,10 @@ class LocalPageSource:
             for page in grant.pages:
                 self._held[page.id] = page
         return grant
+
+    def acquire_ready(self, n: int) -> Grant:
+        """None: this source makes every page when asked (`acquire`), it keeps none made ahead."""
+        return Grant()
 
     def sure_pages(self) -> int:
         """What is left of the budget: no one else takes from it."""

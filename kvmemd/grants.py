@@ -55,6 +55,7 @@ class GrantDesk:
                 seq=next(self._seq),
                 started=now,
                 channel=channel,
+                ready_only=msg["wait_ms"] == 0,
             )
         )
         if len(self.pending) == 1:
@@ -176,8 +177,9 @@ class GrantDesk:
         daemon.status.changed()
 
     def _deny(self, r: GrowRequest, reason: str, detail: str) -> None:
-        r.conn.model.denies += 1
-        self.daemon.totals["denies"] += 1
+        if not (r.ready_only and reason == "budget"):
+            r.conn.model.denies += 1
+            self.daemon.totals["denies"] += 1
         body = {"req": r.req, "reason": reason, "detail": clip(detail), "granted": r.granted}
         self.daemon.loop.send(r.conn, MsgType.DENY, body, channel=r.channel)
         self.daemon.status.changed()

@@ -143,6 +143,9 @@ class GrowRequest:
     reclaim_asked: int = 0
     restore: bool = False  # a wake's restore from the host tier, not an engine's GROW
     channel: GrantChannel | None = None  # where the answers go, if the GROW came on a channel
+    # A GROW with no wait (`PageSource.acquire_ready`): it asks for what is free now, so the DENY of
+    # the rest for want of free pages ("budget") is its expected answer, not counted as a denial.
+    ready_only: bool = False
 
     @property
     def abandoned(self) -> bool:

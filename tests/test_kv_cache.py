@@ -717,6 +717,87 @@ def test_an_alloc_that_must_grow_grows_by_what_it_lacks_and_is_not_counted_as_de
         cache.free(big + more)
 
 
+class ReadySource(LocalPageSource):
+    """A local source that keeps `ready` pages made ahead, as a daemon keeps its warm reserve: what
+    `acquire_ready` hands out (then made again one by one as `acquire` asks, like the plain source)."""
+
+    def __init__(self, device, budget_pages: int, ready: int):
+        super().__init__(device, budget_pages)
+        self.ready = ready
+        self.asked: list[tuple[str, int]] = []  # ("ready" or "wait", pages), in order
+
+    def acquire_ready(self, n: int):
+        self.asked.append(("ready", n))
+        grant = super().acquire(min(n, self.ready), 0.0)
+        self.ready -= len(grant.pages)
+        return grant
+
+    def acquire(self, n: int, wait: float):
+        self.asked.append(("wait", n))
+        return super().acquire(n, wait)
+
+
+def ready_cache(source: ReadySource) -> ElasticKVCache:
+    """`demand_cache`'s geometry (slots of 2 pages and 64 blocks, watermarks 32 and 64) over `source`."""
+    return ElasticKVCache(source, 1, 16, 8, 128, max_tokens=64 * 16 * 32, background=False)
+
+
+def test_an_alloc_that_outruns_a_burst_maps_what_the_demand_uses_from_ready_pages_in_one_growth(clock: FakeClock):
+    source = ReadySource(open_device("host"), 64, ready=40)
+    cache = ready_cache(source)
+    try:
+        clock.now += 0.010
+        first = cache.alloc(40)  # nothing mapped, 10 ms after the cache was made: 4000 blocks/s
+        # It lacks one slot; a second of its demand is more than 16 slots beyond the high watermark:
+        # 1024 + 40 blocks, 17 slots (34 ready pages), in one growth, asked for without a wait.
+        assert source.asked == [("ready", 34)]
+        assert (cache.num_mapped_slots(), cache.stats().grows, cache.get_num_free_blocks()) == (17, 1, 1048)
+        cache._growth.keep_watermarks()  # the raised watermark keeps the slots mapped ahead
+        assert cache.num_mapped_slots() == 17
+        clock.now += 0.001
+        second = cache.alloc(1000)  # 1048 free: no growth, nothing asked
+        assert (source.asked, cache.stats().grows) == ([("ready", 34)], 1)
+        cache.free(first + second)
+    finally:
+        cache.close()
+
+
+def test_ready_pages_short_of_what_an_alloc_lacks_are_kept_and_it_waits_only_for_the_rest(clock: FakeClock):
+    source = ReadySource(open_device("host"), 64, ready=3)
+    cache = ready_cache(source)
+    try:
+        clock.now += 0.010
+        ids = cache.alloc(100)  # lacks 2 slots (4 pages); 3 are ready, too few to map them
+        # Its demand would map 18 slots (1024 + 100 blocks): asked for without a wait, 3 pages come.
+        # They are kept, and it waits for the 1 page it still lacks, not for the 16 slots ahead:
+        # one growth of 2 slots, 4 pages held in all.
+        assert source.asked == [("ready", 36), ("wait", 1)]
+        assert (cache.num_mapped_slots(), cache.stats().grows, cache.stats().pages_held) == (2, 1, 4)
+        assert cache._growth.headroom() == cache.high_watermark  # nothing mapped ahead, nothing raised
+        cache.free(ids)
+    finally:
+        cache.close()
+
+
+def test_a_burst_of_allocs_grows_once_from_the_daemons_free_pages(clock: FakeClock, tmp_path: Path):
+    """A scheduler step's requests, allocated one after another, on a daemon whose reserve is warm:
+    the first alloc that outruns the mapped blocks maps the step's slots in one growth, with the
+    pages the daemon has free; the rest of what it asked for without a wait is denied, and that
+    DENY is no denial in the daemon's counts (the engine asked for what was free, and got it)."""
+    with DaemonProcess(tmp_path / "rt", "host", "128MiB", "--reserve", "20", "20") as daemon:
+        wait_for(lambda: daemon.status().daemon.pages_free_clean >= 20, what="a warm reserve")
+        with kvmem.connect("burst", runtime_dir=daemon.runtime_dir) as s:
+            cache = demand_cache(s)
+            clock.now += 0.010
+            step = [cache.alloc(n) for n in (40, 30, 64, 64, 64, 64, 64, 64)]  # 458 blocks
+            # The first asked for 17 slots (34 pages) without a wait and got the 20 free: 10 slots.
+            assert (cache.num_mapped_slots(), cache.stats().grows) == (10, 1)
+            daemon.wait_for_model("burst", lambda m: m.mapped_pages == 20, what="the growth in the daemon's view")
+            assert daemon.status().model("burst").denies == 0 and daemon.status().daemon.denies == 0
+            for ids in step:
+                cache.free(ids)
+
+
 def test_a_demand_growth_the_budget_refuses_falls_back_to_what_is_needed(clock: FakeClock):
     with kvmem.local(device="host", budget="8MiB") as session:  # 4 pages: 2 slots
         cache = demand_cache(session)

@@ -25,9 +25,14 @@ sized from the quiet spell too, and the next one, right behind it, from the burs
 
 Who waits. An alloc that finds mapped free blocks is one call into the block allocator, whose
 own mutex no thread holds across a request to the daemon or a driver call: the background thread
-holds the grow lock while it waits for pages. An alloc that finds too few free blocks grows on demand by what
-it needs (so it waits for the fewest pages), after any growth already under way; the background
-thread grows the rest ahead of the next allocs.
+holds the grow lock while it waits for pages. An alloc that finds too few free blocks grows on
+demand, after any growth already under way, and waits only for the pages it needs; but it maps
+with them, in the same growth, the slots its demand uses (this alloc counted) if the page source
+has their pages ready (`PageSource.acquire_ready`: the daemon's free pages, asked for without a
+wait). An engine admits a scheduler step's requests one after another, each alloc right behind
+the last: the first that outruns the mapped blocks maps the step's slots (and the next steps'),
+rather than each request growing by its own slot. When fewer pages are ready than it lacks, they
+are kept and it waits for the rest only; the background thread grows ahead of the next allocs.
 
 Short grants. A grant that does not make a whole growth unit (the daemon gave what was free at the
 deadline) is kept, unmapped (`CacheState.spare`), and topped up by the next growth: returning it
@@ -94,28 +99,31 @@ class Growth:
         # use then plus those it was made for (an on-demand growth's alloc is served, not new demand).
         self._since = (clock(), 0)
 
-    def demand_rate(self) -> float:
-        """Blocks per second taken since the last growth was decided, net of frees (0 if fewer now).
+    def demand_rate(self, pending: int = 0) -> float:
+        """Blocks per second taken since the last growth was decided, net of frees (0 if fewer now),
+        counting `pending` blocks an alloc is about to take.
 
         Measured over the whole time since, at least `MIN_SPAN_S`: a quiet spell lowers it, so one
         request after it is not mistaken for a burst.
         """
         since, used_then = self._since
-        taken = self.state.allocator.get_num_used_blocks() - used_then
+        taken = self.state.allocator.get_num_used_blocks() + pending - used_then
         return taken / max(clock() - since, MIN_SPAN_S) if taken > 0 else 0.0
+
+    def demand_level(self, pending: int = 0) -> int:
+        """The free blocks a growth ahead of demand keeps: what `demand_rate` uses in `HORIZON_S`, at
+        least the high watermark and at most `MAX_BURST - 1` slots beyond it."""
+        ceiling = self.high_watermark + (MAX_BURST - 1) * self.blocks_per_slot
+        return min(max(self.high_watermark, math.ceil(self.demand_rate(pending) * HORIZON_S)), ceiling)
 
     def demand_slots(self, free: int) -> int:
         """Slots a growth ahead of demand maps now, with `free` mapped free blocks (grow lock held).
 
-        Enough to bring the free blocks to what `demand_rate` uses in `HORIZON_S`, at least to the
-        high watermark and at most `MAX_BURST - 1` slots beyond it; at least one. Raises `raised_high`
-        to that level, so that the slots are not shrunk straight back.
+        Enough to bring the free blocks to `demand_level`; at least one. Raises `raised_high` to that
+        level, so that the slots are not shrunk straight back.
         """
-        bps = self.blocks_per_slot
-        ceiling = self.high_watermark + (MAX_BURST - 1) * bps
-        level = min(max(self.high_watermark, math.ceil(self.demand_rate() * HORIZON_S)), ceiling)
-        self.raised_high = level
-        return max(1, -(-(level - free) // bps))
+        level = self.raised_high = self.demand_level()
+        return max(1, -(-(level - free) // self.blocks_per_slot))
 
     def headroom(self) -> int:
         """The high watermark now: the configured one, or the level the last growth's demand raised it
@@ -154,16 +162,48 @@ class Growth:
         """Grow until `blocks` blocks are free, or growth is refused (then why).
 
         An alloc that outran the background thread waits here for the fewest pages: after the growth
-        under way, if any (it holds the grow lock), it grows by the slots it lacks, no more. Its blocks
-        count as served by this growth, not as new demand; the allocs after it, if they are many, size
-        the background thread's next growth (`demand_slots`), which they wake below the low watermark.
+        under way, if any (it holds the grow lock), for the slots it lacks, no more. With them it maps
+        the slots the demand uses beyond them (`demand_level`, this alloc counted) if their pages are
+        ready (`grow_with_demand`): an engine that admits a step's requests one after another grows
+        once for the step, not once per request. Its blocks count as served by this growth, not as
+        new demand for the next one.
         """
         state = self.state
         with state.grow_lock:
-            short = blocks - state.allocator.get_num_free_blocks()
+            free = state.allocator.get_num_free_blocks()
+            short = blocks - free
             if short <= 0:
                 return None
-            return self.grow_slots(-(-short // self.blocks_per_slot), self.grow_wait, served=blocks)
+            bps = self.blocks_per_slot
+            needed = -(-short // bps)
+            level = self.demand_level(pending=blocks)
+            wanted = max(needed, -(-(level - free + blocks) // bps))
+            slots = state.allocator.get_unmapped_slots(wanted)
+            return self.grow_with_demand(slots[:needed], slots[needed:], level, self.grow_wait, served=blocks)
+
+    def grow_with_demand(
+        self, targets: list[int], ahead: list[int], level: int, wait: float, served: int = 0
+    ) -> Shortfall | None:
+        """Map `targets`, waiting up to `wait` for their pages, and with them `ahead` if the source has
+        their pages ready now (grow lock held); why not `targets`, if so.
+
+        One growth when the pages are ready (the steady state: the daemon's reserve, the model's own
+        pages): `targets` and `ahead` in one go, one set-access call per range and run. Otherwise
+        the ready pages are kept (`CacheState.spare`) and the growth waits for `targets` only, so
+        that the alloc behind it waits for no page it does not need. `level`: the free blocks the
+        demand keeps, which the slots mapped ahead raise the high watermark to (`raised_high`).
+        """
+        state = self.state
+        if ahead:
+            self.grow_slots(
+                len(targets) + len(ahead), 0.0, targets + ahead, served, ready_only=True, at_least=len(targets)
+            )
+            if state.allocator.is_mapped(ahead[0]):
+                self.raised_high = max(self.raised_high, level)
+            targets = [slot for slot in targets if not state.allocator.is_mapped(slot)]
+            if not targets:
+                return None
+        return self.grow_slots(len(targets), wait, targets, served)
 
     def map_slots(self, wanted: list[int], wait: float) -> Shortfall | None:
         """Map those of `wanted` (sorted slot numbers) not mapped yet; why not all, if so."""
@@ -175,13 +215,21 @@ class Growth:
             return self.grow_slots(len(todo), wait, targets=todo)
 
     def grow_slots(
-        self, slots: int, wait: float, targets: list[int] | None = None, served: int = 0
+        self,
+        slots: int,
+        wait: float,
+        targets: list[int] | None = None,
+        served: int = 0,
+        ready_only: bool = False,
+        at_least: int = 1,
     ) -> Shortfall | None:
         """Map `slots` more slots (grow lock held); why fewer, if so.
 
         `targets` are the unmapped slots to map, in order (default: the lowest unmapped ones); a
-        short grant maps the first of them. `served`: blocks an alloc waiting on this growth is about
-        to take (not counted as demand by the next `demand_rate`).
+        short grant maps the first of them, if they are `at_least` slots (else it maps none and keeps
+        every page for the next growth). `served`: blocks an alloc waiting on this growth is about
+        to take (not counted as demand by the next `demand_rate`). `ready_only`: only the pages the
+        source has ready (`PageSource.acquire_ready`), `wait` unused.
         """
         state = self.state
         decided = (clock(), state.allocator.get_num_used_blocks() + served)
@@ -193,9 +241,13 @@ class Growth:
         t0 = time.perf_counter()
         # Pages kept from a short grant count towards this growth: ask only for the rest.
         want = len(targets) * per - len(state.spare)
-        grant = state.source.acquire(want, wait) if want > 0 else None
+        grant = None
+        if want > 0:
+            grant = state.source.acquire_ready(want) if ready_only else state.source.acquire(want, wait)
         got = state.spare + (grant.pages if grant is not None else [])
         usable = min(len(got) // per, len(targets))
+        if usable < at_least:
+            usable = 0
         state.spare = got[usable * per :]  # a partial growth unit waits for the next growth
         targets = targets[:usable]
         pages = got[: usable * per]
