@@ -749,14 +749,15 @@ def test_an_alloc_that_outruns_a_burst_maps_what_the_demand_uses_from_ready_page
         clock.now += 0.010
         first = cache.alloc(40)  # nothing mapped, 10 ms after the cache was made: 4000 blocks/s
         # It lacks one slot; a second of its demand is more than 16 slots beyond the high watermark:
-        # 1024 + 40 blocks, 17 slots (34 ready pages), in one growth, asked for without a wait.
-        assert source.asked == [("ready", 34)]
-        assert (cache.num_mapped_slots(), cache.stats().grows, cache.get_num_free_blocks()) == (17, 1, 1048)
+        # 1024 blocks, and its own 40: the 16 whole slots they fill (32 ready pages) in one growth,
+        # asked for without a wait.
+        assert source.asked == [("ready", 32)]
+        assert (cache.num_mapped_slots(), cache.stats().grows, cache.get_num_free_blocks()) == (16, 1, 984)
         cache._growth.keep_watermarks()  # the raised watermark keeps the slots mapped ahead
-        assert cache.num_mapped_slots() == 17
+        assert cache.num_mapped_slots() == 16
         clock.now += 0.001
-        second = cache.alloc(1000)  # 1048 free: no growth, nothing asked
-        assert (source.asked, cache.stats().grows) == ([("ready", 34)], 1)
+        second = cache.alloc(900)  # 984 free: no growth, nothing asked
+        assert (source.asked, cache.stats().grows) == ([("ready", 32)], 1)
         cache.free(first + second)
     finally:
         cache.close()
@@ -768,10 +769,10 @@ def test_ready_pages_short_of_what_an_alloc_lacks_are_kept_and_it_waits_only_for
     try:
         clock.now += 0.010
         ids = cache.alloc(100)  # lacks 2 slots (4 pages); 3 are ready, too few to map them
-        # Its demand would map 18 slots (1024 + 100 blocks): asked for without a wait, 3 pages come.
+        # Its demand fills 17 slots (1024 + 100 blocks): asked for without a wait, 3 pages come.
         # They are kept, and it waits for the 1 page it still lacks, not for the 16 slots ahead:
         # one growth of 2 slots, 4 pages held in all.
-        assert source.asked == [("ready", 36), ("wait", 1)]
+        assert source.asked == [("ready", 34), ("wait", 1)]
         assert (cache.num_mapped_slots(), cache.stats().grows, cache.stats().pages_held) == (2, 1, 4)
         assert cache._growth.headroom() == cache.high_watermark  # nothing mapped ahead, nothing raised
         cache.free(ids)
@@ -790,7 +791,7 @@ def test_a_burst_of_allocs_grows_once_from_the_daemons_free_pages(clock: FakeClo
             cache = demand_cache(s)
             clock.now += 0.010
             step = [cache.alloc(n) for n in (40, 30, 64, 64, 64, 64, 64, 64)]  # 458 blocks
-            # The first asked for 17 slots (34 pages) without a wait and got the 20 free: 10 slots.
+            # The first asked for 16 slots (32 pages) without a wait and got the 20 free: 10 slots.
             assert (cache.num_mapped_slots(), cache.stats().grows) == (10, 1)
             daemon.wait_for_model("burst", lambda m: m.mapped_pages == 20, what="the growth in the daemon's view")
             assert daemon.status().model("burst").denies == 0 and daemon.status().daemon.denies == 0

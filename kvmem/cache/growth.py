@@ -110,19 +110,19 @@ class Growth:
         taken = self.state.allocator.get_num_used_blocks() + pending - used_then
         return taken / max(clock() - since, MIN_SPAN_S) if taken > 0 else 0.0
 
-    def demand_level(self, pending: int = 0) -> int:
-        """The free blocks a growth ahead of demand keeps: what `demand_rate` uses in `HORIZON_S`, at
-        least the high watermark and at most `MAX_BURST - 1` slots beyond it."""
+    def demand_blocks(self, pending: int = 0) -> int:
+        """What `demand_rate` (`pending` counted) uses in `HORIZON_S`, at most `MAX_BURST - 1` slots
+        beyond the high watermark."""
         ceiling = self.high_watermark + (MAX_BURST - 1) * self.blocks_per_slot
-        return min(max(self.high_watermark, math.ceil(self.demand_rate(pending) * HORIZON_S)), ceiling)
+        return min(math.ceil(self.demand_rate(pending) * HORIZON_S), ceiling)
 
     def demand_slots(self, free: int) -> int:
         """Slots a growth ahead of demand maps now, with `free` mapped free blocks (grow lock held).
 
-        Enough to bring the free blocks to `demand_level`; at least one. Raises `raised_high` to that
-        level, so that the slots are not shrunk straight back.
+        Enough to bring the free blocks to `demand_blocks`, at least to the high watermark; at least
+        one. Raises `raised_high` to that level, so that the slots are not shrunk straight back.
         """
-        level = self.raised_high = self.demand_level()
+        level = self.raised_high = max(self.high_watermark, self.demand_blocks())
         return max(1, -(-(level - free) // self.blocks_per_slot))
 
     def headroom(self) -> int:
@@ -163,8 +163,8 @@ class Growth:
 
         An alloc that outran the background thread waits here for the fewest pages: after the growth
         under way, if any (it holds the grow lock), for the slots it lacks, no more. With them it maps
-        the slots the demand uses beyond them (`demand_level`, this alloc counted) if their pages are
-        ready (`grow_with_demand`): an engine that admits a step's requests one after another grows
+        the whole slots the demand fills beyond them (`demand_blocks`, this alloc counted) if their
+        pages are ready (`grow_with_demand`): an engine that admits a step's requests one after another grows
         once for the step, not once per request. Its blocks count as served by this growth, not as
         new demand for the next one.
         """
@@ -176,8 +176,10 @@ class Growth:
                 return None
             bps = self.blocks_per_slot
             needed = -(-short // bps)
-            level = self.demand_level(pending=blocks)
-            wanted = max(needed, -(-(level - free + blocks) // bps))
+            # The whole slots the demand fills beyond this alloc's: none for a lone request after a
+            # quiet spell (the background thread keeps the watermarks), many within a burst.
+            level = self.demand_blocks(pending=blocks)
+            wanted = max(needed, (level - free + blocks) // bps)
             slots = state.allocator.get_unmapped_slots(wanted)
             return self.grow_with_demand(slots[:needed], slots[needed:], level, self.grow_wait, served=blocks)
 
