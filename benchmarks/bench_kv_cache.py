@@ -16,9 +16,11 @@ blocks, 64 per 2 MiB page, one growth slot = 64 pages (one per layer's K and V).
      36 µs). The published figures have none for importing a page: then its count is reported and
      it is left out of the model, for kvcached as for kvmem.
 2. Growth at the daemon's default settings with the cache's own growth (background thread,
-   default watermarks) under an engine-like arrival of allocs (`engine_like_growth`): 2 GiB live
-   first, then a labelled larger run (--larger-gib, 4 GiB) in which growth goes on after the first
-   burst. The best case of 1. is labelled as such.
+   default watermarks) under an engine-like arrival of allocs (`engine_like_growth`): requests
+   admitted in scheduler steps, as `vllm serve` admits them (`arrivals_steps`), 2 GiB live first;
+   then, labelled, the same with allocs 1 ms apart (`arrivals_1ms`, a demand far above what an
+   engine's compute makes) and a larger run (--larger-gib, 4 GiB) in which growth goes on after
+   the first steps. The best case of 1. is labelled as such.
 3. Idle footprint: requests of random length (seeded) arrive and finish, each holding one block
    per 16 tokens; at the end the cache's mapped bytes are compared with the packed floor (the
    slots the live blocks would fill if packed), after the background thread has settled.
@@ -62,6 +64,22 @@ def growth_on_host(repeats: int) -> dict:
     return {"wall_s_per_gib_p50": round(times[len(times) // 2], 4), "repeats": repeats}
 
 
+class QuietSpell:
+    """The clock the cache's growth reads (`kvmem.cache.growth.clock`) moved 100 s on: the best case's
+    one alloc comes as a lone request after a quiet spell, so the cache maps the 8 slots it needs and
+    nothing ahead (an alloc within a burst maps the slots the burst's rate fills too)."""
+
+    def __enter__(self):
+        from kvmem.cache import growth
+
+        self._growth, self._clock = growth, growth.clock
+        growth.clock = lambda: self._clock() + 100.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._growth.clock = self._clock
+
+
 def growth_on_fake_with_daemon(fake, costs: call_costs.CallCosts) -> dict:
     import kvmem
     from tests.daemon_support import DaemonProcess, wait_for
@@ -75,9 +93,10 @@ def growth_on_fake_with_daemon(fake, costs: call_costs.CallCosts) -> dict:
                 daemon_before = daemon.counters()
                 before = after_a_heartbeat(daemon)
                 fake.reset_call_counters()
-                t0 = time.perf_counter()
-                ids = cache.alloc(GIB_BLOCKS)
-                wall = time.perf_counter() - t0
+                with QuietSpell():
+                    t0 = time.perf_counter()
+                    ids = cache.alloc(GIB_BLOCKS)
+                    wall = time.perf_counter() - t0
                 client = {k: v for k, v in fake.counters().items() if v and not k.startswith("live.")}
                 daemon_after = daemon.counters()
                 after = after_a_heartbeat(daemon)
@@ -119,13 +138,55 @@ def after_a_heartbeat(daemon):
     return head
 
 
-def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, reserve: list[str]) -> dict:
+def arrivals_1ms(rng: random.Random, blocks_wanted: int):
+    """Allocs of 1-64 blocks, 1 ms apart, until `blocks_wanted`: (blocks, pause after)."""
+    used = 0
+    while used < blocks_wanted:
+        n = min(rng.randint(1, 64), blocks_wanted - used)
+        used += n
+        yield n, 0.001
+
+
+# A scheduler step of `vllm serve` on an H100/H200 admits up to 8192 tokens (vLLM 0.32's default
+# max_num_batched_tokens for an OpenAI server on a GPU of 70 GiB or more, vllm/engine/arg_utils.py);
+# its compute is modeled from the FLOPs of those tokens: 2 x 8.03e9 per token (Llama-3-8B's
+# parameters), at half of an H100 SXM's 989 TFLOPS dense BF16 (NVIDIA's datasheet): 0.27 s for a
+# full step, 30.8k tokens per second.
+STEP_TOKENS = 8192
+STEP_S_PER_TOKEN = 2 * 8.03e9 / (0.5 * 989e12)
+
+
+def arrivals_steps(rng: random.Random, blocks_wanted: int):
+    """Requests of 1-64 blocks (16-1024 tokens) admitted step by step: each step's allocs back to
+    back up to `STEP_TOKENS`, then the step's modeled compute: (blocks, pause after)."""
+    used = 0
+    while used < blocks_wanted:
+        step: list[int] = []
+        tokens = 0
+        while used < blocks_wanted:
+            n = min(rng.randint(1, 64), blocks_wanted - used)
+            if step and tokens + 16 * n > STEP_TOKENS:
+                break
+            step.append(n)
+            tokens += 16 * n
+            used += n
+        for n in step[:-1]:
+            yield n, 0.0
+        yield step[-1], tokens * STEP_S_PER_TOKEN
+
+
+ARRIVALS = {"steps": arrivals_steps, "1ms": arrivals_1ms}
+
+
+def engine_like_growth(
+    fake, costs: call_costs.CallCosts, gib: int, seed: int, reserve: list[str], arrivals: str = "steps"
+) -> dict:
     """Default settings, the cache's own growth: two models in turn grow by `gib` GiB each.
 
     The daemon runs with `reserve` (empty: its defaults), the cache with its background thread and
     default watermarks; each model starts once the daemon's reserve (sized from its growth unit) is
-    warm. Requests arrive as an engine admits them: an alloc of 1-64 blocks (16-1024
-    tokens), then 1 ms of modeled compute, until `gib` GiB of blocks are live. Model A grows first,
+    warm. Requests arrive as `arrivals` says (`ARRIVALS`: in scheduler steps, or 1 ms apart) until
+    `gib` GiB of blocks are live. Model A grows first,
     frees everything and closes; then model B grows the same way on the pages A gave back, which
     must be zeroed before B may see them (pages changing model); B starts once the daemon has zeroed
     them in the background (how long that took is reported). Counted per GiB mapped: the driver
@@ -133,11 +194,15 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
     and those made while a GROW waited: `pages_created_for_requests_total`) and zeroings (its status
     counters, read after a heartbeat that follows the last alloc), GROWs denied, pages granted per
     page kept, the cache's growths, and how long allocs waited: all of them, and those that found
-    enough mapped free blocks when they were called (which must not wait on the daemon).
+    enough mapped free blocks when they were called (which must not wait on the daemon). And the
+    pages the daemon made per second while the model grew: on this machine a page costs what the
+    kernel (and under a VM, the hypervisor) takes to provide 2 MiB of fresh memory, not a GPU's
+    cuMemCreate, and a cold start's growth depends on it.
     """
     import kvmem
     from tests.daemon_support import DaemonProcess
 
+    arrive = ARRIVALS[arrivals]
     blocks_wanted = gib * GIB_BLOCKS
     phases = {}
     with tempfile.TemporaryDirectory(prefix="kvmem-bench-") as tmp:
@@ -169,16 +234,17 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                         time.sleep(0.01)
                     live: list[list[int]] = []
                     t_start = time.perf_counter()
-                    while cache.get_num_used_blocks() < blocks_wanted:
-                        n = min(rng.randint(1, 64), blocks_wanted - cache.get_num_used_blocks())
+                    for n, pause in arrive(rng, blocks_wanted):
                         found_free = cache.get_num_free_blocks() >= n
                         t0 = time.perf_counter()
                         live.append(cache.alloc(n))
                         waits.append(time.perf_counter() - t0)
                         if found_free:
                             waits_found_free.append(waits[-1])
-                        time.sleep(0.001)
+                        if pause:
+                            time.sleep(pause)
                     wall = time.perf_counter() - t_start
+                    created_meanwhile = daemon.counters()["cuMemCreate"] - daemon_before["cuMemCreate"]
                     client = {k: v for k, v in fake.counters().items() if v and not k.startswith("live.")}
                     stats = cache.stats()
                     mapped_pages = stats.pages_held
@@ -202,6 +268,7 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                     "daemon_creates_per_gib": round(
                         (daemon_after["cuMemCreate"] - daemon_before["cuMemCreate"]) / mapped_gib, 1
                     ),
+                    "daemon_creates_per_s_while_growing": round(created_meanwhile / wall, 1),
                     "daemon_creates_while_a_grow_waited_per_gib": round(
                         (after.daemon.pages_created_for_requests_total - before.daemon.pages_created_for_requests_total)
                         / mapped_gib,
@@ -234,7 +301,7 @@ def engine_like_growth(fake, costs: call_costs.CallCosts, gib: int, seed: int, r
                 )
                 phases[model]["set_access_fraction_of_kvcached"] = round(calls["cuMemSetAccess"] / 512, 4)
     phases["b"]["waited_for_background_zeroing_s"] = round(zeroing_s, 3)
-    return {"reserve_args": reserve or "defaults", "gib": gib, "phases": phases}
+    return {"reserve_args": reserve or "defaults", "arrivals": arrivals, "gib": gib, "phases": phases}
 
 
 def idle_footprint(seed: int, steps: int) -> dict:
@@ -277,33 +344,49 @@ def table(result: dict) -> str:
     def row(label: str, key: str) -> str:
         return f"| {label} | {a[key]} | {b[key]} |"
 
-    larger = result.get("growth_engine_like_larger")
-    larger_rows = []
-    if larger is not None:
-        la, lb = larger["phases"]["a"], larger["phases"]["b"]
-        larger_rows = [
+    def compact(run: dict, title: str) -> list[str]:
+        ra, rb = run["phases"]["a"], run["phases"]["b"]
+        return [
             "",
-            f"**Larger growth** (labelled: the same default settings and arrivals until {larger['gib']} GiB are "
-            "live, so that growth goes on after the first burst):",
+            title,
             "",
-            "| per GiB of KV, default settings, larger growth | model A (fresh pages) | model B (pages from A) |",
+            "| per GiB of KV, default settings | model A (fresh pages) | model B (pages from A) |",
             "|---|---|---|",
-            f"| cuMemSetAccess per GiB mapped (kvcached: 512) | {la['calls_per_gib']['cuMemSetAccess']} | "
-            f"{lb['calls_per_gib']['cuMemSetAccess']} |",
-            f"| growths (slots mapped) | {la['growths']} ({la['mapped_slots']}) | "
-            f"{lb['growths']} ({lb['mapped_slots']}) |",
-            f"| pages created while a GROW waited, per GiB | {la['daemon_creates_while_a_grow_waited_per_gib']} | "
-            f"{lb['daemon_creates_while_a_grow_waited_per_gib']} |",
-            f"| allocs waiting > 10 ms | {la['allocs_waiting_over_10ms']} of {la['allocs']} | "
-            f"{lb['allocs_waiting_over_10ms']} of {lb['allocs']} |",
-            f"| alloc wait p99 / max, ms | {la['alloc_wait_p99_ms']} / {la['alloc_wait_max_ms']} | "
-            f"{lb['alloc_wait_p99_ms']} / {lb['alloc_wait_max_ms']} |",
+            f"| cuMemSetAccess per GiB mapped (kvcached: 512) | {ra['calls_per_gib']['cuMemSetAccess']} | "
+            f"{rb['calls_per_gib']['cuMemSetAccess']} |",
+            f"| growths (slots mapped) | {ra['growths']} ({ra['mapped_slots']}) | "
+            f"{rb['growths']} ({rb['mapped_slots']}) |",
+            f"| pages created while a GROW waited, per GiB | {ra['daemon_creates_while_a_grow_waited_per_gib']} | "
+            f"{rb['daemon_creates_while_a_grow_waited_per_gib']} |",
+            f"| pages the daemon made per second while the model grew | {ra['daemon_creates_per_s_while_growing']} | "
+            f"{rb['daemon_creates_per_s_while_growing']} |",
+            f"| allocs waiting > 10 ms | {ra['allocs_waiting_over_10ms']} of {ra['allocs']} | "
+            f"{rb['allocs_waiting_over_10ms']} of {rb['allocs']} |",
+            f"| alloc wait p99 / max, ms | {ra['alloc_wait_p99_ms']} / {ra['alloc_wait_max_ms']} | "
+            f"{rb['alloc_wait_p99_ms']} / {rb['alloc_wait_max_ms']} |",
         ]
+
+    others = []
+    if (spaced := result.get("growth_engine_like_1ms")) is not None:
+        others += compact(
+            spaced,
+            f"**Allocs 1 ms apart** (labelled: the same default settings, requests of 1-64 blocks 1 ms apart "
+            f"until {spaced['gib']} GiB are live, about 17 times the modeled prefill's demand; the pattern of "
+            "the figures before commit `2e31843`):",
+        )
+    if (larger := result.get("growth_engine_like_larger")) is not None:
+        others += compact(
+            larger,
+            f"**Larger growth** (labelled: the same default settings and scheduler steps until {larger['gib']} "
+            "GiB are live, so that growth goes on after the first steps):",
+        )
 
     return "\n".join(
         [
             f"**Default settings** (daemon's default reserve, the cache's background growth and default "
-            f"watermarks, engine-like arrivals: allocs of 1-64 blocks 1 ms apart until {engine['gib']} GiB are "
+            f"watermarks, engine-like arrivals: requests of 1-64 blocks admitted in scheduler steps of up to "
+            f"{STEP_TOKENS} tokens, each step's allocs one after another, then its modeled compute, "
+            f"{STEP_S_PER_TOKEN * STEP_TOKENS * 1e3:.0f} ms for a full step, until {engine['gib']} GiB are "
             "live). Model A grows first on fresh pages, then B grows on the pages A gave back (they change "
             "model, so each is zeroed before B gets it: B starts once the daemon has zeroed them in the "
             f"background, which took {b['waited_for_background_zeroing_s']} s). Per GiB mapped:",
@@ -324,6 +407,7 @@ def table(result: dict) -> str:
             row("pages zeroed by the daemon meanwhile", "daemon_zeroed_per_gib"),
             row("GROWs denied", "grows_denied"),
             row("pages granted per page kept mapped", "pages_granted_per_page_kept"),
+            row("pages the daemon made per second while the model grew", "daemon_creates_per_s_while_growing"),
             f"| allocs waiting > 10 ms | {a['allocs_waiting_over_10ms']} of {a['allocs']} | "
             f"{b['allocs_waiting_over_10ms']} of {b['allocs']} |",
             f"| alloc wait p99 / max, ms | {a['alloc_wait_p99_ms']} / {a['alloc_wait_max_ms']} | "
@@ -333,7 +417,7 @@ def table(result: dict) -> str:
             f"{b['allocs_finding_free_blocks_wait_max_ms']} |",
             f"| modeled driver time, ms per GiB (creations counted; {source}) | {a['modeled_ms_per_gib']} | "
             f"{b['modeled_ms_per_gib']} |",
-            *larger_rows,
+            *others,
             "",
             "**Best case** (one `alloc` of 1 GiB = 8 slots at once, a daemon started with `--reserve 1 600` and "
             "its reserve warm; no background growth):",
@@ -388,6 +472,9 @@ def main() -> int:
         "geometry": GEOMETRY,
         "trace_steps": args.steps,
         "growth_engine_like_default": engine_like_growth(fake, call_costs.load(args.costs), 2, seed=3, reserve=[]),
+        "growth_engine_like_1ms": engine_like_growth(
+            fake, call_costs.load(args.costs), 2, seed=3, reserve=[], arrivals="1ms"
+        ),
         "growth_engine_like_larger": (
             engine_like_growth(fake, call_costs.load(args.costs), args.larger_gib, seed=3, reserve=[])
             if args.larger_gib
