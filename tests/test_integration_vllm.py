@@ -522,6 +522,36 @@ def test_kvmem_pages_and_vllm_block_ids_line_up_in_the_pool_and_a_deny_costs_no_
         )
 
 
+def test_a_steps_requests_grow_the_pool_once_from_the_daemons_free_pages(tmp_path: Path, monkeypatch):
+    """KvmemBlockPool directly, as vLLM's scheduler drives it in one step: a demand hint, then the
+    request's blocks, request after request. The first request that needs an unmapped slot maps, in
+    the same growth, the slots of the blocks queued next that the measured demand fills, from the
+    pages the daemon has free; the step's later requests find them mapped and grow nothing."""
+    import kvmem
+    from kvmem.cache import growth
+
+    monkeypatch.setattr(growth, "clock", lambda: 100.0)  # the step's requests come at once: a burst
+    runtime = tmp_path / "rt"
+    with (
+        DaemonProcess(runtime, "host", "16MiB", "--reserve", "8", "8") as daemon,  # 8 pages = 4 slots of 2
+        kvmem.connect("step", runtime_dir=runtime) as s,
+    ):
+        wait_for(lambda: daemon.status().daemon.pages_free_clean + 2 >= 8, what="the reserve warm")
+        pool, cache = pool_on_a_small_cache(s, enable_caching=False)
+        assert (cache.stats().mapped_slots, cache.stats().grows) == (1, 1)  # the null block's slot
+        taken = []
+        for n in (10, 10, 20, 15):  # blocks 1..55: slots 0-3
+            pool.prepare(n)
+            taken += pool.get_new_blocks(n)
+            # The second request needs slot 1: slots 2 and 3 come with it, in one growth.
+            assert cache.stats().grows == (1 if len(taken) <= 10 else 2)
+        assert [b.block_id for b in taken] == list(range(1, 56)) and cache.stats().mapped_slots == 4
+        pool.check_backing()
+        # The daemon publishes its status a few ms after it acts: read it once it shows the 4 slots.
+        shown = daemon.wait_for_model("step", lambda m: m.mapped_pages == 4 * PAGES_PER_SLOT, what="the slots")
+        assert shown.model("step").denies == 0 and shown.daemon.denies == 0
+
+
 def test_over_a_lowered_limit_the_pool_hands_out_blocks_only_from_the_slots_it_keeps(tmp_path: Path):
     """KvmemBlockPool directly: a limit lowered below what the model holds, while blocks are in use
     on every slot. New blocks come only from the slots kept (the null block's, then the fullest),

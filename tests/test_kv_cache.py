@@ -793,8 +793,10 @@ def test_a_burst_of_allocs_grows_once_from_the_daemons_free_pages(clock: FakeClo
             step = [cache.alloc(n) for n in (40, 30, 64, 64, 64, 64, 64, 64)]  # 458 blocks
             # The first asked for 16 slots (32 pages) without a wait and got the 20 free: 10 slots.
             assert (cache.num_mapped_slots(), cache.stats().grows) == (10, 1)
-            daemon.wait_for_model("burst", lambda m: m.mapped_pages == 20, what="the growth in the daemon's view")
-            assert daemon.status().model("burst").denies == 0 and daemon.status().daemon.denies == 0
+            shown = daemon.wait_for_model(
+                "burst", lambda m: m.mapped_pages == 20, what="the growth in the daemon's view"
+            )
+            assert shown.model("burst").denies == 0 and shown.daemon.denies == 0
             for ids in step:
                 cache.free(ids)
 

@@ -13,7 +13,7 @@ Growth sized from demand. Each growth costs one set-access call per K and V rang
 number of slots it maps (a run of slots is contiguous in every range), so a growth should cover
 the demand to come, not one slot at a time. The demand rate is measured, not guessed from the
 time between growths: the blocks taken since the previous growth was decided (those taken while
-it waited for its pages included), net of frees, over the time since then (`demand_rate`). A
+it waited for its pages included), net of frees, over the time since then (`DemandMeter.rate`). A
 growth brings the mapped free blocks up to what that rate uses in `HORIZON_S` (at least the high
 watermark, at most `MAX_BURST - 1` slots beyond it), so an engine that fills a slot within
 milliseconds of its last growth grows by many slots at once, while one request after a quiet
@@ -68,6 +68,38 @@ BACKGROUND_WAIT_S = 1.0
 clock: Callable[[], float] = time.monotonic
 
 
+class DemandMeter:
+    """The demand on one block allocator, measured as the module docstring says (`rate`), and what
+    it uses in `HORIZON_S` (`blocks`). `since`: when the last growth was decided, and the blocks in
+    use then plus those it was made for; whoever grows sets it (`decision`)."""
+
+    def __init__(self, allocator, high_watermark: int, blocks_per_slot: int):
+        self.allocator = allocator
+        self.ceiling = high_watermark + (MAX_BURST - 1) * blocks_per_slot
+        self.since = (clock(), 0)
+
+    def rate(self, pending: int = 0) -> float:
+        """Blocks per second taken since the last growth was decided, net of frees (0 if fewer now),
+        counting `pending` blocks an alloc is about to take.
+
+        Measured over the whole time since, at least `MIN_SPAN_S`: a quiet spell lowers it, so one
+        request after it is not mistaken for a burst.
+        """
+        since, used_then = self.since
+        taken = self.allocator.get_num_used_blocks() + pending - used_then
+        return taken / max(clock() - since, MIN_SPAN_S) if taken > 0 else 0.0
+
+    def blocks(self, pending: int = 0) -> int:
+        """What `rate` (`pending` counted) uses in `HORIZON_S`, at most `MAX_BURST - 1` slots beyond
+        the high watermark."""
+        return min(math.ceil(self.rate(pending) * HORIZON_S), self.ceiling)
+
+    def decision(self, served: int = 0) -> tuple[float, int]:
+        """What `since` becomes if a growth decided now maps anything: the next rate counts from here,
+        the `served` blocks it is made for (an alloc about to take them) not counted as demand."""
+        return clock(), self.allocator.get_num_used_blocks() + served
+
+
 class Growth:
     """The growth and shrink policy of one cache (see the module docstring).
 
@@ -80,6 +112,7 @@ class Growth:
         reclaim_pages: Pages the daemon asked back and has not got yet.
         raised_high: The high watermark as the last growth's demand raised it (blocks); it lapses
             `DECAY_S` after the last growth (`headroom`).
+        demand: The demand on the cache's block allocator (`DemandMeter`).
     """
 
     def __init__(self, state: CacheState, low_watermark: int | None, high_watermark: int | None, grow_wait: float):
@@ -95,34 +128,15 @@ class Growth:
         self.reclaim_pages = 0
         self.raised_high = self.high_watermark
         self._last_growth = float("-inf")  # when the last growth ended (the headroom's decay counts from it)
-        # Where the demand rate is measured from: when the last growth was decided, and the blocks in
-        # use then plus those it was made for (an on-demand growth's alloc is served, not new demand).
-        self._since = (clock(), 0)
-
-    def demand_rate(self, pending: int = 0) -> float:
-        """Blocks per second taken since the last growth was decided, net of frees (0 if fewer now),
-        counting `pending` blocks an alloc is about to take.
-
-        Measured over the whole time since, at least `MIN_SPAN_S`: a quiet spell lowers it, so one
-        request after it is not mistaken for a burst.
-        """
-        since, used_then = self._since
-        taken = self.state.allocator.get_num_used_blocks() + pending - used_then
-        return taken / max(clock() - since, MIN_SPAN_S) if taken > 0 else 0.0
-
-    def demand_blocks(self, pending: int = 0) -> int:
-        """What `demand_rate` (`pending` counted) uses in `HORIZON_S`, at most `MAX_BURST - 1` slots
-        beyond the high watermark."""
-        ceiling = self.high_watermark + (MAX_BURST - 1) * self.blocks_per_slot
-        return min(math.ceil(self.demand_rate(pending) * HORIZON_S), ceiling)
+        self.demand = DemandMeter(state.allocator, self.high_watermark, self.blocks_per_slot)
 
     def demand_slots(self, free: int) -> int:
         """Slots a growth ahead of demand maps now, with `free` mapped free blocks (grow lock held).
 
-        Enough to bring the free blocks to `demand_blocks`, at least to the high watermark; at least
+        Enough to bring the free blocks to `DemandMeter.blocks`, at least to the high watermark; at least
         one. Raises `raised_high` to that level, so that the slots are not shrunk straight back.
         """
-        level = self.raised_high = max(self.high_watermark, self.demand_blocks())
+        level = self.raised_high = max(self.high_watermark, self.demand.blocks())
         return max(1, -(-(level - free) // self.blocks_per_slot))
 
     def headroom(self) -> int:
@@ -163,7 +177,7 @@ class Growth:
 
         An alloc that outran the background thread waits here for the fewest pages: after the growth
         under way, if any (it holds the grow lock), for the slots it lacks, no more. With them it maps
-        the whole slots the demand fills beyond them (`demand_blocks`, this alloc counted) if their
+        the whole slots the demand fills beyond them (`DemandMeter.blocks`, this alloc counted) if their
         pages are ready (`grow_with_demand`): an engine that admits a step's requests one after another grows
         once for the step, not once per request. Its blocks count as served by this growth, not as
         new demand for the next one.
@@ -178,7 +192,7 @@ class Growth:
             needed = -(-short // bps)
             # The whole slots the demand fills beyond this alloc's: none for a lone request after a
             # quiet spell (the background thread keeps the watermarks), many within a burst.
-            level = self.demand_blocks(pending=blocks)
+            level = self.demand.blocks(pending=blocks)
             wanted = max(needed, (level - free + blocks) // bps)
             slots = state.allocator.get_unmapped_slots(wanted)
             return self.grow_with_demand(slots[:needed], slots[needed:], level, self.grow_wait, served=blocks)
@@ -193,7 +207,8 @@ class Growth:
         pages): `targets` and `ahead` in one go, one set-access call per range and run. Otherwise
         the ready pages are kept (`CacheState.spare`) and the growth waits for `targets` only, so
         that the alloc behind it waits for no page it does not need. `level`: the free blocks the
-        demand keeps, which the slots mapped ahead raise the high watermark to (`raised_high`).
+        demand keeps; slots mapped ahead raise the high watermark (`raised_high`) to it, or to the
+        free blocks once they are mapped if more, so that they are not shrunk straight back.
         """
         state = self.state
         if ahead:
@@ -201,20 +216,22 @@ class Growth:
                 len(targets) + len(ahead), 0.0, targets + ahead, served, ready_only=True, at_least=len(targets)
             )
             if state.allocator.is_mapped(ahead[0]):
-                self.raised_high = max(self.raised_high, level)
+                self.raised_high = max(self.raised_high, level, state.allocator.get_num_free_blocks())
             targets = [slot for slot in targets if not state.allocator.is_mapped(slot)]
             if not targets:
                 return None
         return self.grow_slots(len(targets), wait, targets, served)
 
-    def map_slots(self, wanted: list[int], wait: float) -> Shortfall | None:
-        """Map those of `wanted` (sorted slot numbers) not mapped yet; why not all, if so."""
+    def map_slots(self, wanted: list[int], wait: float, ahead: list[int] | tuple[int, ...] = ()) -> Shortfall | None:
+        """Map those of `wanted` (sorted slot numbers) not mapped yet, and with them those of `ahead`
+        whose pages are ready (`grow_with_demand`); why not all of `wanted`, if so."""
         state = self.state
         with state.grow_lock:  # only its holders map: what is unmapped now stays so
             todo = [slot for slot in wanted if not state.allocator.is_mapped(slot)]
             if not todo:
                 return None
-            return self.grow_slots(len(todo), wait, targets=todo)
+            extra = [slot for slot in dict.fromkeys(ahead) if slot not in todo and not state.allocator.is_mapped(slot)]
+            return self.grow_with_demand(todo, extra, self.demand.blocks() if extra else 0, wait)
 
     def grow_slots(
         self,
@@ -230,11 +247,11 @@ class Growth:
         `targets` are the unmapped slots to map, in order (default: the lowest unmapped ones); a
         short grant maps the first of them, if they are `at_least` slots (else it maps none and keeps
         every page for the next growth). `served`: blocks an alloc waiting on this growth is about
-        to take (not counted as demand by the next `demand_rate`). `ready_only`: only the pages the
+        to take (not counted as demand by the next `DemandMeter.rate`). `ready_only`: only the pages the
         source has ready (`PageSource.acquire_ready`), `wait` unused.
         """
         state = self.state
-        decided = (clock(), state.allocator.get_num_used_blocks() + served)
+        decided = self.demand.decision(served)
         if targets is None:
             targets = state.allocator.get_unmapped_slots(slots)
         if not targets:
@@ -259,7 +276,7 @@ class Growth:
         for slot in targets:
             state.allocator.add_slot(slot)
         if targets:
-            self._since = decided  # the next rate counts the blocks taken while this growth waited
+            self.demand.since = decided  # the next rate counts the blocks taken while this growth waited
             self._last_growth = clock()  # when it ended: a slow grant is no pause in demand
             state.counters.grows += 1
             state.counters.last_grow_s = time.perf_counter() - t0

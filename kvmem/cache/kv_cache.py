@@ -375,28 +375,39 @@ class ElasticKVCache:
             if (growth.reclaim_pages > 0 or growth.target_pages >= 0 or self._state.asleep) and growth.wants_shrink():
                 self._state.notify()
 
-    def map_slots(self, slots: Iterable[int], wait: float | None = None) -> Shortfall | None:
+    def map_slots(self, slots: Iterable[int], wait: float | None = None, ahead: Iterable[int] = ()) -> Shortfall | None:
         """Map these page slots (those not mapped yet), for an engine that chooses its own blocks.
 
         Args:
             slots: Slot numbers (``block // blocks_per_slot``).
             wait: Seconds to wait for the daemon's pages (default: `grow_wait`).
+            ahead: Slots the engine will use next, in that order: mapped in the same growth if
+                their pages are ready (the daemon's free pages), never waited for. How many to
+                name is the engine's call (`demand_blocks` says what its demand uses).
 
         Returns:
-            None when every slot asked for is mapped afterwards; else why growth stopped. A short
-            answer maps the lowest of the slots asked for, as many as the pages granted cover.
+            None when every slot asked for is mapped afterwards (`ahead` aside); else why growth
+            stopped. A short answer maps the lowest of the slots asked for, as many as the pages
+            granted cover.
 
         Raises:
             ValueError: A slot is out of range.
         """
         self._check_open()
         wanted = sorted(set(slots))
-        for slot in wanted:
+        extra = list(ahead)
+        for slot in (*wanted, *extra):
             if not 0 <= slot < self.max_slots:
                 raise ValueError(f"slot {slot} is out of range (0..{self.max_slots - 1})")
         if self._state.asleep:
             return ASLEEP
-        return self._growth.map_slots(wanted, self._growth.grow_wait if wait is None else wait)
+        return self._growth.map_slots(wanted, self._growth.grow_wait if wait is None else wait, extra)
+
+    def demand_blocks(self, pending: int = 0) -> int:
+        """The blocks the measured demand (`pending` blocks about to be taken counted) uses in the
+        next second (kvmem/cache/growth.py, `DemandMeter`): for an engine that maps its own slots,
+        how far ahead a growth should map."""
+        return self._growth.demand.blocks(pending)
 
     def take(self, block_ids: list[int]) -> None:
         """Mark chosen free blocks on mapped slots as in use (the `alloc` of an engine that picks its

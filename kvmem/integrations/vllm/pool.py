@@ -30,7 +30,12 @@ first maps the slots of the first `n` queued blocks, then lets vLLM pop them; a 
 the daemon denies goes to the end of the queue and the next one is tried, so it never hands out
 an unbacked block and never fails within its count. Before the count is asked, the demand hint
 (`prepare`, from `KVCacheCoordinator.get_num_blocks_to_allocate`) maps what the request will
-take, so a request grows the cache instead of waiting for it. When the daemon denies memory the
+take, so a request grows the cache instead of waiting for it. The scheduler admits a step's
+requests one after another, so a hint that must grow also names the slots of the blocks queued
+next, as many as the measured demand fills (`_ahead`, `ElasticKVCache.demand_blocks`): they are
+mapped in the same growth if the daemon has their pages free, never waited for, so that a burst
+grows the cache once rather than once per request (each growth costs the ranks' driver calls
+and the daemon's round trip, whatever its size). When the daemon denies memory the
 count stays short and vLLM does what it does when its own pool is full: queue new requests,
 preempt running ones. After a deny, the pool asks the daemon again only after `DENY_BACKOFF_S`
 (a daemon that must reclaim would otherwise stall every scheduler step). Slots given back by
@@ -66,7 +71,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
@@ -220,8 +225,8 @@ class KvmemBlockPool(BlockPool):
     def _may_grow(self) -> bool:
         return self.kv_cache.sure_pages() > 0 or time.monotonic() >= self._deny_until
 
-    def _grow(self, slots: list[int]) -> None:
-        shortfall = self.kv_cache.map_slots(slots, wait=GROW_WAIT_S)
+    def _grow(self, slots: list[int], ahead: list[int] | None = None) -> None:
+        shortfall = self.kv_cache.map_slots(slots, wait=GROW_WAIT_S, ahead=ahead or ())
         if shortfall is not None and shortfall.reason != "asleep":
             self._deny_until = time.monotonic() + DENY_BACKOFF_S
             logger.debug("kvmem: %d slots asked for, short (%s)", len(slots), shortfall)
@@ -249,10 +254,31 @@ class KvmemBlockPool(BlockPool):
             is_mapped = self.kv_cache.is_slot_mapped
             if self._mapped_blocks() == self.num_gpu_blocks:
                 return
-            head = itertools.islice(self.free_block_queue.iter_blocks_after(None), num_blocks)
+            queued = self.free_block_queue.iter_blocks_after(None)
+            head = itertools.islice(queued, num_blocks)
             slots = sorted({b.block_id // self._bps for b in head if not is_mapped(b.block_id // self._bps)})
             if slots:
-                self._grow(slots)
+                self._grow(slots, self._ahead(queued, num_blocks, len(slots)))
+
+    def _ahead(self, queued: Iterator[KVCacheBlock], num_blocks: int, growing: int) -> list[int]:
+        """The unmapped slots of the blocks queued next after a request's `num_blocks` (`queued` is
+        past them), as many whole slots as the measured demand fills beyond the `growing` slots the
+        request needs (`ElasticKVCache.demand_blocks`, the request counted): mapped with them if
+        their pages are ready, so that a step's requests grow the cache once, not once each."""
+        cache = self.kv_cache
+        free = cache.get_num_free_blocks()  # on mapped slots, as kvmem counts them
+        wanted = (cache.demand_blocks(num_blocks) - free + num_blocks) // self._bps - growing
+        ahead: dict[int, None] = {}
+        if wanted <= 0:
+            return []
+        # The blocks the demand would take next, in the order vLLM hands them out.
+        for block in itertools.islice(queued, wanted * self._bps):
+            slot = block.block_id // self._bps
+            if not cache.is_slot_mapped(slot):
+                ahead[slot] = None
+                if len(ahead) == wanted:
+                    break
+        return list(ahead)
 
     def _front_mapped(self, num_blocks: int) -> None:
         """Arrange the free queue so that its first `num_blocks` blocks are on mapped slots (on the

@@ -93,13 +93,15 @@ class RankFollower:
     def mapped(self) -> list[int]:
         return [slot for slot in range(self.cache.max_slots) if self.cache.is_slot_mapped(slot)]
 
-    def map(self, slots: list[int], wait: float) -> dict[str, Any]:
-        """Map these slots (as many as the daemon grants, lowest first); which of them are mapped now."""
+    def map(self, slots: list[int], wait: float, ahead: list[int] | None = None) -> dict[str, Any]:
+        """Map these slots (as many as the daemon grants, lowest first), and `ahead` if their pages are
+        ready (`ElasticKVCache.map_slots`); which of them all are mapped now."""
+        ahead = ahead or []
         with self._engine_lock:
-            shortfall = self.cache.map_slots(slots, wait=wait)
-            self._hold(slots)
+            shortfall = self.cache.map_slots(slots, wait=wait, ahead=ahead)
+            self._hold(slots + ahead)
         return {
-            "mapped": [slot for slot in slots if self.cache.is_slot_mapped(slot)],
+            "mapped": [slot for slot in slots + ahead if self.cache.is_slot_mapped(slot)],
             "shortfall": None if shortfall is None else [shortfall.reason, shortfall.detail],
         }
 

@@ -27,7 +27,9 @@ one page path:
   pool's count includes a slot only if all ranks mapped it, and the ranks that got a slot the others
   were denied unmap it at once. So no rank maps a slot the others lack for longer than that call,
   a denial on any rank makes the pool short exactly as a full pool is (vLLM queues or preempts),
-  and nothing waits longer than the grant wait.
+  and nothing waits longer than the grant wait. Slots the pool names to map ahead of demand (from
+  pages ready on each rank, `ElasticKVCache.map_slots`) are reconciled the same way; the demand is
+  measured here, on the pool's blocks (`growth.DemandMeter`): no rank knows which blocks are used.
 - **The daemons' wishes come back when asked, and the scheduler asks only when there is
   something to ask.** Targets (limits), reclaims and sleep/wake requests reach each rank's session;
   the scheduler asks the ranks for them (`maintain`, run on vLLM's engine thread: the tick thread
@@ -61,6 +63,7 @@ import time
 from typing import Any
 
 from kvmem.block_allocator import BlockAllocator
+from kvmem.cache import growth
 from kvmem.integrations.vllm.doorbell import DaemonDoorbell
 from kvmem.integrations.vllm.geometry import UnsupportedVllmConfigError
 from kvmem.page_source import Shortfall
@@ -153,6 +156,11 @@ class RankedCache:
             )
         self.num_ranks = len(infos)
         self._allocator = BlockAllocator(self.blocks_per_slot, self.max_slots)
+        self._demand = growth.DemandMeter(self._allocator, self.blocks_per_slot, self.blocks_per_slot)
+        # Free blocks kept mapped after slots were mapped ahead of demand (what the demand uses in
+        # `growth.HORIZON_S`), and when (`_headroom`: it lapses `growth.DECAY_S` after, as
+        # ElasticKVCache's raised high watermark does).
+        self._raised = (self.blocks_per_slot, float("-inf"))
         common = set.intersection(*(set(i["mapped"]) for i in infos))
         for slot in sorted(common):
             self._allocator.add_slot(slot)
@@ -202,6 +210,10 @@ class RankedCache:
     def get_num_used_blocks(self) -> int:
         return self._allocator.get_num_used_blocks()
 
+    def get_num_free_blocks(self) -> int:
+        """Free blocks on the slots mapped on every rank."""
+        return self._allocator.get_num_free_blocks()
+
     def slot_usage(self) -> list[tuple[int, int]]:
         return self._allocator.get_slot_usage()
 
@@ -230,32 +242,46 @@ class RankedCache:
     def free(self, block_ids: list[int]) -> None:
         self._allocator.free(block_ids)
 
-    def map_slots(self, slots, wait: float | None = None) -> Shortfall | None:
-        """Map these slots on every rank; why not all, if so (module docstring: all ranks or none)."""
+    def demand_blocks(self, pending: int = 0) -> int:
+        """The blocks the pool's measured demand uses in the next second (`ElasticKVCache.demand_blocks`)."""
+        return self._demand.blocks(pending)
+
+    def map_slots(self, slots, wait: float | None = None, ahead=()) -> Shortfall | None:
+        """Map these slots on every rank, and `ahead` where every rank has their pages ready
+        (`ElasticKVCache.map_slots`); why not all of `slots`, if so (module docstring: all ranks or
+        none)."""
         todo = sorted({slot for slot in slots if not self._allocator.is_mapped(slot)})
         if not todo:
             return None
         if self._sleeping:
             return ASLEEP
+        extra = [slot for slot in dict.fromkeys(ahead) if slot not in todo and not self._allocator.is_mapped(slot)]
         clipped = None
         if self._target >= 0:
             # A rank's target (its limit) is known: ask no rank for slots that rank may not hold.
             # Otherwise the others would map them only to give them back in this same call.
             room = max(0, self._target_slots() - self.num_mapped_slots())
+            extra = extra[: max(0, room - len(todo))]
             if room < len(todo):
                 todo = todo[:room]
                 clipped = Shortfall("limit", f"a rank's target is {self._target} pages ({self._target_slots()} slots)")
                 if not todo:
                     return clipped
-        replies = self._rpc("map", todo, 0.0 if wait is None else wait)
+        level = self._demand.blocks()  # the free blocks slots mapped ahead keep until the raise lapses
+        decided = self._demand.decision()
+        replies = self._rpc("map", todo, 0.0 if wait is None else wait, extra)
         got = [set(reply["mapped"]) for reply in replies]
-        everywhere = set(todo).intersection(*got)
+        everywhere = set(todo + extra).intersection(*got)
         partial = sorted(set().union(*got) - everywhere)
         if partial:  # a rank may not keep a slot another rank was denied
             self._rpc("unmap", partial)
         for slot in sorted(everywhere):
             self._allocator.add_slot(slot)
-        if len(everywhere) == len(todo):
+        if everywhere:
+            self._demand.since = decided
+        if everywhere & set(extra):  # mapped ahead of demand: not surplus until the raise lapses
+            self._raised = (max(level, self._allocator.get_num_free_blocks()), growth.clock())
+        if everywhere >= set(todo):
             return clipped
         for reply in replies:
             if reply["shortfall"] is not None:
@@ -308,13 +334,20 @@ class RankedCache:
         if want > len(empty) and self._evictor is not None:
             self._evictor(want - len(empty))  # the pool drops cached blocks so that slots empty
             empty = self._allocator.get_empty_slots()
-        # Like ElasticKVCache's high watermark of one slot: an idle model keeps at most one empty slot.
-        surplus = self._allocator.get_num_free_blocks() - self.blocks_per_slot
+        # Like ElasticKVCache's high watermark of one slot: an idle model keeps at most one empty slot
+        # (more for `growth.DECAY_S` after slots were mapped ahead of demand).
+        surplus = self._allocator.get_num_free_blocks() - self._headroom()
         chosen = empty[: max(want, surplus // self.blocks_per_slot)]
         if chosen:
             self._unmap(chosen)
         # Unmet (blocks in use hold the slots): look again once the pool's blocks have moved.
         self._unmet_at_used = self._allocator.get_num_used_blocks() if want > len(chosen) else None
+
+    def _headroom(self) -> int:
+        """Free blocks kept mapped: one slot's, or what slots mapped ahead of demand left free, until
+        `growth.DECAY_S` after that growth."""
+        raised, since = self._raised
+        return max(self.blocks_per_slot, raised) if growth.clock() - since <= growth.DECAY_S else self.blocks_per_slot
 
     def _unmap(self, slots: list[int]) -> None:
         for slot in slots:
@@ -366,6 +399,7 @@ class RankedCache:
         if not self._restored:  # a rank lost its saved cache: no rank keeps any slot, nothing is cached
             counted = set()
             self._allocator = BlockAllocator(self.blocks_per_slot, self.max_slots)
+            self._demand = growth.DemandMeter(self._allocator, self.blocks_per_slot, self.blocks_per_slot)
         stray = sorted(set().union(*on_ranks) - counted)
         if stray:
             self._rpc("unmap", stray)
@@ -394,8 +428,8 @@ class RankedCache:
                 return True  # draining: `_drain` finishes once no block is referenced
         elif self._unmet_at_used is not None and allocator.get_num_used_blocks() != self._unmet_at_used:
             return True
-        elif allocator.get_empty_slots() and allocator.get_num_free_blocks() >= 2 * self.blocks_per_slot:
-            return True  # a slot or more of free blocks beyond the one-slot watermark (`_shrink`)
+        elif allocator.get_empty_slots() and allocator.get_num_free_blocks() >= self._headroom() + self.blocks_per_slot:
+            return True  # a slot or more of free blocks beyond the watermark (`_shrink`)
         elif allocator.counts()[3] != self._polled_used_slots:
             return True  # the slots in use changed: the ranks tell their daemons (USED, idle pages)
         reading = self._doorbell.read()
