@@ -7,7 +7,8 @@
 #   make test-vllm033  the same on vLLM 0.33.0 (no CPU build: no model runs; vLLM's own tests do) in .venv-vllm033
 #   make test-transformers-previous  the transformers integration tests on the previous minor release
 #   make test-sglang  the SGLang integration tests with SGLang 0.5.23's real pools/allocators (~6 GB) in .venv-sglang
-#   make bench  the benchmarks, writing JSON under benchmarks/results/ (bench_kernels.py only with a GPU)
+#   make bench  the benchmarks, writing JSON under benchmarks/results/ (bench_kernels.py only with a GPU;
+#               bench_vllm_pool.py in .venv-vllm, which it makes)
 #   make gpu-check [OUT=dir]  on a GPU machine, every GPU path and the driver's costs in one run (one JSON
 #               report and a log in OUT); without a GPU, one line saying so, exit 0 (tools/gpu_check.py)
 
@@ -136,11 +137,12 @@ $(SGLANG_STAMP): pyproject.toml Makefile $(NATIVE)
 test-sglang: $(SGLANG_STAMP)
 	$(SGLANG_VENV)/bin/python -m pytest tests/test_integration_sglang.py tests/test_integration_sglang_drain.py
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python benchmarks/bench_device.py --update-readme
 	$(BIN)/python benchmarks/bench_daemon.py --update-readme
 	$(BIN)/python benchmarks/bench_pool_create.py --update-readme
 	$(BIN)/python benchmarks/bench_kv_cache.py --update-readme
+	$(VLLM_VENV)/bin/python benchmarks/bench_vllm_pool.py --update-readme
 	$(BIN)/python benchmarks/bench_allocator.py --update-readme
 	$(BIN)/python benchmarks/bench_sleep.py --update-readme
 	$(BIN)/python benchmarks/bench_colocation.py --update-readme
