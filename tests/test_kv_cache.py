@@ -717,9 +717,10 @@ def test_an_alloc_that_must_grow_grows_by_what_it_lacks_and_is_not_counted_as_de
         cache.free(big + more)
 
 
-class ReadySource(LocalPageSource):
+class ReadySource(ListenedSource):
     """A local source that keeps `ready` pages made ahead, as a daemon keeps its warm reserve: what
-    `acquire_ready` hands out (then made again one by one as `acquire` asks, like the plain source)."""
+    `acquire_ready` hands out (then made again one by one as `acquire` asks, like the plain source).
+    The cache's listener is kept, to speak as the daemon would (`ListenedSource`)."""
 
     def __init__(self, device, budget_pages: int, ready: int):
         super().__init__(device, budget_pages)
@@ -759,6 +760,20 @@ def test_an_alloc_that_outruns_a_burst_maps_what_the_demand_uses_from_ready_page
         second = cache.alloc(900)  # 984 free: no growth, nothing asked
         assert (source.asked, cache.stats().grows) == ([("ready", 32)], 1)
         cache.free(first + second)
+    finally:
+        cache.close()
+
+
+def test_slots_mapped_ahead_of_demand_stop_at_the_daemons_target(clock: FakeClock):
+    source = ReadySource(open_device("host"), 64, ready=40)
+    cache = ready_cache(source)
+    try:
+        source.listener.target(10)  # POLICY: the model's limit, 10 pages (5 slots)
+        clock.now += 0.010
+        ids = cache.alloc(40)  # its demand fills 16 slots: it asks for the 5 its target allows
+        assert source.asked == [("ready", 10)]
+        assert (cache.num_mapped_slots(), cache.stats().grows) == (5, 1)
+        cache.free(ids)
     finally:
         cache.close()
 

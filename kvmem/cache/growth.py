@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvmem.cache.state import CacheState
 from kvmem.common.undo import Undo
@@ -211,6 +211,10 @@ class Growth:
         free blocks once they are mapped if more, so that they are not shrunk straight back.
         """
         state = self.state
+        target = self.effective_target()
+        if target >= 0:  # never ahead past the daemon's target (the model's limit): the rest would be denied
+            room = target // self.per_growth - state.allocator.get_num_mapped_slots() - len(targets)
+            ahead = ahead[: max(0, room)]
         if ahead:
             self.grow_slots(
                 len(targets) + len(ahead), 0.0, targets + ahead, served, ready_only=True, at_least=len(targets)
@@ -222,7 +226,7 @@ class Growth:
                 return None
         return self.grow_slots(len(targets), wait, targets, served)
 
-    def map_slots(self, wanted: list[int], wait: float, ahead: list[int] | tuple[int, ...] = ()) -> Shortfall | None:
+    def map_slots(self, wanted: list[int], wait: float, ahead: Sequence[int] = ()) -> Shortfall | None:
         """Map those of `wanted` (sorted slot numbers) not mapped yet, and with them those of `ahead`
         whose pages are ready (`grow_with_demand`); why not all of `wanted`, if so."""
         state = self.state
