@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import fakecuda
-from tests.support import FAKE, HOST_CAPACITY, live_objects, real_driver_loads
+from tests.support import FAKE, HOST_CAPACITY, GrowthClock, live_objects, real_driver_loads
 
 from kvmem.device import Device, HostDevice  # isort: skip  (after the fake is loaded)
 from kvmem.device.cuda import CudaDevice  # isort: skip
@@ -29,6 +29,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> GrowthClock:
+    """The growth decisions' clock in this process, moved by hand (`GrowthClock`)."""
+    from kvmem.cache import growth
+
+    manual = GrowthClock()
+    monkeypatch.setattr(growth, "clock", manual)
+    return manual
 
 
 @pytest.fixture

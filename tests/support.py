@@ -93,3 +93,15 @@ def pack_unchecked(msg_type: MsgType, body: dict[str, Any]) -> bytes:
     if type(body["done"]) is not bool:
         raise TypeError("done is not a boolean")
     return struct.pack(f"!II{len(ids)}I", body["req"], int(body["done"]), *ids)
+
+
+class GrowthClock:
+    """The clock the cache's growth decisions read (`kvmem.cache.growth.clock`), moved by hand, so
+    that sizing from the demand rate is exact: allocs with the clock left as it is come as one burst;
+    `now += 100` before an alloc makes it a lone request after a quiet spell (the `clock` fixture)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now

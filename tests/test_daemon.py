@@ -12,7 +12,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from kvmem.common.errors import ControlError
 from kvmem.common.status import ModelState
 from kvmem.control import ControlClient
 from tests.daemon_support import KVMEMD, DaemonProcess, EngineProcess, cleanup_shm, shm_exists, wait_for
+from tests.support import GrowthClock
 
 MiB = 1 << 20
 PAGE = 2 * MiB
@@ -576,31 +576,7 @@ def test_departed_models_pages_are_zeroed_ahead_in_the_background(device_kind: s
             assert b.exit() == 0
 
 
-class QuietClock:
-    """The clock the cache's growth decisions read (`kvmem.cache.growth.clock`), moved on by hand so
-    that an alloc comes after a quiet spell: a lone request, not a burst whose demand the cache
-    would map ahead of it (kvmem/cache/growth.py)."""
-
-    def __init__(self) -> None:
-        self.shift = 0.0
-
-    def __call__(self) -> float:
-        return time.monotonic() + self.shift
-
-    def quiet_spell(self) -> None:
-        self.shift += 100.0
-
-
-@pytest.fixture
-def quiet_clock(monkeypatch: pytest.MonkeyPatch) -> QuietClock:
-    from kvmem.cache import growth
-
-    clock = QuietClock()
-    monkeypatch.setattr(growth, "clock", clock)
-    return clock
-
-
-def test_the_reserve_is_sized_from_the_attached_engines_growth_unit(runtime_dir: Path, quiet_clock: QuietClock):
+def test_the_reserve_is_sized_from_the_attached_engines_growth_unit(runtime_dir: Path, clock: GrowthClock):
     import kvmem
 
     # 32 layers, 2 MiB pages of 64 blocks: one slot of every K and V range is a 64-page growth unit.
@@ -612,7 +588,7 @@ def test_the_reserve_is_sized_from_the_attached_engines_growth_unit(runtime_dir:
             assert cache.pages_per_growth == 64
             # Raised to one unit low, two units high: 128 pages made and kept free.
             wait_for(lambda: daemon.status().daemon.pages_created == 128, what="a reserve of two growth units")
-            quiet_clock.quiet_spell()
+            clock.now += 100.0  # a lone request after a quiet spell, not a burst
             ids = cache.alloc(64)  # one growth unit, granted from the reserve
             # (The status is published within a few ms of the grant, maybe after alloc returned.)
             head = wait_for(lambda: (h := daemon.status().daemon).pages_granted == 64 and h, what="the grant")
@@ -622,9 +598,7 @@ def test_the_reserve_is_sized_from_the_attached_engines_growth_unit(runtime_dir:
         wait_for(lambda: daemon.status().daemon.pages_created == 32, what="the surplus released")
 
 
-def test_the_reserve_follows_the_engines_grows_so_the_next_grant_creates_nothing(
-    runtime_dir: Path, quiet_clock: QuietClock
-):
+def test_the_reserve_follows_the_engines_grows_so_the_next_grant_creates_nothing(runtime_dir: Path, clock: GrowthClock):
     import kvmem
 
     # 4 layers, 2 MiB pages of 64 blocks: a growth unit is 8 pages; 8 slots (512 blocks) are a 64-page GROW.
@@ -634,7 +608,7 @@ def test_the_reserve_follows_the_engines_grows_so_the_next_grant_creates_nothing
         with kvmem.connect("bursty", runtime_dir=runtime_dir) as session:
             cache = session.kv_cache(**geometry, max_tokens=64 * 16 * 64, background=False)
             assert cache.pages_per_growth == 8
-            quiet_clock.quiet_spell()
+            clock.now += 100.0  # a lone request after a quiet spell, not a burst
             first = cache.alloc(512)  # a GROW of 64 pages: 32 from the reserve, 32 made while it waits
             # The reserve rises to that GROW, twice over: 128 free pages made ahead, beside the 64 granted.
             wait_for(
@@ -643,7 +617,7 @@ def test_the_reserve_follows_the_engines_grows_so_the_next_grant_creates_nothing
                 what="the reserve raised to twice the GROW",
             )
             assert daemon.status().daemon.pages_created_for_requests_total == 32  # the first GROW waited for 32
-            quiet_clock.quiet_spell()
+            clock.now += 100.0  # a lone request after a quiet spell, not a burst
             second = cache.alloc(512)  # the same GROW again: all 64 pages from the reserve
             head = wait_for(lambda: (h := daemon.status().daemon).pages_granted == 128 and h, what="the grant")
             assert head.pages_created == head.pages_created_total == 192  # none made on the grant path

@@ -522,15 +522,14 @@ def test_kvmem_pages_and_vllm_block_ids_line_up_in_the_pool_and_a_deny_costs_no_
         )
 
 
-def test_a_steps_requests_grow_the_pool_once_from_the_daemons_free_pages(tmp_path: Path, monkeypatch):
+def test_a_steps_requests_grow_the_pool_once_from_the_daemons_free_pages(tmp_path: Path, clock):
     """KvmemBlockPool directly, as vLLM's scheduler drives it in one step: a demand hint, then the
     request's blocks, request after request. The first request that needs an unmapped slot maps, in
     the same growth, the slots of the blocks queued next that the measured demand fills, from the
     pages the daemon has free; the step's later requests find them mapped and grow nothing."""
     import kvmem
-    from kvmem.cache import growth
 
-    monkeypatch.setattr(growth, "clock", lambda: 100.0)  # the step's requests come at once: a burst
+    # `clock` (conftest) stands still: the step's requests come at once, a burst.
     runtime = tmp_path / "rt"
     with (
         DaemonProcess(runtime, "host", "16MiB", "--reserve", "8", "8") as daemon,  # 8 pages = 4 slots of 2

@@ -21,7 +21,7 @@ from kvmem.device import open_device
 from kvmem.page_source import LocalPageSource, PageListener, Shortfall
 from kvmem.session import Session
 from tests.daemon_support import DaemonProcess, wait_for
-from tests.support import FAKE
+from tests.support import FAKE, GrowthClock
 
 MiB = 1 << 20
 GEOMETRY = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_dim": 64}  # 4 KiB blocks in fp16
@@ -642,25 +642,6 @@ def test_the_evictor_frees_blocks_so_a_lowered_limit_is_met(daemon: DaemonProces
         cache.free(cached.pop(0))
 
 
-class FakeClock:
-    """The clock growth decisions read (`kvmem.cache.growth.clock`), moved by hand: exact sizing."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch) -> FakeClock:
-    from kvmem.cache import growth
-
-    fake = FakeClock()
-    monkeypatch.setattr(growth, "clock", fake)
-    return fake
-
-
 def demand_cache(session: Session) -> ElasticKVCache:
     """One layer, 2 MiB pages: slots of 2 pages and 64 blocks; watermarks 32 (low) and 64 (high).
     No background thread: the test runs its passes (`keep_watermarks`) itself."""
@@ -671,7 +652,7 @@ def demand_cache(session: Session) -> ElasticKVCache:
     return cache
 
 
-def test_growth_is_sized_from_the_demand_rate(clock: FakeClock):
+def test_growth_is_sized_from_the_demand_rate(clock: GrowthClock):
     from kvmem.cache.growth import DECAY_S
 
     with kvmem.local(device="host", budget="128MiB") as session:  # 64 pages: 32 slots
@@ -703,7 +684,7 @@ def test_growth_is_sized_from_the_demand_rate(clock: FakeClock):
         cache.free(first + lone + steady)
 
 
-def test_an_alloc_that_must_grow_grows_by_what_it_lacks_and_is_not_counted_as_demand(clock: FakeClock):
+def test_an_alloc_that_must_grow_grows_by_what_it_lacks_and_is_not_counted_as_demand(clock: GrowthClock):
     with kvmem.local(device="host", budget="128MiB") as session:
         cache = demand_cache(session)
         big = cache.alloc(200)  # nothing mapped: it grows on demand, by the 4 slots it needs
@@ -743,7 +724,7 @@ def ready_cache(source: ReadySource) -> ElasticKVCache:
     return ElasticKVCache(source, 1, 16, 8, 128, max_tokens=64 * 16 * 32, background=False)
 
 
-def test_an_alloc_that_outruns_a_burst_maps_what_the_demand_uses_from_ready_pages_in_one_growth(clock: FakeClock):
+def test_an_alloc_that_outruns_a_burst_maps_what_the_demand_uses_from_ready_pages_in_one_growth(clock: GrowthClock):
     source = ReadySource(open_device("host"), 64, ready=40)
     cache = ready_cache(source)
     try:
@@ -764,7 +745,7 @@ def test_an_alloc_that_outruns_a_burst_maps_what_the_demand_uses_from_ready_page
         cache.close()
 
 
-def test_slots_mapped_ahead_of_demand_stop_at_the_daemons_target(clock: FakeClock):
+def test_slots_mapped_ahead_of_demand_stop_at_the_daemons_target(clock: GrowthClock):
     source = ReadySource(open_device("host"), 64, ready=40)
     cache = ready_cache(source)
     try:
@@ -778,7 +759,7 @@ def test_slots_mapped_ahead_of_demand_stop_at_the_daemons_target(clock: FakeCloc
         cache.close()
 
 
-def test_ready_pages_short_of_what_an_alloc_lacks_are_kept_and_it_waits_only_for_the_rest(clock: FakeClock):
+def test_ready_pages_short_of_what_an_alloc_lacks_are_kept_and_it_waits_only_for_the_rest(clock: GrowthClock):
     source = ReadySource(open_device("host"), 64, ready=3)
     cache = ready_cache(source)
     try:
@@ -795,7 +776,7 @@ def test_ready_pages_short_of_what_an_alloc_lacks_are_kept_and_it_waits_only_for
         cache.close()
 
 
-def test_a_burst_of_allocs_grows_once_from_the_daemons_free_pages(clock: FakeClock, tmp_path: Path):
+def test_a_burst_of_allocs_grows_once_from_the_daemons_free_pages(clock: GrowthClock, tmp_path: Path):
     """A scheduler step's requests, allocated one after another, on a daemon whose reserve is warm:
     the first alloc that outruns the mapped blocks maps the step's slots in one growth, with the
     pages the daemon has free; the rest of what it asked for without a wait is denied, and that
@@ -816,7 +797,7 @@ def test_a_burst_of_allocs_grows_once_from_the_daemons_free_pages(clock: FakeClo
                 cache.free(ids)
 
 
-def test_a_demand_growth_the_budget_refuses_falls_back_to_what_is_needed(clock: FakeClock):
+def test_a_demand_growth_the_budget_refuses_falls_back_to_what_is_needed(clock: GrowthClock):
     with kvmem.local(device="host", budget="8MiB") as session:  # 4 pages: 2 slots
         cache = demand_cache(session)
         cache._growth.keep_watermarks()

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import kvmem
 from kvmem.integrations.vllm.rank import RankFollower
 from kvmem.integrations.vllm.ranked_cache import RankedCache
 from tests.daemon_support import DaemonProcess, wait_for
+from tests.support import GrowthClock
 
 BLOCKS_PER_SLOT = 16  # one layer of 128 KiB blocks: a 2 MiB page for its K and one for its V
 
@@ -32,26 +31,7 @@ class InProcessExecutor:
         return [getattr(follower, op)(*rest) for follower in self.followers]
 
 
-class StepClock:
-    """The clock growth decisions read (`kvmem.cache.growth.clock`), moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> StepClock:
-    from kvmem.cache import growth
-
-    fake = StepClock()
-    monkeypatch.setattr(growth, "clock", fake)
-    return fake
-
-
-def test_slots_mapped_ahead_of_demand_on_every_rank_stay_until_the_raise_lapses(tmp_path: Path, clock: StepClock):
+def test_slots_mapped_ahead_of_demand_on_every_rank_stay_until_the_raise_lapses(tmp_path: Path, clock: GrowthClock):
     from kvmem.cache.growth import DECAY_S
 
     runtime = tmp_path / "rt"
