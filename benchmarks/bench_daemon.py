@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import json
 import os
 import signal
 import socket
@@ -51,7 +50,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, percentile, replace_readme_section, run_header  # noqa: E402
+from benchmarks.common import machine, percentile, publish  # noqa: E402
 
 SIZES = (1, 16, 256)
 # The grant path as the performance issue (issue 15) measured it, before its work began.
@@ -434,13 +433,8 @@ def main() -> int:
         result["devices"][label] = bench_device_kind(kind, args.samples, args.cycle_seconds)
     if args.against != "none":
         result["against"] = bench_against(args.against, args.repetitions, args.cycle_seconds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"wrote {args.out}")
-    if args.update_readme:
-        detail = f"{args.samples} samples per size"
-        replace_readme_section("bench_daemon", f"{run_header(result['machine'], detail)}\n\n{table(result)}\n")
+    detail = f"{args.samples} samples per size"
+    publish(result, args.out, table(result), detail if args.update_readme else None)
     return 0
 
 

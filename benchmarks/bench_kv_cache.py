@@ -31,7 +31,6 @@ blocks, 64 per 2 MiB page, one growth slot = 64 pages (one per layer's K and V).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -43,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks import costs as call_costs  # noqa: E402
-from benchmarks.common import load, machine, replace_readme_section, run_header  # noqa: E402
+from benchmarks.common import load, machine, publish  # noqa: E402
 
 GEOMETRY = {"num_layers": 32, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
 GIB_BLOCKS = 8 * 64  # 1 GiB of KV = 8 slots of 64 blocks
@@ -485,13 +484,7 @@ def main() -> int:
         "idle_footprint": idle_footprint(seed=1, steps=args.steps),
     }
     result["load_at_end"] = load()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"wrote {args.out}")
-    if args.update_readme:
-        detail = f"{args.steps} trace steps"
-        replace_readme_section("bench_kv_cache", f"{run_header(result['machine'], detail)}\n\n{table(result)}\n")
+    publish(result, args.out, table(result), f"{args.steps} trace steps" if args.update_readme else None)
     return 0
 
 

@@ -42,7 +42,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import load, machine, replace_readme_section, run_header, spread  # noqa: E402
+from benchmarks.common import load, machine, publish, spread  # noqa: E402
 
 # One layer per K and V of 4 KV heads x 128 dims, fp16, 16-token blocks: 16 KiB blocks, 128 per page.
 GEOMETRY = {"num_layers": 4, "block_size": 16, "num_kv_heads": 4, "head_dim": 128, "dtype": "float16"}
@@ -338,12 +338,7 @@ def main() -> int:
         result["runs"].append(run_size(size, args.cycles))
         print(json.dumps(result["runs"][-1]), flush=True)
     result["load_at_end"] = load()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"wrote {args.out}")
-    if args.update_readme:
-        replace_readme_section("bench_sleep", f"{run_header(result['machine'], 'HostDevice')}\n\n{table(result)}\n")
+    publish(result, args.out, table(result), "HostDevice" if args.update_readme else None)
     return 0
 
 

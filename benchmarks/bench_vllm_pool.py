@@ -26,7 +26,6 @@ own slots (`KvmemBlockPool._ahead` made to name none, as the pool was before com
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -39,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_kv_cache import GEOMETRY, GIB_BLOCKS, after_a_heartbeat, arrivals_steps  # noqa: E402
-from benchmarks.common import load, machine, replace_readme_section, run_header  # noqa: E402
+from benchmarks.common import load, machine, publish  # noqa: E402
 
 GIB = 2  # GiB in use at the end of each model's phase
 RETRY_S = 0.005  # how soon a request the pool could not back is scheduled again (vLLM's engine loop)
@@ -174,13 +173,8 @@ def main() -> int:
         runs.append({"kvmem": run_pair(fake, former=False, seed=i), "former": run_pair(fake, former=True, seed=i)})
     result = {"benchmark": "bench_vllm_pool", "machine": machine(), "geometry": GEOMETRY, "gib": GIB, "runs": runs}
     result["load_at_end"] = load()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"wrote {args.out}")
-    if args.update_readme:
-        detail = f"{args.repeats} runs of each pool, interleaved"
-        replace_readme_section("bench_vllm_pool", f"{run_header(result['machine'], detail)}\n\n{table(result)}\n")
+    detail = f"{args.repeats} runs of each pool, interleaved"
+    publish(result, args.out, table(result), detail if args.update_readme else None)
     return 0
 
 

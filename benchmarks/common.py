@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -74,3 +75,15 @@ def replace_readme_section(name: str, text: str) -> None:
     if not pattern.search(readme):
         raise SystemExit(f"benchmarks/README.md has no {name} markers")
     README.write_text(pattern.sub(lambda mt: mt.group(1) + text + mt.group(2), readme))
+
+
+def publish(result: dict, out: Path, text: str, readme_detail: str | None) -> None:
+    """Write `result` as JSON to `out`, print `text` (its table) and where it went; with
+    `readme_detail` (the run header's last words), put the run header and `text` in the README
+    section named after ``result["benchmark"]``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    print(f"wrote {out}")
+    if readme_detail is not None:
+        replace_readme_section(result["benchmark"], f"{run_header(result['machine'], readme_detail)}\n\n{text}\n")
