@@ -52,6 +52,8 @@ def status_document(ctx: KvctlContext, snap: StatusSnapshot) -> dict[str, Any]:
             "pages_free_clean": d.pages_free_clean,
             "pages_granted": d.pages_granted,
             "pages_quarantined": d.pages_quarantined,
+            "reserve_low_pages": d.reserve_low_pages,
+            "reserve_high_pages": d.reserve_high_pages,
             "host_tier_used_bytes": d.host_tier_used_bytes,
             "host_tier_capacity_bytes": d.host_tier_capacity_bytes,
             "grants": d.grants,
@@ -109,7 +111,8 @@ def status_table(snap: StatusSnapshot) -> str:
     lines = [
         f"kvmemd pid {d.daemon_pid} · GPU {d.gpu} · {d.device_kind} ({d.device_name}) · pages of {format_size(page)}",
         f"budget {size(d.budget_pages)} ({d.budget_pages} pages): created {d.pages_created} · free {d.pages_free} "
-        f"(clean {d.pages_free_clean}) · granted {d.pages_granted} · quarantined {d.pages_quarantined} · "
+        f"(clean {d.pages_free_clean}, reserve {d.reserve_low_pages}-{d.reserve_high_pages}) · "
+        f"granted {d.pages_granted} · quarantined {d.pages_quarantined} · "
         f"host tier {format_size(d.host_tier_used_bytes)} of {format_size(d.host_tier_capacity_bytes)}",
     ]
     rows = [COLUMNS]

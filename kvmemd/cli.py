@@ -94,7 +94,8 @@ def runtime_dir_option(f):
     "--reserve", "reserve", nargs=2, type=click.IntRange(0), default=(8, 32), show_default=True,
     envvar="KVMEM_RESERVE", show_envvar=True,
     help="Low and high watermarks of the warm reserve of free pages: a floor, raised to the attached engines' "
-    "growth unit (low one, high two) and to the largest GROW of the last --release-after seconds (low it, high twice).",
+    "growth unit (low one, high two), to the largest GROW of the last --release-after seconds (low it, high twice) "
+    "and, while an attached engine has not grown by more than a unit, to its first burst (16 units, within its limit).",
 )  # fmt: skip
 @click.option(
     "--release-after", type=click.FloatRange(0), default=10.0, show_default=True, envvar="KVMEM_RELEASE_AFTER",

@@ -76,6 +76,7 @@ class Control:
         if op == "set_limit":
             record.limit_pages = -1 if value < 0 else value // page
             sessions.send_policy(record)  # its target_pages is the limit while the model holds more
+            sessions.size_reserve()  # a first burst's reserve is capped at the limit
         elif op == "set_min":
             pages = -(-max(value, 0) // page)
             others = sum(r.min_pages for r in sessions.models.values() if r is not record)

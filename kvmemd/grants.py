@@ -45,7 +45,9 @@ class GrantDesk:
 
     def grow(self, conn: Connection, msg: Message, channel: GrantChannel | None = None) -> None:
         now = time.monotonic()
-        conn.largest_grow = max(conn.largest_grow, msg["pages"])
+        if msg["pages"] > conn.largest_grow:
+            conn.largest_grow = msg["pages"]
+            self.daemon.sessions.size_reserve()  # its first GROW beyond a unit ends its first burst's reserve
         self.pending.append(
             GrowRequest(
                 conn=conn,

@@ -39,7 +39,7 @@ After any page becomes grantable the worker calls `notify()` so the event loop s
 
 Reserve size. The watermarks given are a floor: the daemon raises them to what the attached
 engines grow by, so that a growth finds its pages created and zeroed and neither cuMemCreate nor a
-memset runs while it waits. Two measures, the larger wins:
+memset runs while it waits. Three measures, the largest wins:
 - the growth unit (`set_growth_unit`): one slot of the largest attached engine's KV layout, one
   page per layer's K and V times the pages of a slot: low to one unit, high to two;
 - the GROWs engines actually send (`note_grow`): an engine's cache grows by several slots at once
@@ -48,7 +48,15 @@ memset runs while it waits. Two measures, the larger wins:
   pages and one more finds them while the first is refilled. An engine that leaves does not take
   its GROWs with it: the next one to start (a restart, another model on the pages it left) asks
   for as much, and its first burst finds them too.
-  Both are bounded by the budget's free part (the budget less the pages granted).
+- an engine's first burst (`set_growth_unit`'s `first_burst`): an engine that attached and has not
+  yet sent a GROW of more than one growth unit has not met its first rising demand, and its first
+  burst of requests will ask for up to `kvmem.cache.growth.MAX_BURST` units at once. The reserve
+  is raised to that burst (capped at the model's limit) from the moment its LAYOUT arrives: an
+  engine starts serving well after it allocates its KV cache (`vllm serve` compiles and captures
+  its CUDA graphs in between), so its first burst finds its pages made rather than waiting for a
+  thousand cuMemCreate calls. It ends with the engine's first GROW of more than a unit, which
+  `note_grow` then follows; an engine that never grows by more keeps a burst made while attached.
+  All are bounded by the budget's free part (the budget less the pages granted).
 The refill runs on the worker, after the waiting requests' demand, so it is ahead of demand and
 never in a grant's way. When no GROW has needed the raised size for `release_after` seconds it
 lapses, and the free pages above the lowered watermark are released after `release_after` more
@@ -126,6 +134,8 @@ class PoolStats:
     pages_scrubbed_total: int
     out_of_memory_total: int
     pages_created_for_requests_total: int
+    reserve_low: int
+    reserve_high: int
 
 
 class PagePool:
@@ -189,6 +199,7 @@ class PagePool:
         self._demand: dict[int, int] = {}
         self._attached: set[str] = set()  # models with an engine attached (see `set_attached`)
         self._growth_unit = 0  # pages of the largest attached engine's growth unit (`set_growth_unit`)
+        self._first_burst = 0  # pages of the largest first burst still to come (`set_growth_unit`)
         # The GROWs of the last `release_after` seconds as a sliding-window maximum: (when it came,
         # pages), each larger than every later one, so the first is the largest.
         self._recent_grows: deque[tuple[float, int]] = deque()
@@ -330,17 +341,21 @@ class PagePool:
                 self._demand = demand
                 self._lock.notify()
 
-    def set_growth_unit(self, pages: int) -> None:
-        """Size the warm reserve for engines that grow by `pages` pages at a time (0: none attached).
+    def set_growth_unit(self, pages: int, first_burst: int = 0) -> None:
+        """Size the warm reserve for engines that grow by `pages` pages at a time (0: none attached),
+        the first burst of one of them still to come being `first_burst` pages (0: none).
 
-        Low watermark: the configured one or one growth unit, whichever is more; high: the
-        configured one or two units (raised further by recent GROWs, see `note_grow`). Never more
-        than the budget's free part.
+        Low watermark: the configured one, one growth unit or the first burst, whichever is more;
+        high: the configured one, two units or the first burst (raised further by recent GROWs, see
+        `note_grow`). Never more than the budget's free part.
         """
         with self._lock:
             self._growth_unit = pages
+            self._first_burst = first_burst
+            watermarks = self.reserve_low, self.reserve_high, self._clean_low
             self._size_reserve(time.monotonic())
-            self._lock.notify()
+            if (self.reserve_low, self.reserve_high, self._clean_low) != watermarks:
+                self._lock.notify()
 
     def note_grow(self, pages: int) -> None:
         """An engine asked for `pages` pages (a GROW): the reserve is raised to the largest such
@@ -368,13 +383,14 @@ class PagePool:
             grows.popleft()
         grow = grows[0][1] if grows else 0
         floor_low, floor_high = self._reserve_floor
-        unit = self._growth_unit
+        unit, burst = self._growth_unit, self._first_burst
         room = max(0, self.budget_pages - len(self._granted))  # the budget's free part
-        self.reserve_low = min(max(floor_low, unit, grow), room)
-        self.reserve_high = min(max(floor_high, 2 * unit, 2 * grow), room)
-        # The clean pages kept (attached models' own dirty pages zeroed for others) follow the floor
-        # and the unit only: a model's large GROWs are best served by its own pages, unzeroed.
-        self._clean_low = min(max(floor_low, unit), room)
+        self.reserve_low = min(max(floor_low, unit, grow, burst), room)
+        self.reserve_high = min(max(floor_high, 2 * unit, 2 * grow, burst), room)
+        # The clean pages kept (attached models' own dirty pages zeroed for others) follow the floor,
+        # the unit and a first burst (an engine starting afresh takes clean pages only); not the GROWs:
+        # a model's large GROWs are best served by its own pages, unzeroed.
+        self._clean_low = min(max(floor_low, unit, burst), room)
 
     def set_attached(self, models: set[str]) -> None:
         """The models whose engine is attached now: the dirty pages of all others are zeroed ahead."""
@@ -397,6 +413,8 @@ class PagePool:
                 pages_scrubbed_total=self._counters["scrubbed"],
                 out_of_memory_total=self._counters["oom"],
                 pages_created_for_requests_total=self._counters["for_requests"],
+                reserve_low=self.reserve_low,
+                reserve_high=self.reserve_high,
             )
 
     def close(self) -> None:

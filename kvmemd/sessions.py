@@ -29,6 +29,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from kvmem.cache.growth import MAX_BURST
 from kvmem.common import protocol
 from kvmem.common.errors import ControlError, ProtocolError
 from kvmem.common.layout import KVLayout
@@ -275,16 +276,25 @@ class Sessions:
     def size_reserve(self) -> None:
         """Tell the pool which models have an engine attached (the dirty pages of the others are
         zeroed ahead of demand) and size its warm reserve for those engines: their largest growth
-        unit (one slot in every layer's K and V range: ``pages_per_slot * 2 * num_layers`` pages)."""
-        unit = max(
-            (
-                r.layout["pages_per_slot"] * 2 * r.layout["num_layers"]
-                for r in self.models.values()
-                if r.client is not None and r.layout is not None
-            ),
-            default=0,
-        )
-        self.daemon.pool.set_growth_unit(unit)
+        unit (one slot in every layer's K and V range: ``pages_per_slot * 2 * num_layers`` pages),
+        and the largest first burst still to come (`kvmemd.pool`'s module docstring).
+
+        Called whenever an input changes: an engine attaches, sends its LAYOUT or leaves, its model
+        sleeps or wakes or gets a new limit, and when an engine's GROWs first exceed one unit.
+        """
+        unit = first_burst = 0
+        for r in self.models.values():
+            if r.client is None or r.layout is None:
+                continue
+            engine_unit = r.layout["pages_per_slot"] * 2 * r.layout["num_layers"]
+            unit = max(unit, engine_unit)
+            # An awake engine whose GROWs never exceeded a unit has not met its first rising demand:
+            # it will ask for up to MAX_BURST units at once (the cache's ceiling on one growth), no
+            # more than its limit lets it hold.
+            if r.state == ModelState.AWAKE and r.client.largest_grow <= engine_unit:
+                burst = MAX_BURST * engine_unit
+                first_burst = max(first_burst, burst if r.limit_pages < 0 else min(burst, r.limit_pages))
+        self.daemon.pool.set_growth_unit(unit, first_burst)
         self.daemon.pool.set_attached({r.name for r in self.models.values() if r.client is not None})
 
     def adopt(self, conn: Connection, msg: Message) -> None:

@@ -77,6 +77,7 @@ class SleepStates:
                 "no_room",
             )
         record.state = ModelState.DRAINING
+        self.daemon.sessions.size_reserve()  # a first burst's reserve is for awake engines only
         record.drain_deadline = time.monotonic() + self.daemon.config.drain_timeout
         record.waiting_for = ""
         record.sleep_offload = offload
@@ -106,6 +107,7 @@ class SleepStates:
             return
         if not saved:
             record.state = ModelState.AWAKE
+            self.daemon.sessions.size_reserve()
             daemon.loop.send(record.client, MsgType.WAKE, {"restored": not record.offload_lost})
             daemon.sessions.send_policy(record)
             return
@@ -135,6 +137,7 @@ class SleepStates:
                 "model %s: its drain did not finish within %g s: the sleep is rolled back", record.name, timeout
             )
             record.state = ModelState.AWAKE
+            self.daemon.sessions.size_reserve()
             record.drain_deadline = float("inf")
             record.waiting_for = f"sleep rolled back: the drain did not finish within {timeout:g} s"
             self.daemon.loop.send(record.client, MsgType.WAKE, {"restored": True})
@@ -228,6 +231,7 @@ class SleepStates:
                 )
         if r.remaining == 0 and record.copies_in_flight == 0 and not conn.closed:
             record.state = ModelState.AWAKE
+            self.daemon.sessions.size_reserve()
             record.waiting_for = ""
             if record.offload_lost:  # some of the cache is gone: the engine must not trust any of it
                 daemon.tier.discard(record.name)

@@ -92,6 +92,8 @@ class StatusPublisher:
             host_tier_saved_bytes_total=tier.bytes_saved_total,
             host_tier_restored_bytes_total=tier.bytes_restored_total,
             pages_created_for_requests_total=stats.pages_created_for_requests_total,
+            reserve_low_pages=stats.reserve_low,
+            reserve_high_pages=stats.reserve_high,
         )
         slots: list[ModelStatus | None] = [None] * MAX_SLOTS
         for record in models.values():

@@ -576,26 +576,71 @@ def test_departed_models_pages_are_zeroed_ahead_in_the_background(device_kind: s
             assert b.exit() == 0
 
 
-def test_the_reserve_is_sized_from_the_attached_engines_growth_unit(runtime_dir: Path, clock: GrowthClock):
+def test_the_reserve_holds_a_starting_engines_first_burst_until_it_grows_by_more_than_a_unit(
+    runtime_dir: Path, clock: GrowthClock
+):
+    import kvmem
+    from kvmem.cache.growth import MAX_BURST
+
+    # 4 layers, 2 MiB pages of 64 blocks: one slot of every K and V range is an 8-page growth unit,
+    # and the first burst, MAX_BURST (16) units, 128 pages.
+    geometry = {"num_layers": 4, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
+    with DaemonProcess(runtime_dir, "host", "1GiB", "--release-after", "0.5") as daemon:
+        head = wait_for(lambda: (h := daemon.status().daemon).pages_created == 32 and h, what="the default reserve")
+        assert (head.reserve_low_pages, head.reserve_high_pages) == (8, 32)
+        with kvmem.connect("starting", runtime_dir=runtime_dir) as session:
+            cache = session.kv_cache(**geometry, max_tokens=64 * 16 * 64, background=False)
+            assert cache.pages_per_growth == 8 and MAX_BURST == 16
+            # Attached, its LAYOUT sent, not grown yet: its first burst is made ahead, clean.
+            head = wait_for(
+                lambda: (h := daemon.status().daemon).pages_free_clean == 128 and h, timeout=60, what="the burst made"
+            )
+            assert (head.reserve_low_pages, head.reserve_high_pages) == (128, 128)
+            clock.now += 100.0  # a lone request after a quiet spell
+            first = cache.alloc(64)  # one slot: a GROW of one unit is no rising demand, the burst's reserve holds
+            head = wait_for(
+                lambda: (h := daemon.status().daemon).pages_granted == 8 and h.pages_free_clean == 128 and h,
+                timeout=60,
+                what="the reserve refilled to the burst",
+            )
+            assert (head.reserve_low_pages, head.reserve_high_pages) == (128, 128)
+            clock.now += 100.0
+            burst = cache.alloc(15 * 64)  # 15 slots at once: a GROW of 120 pages, every one made ahead
+            head = wait_for(lambda: (h := daemon.status().daemon).pages_granted == 128 and h, what="the grant")
+            assert head.pages_created_for_requests_total == 0
+            # Its first GROW beyond a unit ended the burst's reserve: the GROW's own size (note_grow)
+            # rules it until it lapses (--release-after), then the unit and the configured floor.
+            head = wait_for(
+                lambda: (h := daemon.status().daemon).reserve_high_pages == 32 and h, timeout=30, what="the lapse"
+            )
+            assert head.reserve_low_pages == 8
+            cache.free(first + burst)
+        # The engine left: the configured watermarks, the surplus above them released.
+        wait_for(lambda: daemon.status().daemon.pages_created == 32, timeout=60, what="the surplus released")
+
+
+def test_a_first_burst_reserve_is_capped_at_the_limit_and_dropped_while_asleep(runtime_dir: Path):
     import kvmem
 
-    # 32 layers, 2 MiB pages of 64 blocks: one slot of every K and V range is a 64-page growth unit.
-    geometry = {"num_layers": 32, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
-    with DaemonProcess(runtime_dir, "host", "1GiB", "--release-after", "0.2") as daemon:
-        wait_for(lambda: daemon.status().daemon.pages_created == 32, what="the default reserve (8, 32)")
-        with kvmem.connect("big", runtime_dir=runtime_dir) as session:
-            cache = session.kv_cache(**geometry, max_tokens=64 * 16 * 16, background=False)
-            assert cache.pages_per_growth == 64
-            # Raised to one unit low, two units high: 128 pages made and kept free.
-            wait_for(lambda: daemon.status().daemon.pages_created == 128, what="a reserve of two growth units")
-            clock.now += 100.0  # a lone request after a quiet spell, not a burst
-            ids = cache.alloc(64)  # one growth unit, granted from the reserve
-            # (The status is published within a few ms of the grant, maybe after alloc returned.)
-            head = wait_for(lambda: (h := daemon.status().daemon).pages_granted == 64 and h, what="the grant")
-            assert head.pages_created == 128 and head.pages_created_total == 128  # no page made for it
-            cache.free(ids)
-        # The engine left: the reserve falls back to the configured watermarks, surplus released.
-        wait_for(lambda: daemon.status().daemon.pages_created == 32, what="the surplus released")
+    geometry = {"num_layers": 4, "block_size": 16, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
+    with (
+        DaemonProcess(runtime_dir, "host", "1GiB") as daemon,
+        ControlClient(runtime_dir=runtime_dir) as control,
+    ):
+        control.set_limit("capped", 40 * 2 * MiB)  # 40 pages, under its 128-page burst
+        with kvmem.connect("capped", runtime_dir=runtime_dir) as session:
+            session.on_sleep(lambda offload: None)  # an engine that can drain (ours holds no block)
+            session.kv_cache(**geometry, max_tokens=64 * 16 * 64, low_watermark=0, high_watermark=0)
+            head = wait_for(lambda: (h := daemon.status().daemon).reserve_high_pages == 40 and h, what="the cap")
+            assert head.reserve_low_pages == 40
+            control.set_limit("capped", 64 * 2 * MiB)
+            wait_for(lambda: daemon.status().daemon.reserve_low_pages == 64, what="the burst under the raised limit")
+            control.sleep("capped")  # its burst is no longer kept
+            wait_for(lambda: model_status(daemon, "capped").state == ModelState.ASLEEP, what="asleep")
+            head = wait_for(lambda: (h := daemon.status().daemon).reserve_high_pages == 32 and h, what="the floor")
+            assert head.reserve_low_pages == 8
+            control.wake("capped")
+            wait_for(lambda: daemon.status().daemon.reserve_low_pages == 64, what="the burst back on waking")
 
 
 def test_the_reserve_follows_the_engines_grows_so_the_next_grant_creates_nothing(runtime_dir: Path, clock: GrowthClock):
@@ -608,20 +653,22 @@ def test_the_reserve_follows_the_engines_grows_so_the_next_grant_creates_nothing
         with kvmem.connect("bursty", runtime_dir=runtime_dir) as session:
             cache = session.kv_cache(**geometry, max_tokens=64 * 16 * 64, background=False)
             assert cache.pages_per_growth == 8
+            # Not grown yet: its first burst (16 units, 128 pages) is made ahead.
+            wait_for(lambda: daemon.status().daemon.pages_free_clean == 128, timeout=60, what="the first burst")
             clock.now += 100.0  # a lone request after a quiet spell, not a burst
-            first = cache.alloc(512)  # a GROW of 64 pages: 32 from the reserve, 32 made while it waits
-            # The reserve rises to that GROW, twice over: 128 free pages made ahead, beside the 64 granted.
-            wait_for(
-                lambda: (h := daemon.status().daemon).pages_created == 192 and h.pages_free_clean == 128,
-                timeout=60,
-                what="the reserve raised to twice the GROW",
-            )
-            assert daemon.status().daemon.pages_created_for_requests_total == 32  # the first GROW waited for 32
+            first = cache.alloc(512)  # a GROW of 64 pages, from the reserve
+            # The reserve now follows that GROW: low to its size (the 64 pages left free), high to twice it.
+            head = wait_for(lambda: (h := daemon.status().daemon).pages_granted == 64 and h, what="the grant")
+            assert (head.reserve_low_pages, head.reserve_high_pages) == (64, 128)
             clock.now += 100.0  # a lone request after a quiet spell, not a burst
-            second = cache.alloc(512)  # the same GROW again: all 64 pages from the reserve
+            second = cache.alloc(512)  # the same GROW again: all 64 pages from the reserve...
             head = wait_for(lambda: (h := daemon.status().daemon).pages_granted == 128 and h, what="the grant")
-            assert head.pages_created == head.pages_created_total == 192  # none made on the grant path
-            assert head.pages_created_for_requests_total == 32
+            assert head.pages_created_for_requests_total == 0  # ...none made on the grant path
+            # Below its low watermark, the reserve is refilled to the high one, ahead of the next GROW.
+            head = wait_for(
+                lambda: (h := daemon.status().daemon).pages_free_clean == 128 and h, timeout=60, what="the refill"
+            )
+            assert head.pages_created == head.pages_created_total == 256
             cache.free(first + second)
 
 

@@ -71,6 +71,34 @@ def test_the_reserve_follows_the_largest_recent_grow_within_the_budgets_free_par
         pool.close()
 
 
+def test_a_first_burst_raises_both_watermarks_and_the_clean_floor_within_the_budget(device: Device):
+    pool = PagePool(
+        device,
+        device.granularity,
+        budget_pages=100,
+        reserve_low=2,
+        reserve_high=4,
+        release_after=60,
+        notify=lambda: None,
+    )
+    try:
+        pool.set_growth_unit(8)  # a unit of 8 pages: one unit low, two high
+        assert (pool.reserve_low, pool.reserve_high) == (8, 16)
+        pool.set_growth_unit(8, first_burst=48)  # an engine's first burst to come: 48 pages made and kept
+        assert (pool.reserve_low, pool.reserve_high) == (48, 48)
+        stats = wait_for(lambda: (s := pool.stats()).free_clean == 48 and s, timeout=60, what="the burst made")
+        assert (stats.reserve_low, stats.reserve_high) == (48, 48)
+        taken = pool.take("m", client_id=1, uid=0, n=48)
+        assert len(taken) == 48
+        pool.set_growth_unit(8, first_burst=60)  # a larger burst: only 52 of the budget are not granted
+        assert (pool.reserve_low, pool.reserve_high) == (52, 52)
+        pool.give_back([p.id for p in taken], "m")
+        pool.set_growth_unit(8)  # the burst came: back to the unit
+        assert (pool.reserve_low, pool.reserve_high) == (8, 16)
+    finally:
+        pool.close()
+
+
 def test_a_raised_reserve_lapses_and_its_surplus_is_released_like_any_other(device: Device):
     pool = PagePool(
         device, device.granularity, budget_pages=64, reserve_low=2, reserve_high=4, release_after=3, notify=lambda: None

@@ -83,6 +83,8 @@ DAEMON = DaemonStatus(
     host_tier_saved_bytes_total=2**43 + 9,
     host_tier_restored_bytes_total=2**64 - 4,
     pages_created_for_requests_total=1015,
+    reserve_low_pages=1016,
+    reserve_high_pages=2**33 + 5,
 )
 # 32 two-byte characters: exactly the 64 bytes of the slot's name field, with no NUL terminator.
 LONGEST_NAME = "é" * 32
@@ -384,7 +386,7 @@ def consistent_k(snap) -> int:
     d = snap.daemon
     k = d.daemon_pid
     header_ints = [getattr(d, f.name) for f in dataclasses.fields(d) if f.type in ("int", int)]
-    assert len(header_ints) == 27 and header_ints == [k] * 27, f"torn header: {header_ints}"
+    assert len(header_ints) == 29 and header_ints == [k] * 29, f"torn header: {header_ints}"
     assert (d.started_unix, d.device_kind, d.device_name) == (float(k), str(k), f"dev-{k}")
     assert len(snap.models) == MAX_SLOTS, f"torn image: {len(snap.models)} occupied slots"
     for i, m in enumerate(snap.models):

@@ -53,7 +53,8 @@ from kvmem.page_source import Shortfall
 # demand about a second apart, each one set-access call per range), up to MAX_BURST slots at once
 # (16 slots of a 32-layer model's 2 MiB pages: 2 GiB); DECAY_S seconds without a growth bring the
 # high watermark back to the configured one. A rate is measured over at least MIN_SPAN_S, so that
-# a growth right behind the previous one is not sized from a few microseconds.
+# a growth right behind the previous one is not sized from a few microseconds. (The daemon keeps
+# MAX_BURST growth units made for an engine whose first burst has not come yet: kvmemd.sessions.)
 HORIZON_S = 1.0
 MAX_BURST = 16
 DECAY_S = 2.0

@@ -28,7 +28,7 @@ from typing import Any
 import posix_ipc
 
 MAGIC = b"KVMEMST\0"
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 HEADER_SIZE = 512
 SLOT_SIZE = 256
 MAX_SLOTS = 64
@@ -88,6 +88,11 @@ class DaemonStatus:
     host_tier_restored_bytes_total: int = _laid_out("Q", 0)
     # Pages made while a request waited for them (on the grant path), a part of pages_created_total.
     pages_created_for_requests_total: int = _laid_out("Q", 0)
+    # The warm reserve's watermarks now (kvmemd.pool: the configured floor, raised for the attached
+    # engines' growth unit, their recent GROWs and a first burst still to come): the free pages the
+    # daemon refills to and keeps.
+    reserve_low_pages: int = _laid_out("Q", 0)
+    reserve_high_pages: int = _laid_out("Q", 0)
 
 
 @dataclass
