@@ -47,8 +47,8 @@
  * lists are made before it is taken (alloc fills its list under it) or after it is released, and an
  * error is only recorded under it and raised afterwards. (A finalizer run by the garbage collector
  * could otherwise call back into this allocator and deadlock on its own mutex.) Under the mutex only
- * C arithmetic and increfs of the cached id objects happen. The one Python call an allocator makes,
- * the growth wake-up, is made after the mutex is released. A caller must not change a batch (a
+ * C arithmetic and increfs of the cached id objects happen. The Python calls an allocator makes,
+ * the growth wake-up and the first-take hook, are made after the mutex is released. A caller must not change a batch (a
  * list) from another thread while it is being freed or taken, as with any C function reading a list.
  *
  * Errors change nothing: free and take check every id of a batch before anything is given back or
@@ -212,6 +212,7 @@ typedef struct {
     Py_ssize_t num_free, num_mapped, num_empty;
     Py_ssize_t low_watermark;
     PyObject *wake; /* NULL or a callable: `set_low_watermark` */
+    PyObject *first_take; /* NULL or a callable, called once: `arm_first_take` */
     char paused, closed, wake_pending;
     Mutex mutex;
 } Allocator;
@@ -576,11 +577,13 @@ static void allocator_release_arrays(Allocator *a) {
 
 static int Allocator_traverse(Allocator *a, visitproc visit, void *arg) {
     Py_VISIT(a->wake); /* the id objects are ints: they hold no reference */
+    Py_VISIT(a->first_take);
     return 0;
 }
 
 static int Allocator_clear(Allocator *a) {
     Py_CLEAR(a->wake);
+    Py_CLEAR(a->first_take);
     return 0;
 }
 
@@ -855,6 +858,46 @@ static PyObject *Allocator_reset(Allocator *a, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
+/* ---- the first-take hook ---- */
+
+/* Blocks were just handed out (mutex held): the armed hook, disarmed, to be called once the mutex is
+ * released with `*used`, the blocks in use now (NULL if none is armed). */
+static inline PyObject *first_take_locked(Allocator *a, Py_ssize_t *used) {
+    PyObject *hook = a->first_take;
+    if (hook != NULL) {
+        a->first_take = NULL; /* its reference passes to the caller */
+        *used = a->num_mapped * a->bps - a->num_free;
+    }
+    return hook;
+}
+
+/* Call a hook taken by `first_take_locked` (mutex released): the blocks are handed out, so an error
+ * here must not lose them. */
+static void call_first_take(PyObject *hook, Py_ssize_t used) {
+    PyObject *arg = PyLong_FromSsize_t(used);
+    PyObject *r = arg != NULL ? PyObject_CallOneArg(hook, arg) : NULL;
+    if (r == NULL)
+        PyErr_WriteUnraisable(hook);
+    Py_XDECREF(r);
+    Py_XDECREF(arg);
+    Py_DECREF(hook);
+}
+
+static PyObject *Allocator_arm_first_take(Allocator *a, PyObject *hook) {
+    if (hook != Py_None && !PyCallable_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "the first-take hook must be callable or None");
+        return NULL;
+    }
+    PyObject *armed = hook == Py_None ? NULL : hook;
+    Py_XINCREF(armed);
+    LOCK(a);
+    PyObject *old = a->first_take;
+    a->first_take = armed;
+    UNLOCK(a);
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
 /* ---- alloc ---- */
 
 /* Up to `n` ids (exact: exactly n or None; and only while the gate is open). */
@@ -870,8 +913,8 @@ static PyObject *do_alloc(Allocator *a, PyObject *arg, int exact) {
     PyObject *list = PyList_New(cap > 0 ? cap : 0); /* made before the mutex; filled under it */
     if (list == NULL)
         return NULL;
-    Py_ssize_t got = 0;
-    PyObject *wake = NULL;
+    Py_ssize_t got = 0, used = 0;
+    PyObject *wake = NULL, *first_take = NULL;
     int refused = 0;
     LOCK(a);
     if (exact) {
@@ -884,6 +927,7 @@ static PyObject *do_alloc(Allocator *a, PyObject *arg, int exact) {
     }
     if (got > 0) {
         alloc_locked(a, got, PySequence_Fast_ITEMS(list));
+        first_take = first_take_locked(a, &used);
         if (exact && a->num_free < a->low_watermark && a->wake != NULL && !a->wake_pending) {
             a->wake_pending = 1;
             wake = a->wake;
@@ -899,6 +943,8 @@ static PyObject *do_alloc(Allocator *a, PyObject *arg, int exact) {
         Py_XDECREF(r);
         Py_DECREF(wake);
     }
+    if (first_take != NULL)
+        call_first_take(first_take, used);
     if (refused) {
         Py_DECREF(list);
         Py_RETURN_NONE;
@@ -1057,6 +1103,8 @@ static int do_take(Allocator *a, PyObject *ids, int gated) {
         qsort(v, (size_t)n, sizeof(long long), compare_ll);
     int error = OK, refused = 0, done = 0;
     long long bad = 0;
+    PyObject *first_take = NULL;
+    Py_ssize_t used = 0;
     if (n && v[0] < 0) {
         error = OUT_OF_RANGE;
         bad = v[0];
@@ -1120,9 +1168,14 @@ static int do_take(Allocator *a, PyObject *ids, int gated) {
                 i = j;
             }
             a->num_free -= n;
+            done = 1;
         }
+        if (done && n)
+            first_take = first_take_locked(a, &used);
         UNLOCK(a);
     }
+    if (first_take != NULL)
+        call_first_take(first_take, used);
     PyObject **items = PySequence_Fast_ITEMS(b.seq);
     if (error == OUT_OF_RANGE && bad == LLONG_MIN && b.neg_over >= 0) { /* beyond a long long: named as given */
         PyErr_Format(PyExc_ValueError, "block %S is out of range (0..%zd)", items[b.neg_over], a->max_blocks - 1);
@@ -1393,6 +1446,10 @@ static PyMethodDef Allocator_methods[] = {
     {"set_low_watermark", (PyCFunction)(void (*)(void))Allocator_set_low_watermark, METH_FASTCALL,
      "set_low_watermark(low, wake) -> None\n\n`alloc_exact` calls `wake()` (a callable, or None for never) when "
      "it leaves fewer than `low` free blocks and `wake_pending` is False, and sets `wake_pending`."},
+    {"arm_first_take", (PyCFunction)Allocator_arm_first_take, METH_O,
+     "arm_first_take(hook) -> None\n\nThe next `alloc`, `alloc_exact`, `take` or `try_take` that hands out blocks "
+     "calls `hook(used)` (after releasing the lock; `used`: the blocks in use just after it), once: the hook is "
+     "then disarmed. None disarms it. (A growth's demand meter times the first request after its decision.)"},
     {"__copy__", (PyCFunction)Allocator_copy, METH_NOARGS, "An independent copy of the block state."},
     {"__deepcopy__", (PyCFunction)Allocator_deepcopy, METH_O, "An independent copy of the block state."},
     {"_check", (PyCFunction)Allocator_check, METH_NOARGS,

@@ -265,6 +265,46 @@ def test_a_failing_wake_loses_no_block(monkeypatch):
         a.set_low_watermark(1, 5)
 
 
+def test_the_first_take_hook_is_called_once_by_the_first_call_that_hands_out_blocks():
+    a = mapped(4, 4, (0, 1))
+    calls = []
+    a.arm_first_take(lambda used: calls.append((used, a.get_num_used_blocks())))  # no lock held: it may call in
+    assert a.alloc_exact(0) == [] and a.alloc_exact(99) is None and a.alloc(0) == []  # nothing handed out
+    a.take([])
+    assert a.try_take([5]) is True and calls == [(1, 1)]  # the blocks in use just after the take
+    assert a.alloc_exact(2) == [4, 6] and calls == [(1, 1)]  # once: disarmed by the call (fullest slot first)
+    for hand_out in (lambda: a.alloc_exact(1), lambda: a.alloc(1), lambda: a.take([3])):
+        a.arm_first_take(lambda used: calls.append(used))
+        hand_out()
+    assert calls == [(1, 1), 4, 5, 6]
+    a.arm_first_take(lambda used: calls.append(used))
+    a.arm_first_take(None)  # disarmed
+    a.alloc(1)
+    assert calls == [(1, 1), 4, 5, 6]
+    a.paused = True
+    a.arm_first_take(lambda used: calls.append(used))
+    assert a.alloc_exact(1) is None and a.try_take([2]) is False  # the gate hands out nothing: still armed
+    a.paused = False
+    assert a.try_take([2]) is True and calls == [(1, 1), 4, 5, 6, 8]
+    with pytest.raises(TypeError):
+        a.arm_first_take(5)
+
+
+def test_a_failing_first_take_hook_loses_no_block(monkeypatch):
+    a = mapped(4, 4, (0,))
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def hook(used: int) -> None:
+        raise RuntimeError("no meter")
+
+    a.arm_first_take(hook)
+    assert a.alloc(2) == [0, 1]
+    assert len(unraisable) == 1 and isinstance(unraisable[0].exc_value, RuntimeError)
+    assert a.counts() == (2, 2, 1, 1)
+    a._check()
+
+
 # ---- threads ----
 
 

@@ -684,6 +684,23 @@ def test_growth_is_sized_from_the_demand_rate(clock: GrowthClock):
         cache.free(first + lone + steady)
 
 
+def test_a_burst_after_a_quiet_spell_is_measured_from_its_first_request(clock: GrowthClock):
+    with kvmem.local(device="host", budget="128MiB") as session:  # 64 pages: 32 slots
+        cache = demand_cache(session)
+        keep_watermarks = cache._growth.keep_watermarks  # one pass of the background thread
+        keep_watermarks()  # up to the high watermark: one slot, 64 free
+        clock.now += 100.0  # a quiet spell
+        first = cache.alloc(20)  # the burst's first request, served by mapped free blocks: 44 free
+        clock.now += 0.010
+        second = cache.alloc(20)  # 24 free, below the low watermark
+        keep_watermarks()
+        # 20 blocks in the 10 ms since the first request: 2000 blocks/s, a second of it more than 16
+        # slots, so the growth maps 16 at once. Over the 100 s since the last growth (40 blocks), it
+        # would have been one slot, and the burst's next requests would each have grown again.
+        assert (cache.num_mapped_slots(), cache.stats().grows) == (17, 2)
+        cache.free(first + second)
+
+
 def test_an_alloc_that_must_grow_grows_by_what_it_lacks_and_is_not_counted_as_demand(clock: GrowthClock):
     with kvmem.local(device="host", budget="128MiB") as session:
         cache = demand_cache(session)

@@ -13,11 +13,14 @@ Growth sized from demand. Each growth costs one set-access call per K and V rang
 number of slots it maps (a run of slots is contiguous in every range), so a growth should cover
 the demand to come, not one slot at a time. The demand rate is measured, not guessed from the
 time between growths: the blocks taken since the previous growth was decided (those taken while
-it waited for its pages included), net of frees, over the time since then (`DemandMeter.rate`). A
-growth brings the mapped free blocks up to what that rate uses in `HORIZON_S` (at least the high
-watermark, at most `MAX_BURST - 1` slots beyond it), so an engine that fills a slot within
-milliseconds of its last growth grows by many slots at once, while one request after a quiet
-spell (the same blocks over a long time) grows by what it needs.
+it waited for its pages included), net of frees, over the time since then (`DemandMeter.rate`),
+or, if higher, the blocks taken after the first request since then over the time since that
+request (the block allocator times it: `arm_first_take`): a burst that begins after a quiet
+spell, its first requests served by mapped free blocks, is measured from its beginning, not
+diluted by the quiet spell before it. A growth brings the mapped free blocks up to what that rate
+uses in `HORIZON_S` (at least the high watermark, at most `MAX_BURST - 1` slots beyond it), so an
+engine that fills a slot within milliseconds of its last growth grows by many slots at once, while
+one request after a quiet spell (the same blocks over a long time) grows by what it needs.
 The high watermark stays raised by that much (`headroom`) while growths keep coming; `DECAY_S`
 after the last one it falls back to the configured one, and the empty slots beyond it are shrunk
 as before. (A single alloc is one event, not a rate: the first growth after a quiet spell is
@@ -72,23 +75,43 @@ clock: Callable[[], float] = time.monotonic
 class DemandMeter:
     """The demand on one block allocator, measured as the module docstring says (`rate`), and what
     it uses in `HORIZON_S` (`blocks`). `since`: when the last growth was decided, and the blocks in
-    use then plus those it was made for; whoever grows sets it (`decision`)."""
+    use then plus those it was made for; whoever grows sets it (`restart`, from `decision`).
+    `first_take`: when the first request after that took its blocks, and the blocks in use just
+    after it (None until one has); the allocator reports it (`arm_first_take`), the meter being
+    the only user of its allocator's hook."""
 
     def __init__(self, allocator, high_watermark: int, blocks_per_slot: int):
         self.allocator = allocator
         self.ceiling = high_watermark + (MAX_BURST - 1) * blocks_per_slot
-        self.since = (clock(), 0)
+        self.first_take: tuple[float, int] | None = None
+        self.restart((clock(), allocator.get_num_used_blocks()))
+
+    def restart(self, decided: tuple[float, int]) -> None:
+        """A growth decided at `decided` (`decision`) mapped slots: the next rate counts from there."""
+        self.since = decided
+        self.first_take = None
+        self.allocator.arm_first_take(self._note_first_take)
+
+    def _note_first_take(self, used: int) -> None:
+        self.first_take = (clock(), used)
 
     def rate(self, pending: int = 0) -> float:
         """Blocks per second taken since the last growth was decided, net of frees (0 if fewer now),
         counting `pending` blocks an alloc is about to take.
 
-        Measured over the whole time since, at least `MIN_SPAN_S`: a quiet spell lowers it, so one
-        request after it is not mistaken for a burst.
+        Measured over the whole time since the decision, at least `MIN_SPAN_S`: a quiet spell lowers
+        it, so one request after it is not mistaken for a burst. Or, if higher, from the first
+        request after the decision, counting the blocks taken after it: the requests that follow it
+        make the rate, not the quiet spell before it. (Either measure alone misleads: the first
+        counts a burst's quiet prelude as demand time; the second knows nothing of a lone request.)
         """
-        since, used_then = self.since
-        taken = self.allocator.get_num_used_blocks() + pending - used_then
-        return taken / max(clock() - since, MIN_SPAN_S) if taken > 0 else 0.0
+        now = clock()
+        used = self.allocator.get_num_used_blocks() + pending
+        rates = [0.0]
+        for start, used_then in (self.since, self.first_take or self.since):
+            if used > used_then:
+                rates.append((used - used_then) / max(now - start, MIN_SPAN_S))
+        return max(rates)
 
     def blocks(self, pending: int = 0) -> int:
         """What `rate` (`pending` counted) uses in `HORIZON_S`, at most `MAX_BURST - 1` slots beyond
@@ -281,7 +304,7 @@ class Growth:
         for slot in targets:
             state.allocator.add_slot(slot)
         if targets:
-            self.demand.since = decided  # the next rate counts the blocks taken while this growth waited
+            self.demand.restart(decided)  # the next rate counts the blocks taken while this growth waited
             self._last_growth = clock()  # when it ended: a slow grant is no pause in demand
             state.counters.grows += 1
             state.counters.last_grow_s = time.perf_counter() - t0

@@ -278,7 +278,7 @@ class RankedCache:
         for slot in sorted(everywhere):
             self._allocator.add_slot(slot)
         if everywhere:
-            self._demand.since = decided
+            self._demand.restart(decided)
         if everywhere & set(extra):  # mapped ahead of demand: not surplus until the raise lapses
             self._raised = (max(level, self._allocator.get_num_free_blocks()), growth.clock())
         if everywhere >= set(todo):
