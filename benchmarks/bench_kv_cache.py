@@ -248,6 +248,7 @@ def engine_like_growth(
                             time.sleep(0.01)
                     waited_for_reserve = time.perf_counter() - t0
                     reserve_at_start = daemon.status().daemon
+                    created_at_start = daemon.counters()["cuMemCreate"]
                     live: list[list[int]] = []
                     t_start = time.perf_counter()
                     for n, pause in arrive(rng, blocks_wanted):
@@ -260,7 +261,7 @@ def engine_like_growth(
                         if pause:
                             time.sleep(pause)
                     wall = time.perf_counter() - t_start
-                    created_meanwhile = daemon.counters()["cuMemCreate"] - daemon_before["cuMemCreate"]
+                    created_while_growing = daemon.counters()["cuMemCreate"] - created_at_start
                     client = {k: v for k, v in fake.counters().items() if v and not k.startswith("live.")}
                     stats = cache.stats()
                     mapped_pages = stats.pages_held
@@ -287,7 +288,7 @@ def engine_like_growth(
                     "daemon_creates_per_gib": round(
                         (daemon_after["cuMemCreate"] - daemon_before["cuMemCreate"]) / mapped_gib, 1
                     ),
-                    "daemon_creates_per_s_while_growing": round(created_meanwhile / wall, 1),
+                    "daemon_creates_per_s_while_growing": round(created_while_growing / wall, 1),
                     "daemon_creates_while_a_grow_waited_per_gib": round(
                         (after.daemon.pages_created_for_requests_total - before.daemon.pages_created_for_requests_total)
                         / mapped_gib,
