@@ -211,7 +211,6 @@ def engine_like_growth(
     cuMemCreate, and a cold start's growth depends on it.
     """
     import kvmem
-    from kvmem.cache.growth import MAX_BURST
     from tests.daemon_support import DaemonProcess
 
     arrive = ARRIVALS[arrivals]
@@ -238,15 +237,7 @@ def engine_like_growth(
                 waits_found_free = []  # allocs that found enough mapped free blocks
                 with kvmem.connect(model, runtime_dir=runtime_dir) as session:
                     cache = session.kv_cache(**GEOMETRY, max_tokens=4 * blocks_wanted * 16)
-                    t0 = time.perf_counter()
-                    if start == "warm":  # the daemon's reserve raised for this engine's first burst, and made
-                        burst = MAX_BURST * cache.pages_per_growth
-                        while time.perf_counter() - t0 < 120 and (
-                            (h := daemon.status().daemon).reserve_low_pages < burst
-                            or h.pages_free_clean < h.reserve_low_pages
-                        ):
-                            time.sleep(0.01)
-                    waited_for_reserve = time.perf_counter() - t0
+                    waited_for_reserve = wait_for_first_burst(daemon, cache) if start == "warm" else 0.0
                     reserve_at_start = daemon.status().daemon
                     created_at_start = daemon.counters()["cuMemCreate"]
                     live: list[list[int]] = []
@@ -322,6 +313,20 @@ def engine_like_growth(
                 phases[model]["set_access_fraction_of_kvcached"] = round(calls["cuMemSetAccess"] / 512, 4)
     phases["b"]["waited_for_background_zeroing_s"] = round(zeroing_s, 3)
     return {"reserve_args": reserve or "defaults", "arrivals": arrivals, "start": start, "gib": gib, "phases": phases}
+
+
+def wait_for_first_burst(daemon, cache) -> float:
+    """Wait until the daemon's reserve is raised for `cache`'s first burst (its LAYOUT arrived) and
+    made, as it is before `vllm serve`'s first request; how long that took (seconds)."""
+    from kvmem.cache.growth import MAX_BURST
+
+    burst = MAX_BURST * cache.pages_per_growth
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 120 and (
+        (h := daemon.status().daemon).reserve_low_pages < burst or h.pages_free_clean < h.reserve_low_pages
+    ):
+        time.sleep(0.01)
+    return time.perf_counter() - t0
 
 
 def idle_footprint(seed: int, steps: int) -> dict:

@@ -13,7 +13,8 @@ requests one after another, then the step's modeled compute (`bench_kv_cache.arr
 use. The cache is the Llama-3-8B-like geometry of `bench_kv_cache.py` (a slot: 64 blocks, 64 pages),
 from a daemon at its default settings on the fake CUDA driver, which counts the calls in this
 process. Model A grows on fresh pages (a cold start), then B on the pages A gave back (the steady
-state), as in `bench_kv_cache.py`.
+state), each model's first request once the daemon has made the first burst it keeps for a
+starting engine, as in `bench_kv_cache.py`.
 
 Two pools, interleaved (kvmem, former, kvmem, former, each with its own daemon): kvmem's, whose
 hint maps with a request's slots those of the blocks queued next that the measured demand fills
@@ -37,29 +38,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_kv_cache import GEOMETRY, GIB_BLOCKS, after_a_heartbeat, arrivals_steps  # noqa: E402
+from benchmarks.bench_kv_cache import (  # noqa: E402
+    GEOMETRY,
+    GIB_BLOCKS,
+    after_a_heartbeat,
+    arrivals_steps,
+    wait_for_first_burst,
+)
 from benchmarks.common import load, machine, publish  # noqa: E402
 
 GIB = 2  # GiB in use at the end of each model's phase
 RETRY_S = 0.005  # how soon a request the pool could not back is scheduled again (vLLM's engine loop)
 
 
-def grow_through_the_pool(fake, runtime_dir: Path, model: str, seed: int) -> dict:
+def grow_through_the_pool(fake, daemon, model: str, seed: int) -> dict:
     """One model's phase: a pool over a fresh cache, requests in scheduler steps until `GIB` GiB are
-    in use; the driver calls, growths and waits it took. Every block is freed at the end."""
+    in use, the first once the daemon has made the reserve it keeps for a starting engine (as before
+    `vllm serve`'s first request: `bench_kv_cache.wait_for_first_burst`); the driver calls, growths
+    and waits it took. Every block is freed at the end."""
     import kvmem
     from kvmem.integrations.vllm import allocation
     from kvmem.integrations.vllm import pool as kvmem_pool
 
     rng = random.Random(seed)
     blocks_wanted = GIB * GIB_BLOCKS
-    with kvmem.connect(model, runtime_dir=runtime_dir) as session:
+    with kvmem.connect(model, runtime_dir=daemon.runtime_dir) as session:
         cache = session.kv_cache(**GEOMETRY, max_tokens=4 * blocks_wanted * 16)
         kvmem_pool.set_backing(lambda n: cache)
         try:
             pool = kvmem_pool.KvmemBlockPool(cache.max_blocks, enable_caching=False, hash_block_size=16)
         finally:
             kvmem_pool.set_backing(allocation.cache_for_pool)
+        waited_for_reserve = wait_for_first_burst(daemon, cache)
         fake.reset_call_counters()
         grows_before = cache.stats().grows
         waits, taken = [], []
@@ -92,6 +102,7 @@ def grow_through_the_pool(fake, runtime_dir: Path, model: str, seed: int) -> dic
             "request_wait_max_ms": round(waits[-1] * 1e3, 2),
             "request_wait_median_ms": round(statistics.median(waits) * 1e3, 3),
             "wall_s": round(wall, 3),
+            "waited_for_reserve_s": round(waited_for_reserve, 3),
         }
 
 
@@ -117,7 +128,7 @@ def run_pair(fake, former: bool, seed: int) -> dict:
                         ):
                             time.sleep(0.01)
                     after_a_heartbeat(daemon)
-                    phases[model] = grow_through_the_pool(fake, runtime_dir, model, seed)
+                    phases[model] = grow_through_the_pool(fake, daemon, model, seed)
                 return phases
     finally:
         kvmem_pool.KvmemBlockPool._ahead = stock_ahead
