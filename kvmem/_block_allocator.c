@@ -48,8 +48,9 @@
  * error is only recorded under it and raised afterwards. (A finalizer run by the garbage collector
  * could otherwise call back into this allocator and deadlock on its own mutex.) Under the mutex only
  * C arithmetic and increfs of the cached id objects happen. The Python calls an allocator makes,
- * the growth wake-up and the first-take hook, are made after the mutex is released. A caller must not change a batch (a
- * list) from another thread while it is being freed or taken, as with any C function reading a list.
+ * the growth wake-up and the first-take hook, are made after the mutex is released. A caller must
+ * not change a batch (a list) from another thread while it is being freed or taken, as with any C
+ * function reading a list.
  *
  * Errors change nothing: free and take check every id of a batch before anything is given back or
  * taken (free undoes the bits it set while checking); every id and slot is bounds-checked before it
