@@ -50,7 +50,7 @@ memset runs while it waits. Three measures, the largest wins:
   for as much, and its first burst finds them too.
 - an engine's first burst (`set_growth_unit`'s `first_burst`): an engine that attached and has not
   yet sent a GROW of more than one growth unit has not met its first rising demand, and its first
-  burst of requests will ask for up to `kvmem.cache.growth.MAX_BURST` units at once. The reserve
+  burst of requests will ask for up to `protocol.MAX_BURST_SLOTS` units at once. The reserve
   is raised to that burst (capped at the model's limit) from the moment its LAYOUT arrives: an
   engine starts serving well after it allocates its KV cache (`vllm serve` compiles and captures
   its CUDA graphs in between), so its first burst finds its pages made rather than waiting for a

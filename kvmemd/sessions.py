@@ -29,7 +29,6 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from kvmem.cache.growth import MAX_BURST
 from kvmem.common import protocol
 from kvmem.common.errors import ControlError, ProtocolError
 from kvmem.common.layout import KVLayout
@@ -289,10 +288,10 @@ class Sessions:
             engine_unit = r.layout["pages_per_slot"] * 2 * r.layout["num_layers"]
             unit = max(unit, engine_unit)
             # An awake engine whose GROWs never exceeded a unit has not met its first rising demand:
-            # it will ask for up to MAX_BURST units at once (the cache's ceiling on one growth), no
-            # more than its limit lets it hold.
+            # it will ask for up to MAX_BURST_SLOTS units at once (the cache's ceiling on one
+            # growth), no more than its limit lets it hold.
             if r.state == ModelState.AWAKE and r.client.largest_grow <= engine_unit:
-                burst = MAX_BURST * engine_unit
+                burst = protocol.MAX_BURST_SLOTS * engine_unit
                 first_burst = max(first_burst, burst if r.limit_pages < 0 else min(burst, r.limit_pages))
         self.daemon.pool.set_growth_unit(unit, first_burst)
         self.daemon.pool.set_attached({r.name for r in self.models.values() if r.client is not None})

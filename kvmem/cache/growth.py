@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from kvmem.cache.state import CacheState
+from kvmem.common import protocol
 from kvmem.common.undo import Undo
 from kvmem.page_source import Shortfall
 
@@ -56,10 +57,11 @@ from kvmem.page_source import Shortfall
 # demand about a second apart, each one set-access call per range), up to MAX_BURST slots at once
 # (16 slots of a 32-layer model's 2 MiB pages: 2 GiB); DECAY_S seconds without a growth bring the
 # high watermark back to the configured one. A rate is measured over at least MIN_SPAN_S, so that
-# a growth right behind the previous one is not sized from a few microseconds. (The daemon keeps
-# MAX_BURST growth units made for an engine whose first burst has not come yet: kvmemd.sessions.)
+# a growth right behind the previous one is not sized from a few microseconds. (MAX_BURST is the
+# protocol's: the daemon keeps that many growth units made for an engine whose first burst has
+# not come yet.)
 HORIZON_S = 1.0
-MAX_BURST = 16
+MAX_BURST = protocol.MAX_BURST_SLOTS
 DECAY_S = 2.0
 MIN_SPAN_S = 0.001
 # How long the background thread's growth waits for the daemon (an alloc with mapped free blocks

@@ -43,6 +43,10 @@ MAX_PAGES_PER_REQUEST = 1 << 20
 MAX_RETURN_IDS = 4096  # page ids per RETURN message; fits a frame with room to spare
 MAX_OFFLOAD_IDS = 1024  # (page id, offset) pairs per OFFLOAD message; fits a frame with room to spare
 MAX_OFFSET = 2**52  # byte offsets of pages in an engine's reservation
+# The most growth units (slots of an engine's KV layout) a kvmem cache maps in one growth: its
+# first burst of requests asks for up to that many at once (kvmem.cache.growth), and the daemon
+# keeps that many made for an engine that has not grown by more than one yet (kvmemd.sessions).
+MAX_BURST_SLOTS = 16
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$")
 MODEL_NAME_RULE = "1 to 64 ASCII letters, digits and . _ : / @ + -, starting with a letter or digit"
 _FD_SIZE = array.array("i").itemsize
