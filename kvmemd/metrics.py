@@ -80,6 +80,12 @@ class StatusCollector(Collector):
         pages.add_metric([*values, "granted"], d.pages_granted)
         pages.add_metric([*values, "quarantined"], d.pages_quarantined)
         yield pages
+        reserve = GaugeMetricFamily(
+            "kvmem_reserve_pages", "The warm reserve's watermarks: free pages kept made.", labels=[*names, "bound"]
+        )
+        reserve.add_metric([*values, "low"], d.reserve_low_pages)
+        reserve.add_metric([*values, "high"], d.reserve_high_pages)
+        yield reserve
         yield gauge("kvmem_host_tier_used_bytes", "Sleeping models' pages kept in host memory.", d.host_tier_used_bytes)
         yield gauge("kvmem_host_tier_capacity_bytes", "Capacity of the host tier.", d.host_tier_capacity_bytes)
         for name, doc, value in (
