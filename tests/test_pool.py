@@ -43,16 +43,21 @@ def test_the_reserve_is_created_by_the_creation_threads_and_every_page_is_accoun
     assert pool.pages == {}
 
 
-def test_the_reserve_follows_the_largest_recent_grow_within_the_budgets_free_part(device: Device):
-    pool = PagePool(
+def pool_with_small_reserve(device: Device, budget_pages: int, release_after: float) -> PagePool:
+    """A pool whose configured reserve is 2 (low) to 4 (high) pages, so that what raises it shows."""
+    return PagePool(
         device,
         device.granularity,
-        budget_pages=100,
+        budget_pages=budget_pages,
         reserve_low=2,
         reserve_high=4,
-        release_after=600,
+        release_after=release_after,
         notify=lambda: None,
     )
+
+
+def test_the_reserve_follows_the_largest_recent_grow_within_the_budgets_free_part(device: Device):
+    pool = pool_with_small_reserve(device, budget_pages=100, release_after=600)
     try:
         wait_for(lambda: pool.stats().created == 4, what="the configured reserve")
         pool.note_grow(20)  # an engine asked for 20 pages: the next 20 and 20 more are made ahead
@@ -71,16 +76,8 @@ def test_the_reserve_follows_the_largest_recent_grow_within_the_budgets_free_par
         pool.close()
 
 
-def test_a_first_burst_raises_both_watermarks_and_the_clean_floor_within_the_budget(device: Device):
-    pool = PagePool(
-        device,
-        device.granularity,
-        budget_pages=100,
-        reserve_low=2,
-        reserve_high=4,
-        release_after=60,
-        notify=lambda: None,
-    )
+def test_a_first_burst_raises_both_watermarks_within_the_budget(device: Device):
+    pool = pool_with_small_reserve(device, budget_pages=100, release_after=60)
     try:
         pool.set_growth_unit(8)  # a unit of 8 pages: one unit low, two high
         assert (pool.reserve_low, pool.reserve_high) == (8, 16)
@@ -100,9 +97,7 @@ def test_a_first_burst_raises_both_watermarks_and_the_clean_floor_within_the_bud
 
 
 def test_a_raised_reserve_lapses_and_its_surplus_is_released_like_any_other(device: Device):
-    pool = PagePool(
-        device, device.granularity, budget_pages=64, reserve_low=2, reserve_high=4, release_after=3, notify=lambda: None
-    )
+    pool = pool_with_small_reserve(device, budget_pages=64, release_after=3)
     try:
         pool.note_grow(16)
         wait_for(lambda: pool.stats().pages_created_total >= 32, timeout=60, what="the raised reserve made")
