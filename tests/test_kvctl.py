@@ -362,7 +362,7 @@ def test_metrics_endpoint_is_scraped_and_parsed(daemon: DaemonProcess):
     model = (("model", "scraped"),)
     assert samples["kvmem_budget_bytes", ()] == 64 * MiB
     assert samples["kvmem_pages", (("state", "granted"),)] == 8
-    head = daemon.status().daemon  # the reserve has settled: the engine's limit caps its first burst
+    head = daemon.status().daemon  # the reserve's watermarks, as the status says them
     assert samples["kvmem_reserve_pages", (("bound", "low"),)] == head.reserve_low_pages > 0
     assert samples["kvmem_reserve_pages", (("bound", "high"),)] == head.reserve_high_pages
     assert samples["kvmem_model_mapped_bytes", model] == 16 * MiB
