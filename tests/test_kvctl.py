@@ -348,9 +348,11 @@ def test_metrics_endpoint_is_scraped_and_parsed(daemon: DaemonProcess):
         cache = s.kv_cache(**GEOMETRY, max_tokens=16 * 20_000, low_watermark=0, high_watermark=0)
         cache.alloc(700)
         assert run(daemon, "limit", "scraped", "32MiB").exit_code == 0
-        daemon.wait_for_model("scraped", lambda m: m.used_pages == 8, what="usage to be reported")
+        # (The limit and the reserve it caps are published together: read after both are.)
+        daemon.wait_for_model("scraped", lambda m: m.used_pages == 8 and m.limit_pages == 16, what="usage, limit")
         with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as response:
             text = response.read().decode()
+        head = daemon.status().daemon  # the reserve's watermarks as the status says them, the engine still attached
     samples = {}
     # Every series names its daemon: a host daemon's gpu_uuid is "host", gpu its --gpu, node its --node-name.
     fleet = {"gpu": "0", "gpu_uuid": "host", "node": "node-a"}
@@ -362,7 +364,6 @@ def test_metrics_endpoint_is_scraped_and_parsed(daemon: DaemonProcess):
     model = (("model", "scraped"),)
     assert samples["kvmem_budget_bytes", ()] == 64 * MiB
     assert samples["kvmem_pages", (("state", "granted"),)] == 8
-    head = daemon.status().daemon  # the reserve's watermarks, as the status says them
     assert samples["kvmem_reserve_pages", (("bound", "low"),)] == head.reserve_low_pages > 0
     assert samples["kvmem_reserve_pages", (("bound", "high"),)] == head.reserve_high_pages
     assert samples["kvmem_model_mapped_bytes", model] == 16 * MiB
